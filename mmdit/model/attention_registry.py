@@ -1,0 +1,108 @@
+"""Attention implementations, chosen by one config string (``model.attention.impl``).
+
+An implementation is a function ``fn(q, k, v, mask, opts) -> out`` with ``q: [B, Sq, H, Dh]``,
+``k, v: [B, Sk, H, Dh]``, ``mask`` a :class:`~mmdit.model.masks.MaskSpec` and ``opts`` an
+:class:`AttentionOptions`; it returns ``[B, Sq, H, Dh]`` in ``q``'s dtype. Rows with no attended key
+return zeros. A kernel that cannot honour a mask or shape raises :class:`UnsupportedAttention`;
+:func:`attend` then falls back to ``opts.fallback`` if the config names one, else re-raises.
+
+Registering a new kernel is one call: ``register("name", fn)`` (or ``register_lazy`` with a module
+path, so heavy kernel modules are imported only when chosen).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from mmdit.model.masks import MaskSpec
+
+
+class UnsupportedAttention(ValueError):
+    """The chosen implementation cannot run this mask/shape/backend."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionOptions:
+    impl: str = "xla"
+    fallback: str | None = None  # impl to use when `impl` raises UnsupportedAttention
+    scale: float | None = None  # default 1/sqrt(Dh)
+    block_q: int = 128
+    block_k: int = 128
+    interpret: bool = False  # run Pallas kernels in interpret mode (CPU tests)
+
+
+AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, MaskSpec, AttentionOptions], jax.Array]
+_IMPLS: dict[str, AttentionFn] = {}
+_LAZY: dict[str, str] = {}
+
+
+def register(name: str, fn: AttentionFn) -> None:
+    _IMPLS[name] = fn
+
+
+def register_lazy(name: str, module: str) -> None:
+    """``module`` registers ``name`` when imported."""
+    _LAZY[name] = module
+
+
+def available() -> list[str]:
+    return sorted(set(_IMPLS) | set(_LAZY))
+
+
+def get(name: str) -> AttentionFn:
+    if name not in _IMPLS and name in _LAZY:
+        importlib.import_module(_LAZY[name])
+    if name not in _IMPLS:
+        raise ValueError(
+            f"model.attention.impl={name!r} is not a registered attention implementation; "
+            f"choose one of {available()}"
+        )
+    return _IMPLS[name]
+
+
+def attend(q, k, v, mask: MaskSpec, opts: AttentionOptions):
+    try:
+        return get(opts.impl)(q, k, v, mask, opts)
+    except UnsupportedAttention as e:
+        if opts.fallback and opts.fallback != opts.impl:
+            return get(opts.fallback)(q, k, v, mask, dataclasses.replace(opts, impl=opts.fallback))
+        raise UnsupportedAttention(
+            f"{e} (model.attention.impl={opts.impl!r}; set model.attention.fallback='xla' to fall back)"
+        ) from None
+
+
+def xla_attention(q, k, v, mask: MaskSpec, opts: AttentionOptions):
+    """Reference attention: dense scores under the dense boolean mask, f32 softmax."""
+    scale = opts.scale if opts.scale is not None else q.shape[-1] ** -0.5
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    m = mask.dense()[:, None]  # [B, 1, Sq, Sk]
+    s = jnp.where(m, s, -jnp.inf)
+    mx = jnp.max(s, axis=-1, keepdims=True)
+    mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
+    p = jnp.where(m, jnp.exp(s - mx), 0.0)
+    denom = p.sum(axis=-1, keepdims=True)
+    p = p / jnp.where(denom == 0, 1.0, denom)
+    return jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v, preferred_element_type=jnp.float32).astype(q.dtype)
+
+
+def cudnn_attention(q, k, v, mask: MaskSpec, opts: AttentionOptions):
+    """``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU, XLA elsewhere).
+
+    Only for masks that attend every pair: cuDNN would fold any other mask into a dense S x S bias.
+    """
+    if not mask.is_full:
+        raise UnsupportedAttention(f"cudnn attention runs only unmasked attention; mask is {mask.rule}")
+    backend = jax.default_backend()
+    implementation = "cudnn" if backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) else None
+    return jax.nn.dot_product_attention(q, k, v, scale=opts.scale, implementation=implementation)
+
+
+register("xla", xla_attention)
+register("cudnn", cudnn_attention)
+register_lazy("pallas", "mmdit.model.attention_pallas")
+register_lazy("splash", "mmdit.model.attention_pallas")
