@@ -38,16 +38,27 @@ class AttentionOptions:
 
 AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, MaskSpec, AttentionOptions], jax.Array]
 _IMPLS: dict[str, AttentionFn] = {}
-_LAZY: dict[str, str] = {}
+_LAZY: dict[str, tuple[str, bool]] = {}
+_NEEDS_BLOCK_MAP: set[str] = set()
 
 
-def register(name: str, fn: AttentionFn) -> None:
+def register(name: str, fn: AttentionFn, needs_block_map: bool = False) -> None:
+    """``needs_block_map``: the kernel reads ``mask.block_map(...)``, so the model precomputes it once
+    per forward (outside the layer scan) and hands it over in ``MaskSpec.precomputed_block_map``."""
     _IMPLS[name] = fn
+    if needs_block_map:
+        _NEEDS_BLOCK_MAP.add(name)
 
 
-def register_lazy(name: str, module: str) -> None:
+def register_lazy(name: str, module: str, needs_block_map: bool = False) -> None:
     """``module`` registers ``name`` when imported."""
-    _LAZY[name] = module
+    _LAZY[name] = (module, needs_block_map)
+    if needs_block_map:
+        _NEEDS_BLOCK_MAP.add(name)
+
+
+def needs_block_map(name: str) -> bool:
+    return name in _NEEDS_BLOCK_MAP
 
 
 def available() -> list[str]:
@@ -56,7 +67,7 @@ def available() -> list[str]:
 
 def get(name: str) -> AttentionFn:
     if name not in _IMPLS and name in _LAZY:
-        importlib.import_module(_LAZY[name])
+        importlib.import_module(_LAZY[name][0])
     if name not in _IMPLS:
         raise ValueError(
             f"model.attention.impl={name!r} is not a registered attention implementation; "
@@ -104,5 +115,5 @@ def cudnn_attention(q, k, v, mask: MaskSpec, opts: AttentionOptions):
 
 register("xla", xla_attention)
 register("cudnn", cudnn_attention)
-register_lazy("pallas", "mmdit.model.attention_pallas")
+register_lazy("pallas", "mmdit.model.attention_pallas", needs_block_map=True)
 register_lazy("splash", "mmdit.model.attention_pallas")

@@ -36,13 +36,15 @@ class TokenMeta(NamedTuple):
     chunk: object  # int32 causal chunk index (0 when unchunked)
     known: object  # bool: clean token (condition, reference, already generated)
     valid: object  # bool: False for padding and absent streams (never attended as a key)
+    group: object  # int32 attention group: only pairs within one group attend (all 0 in joint
+    # layers; the stream index in per-stream layers outside ``joint_layers``)
 
     @staticmethod
     def concat(metas: Sequence["TokenMeta"], xp=jnp) -> "TokenMeta":
         """Concatenates along the sequence axis, broadcasting batch dims."""
-        batch = max(int(np.shape(m.stream)[0]) for m in metas)
+        batch = max(int(np.shape(f)[0]) for m in metas for f in m)
         fields = []
-        for i in range(5):
+        for i in range(len(TokenMeta._fields)):
             parts = [xp.broadcast_to(m[i], (batch,) + tuple(np.shape(m[i])[1:])) for m in metas]
             fields.append(xp.concatenate(parts, axis=1))
         return TokenMeta(*fields)
@@ -61,6 +63,7 @@ class TokenMeta(NamedTuple):
             xp.pad(self.chunk, widths),
             xp.pad(self.known, widths),
             xp.pad(self.valid, widths),
+            xp.pad(self.group, widths, constant_values=-1),
         )
 
     def slice(self, start: int, stop: int) -> "TokenMeta":
@@ -77,6 +80,11 @@ class TokenMeta(NamedTuple):
 
 # A bound predicate: (query meta [.., Sq, 1], key meta [.., 1, Sk]) -> bool [.., Sq, Sk].
 Predicate = Callable[[TokenMeta, TokenMeta], object]
+
+
+def _universal(pred, q: TokenMeta, k: TokenMeta):
+    """What every mask includes besides its rule: valid keys, same attention group."""
+    return pred(q, k) & k.valid & (q.group == k.group)
 
 
 class Rule:
@@ -295,8 +303,8 @@ def parse_rule(text: str | Rule, field: str = "model.mask") -> Rule:
 
 
 def dense_mask(pred: Predicate, q: TokenMeta, k: TokenMeta) -> jnp.ndarray:
-    """Boolean ``[B, Sq, Sk]``: ``pred`` and the key is valid."""
-    m = pred(q.rows(), k.cols()) & k.cols().valid
+    """Boolean ``[B, Sq, Sk]``: ``pred``, the key is valid, and query and key share a group."""
+    m = _universal(pred, q.rows(), k.cols())
     batch = max(q.stream.shape[0], k.stream.shape[0])
     return jnp.broadcast_to(m, (batch, q.stream.shape[1], k.stream.shape[1]))
 
@@ -305,7 +313,8 @@ def block_map(pred: Predicate, q: TokenMeta, k: TokenMeta, block_q: int, block_k
     """``int8 [B, ceil(Sq/bq), ceil(Sk/bk)]`` with EMPTY/PARTIAL/FULL per block pair.
 
     Sequences are padded with invalid tokens to block multiples: padded keys are masked (so a block
-    holding them is never FULL), padded query rows are "don't care". Computed one q-block row at a
+    holding them is never FULL), padded query rows (index >= Sq) are "don't care"; real rows -- even
+    of invalid tokens -- follow the dense mask exactly. Computed one q-block row at a
     time (``lax.map``), so memory is ``O(B * block_q * Sk)`` rather than ``O(S^2)``.
     """
     import jax
@@ -316,17 +325,19 @@ def block_map(pred: Predicate, q: TokenMeta, k: TokenMeta, block_q: int, block_k
     batch = max(qp.stream.shape[0], kp.stream.shape[0])
     kc = kp.cols()
 
-    def classify_row(qb_fields):
+    def classify_row(args):
+        qb_fields, row_start = args
         qr = TokenMeta(*qb_fields).rows()
-        m = pred(qr, kc) & kc.valid  # [B, bq, Sk_p]
+        m = _universal(pred, qr, kc)  # [B, bq, Sk_p]
         m = jnp.broadcast_to(m, (batch, block_q, nk * block_k)).reshape(batch, block_q, nk, block_k)
-        qv = jnp.broadcast_to(qr.valid, (batch, block_q, 1))[..., None]
-        any_b = (m & qv).any(axis=(1, 3))
-        all_b = (m | ~qv).all(axis=(1, 3))
+        real = (row_start + jnp.arange(block_q) < sq)[None, :, None, None]  # padded rows: don't care
+        any_b = (m & real).any(axis=(1, 3))
+        all_b = (m | ~real).all(axis=(1, 3))
         return jnp.where(all_b & any_b, FULL, jnp.where(any_b, PARTIAL, EMPTY)).astype(jnp.int8)
 
     rows = tuple(jnp.asarray(f).reshape(f.shape[0], nq, block_q).swapaxes(0, 1) for f in qp)
-    return jax.lax.map(classify_row, rows).swapaxes(0, 1)  # [B, nq, nk]
+    starts = jnp.arange(nq) * block_q
+    return jax.lax.map(classify_row, (rows, starts)).swapaxes(0, 1)  # [B, nq, nk]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -342,21 +353,25 @@ class MaskSpec:
     q: TokenMeta
     k: TokenMeta
     is_full: bool = False
+    # Optional ((block_q, block_k), int8 [B, nq, nk]) computed once outside a layer scan.
+    precomputed_block_map: tuple | None = None
 
     def dense(self) -> jnp.ndarray:
         return dense_mask(self.predicate, self.q, self.k)
 
     def block_map(self, block_q: int, block_k: int) -> jnp.ndarray:
+        if self.precomputed_block_map is not None and tuple(self.precomputed_block_map[0]) == (block_q, block_k):
+            return self.precomputed_block_map[1]
         return block_map(self.predicate, self.q, self.k, block_q, block_k)
 
     def kernel_mask_fn(self):
         """``(q_fields, k_fields) -> bool[bq, bk]`` over metadata tuples, for in-kernel evaluation
-        (fields ``[bq, 1]`` / ``[1, bk]``); includes key validity."""
+        (fields ``[bq, 1]`` / ``[1, bk]``); includes key validity and group equality."""
         pred = self.predicate
 
         def fn(qf, kf):
             q, k = TokenMeta(*qf), TokenMeta(*kf)
-            return pred(q, k) & k.valid
+            return _universal(pred, q, k)
 
         return fn
 

@@ -1,0 +1,54 @@
+"""Defaults every experiment config starts from (``config_lib.sibling(__file__, "base")``).
+
+Sections: ``model`` (architecture; see mmdit/model/spec.py), ``flow`` (noise and loss), ``tasks``
+(multitask weights), ``sample`` (sampler and guidance), ``train``, ``data``, ``mesh`` / ``rules``
+(parallelism), ``profile``.
+"""
+
+import ml_collections as mlc
+
+
+def get_config(arg=None):
+    c = mlc.ConfigDict()
+    c.seed = 0
+
+    c.model = mlc.ConfigDict()
+    c.model.streams = mlc.ConfigDict()
+    c.model.conditions = mlc.ConfigDict()
+    c.model.num_layers = 2
+    c.model.heads = 2
+    c.model.head_dim = mlc.FieldReference(None, field_type=int)
+    c.model.joint_layers = None  # None: every layer; or a tuple of layer indices (JAM-Flow's selective joint layers)
+    c.model.mask = "full"  # mask rule expression, see mmdit/model/masks.py
+    c.model.chunk_frames = mlc.FieldReference(None, field_type=float)  # causal chunk length (ref. latent frames)
+    c.model.time_reference = mlc.FieldReference(None, field_type=str)  # default: first grid stream
+    c.model.rope_theta = 10000.0
+    c.model.freq_dim = 256
+    c.model.eps = 1e-6
+    c.model.dtype = "float32"  # compute dtype ("bfloat16" on accelerators)
+    c.model.param_dtype = "float32"
+    c.model.remat = "none"  # none | full | dots | dots_no_batch | offload
+    c.model.scan = True
+    c.model.sequence_parallel = "none"  # none | ulysses | ring
+    c.model.attention = mlc.ConfigDict(dict(impl="xla", fallback=None, cross_impl="xla", block_q=128, block_k=128, interpret=False))
+
+    c.flow = mlc.ConfigDict()
+    c.flow.sigma_dist = "logit_normal"  # logit_normal | uniform
+    c.flow.sigma_mean = 0.0
+    c.flow.sigma_std = 1.0
+    c.flow.shift = 1.0  # training-time schedule shift
+    c.flow.independent_streams = False  # one sigma per sample shared by all its streams
+    c.flow.stream_weights = mlc.ConfigDict()  # stream -> loss weight (default 1)
+    c.flow.condition_dropout = mlc.ConfigDict()  # condition -> drop probability (for CFG)
+
+    c.tasks = mlc.ConfigDict(dict(t2av=1.0))  # task -> sampling weight (see mmdit/tasks.py)
+
+    c.sample = mlc.ConfigDict()
+    c.sample.steps = 30
+    c.sample.shift = 3.0
+    c.sample.guidance_mode = "nested"  # nested | independent
+    c.sample.guidance = mlc.ConfigDict()  # condition -> scale, or condition -> {stream: scale}
+    c.sample.guidance_schedule = "constant"  # constant | cosine
+
+    c.clip = mlc.ConfigDict(dict(seconds=2.0))
+    return c

@@ -1,0 +1,89 @@
+"""Joint self-attention over concatenated streams, and per-stream cross-attention.
+
+Joint attention (MM-DiT): each stream projects its tokens to q, k, v with its own weights
+(``[B, S_s, H, Dh]``), applies qk-RMSNorm (across heads, Wan) and its RoPE; the streams are
+concatenated along the sequence, attended under one mask, split back, and each stream applies its
+own output projection. Layers outside ``joint_layers`` use the same code with every token's
+attention *group* set to its stream, so no pair crosses streams (JAM-Flow's selective joint layers)
+-- a block-sparse kernel then skips the cross-stream blocks entirely.
+
+Cross-attention: a stream's queries attend to a condition sequence (text, reference audio, audio
+features); with a ``window`` it is restricted by aligned time (TalkingMachines' windowed audio
+cross-attention) through the same mask machinery (``local(window)`` between different streams).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmdit.model import attention_registry, masks
+from mmdit.model.layers import RMSNorm, dense
+from mmdit.model.rope import apply_rope
+
+
+class QKV(nn.Module):
+    """``x [B, S, D]`` -> q, k, v ``[B, S, H, Dh]`` with qk-RMSNorm and RoPE (``angles [S, Dh/2]``)."""
+
+    heads: int
+    head_dim: int
+    eps: float = 1e-6
+    dtype: object = jnp.float32
+    param_dtype: object = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, angles, kv_input=None):
+        inner = self.heads * self.head_dim
+        kv_input = x if kv_input is None else kv_input
+        proj = lambda n: dense(inner, ("embed", "heads"), self.dtype, self.param_dtype, name=n)
+        q = RMSNorm(self.eps, param_dtype=self.param_dtype, name="norm_q")(proj("to_q")(x))
+        k = RMSNorm(self.eps, param_dtype=self.param_dtype, name="norm_k")(proj("to_k")(kv_input))
+        v = proj("to_v")(kv_input)
+        split = lambda t: t.reshape(t.shape[:2] + (self.heads, self.head_dim))
+        q, k, v = split(q), split(k), split(v)
+        if angles is not None:
+            q, k = apply_rope(q, angles), apply_rope(k, angles)
+        names = ("batch", "length", "heads", "kv")
+        return tuple(nn.with_logical_constraint(t, names) for t in (q, k, v))
+
+
+def joint_attention(qs, ks, vs, mask: masks.MaskSpec, opts, sequence_parallel: str = "none"):
+    """Concatenates per-stream ``[B, S_s, H, Dh]`` q/k/v (dict order), attends, splits back.
+
+    ``mask`` describes the concatenated sequence. Returns ``{stream: [B, S_s, H, Dh]}``."""
+    names = list(qs)
+    sizes = [qs[n].shape[1] for n in names]
+    q = jnp.concatenate([qs[n] for n in names], axis=1)
+    k = jnp.concatenate([ks[n] for n in names], axis=1)
+    v = jnp.concatenate([vs[n] for n in names], axis=1)
+    if sequence_parallel != "none":
+        from mmdit.parallel import sequence_parallel_attention
+
+        mesh = jax.sharding.get_abstract_mesh()
+        out = sequence_parallel_attention(q, k, v, mask, opts, mesh=mesh, strategy=sequence_parallel)
+    else:
+        out = attention_registry.attend(q, k, v, mask, opts)
+    out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
+    parts = jnp.split(out, np.cumsum(sizes)[:-1].tolist(), axis=1) if len(names) > 1 else [out]
+    return dict(zip(names, parts))
+
+
+class CrossAttention(nn.Module):
+    """Queries from a stream ``x [B, S, D]`` attend a condition ``c [B, L, D]``; ``mask`` is a
+    :class:`MaskSpec` over (stream tokens, condition tokens). Output ``[B, S, D]``."""
+
+    dim: int
+    heads: int
+    head_dim: int
+    eps: float = 1e-6
+    dtype: object = jnp.float32
+    param_dtype: object = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, c, mask: masks.MaskSpec, opts):
+        q, k, v = QKV(self.heads, self.head_dim, self.eps, self.dtype, self.param_dtype, name="qkv")(x, None, kv_input=c)
+        o = attention_registry.attend(q, k, v, mask, opts)
+        o = o.reshape(o.shape[:2] + (self.heads * self.head_dim,))
+        return dense(self.dim, ("heads", "embed"), self.dtype, self.param_dtype, name="to_out")(o)

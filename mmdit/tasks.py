@@ -1,0 +1,229 @@
+"""Tasks are masks over tokens: which tokens are known (clean, σ = 0, no loss), which streams are
+present (valid), and which conditions the sample carries.
+
+Roles: the *visual* stream is the time reference (video, or JAM-Flow's motion); the *audio* stream
+is the generated sequence stream named by ``model.roles.audio`` (default ``"audio"``).
+
+=============  ======================================================  ======================
+task           known / valid                                           conditions present
+=============  ======================================================  ======================
+t2av           nothing known                                           all but ``ref_audio``
+ti2av          the visual stream's first latent frame known            all but ``ref_audio``
+tr2av          nothing known                                           all (incl. ``ref_audio``)
+tv2a           the visual stream fully known (needs ``no_peek``)       all but ``ref_audio``
+a2v            the audio stream fully known (needs ``no_peek``)        all but ``ref_audio``
+a2v_features   generated streams other than visual absent; the         all but ``ref_audio``
+               in-sequence condition stream drives (Mirage)
+tts            the visual stream absent (audio-only pretraining)       all but ``ref_audio``
+inpaint        per generated stream one random span of 0-30% of its    all but ``ref_audio``
+               temporal tokens known (JAM-Flow / F5 infilling)
+=============  ======================================================  ======================
+
+Every output is a jnp array with a leading batch axis; :func:`sample_tasks` draws a task per sample
+from ``config.tasks`` weights and selects per sample, so it runs inside ``jit``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmdit.model.masks import NoPeek, Rule
+from mmdit.model.spec import ModelSpec
+
+INPAINT_MAX_FRACTION = 0.3
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskMasks:
+    """``known[s]``/``valid[s]``: bool ``[B, S_s]``; ``present[c]``: bool ``[B]``; ``task``: int32 ``[B]``."""
+
+    known: dict
+    valid: dict
+    present: dict
+    task: jax.Array
+
+
+def _rule_has_known_no_peek(rule: Rule) -> bool:
+    if isinstance(rule, NoPeek):
+        return not rule.streams
+    return any(_rule_has_known_no_peek(r) for r in (getattr(rule, "a", None), getattr(rule, "b", None)) if r is not None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Roles:
+    visual: str
+    audio: str | None
+
+
+def roles(spec: ModelSpec, model_cfg=None) -> Roles:
+    cfg_roles = (model_cfg.get("roles", None) if model_cfg is not None else None) or {}
+    grids = [a.name for a in spec.streams if a.spec.kind == "grid"]
+    ref = model_cfg.get("time_reference", None) if model_cfg is not None else None
+    visual = cfg_roles.get("visual", None) or ref or (grids[0] if grids else spec.generated[0])
+    audio = cfg_roles.get("audio", None) or ("audio" if "audio" in spec.generated else None)
+    return Roles(visual, audio)
+
+
+def _ones(spec, batch, value):
+    return {a.name: jnp.full((batch, a.spec.num_tokens), value, bool) for a in spec.streams}
+
+
+def _first_frame(spec, name, batch):
+    a = spec.stream(name)
+    frame = jnp.arange(a.spec.num_tokens) < a.spec.tokens_per_frame
+    return jnp.broadcast_to(frame, (batch, a.spec.num_tokens))
+
+
+def _base(spec, batch, with_ref=False):
+    known, valid = _ones(spec, batch, False), _ones(spec, batch, True)
+    for a in spec.streams:
+        if a.spec.condition:
+            known[a.name] = jnp.ones_like(known[a.name])
+    present = {c.name: jnp.full((batch,), c.name != "ref_audio" or with_ref) for c in spec.conditions}
+    for a in spec.streams:
+        if a.spec.condition:
+            present[a.name] = jnp.ones((batch,), bool)
+    return known, valid, present
+
+
+def t2av(rng, spec, r: Roles, batch):
+    return _base(spec, batch)
+
+
+def ti2av(rng, spec, r, batch):
+    known, valid, present = _base(spec, batch)
+    known[r.visual] = _first_frame(spec, r.visual, batch)
+    return known, valid, present
+
+
+def tr2av(rng, spec, r, batch):
+    return _base(spec, batch, with_ref=True)
+
+
+def tv2a(rng, spec, r, batch):
+    known, valid, present = _base(spec, batch)
+    known[r.visual] = jnp.ones_like(known[r.visual])
+    return known, valid, present
+
+
+def a2v(rng, spec, r, batch):
+    known, valid, present = _base(spec, batch)
+    known[r.audio] = jnp.ones_like(known[r.audio])
+    return known, valid, present
+
+
+def a2v_features(rng, spec, r, batch):
+    known, valid, present = _base(spec, batch)
+    for name in spec.generated:
+        if name != r.visual:
+            valid[name] = jnp.zeros_like(valid[name])
+    return known, valid, present
+
+
+def tts(rng, spec, r, batch):
+    known, valid, present = _base(spec, batch)
+    valid[r.visual] = jnp.zeros_like(valid[r.visual])
+    return known, valid, present
+
+
+def inpaint(rng, spec, r, batch):
+    known, valid, present = _base(spec, batch)
+    for name, key in zip(spec.generated, jax.random.split(rng, len(spec.generated))):
+        a = spec.stream(name)
+        frames = a.spec.token_frames()
+        k1, k2 = jax.random.split(key)
+        length = jnp.floor(jax.random.uniform(k1, (batch,)) * INPAINT_MAX_FRACTION * frames)
+        start = jnp.floor(jax.random.uniform(k2, (batch,)) * (frames - length + 1))
+        idx = jnp.arange(frames)[None]
+        span = (idx >= start[:, None]) & (idx < (start + length)[:, None])
+        known[name] = a.spec.frame_values_to_tokens(span)
+    return known, valid, present
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskDef:
+    fn: Callable
+    needs: tuple[str, ...] = ()  # roles/conditions the model must have
+    needs_no_peek: bool = False
+
+
+TASKS: dict[str, TaskDef] = {
+    "t2av": TaskDef(t2av),
+    "ti2av": TaskDef(ti2av),
+    "tr2av": TaskDef(tr2av, needs=("cond:ref_audio",)),
+    "tv2a": TaskDef(tv2a, needs=("role:audio",), needs_no_peek=True),
+    "a2v": TaskDef(a2v, needs=("role:audio",), needs_no_peek=True),
+    "a2v_features": TaskDef(a2v_features, needs=("condition_stream",)),
+    "tts": TaskDef(tts, needs=("role:audio",)),
+    "inpaint": TaskDef(inpaint),
+}
+
+
+def validate_tasks(weights: Mapping[str, float], spec: ModelSpec, model_cfg=None) -> tuple[list[str], np.ndarray]:
+    """Checks ``config.tasks`` against the model; returns (names, normalised weights)."""
+    if not weights:
+        raise ValueError("config.tasks is empty: give at least one task weight, e.g. tasks = {'t2av': 1.0}")
+    r = roles(spec, model_cfg)
+    names = list(weights)
+    for name in names:
+        if name not in TASKS:
+            raise ValueError(f"config.tasks names unknown task {name!r}; known tasks: {sorted(TASKS)}")
+        if weights[name] < 0:
+            raise ValueError(f"config.tasks.{name}={weights[name]}: weights must be >= 0")
+        t = TASKS[name]
+        for need in t.needs:
+            kind, _, what = need.partition(":")
+            ok = {
+                "cond": lambda: what in [c.name for c in spec.conditions],
+                "role": lambda: r.audio is not None and r.audio in spec.names,
+                "condition_stream": lambda: any(a.spec.condition for a in spec.streams),
+            }[kind]()
+            if not ok:
+                raise ValueError(
+                    f"config.tasks.{name} needs {need.replace('cond:', 'condition ').replace('role:', 'a stream in role ')} "
+                    f"which this model lacks (streams {list(spec.names)}, conditions "
+                    f"{[c.name for c in spec.conditions]}); remove the task or add it to config.model"
+                )
+        if t.needs_no_peek and not _rule_has_known_no_peek(spec.rule):
+            raise ValueError(
+                f"config.tasks.{name} gives a known modality, which must not attend to the noisy one: "
+                f"set config.model.mask to include no_peek, e.g. '{spec.rule} & no_peek'"
+            )
+    if r.visual not in spec.names:
+        raise ValueError(f"model.roles.visual={r.visual!r} is not a stream ({list(spec.names)})")
+    w = np.asarray([weights[n] for n in names], np.float64)
+    if w.sum() <= 0:
+        raise ValueError("config.tasks weights sum to 0")
+    return names, w / w.sum()
+
+
+def task_masks(name: str, rng, spec: ModelSpec, batch: int, model_cfg=None) -> TaskMasks:
+    """One task for the whole batch."""
+    known, valid, present = TASKS[name].fn(rng, spec, roles(spec, model_cfg), batch)
+    return TaskMasks(known, valid, present, jnp.zeros((batch,), jnp.int32))
+
+
+def sample_tasks(rng, spec: ModelSpec, batch: int, weights: Mapping[str, float], model_cfg=None) -> TaskMasks:
+    """Draws a task per sample (``config.tasks`` weights) and returns the per-sample masks."""
+    names, probs = validate_tasks(weights, spec, model_cfg)
+    r = roles(spec, model_cfg)
+    k_task, *k_each = jax.random.split(rng, len(names) + 1)
+    task = jax.random.choice(k_task, len(names), (batch,), p=jnp.asarray(probs, jnp.float32)).astype(jnp.int32)
+    outs = [TASKS[n].fn(k, spec, r, batch) for n, k in zip(names, k_each)]
+
+    def select(i_field):
+        def pick(*leaves):
+            out = leaves[0]
+            for t, leaf in enumerate(leaves[1:], start=1):
+                sel = (task == t).reshape((batch,) + (1,) * (leaf.ndim - 1))
+                out = jnp.where(sel, leaf, out)
+            return out
+
+        return jax.tree_util.tree_map(pick, *[o[i_field] for o in outs])
+
+    return TaskMasks(select(0), select(1), select(2), task)
