@@ -39,10 +39,12 @@ def angles(t, h, w, head_dim: int, theta: float = 10000.0, rotate_hw=True):
 
     ``rotate_hw=False`` zeroes the spatial bands (sequence streams)."""
     ft, fh, fw = (jnp.asarray(f, jnp.float32) for f in band_frequencies(head_dim, theta))
-    t = jnp.asarray(t, jnp.float32)[..., None]
+    t = jnp.asarray(t, jnp.float32)
+    h, w = (jnp.broadcast_to(jnp.asarray(p, jnp.float32), t.shape) for p in (h, w))
+    t = t[..., None]
     parts = [t * ft]
     if rotate_hw:
-        parts += [jnp.asarray(h, jnp.float32)[..., None] * fh, jnp.asarray(w, jnp.float32)[..., None] * fw]
+        parts += [h[..., None] * fh, w[..., None] * fw]
     else:
         zeros = jnp.zeros(t.shape[:-1] + (fh.shape[0] + fw.shape[0],), jnp.float32)
         parts.append(zeros)
