@@ -305,7 +305,7 @@ def parse_rule(text: str | Rule, field: str = "model.mask") -> Rule:
 def dense_mask(pred: Predicate, q: TokenMeta, k: TokenMeta) -> jnp.ndarray:
     """Boolean ``[B, Sq, Sk]``: ``pred``, the key is valid, and query and key share a group."""
     m = _universal(pred, q.rows(), k.cols())
-    batch = max(q.stream.shape[0], k.stream.shape[0])
+    batch = max(int(np.shape(f)[0]) for f in tuple(q) + tuple(k))
     return jnp.broadcast_to(m, (batch, q.stream.shape[1], k.stream.shape[1]))
 
 
@@ -322,7 +322,7 @@ def block_map(pred: Predicate, q: TokenMeta, k: TokenMeta, block_q: int, block_k
     sq, sk = q.stream.shape[1], k.stream.shape[1]
     nq, nk = -(-sq // block_q), -(-sk // block_k)
     qp, kp = q.pad_to(nq * block_q), k.pad_to(nk * block_k)
-    batch = max(qp.stream.shape[0], kp.stream.shape[0])
+    batch = max(int(np.shape(f)[0]) for f in tuple(qp) + tuple(kp))
     kc = kp.cols()
 
     def classify_row(args):

@@ -1,0 +1,29 @@
+"""Codec construction from config: ``config.codecs.video`` / ``config.codecs.audio`` name a kind and
+its arguments. Real VAEs (Wan, MMAudio) register here beside the weight-free ones."""
+
+from __future__ import annotations
+
+import importlib
+
+_VIDEO = {"pixels": ("mmdit.codecs.pixels", "PixelCodec")}
+_AUDIO = {"mel": ("mmdit.codecs.mel", "MelCodec")}
+
+
+def _make(table, cfg, field):
+    args = dict(cfg)
+    kind = args.pop("kind", None)
+    if kind not in table:
+        raise ValueError(f"{field}.kind={kind!r}: choose one of {sorted(table)}")
+    module, name = table[kind]
+    try:
+        return getattr(importlib.import_module(module), name)(**args)
+    except TypeError as e:
+        raise ValueError(f"{field}: bad arguments for {name}: {e}") from None
+
+
+def make_video_codec(cfg):
+    return _make(_VIDEO, cfg, "codecs.video")
+
+
+def make_audio_codec(cfg):
+    return _make(_AUDIO, cfg, "codecs.audio")
