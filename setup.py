@@ -8,8 +8,8 @@ setup(
     python_requires=">=3.10",
     # The top-level kernels/ folder ships as `mmdit_kernels`: the PyPI name `kernels` belongs to an
     # unrelated project, and importing ours under that name would shadow or be shadowed by it.
-    packages=find_packages(include=["mmdit", "mmdit.*"]) + ["mmdit_kernels"],
-    package_dir={"mmdit_kernels": "kernels"},
+    packages=find_packages(include=["mmdit", "mmdit.*"]) + ["mmdit_kernels", "mmdit_configs"],
+    package_dir={"mmdit_kernels": "kernels", "mmdit_configs": "configs"},
     install_requires=[
         "jax>=0.10.2",
         "flax>=0.12",
@@ -40,6 +40,12 @@ setup(
         "console_scripts": [
             "mmdit=mmdit.cli.main:main",
             "mmdit-info=mmdit.cli.info:main",
+            "mmdit-data=mmdit.cli.data:main",
+            "mmdit-train=mmdit.cli.train:main",
+            "mmdit-sample=mmdit.sample.cli:main",
+            "mmdit-export=mmdit.serve.cli:export_main",
+            "mmdit-eval=mmdit.eval.cli:main",
+            "mmdit-plan=mmdit.cli.plan:main",
         ]
     },
 )

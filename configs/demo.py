@@ -63,7 +63,7 @@ def get_config(arg=None):
         log_every=25 if not tiny else 1,
         checkpoint_every=250 if not tiny else 3,
         keep_checkpoints=2,
-        sample_every=500 if not tiny else 0,
+        sample_every=500 if not tiny else 6,
         async_checkpoint=True,
     )
     c.profile = dict(start_step=-1, num_steps=0)

@@ -1,0 +1,45 @@
+"""``mmdit <command> ...``: one entry point for every program.
+
+Commands: ``demo`` (the embedded default end to end), ``info``, ``data``, ``train``, ``sample``,
+``export``, ``eval``, ``plan``. ``mmdit <command> --help`` shows each one's flags; each is also
+installed as ``mmdit-<command>``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "demo": ("mmdit.cli.demo", "main", "synth data -> train -> sample every task -> lip-sync eval (configs/demo.py)"),
+    "info": ("mmdit.cli.info", "main", "param/token/FLOP counts of a config (eval_shape only)"),
+    "data": ("mmdit.cli.data", "main", "write training records (synthetic world)"),
+    "train": ("mmdit.cli.train", "main", "train or resume a run"),
+    "sample": ("mmdit.sample.cli", "main", "sample MP4s from a workdir or serving bundle"),
+    "export": ("mmdit.serve.cli", "export_main", "export a serving bundle (params + jax.export'd step)"),
+    "eval": ("mmdit.eval.cli", "main", "lip-sync and identity metrics of a run's samples"),
+    "plan": ("mmdit.cli.plan", "main", "ahead-of-time memory/FLOP plan for a topology"),
+}
+
+
+def usage() -> str:
+    lines = [__doc__.strip(), "", "commands:"]
+    lines += [f"  {name:<8} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        print(f"mmdit: unknown command {cmd!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module, fn, _ = COMMANDS[cmd]
+    return getattr(importlib.import_module(module), fn)(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
