@@ -20,7 +20,7 @@ def get_config(arg=None):
 
     c.world = dict(video_size=size, fps=25, sample_rate=16000, min_seconds=seconds, max_seconds=seconds, num_identities=16)
     c.codecs = dict(
-        video=dict(kind="pixels", spatial=8, temporal=4, fps=25.0),
+        video=dict(kind="pixels", spatial=8, temporal=4, fps=25.0, luma_coeffs=10, chroma_coeffs=3),
         audio=dict(kind="mel", sample_rate=16000, hop_length=320, n_mels=64, stack=2),
     )
     latent_hw = size // 8

@@ -30,7 +30,8 @@ def _configs_dir() -> str:
 def resolve_path(spec: str) -> tuple[str, str | None]:
     path, _, arg = spec.partition(":")
     if not os.path.exists(path):
-        candidate = os.path.join(_configs_dir(), path if path.endswith(".py") else path + ".py")
+        name = os.path.basename(path)
+        candidate = os.path.join(_configs_dir(), name if name.endswith(".py") else name + ".py")
         if os.path.exists(candidate):
             path = candidate
         else:
