@@ -91,6 +91,14 @@ class MelCodec(AudioCodec):
         z = z.reshape(b, self.n_mels, length, self.stack).transpose(0, 2, 3, 1)  # [B, L, stack, n_mels]
         return np.ascontiguousarray(z.reshape(b, length, self.latent_channels), dtype=np.float32)
 
+    def _mel_pinv(self) -> np.ndarray:
+        if getattr(self, "_pinv", None) is None:
+            import librosa
+
+            basis = librosa.filters.mel(n_mels=self.n_mels, **self._mel_kwargs())
+            self._pinv = np.linalg.pinv(basis).astype(np.float32)
+        return self._pinv
+
     def decode(self, latents) -> np.ndarray:
         """Latents ``[B, L, 128]`` -> waveform ``float32 [B, 640 L]`` (numpy), clipped to [-1, 1]."""
         import librosa
@@ -106,7 +114,11 @@ class MelCodec(AudioCodec):
         mel = mel.reshape(b, self.n_mels, length * self.stack)
         # A centred STFT of T = L * stack * hop samples has one more frame than we store: repeat the last.
         mel = np.concatenate([mel, mel[..., -1:]], axis=-1)
-        mag = librosa.feature.inverse.mel_to_stft(mel, power=2.0, **self._mel_kwargs())
+        # Pseudo-inverse of the mel filterbank (clipped at 0) rather than librosa's NNLS
+        # ``mel_to_stft``: the same envelope, constant time, and no minutes-long solves on the
+        # far-from-speech latents an early checkpoint produces.
+        power = np.maximum(np.einsum("fm,bmt->bft", self._mel_pinv(), mel), 0.0)
+        mag = np.sqrt(power)
         wave = librosa.griffinlim(mag, n_iter=self.griffin_lim_iters, hop_length=self.hop_length,
                                   win_length=self.n_fft, n_fft=self.n_fft, center=True,
                                   length=self.num_samples(length), random_state=0)

@@ -28,6 +28,16 @@ import numpy as np
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
 
+def _batch_dim(fields):
+    """The broadcast batch size of ``[B or 1, S]`` fields: the first leading dim that is not 1
+    (works for symbolic batch dims under ``jax.export``)."""
+    for f in fields:
+        d = np.shape(f)[0]
+        if not (isinstance(d, (int, np.integer)) and d == 1):
+            return d
+    return 1
+
+
 class TokenMeta(NamedTuple):
     """Per-token metadata; every field is ``[B, S]`` (or ``[1, S]``)."""
 
@@ -42,7 +52,7 @@ class TokenMeta(NamedTuple):
     @staticmethod
     def concat(metas: Sequence["TokenMeta"], xp=jnp) -> "TokenMeta":
         """Concatenates along the sequence axis, broadcasting batch dims."""
-        batch = max(int(np.shape(f)[0]) for m in metas for f in m)
+        batch = _batch_dim(f for m in metas for f in m)
         fields = []
         for i in range(len(TokenMeta._fields)):
             parts = [xp.broadcast_to(m[i], (batch,) + tuple(np.shape(m[i])[1:])) for m in metas]
@@ -305,7 +315,7 @@ def parse_rule(text: str | Rule, field: str = "model.mask") -> Rule:
 def dense_mask(pred: Predicate, q: TokenMeta, k: TokenMeta) -> jnp.ndarray:
     """Boolean ``[B, Sq, Sk]``: ``pred``, the key is valid, and query and key share a group."""
     m = _universal(pred, q.rows(), k.cols())
-    batch = max(int(np.shape(f)[0]) for f in tuple(q) + tuple(k))
+    batch = _batch_dim(tuple(q) + tuple(k))
     return jnp.broadcast_to(m, (batch, q.stream.shape[1], k.stream.shape[1]))
 
 
@@ -322,7 +332,7 @@ def block_map(pred: Predicate, q: TokenMeta, k: TokenMeta, block_q: int, block_k
     sq, sk = q.stream.shape[1], k.stream.shape[1]
     nq, nk = -(-sq // block_q), -(-sk // block_k)
     qp, kp = q.pad_to(nq * block_q), k.pad_to(nk * block_k)
-    batch = max(int(np.shape(f)[0]) for f in tuple(qp) + tuple(kp))
+    batch = _batch_dim(tuple(qp) + tuple(kp))
     kc = kp.cols()
 
     def classify_row(args):
