@@ -51,4 +51,14 @@ def get_config(arg=None):
     c.sample.guidance_schedule = "constant"  # constant | cosine
 
     c.clip = mlc.ConfigDict(dict(seconds=2.0))
+
+    c.train = mlc.ConfigDict(dict(
+        steps=1000, global_batch_size=8, lr=1e-4, warmup_steps=100, schedule="cosine", weight_decay=0.01,
+        grad_clip=1.0, ema_decay=0.999, grad_accum=1, log_every=50, checkpoint_every=500, keep_checkpoints=2,
+        sample_every=0, async_checkpoint=True,
+    ))
+    c.data = mlc.ConfigDict(dict(dir=None, num_workers=0, num_shards=None))
+    c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, sequence=1, tensor=1))  # -1 fills the devices
+    c.distributed = mlc.ConfigDict(dict(coordinator=None, num_processes=None, process_id=None))
+    c.profile = mlc.ConfigDict(dict(start_step=-1, num_steps=0))
     return c

@@ -29,6 +29,7 @@ def get_config(arg=None):
     c.model.conditions.ref_audio = dict(dim=20, length=157 if not tiny else 31)
     c.model.num_layers = layers
     c.model.heads = heads
+    c.model.mask = "full & no_peek"  # tv2a: the given video must not attend to the noisy audio
     c.model.dtype = "bfloat16" if not tiny else "float32"
     c.model.remat = "full" if not tiny else "none"
     c.tasks = dict(t2av=0.4, ti2av=0.2, tr2av=0.2, tv2a=0.2)

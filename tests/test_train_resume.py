@@ -47,7 +47,7 @@ def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted(tmp_path):
     cfg_path = "configs/demo.py:tiny"
     cfg = config_lib.load(cfg_path)
     for wd in ("a", "b"):
-        synth(cfg, str(tmp_path / wd / "data"), progress=False)
+        synth(cfg, str(tmp_path / wd / "data"), num_eval=0, progress=False)  # no eval split: no TensorBoard sampling
     script = tmp_path / "kill_train.py"
     script.write_text(KILL_SCRIPT)
 

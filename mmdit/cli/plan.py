@@ -44,7 +44,8 @@ import sys
 
 from mmdit import config_lib
 
-GB = 1e9
+GB = 2**30  # sizes are reported in GiB ("GB" below)
+HEADROOM = 0.1  # fraction of HBM kept free for XLA workspace, fragmentation and the runtime
 # kind: (platform, HBM GB per device, dense bf16 peak FLOP/s per device)
 DEVICES = {
     "h100": ("gpu", 80, 989e12), "h200": ("gpu", 141, 989e12), "a100": ("gpu", 80, 312e12),
@@ -88,6 +89,32 @@ def parse_topology(text: str) -> Topology:
         n = int(m.group(2)) // (2 if kind in ("v4", "v5p") else 1)
     platform, hbm, peak = DEVICES[kind]
     return Topology(text, kind, platform, n, hbm, peak)
+
+
+def parse_mesh(text: str | None) -> dict | None:
+    """``"data=2,fsdp=-1"`` -> ``{"data": 2, "fsdp": -1}`` (axes left out are 1)."""
+    if not text:
+        return None
+    out = {}
+    for item in text.split(","):
+        k, sep, v = item.partition("=")
+        if not sep or not v.strip().lstrip("-").isdigit():
+            raise ValueError(f"--mesh {text!r}: write axis=size pairs, e.g. data=2,fsdp=4 (one size may be -1)")
+        out[k.strip()] = int(v)
+    return out
+
+
+def apply_mesh(cfg, mesh: dict | None):
+    """Sets ``cfg.mesh`` (keeping its ``rules`` / ``dcn``) from a :func:`parse_mesh` dict."""
+    import ml_collections as mlc
+
+    if mesh is None:
+        return cfg
+    with cfg.unlocked():
+        old = cfg.get("mesh", None)
+        keep = {k: old[k] for k in ("rules", "dcn") if old is not None and k in old}
+        cfg.mesh = mlc.ConfigDict({**mesh, **keep})
+    return cfg
 
 
 def default_train(cfg, batch: int | None):
@@ -162,6 +189,8 @@ class Estimate:
     remat: str
     attention: str
     parts: dict  # name -> bytes per device
+    layer_weights: int = 0  # one layer's weights without FSDP sharding
+    fsdp_gather: bool = False
 
     @property
     def total(self) -> int:
@@ -174,6 +203,7 @@ def estimate(cfg, model, boxed_state, mesh_shape: dict, rules, *, remat: str | N
     import jax.numpy as jnp
 
     from mmdit.parallel.rules import logical_to_spec
+    from mmdit.train.sharding import batch_shapes
 
     spec = model.spec
     remat = remat or spec.remat
@@ -199,7 +229,8 @@ def estimate(cfg, model, boxed_state, mesh_shape: dict, rules, *, remat: str | N
     blocks = boxed_state.params["dit"]["params"]["blocks"]
     per_layer = sharded_bytes(blocks, {a: n for a, n in mesh_shape.items() if a != "fsdp"}, rules) / spec.num_layers
     fsdp_sharded = per_layer > sharded_bytes(blocks, mesh_shape, rules) / spec.num_layers
-    parts["gathered_weights"] = int(per_layer * ((2 if fsdp_sharded else 0) + 1))
+    # one layer's weights all-gathered (FSDP) + that layer's full grads before the reduce-scatter
+    parts["gathered_weights"] = int(per_layer * ((1 if fsdp_sharded else 0) + 1))
     saved = full = host = io = 0.0
     for a in spec.streams:
         tok = b_local * a.spec.num_tokens / seq  # this stream's tokens on one device
@@ -210,29 +241,23 @@ def estimate(cfg, model, boxed_state, mesh_shape: dict, rules, *, remat: str | N
         host += spec.num_layers * tok * per["host"]
         io += tok * (4 * 40 * a.dim + 4 * 6 * a.spec.token_dim)  # embeddings, temb, [S, 6, D] modulation, head
     parts["activations_saved"] = int(saved)
-    parts["layer_recompute"] = int(full * (1 if remat == "none" else 2))
+    parts["layer_recompute"] = int(full)  # one layer's residuals (cotangents) live in its backward
     parts["embeddings_io"] = int(io)
-    parts["batch"] = int(sum(4 * math.prod(s.shape) for s in _batch_shapes(model, B)) / size(["batch"]))
+    parts["batch"] = int(sum(4 * math.prod(s.shape) for s in batch_shapes(model, B).values()) / size(["batch"]))
     if host:
         parts["host_offload"] = int(host)
-    return Estimate(dict(mesh_shape), remat, impl, parts)
-
-
-def _batch_shapes(model, B):
-    from mmdit.train.sharding import batch_shapes
-
-    return list(batch_shapes(model, B).values())
+    e = Estimate(dict(mesh_shape), remat, impl, parts)
+    e.layer_weights, e.fsdp_gather = int(per_layer), fsdp_sharded
+    return e
 
 
 def sampling_estimate(cfg, model, boxed_state, mesh_shape, rules, impl=None) -> int:
-    """Per-device bytes of one sampling forward (EMA params, CFG batch, no saved activations)."""
-    from mmdit.flow import cfg_batch_plan
-
-    guided = list(cfg.sample.get("guidance", {}).keys())
-    evals = len(cfg_batch_plan(guided, cfg.sample.get("guidance_mode", "nested"))) if guided else 1
+    """Per-device bytes of one sampling forward at the planning batch (CFG evaluations are batch
+    rows: plan with ``--batch samples × evaluations``): EMA params, one gathered layer, one layer's
+    live activations, embeddings; nothing saved for a backward pass."""
     e = estimate(cfg, model, boxed_state, mesh_shape, rules, remat="none", impl=impl)
-    scale = evals / max(int(cfg.train.global_batch_size), 1)
-    return int(e.parts["ema"] + e.parts["gathered_weights"] + scale * (e.parts["layer_recompute"] / 2 + e.parts["embeddings_io"]))
+    gathered = e.layer_weights if e.fsdp_gather else 0
+    return int(e.parts["ema"] + gathered + (e.parts["layer_recompute"] + e.parts["embeddings_io"]) / 2)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -263,25 +288,27 @@ def compile_devices(topo: Topology):
     return devs[: topo.devices], None
 
 
-def compiled_memory(cfg, model, devices) -> dict:
+def compiled_memory(cfg, devices) -> dict:
     """Compiles the sharded train step (and a sampling forward) for ``devices``; per-device bytes."""
     import jax
+    from jax.sharding import NamedSharding, PartitionSpec
 
+    from mmdit.model.diffusion import DiffusionModel
     from mmdit.train import sharding
     from mmdit.train.state import make_optimizer
 
+    model = DiffusionModel.from_config(cfg)
     run = sharding.setup(cfg, model, make_optimizer(cfg.train), devices=devices)
     m = run.lower().compile().memory_analysis()
     out = {"train_step": _peak(m)}
-    params_sh = run.state_shardings.ema
-    abstract = run.abstract_state.ema
-    tokens, sigma, raw = _sample_inputs(run, model)
-
-    def forward(p, t, s, r):
-        return run.model.velocity(p, t, s, r)
-
+    # one sampling forward: EMA params (sharded like the params), inputs batch-sharded
+    sh = NamedSharding(run.mesh, PartitionSpec(sharding.batch_axes(run.rules) or None))
+    as_global = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct((run.batch_size,) + x.shape[1:], x.dtype,
+                                                                         sharding=sh), tree)
+    inputs = [as_global(t) for t in model.dummy_inputs(1)]  # tokens, sigma, raw conditions
     with run.context():
-        low = jax.jit(forward, in_shardings=(params_sh, None, None, None)).lower(abstract, tokens, sigma, raw)
+        low = jax.jit(run.model.velocity, in_shardings=(run.state_shardings.ema, None, None, None)).lower(
+            run.abstract_state.ema, *inputs)
     out["sampling_forward"] = _peak(low.compile().memory_analysis())
     return out
 
@@ -290,20 +317,6 @@ def _peak(m) -> dict:
     total = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
     return {"total": int(total), "arguments": int(m.argument_size_in_bytes), "temp": int(m.temp_size_in_bytes),
             "outputs": int(m.output_size_in_bytes), "aliased": int(m.alias_size_in_bytes)}
-
-
-def _sample_inputs(run, model):
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    from mmdit.train.sharding import batch_axes
-
-    B = run.batch_size
-    sh = NamedSharding(run.mesh, PartitionSpec(batch_axes(run.rules) or None))
-    sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
-    tokens, sigma, raw = model.dummy_inputs(1)
-    f = lambda tree: jax.tree.map(lambda x: sds((B,) + x.shape[1:], x.dtype), tree)
-    return f(tokens), f(sigma), f(raw)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -318,16 +331,18 @@ def mesh_shapes(n: int):
             yield dict(data=d, fsdp=f, sequence=s, tensor=n // (d * f * s))
 
 
-def candidates(cfg, model, boxed, topo: Topology, rules):
+def candidates(cfg, model, boxed, topo: Topology, rules, impl: str):
     """``[(Estimate, error or None)]`` over mesh shapes × remat × attention."""
     import jax
 
     from mmdit.parallel import validate_rules
 
     spec = model.spec
-    impls = [spec.attention.impl]
+    impls = [impl]
     flash = FLASH[topo.platform]
-    if flash not in impls and (flash != "cudnn" or str(spec.rule) == "full"):
+    if flash == "cudnn" and str(spec.rule) != "full":
+        flash = "pallas"  # cuDNN takes no mask: the block-sparse Pallas kernel
+    if flash not in impls:
         impls.append(flash)
     out = []
     for shape in mesh_shapes(topo.devices):
@@ -348,7 +363,8 @@ def rank_key(e: Estimate):
     return (REMAT_COST[e.remat], e.attention != "xla", m["tensor"], m["sequence"], m["fsdp"], e.total)
 
 
-def plan(cfg, topo: Topology, *, hbm_gb: float | None = None, search: bool = False, compile_: bool = True) -> dict:
+def plan(cfg, topo: Topology, *, hbm_gb: float | None = None, headroom: float = HEADROOM, search: bool = False,
+         compile_: bool = True) -> dict:
     """Everything ``mmdit-plan`` prints, as a dict."""
     import jax
 
@@ -358,22 +374,30 @@ def plan(cfg, topo: Topology, *, hbm_gb: float | None = None, search: bool = Fal
     from mmdit.train import sharding
     from mmdit.train.state import abstract_state, make_optimizer
 
-    model = sharding.scoped_model(DiffusionModel.from_config(cfg))
+    # The analytic side needs shapes only: build the model with the reference attention, so a TPU
+    # kernel (splash) can be planned on a host that cannot run it; `impl` is what gets estimated.
+    impl = cfg.model.get("attention", {}).get("impl", "xla")
+    shapes_cfg = cfg.copy_and_resolve_references()
+    with shapes_cfg.unlocked():
+        shapes_cfg.model.attention.impl = "xla"
+        shapes_cfg.model.attention.fallback = None
+    model = sharding.scoped_model(DiffusionModel.from_config(shapes_cfg))
     rules = sharding.rules_of(cfg)
     boxed = abstract_state(model, make_optimizer(cfg.train), boxed=True)
-    hbm = hbm_gb or topo.hbm_gb or 80
+    hbm = (hbm_gb or topo.hbm_gb or 80) * (1 - headroom)
     B = int(cfg.train.global_batch_size)
     shape = resolve_mesh_shape(sharding.mesh_config(cfg), topo.devices)
-    est = estimate(cfg, model, boxed, shape, rules)
+    est = estimate(cfg, model, boxed, shape, rules, impl=impl)
     flops = accounting.train_step_flops(model.spec, B)
     res = {
         "config": {"params": int(sum(math.prod(x.shape) for x in jax.tree.leaves(sharding.strip_boxes(boxed.params)))),
                    "tokens": model.spec.num_tokens, "batch": B, "remat": model.spec.remat,
-                   "attention": model.spec.attention.impl, "sequence_parallel": model.spec.sequence_parallel},
-        "topology": dataclasses.asdict(topo), "hbm_gb": hbm, "mesh": shape,
+                   "attention": impl, "sequence_parallel": model.spec.sequence_parallel},
+        "topology": dataclasses.asdict(topo), "hbm_gb": hbm_gb or topo.hbm_gb or 80, "usable_gb": hbm,
+        "mesh": shape,
         "estimate": {"kind": "analytic estimate", "parts_gb": {k: v / GB for k, v in est.parts.items()},
                      "total_gb": est.total / GB, "fits": est.total <= hbm * GB,
-                     "sampling_forward_gb": sampling_estimate(cfg, model, boxed, shape, rules) / GB},
+                     "sampling_forward_gb": sampling_estimate(cfg, model, boxed, shape, rules, impl) / GB},
         "flops_train_step": flops,
         "flops_per_device": flops / topo.devices,
     }
@@ -385,12 +409,12 @@ def plan(cfg, topo: Topology, *, hbm_gb: float | None = None, search: bool = Fal
             res["compiled"] = {"skipped": why}
         else:
             try:
-                res["compiled"] = {k: {kk: vv / GB for kk, vv in v.items()} for k, v in compiled_memory(cfg, model, devices).items()}
+                res["compiled"] = {k: {kk: vv / GB for kk, vv in v.items()} for k, v in compiled_memory(cfg, devices).items()}
                 res["compiled"]["fits"] = res["compiled"]["train_step"]["total"] <= hbm
             except ValueError as e:
                 res["compiled"] = {"error": str(e)}
     if search:
-        rows = candidates(cfg, model, boxed, topo, rules)
+        rows = candidates(cfg, model, boxed, topo, rules, impl)
         ok = sorted((e for e, err in rows if err is None and e.total <= hbm * GB), key=rank_key)
         res["search"] = {
             "considered": len(rows), "valid": sum(err is None for _, err in rows), "fitting": len(ok),
@@ -406,17 +430,18 @@ def plan(cfg, topo: Topology, *, hbm_gb: float | None = None, search: bool = Fal
 def format_plan(r: dict) -> str:
     c, e = r["config"], r["estimate"]
     mesh = " ".join(f"{a}={n}" for a, n in r["mesh"].items())
-    lines = [f"{r['topology']['name']}: {r['topology']['devices']} devices, {r['hbm_gb']:.0f} GB each; mesh {mesh}",
+    lines = [f"{r['topology']['name']}: {r['topology']['devices']} devices, {r['hbm_gb']:.0f} GiB each "
+             f"({r['usable_gb']:.1f} usable after headroom); mesh {mesh}",
              f"model {c['params'] / 1e9:.2f}B params, {c['tokens']} tokens, batch {c['batch']}, remat {c['remat']}, "
              f"attention {c['attention']}, sequence_parallel {c['sequence_parallel']}",
              f"per-device memory ({e['kind']}):"]
-    lines += [f"  {k:<20}{v:>10.2f} GB" for k, v in e["parts_gb"].items()]
-    lines.append(f"  {'total':<20}{e['total_gb']:>10.2f} GB -> {'fits' if e['fits'] else 'does NOT fit'}")
-    lines.append(f"  sampling forward    {e['sampling_forward_gb']:>10.2f} GB (estimate)")
+    lines += [f"  {k:<20}{v:>10.2f} GiB" for k, v in e["parts_gb"].items()]
+    lines.append(f"  {'total':<20}{e['total_gb']:>10.2f} GiB -> {'fits' if e['fits'] else 'does NOT fit'}")
+    lines.append(f"  sampling forward    {e['sampling_forward_gb']:>10.2f} GiB (estimate)")
     comp = r.get("compiled", {})
     if "train_step" in comp:
-        lines.append(f"compiled: train step {comp['train_step']['total']:.3f} GB, sampling forward "
-                     f"{comp['sampling_forward']['total']:.3f} GB per device")
+        lines.append(f"compiled: train step {comp['train_step']['total']:.3f} GiB, sampling forward "
+                     f"{comp['sampling_forward']['total']:.3f} GiB per device")
     elif comp:
         lines.append(f"compiled: {comp.get('skipped') or comp.get('error')}")
     lines.append(f"FLOPs per train step {r['flops_train_step']:.3e} ({r['flops_per_device']:.3e} per device)"
@@ -426,14 +451,14 @@ def format_plan(r: dict) -> str:
         lines.append(f"search: {s['considered']} candidates, {s['valid']} pass the sharding checks, {s['fitting']} fit")
         for row in s["top"]:
             lines.append(f"  {' '.join(f'{a}={n}' for a, n in row['mesh'].items())} remat={row['remat']} "
-                         f"attention={row['attention']}: {row['total_gb']:.1f} GB")
+                         f"attention={row['attention']}: {row['total_gb']:.1f} GiB")
         if s["best"]:
             b = s["best"]
-            lines.append(f"best: mesh {b['mesh']} remat={b['remat']} attention={b['attention']} ({b['total_gb']:.1f} GB)")
+            lines.append(f"best: mesh {b['mesh']} remat={b['remat']} attention={b['attention']} ({b['total_gb']:.1f} GiB)")
         elif s["smallest"]:
             sm = s["smallest"]
             lines.append(f"nothing fits; smallest: mesh {sm['mesh']} remat={sm['remat']} attention={sm['attention']} "
-                         f"({sm['total_gb']:.1f} GB): raise --batch granularity, devices, or lower the batch")
+                         f"({sm['total_gb']:.1f} GiB): use more devices, a smaller --batch, or grad accumulation")
     return "\n".join(lines)
 
 
@@ -441,7 +466,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="mmdit-plan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="config file (configs/X.py[:arg]) or preset name")
     p.add_argument("--topology", required=True, help="8xH100, 64xH200, 8xcpu, v5p-64, v6e-16, ...")
-    p.add_argument("--hbm-gb", type=float, default=None, help="memory per device (default: the device's, 80 for H100)")
+    p.add_argument("--hbm-gb", type=float, default=None, help="GiB per device (default: the device's; H100 80)")
+    p.add_argument("--headroom", type=float, default=HEADROOM, help="fraction of HBM kept free (default 0.1)")
+    p.add_argument("--mesh", default=None, help="mesh axis sizes, e.g. data=1,fsdp=8 (replaces config.mesh sizes)")
     p.add_argument("--batch", type=int, default=None, help="global batch (default train.global_batch_size, else 8)")
     p.add_argument("--search", action="store_true", help="rank mesh shapes x remat x attention that fit")
     p.add_argument("--no-compile", action="store_true", help="analytic estimate only")
@@ -454,8 +481,10 @@ def main(argv=None):
             import jax
 
             jax.config.update("jax_num_cpu_devices", topo.devices)  # before any backend use
-        cfg = default_train(config_lib.override(config_lib.load(args.config), args.set), args.batch)
-        res = plan(cfg, topo, hbm_gb=args.hbm_gb, search=args.search, compile_=not args.no_compile)
+        cfg = config_lib.override(config_lib.load(args.config), args.set)
+        cfg = default_train(apply_mesh(cfg, parse_mesh(args.mesh)), args.batch)
+        res = plan(cfg, topo, hbm_gb=args.hbm_gb, headroom=args.headroom, search=args.search,
+                   compile_=not args.no_compile)
     except (ValueError, KeyError, FileNotFoundError) as e:
         print(f"mmdit-plan: {e}", file=sys.stderr)
         return 2

@@ -203,16 +203,16 @@ def validate_rules(
         t = total(head_axes)
         if num_heads % t:
             errors.append(
-                f"model.num_heads={num_heads} is not divisible by the heads mesh axes "
-                f"{_axes_of(head_axes)} (total {t}); change model.num_heads or "
+                f"model.heads={num_heads} is not divisible by the heads mesh axes "
+                f"{_axes_of(head_axes)} (total {t}); change model.heads or "
                 f"{' / '.join('mesh.' + a for a in _axes_of(head_axes))}"
             )
         elif sequence_strategy == "ulysses" and num_heads % (t * seq):
             errors.append(
-                f"model.num_heads={num_heads} is not divisible by mesh.sequence={seq}"
+                f"model.heads={num_heads} is not divisible by mesh.sequence={seq}"
                 + (f" × heads axes {_axes_of(head_axes)} ({t})" if t > 1 else "")
                 + f": Ulysses sequence parallelism splits the heads over the sequence axis; change "
-                f"model.num_heads or mesh.sequence, or use the 'ring' strategy"
+                f"model.heads or mesh.sequence, or use the 'ring' strategy"
             )
     if seq_len is not None and seq > 1 and seq_len < seq:
         errors.append(f"sequence length {seq_len} is shorter than mesh.sequence={seq}; reduce "

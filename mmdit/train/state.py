@@ -4,6 +4,16 @@
 ``model.dtype``), ``opt_state`` (optax AdamW), ``ema`` (EMA of params; what samplers and exports
 use) and ``rng`` (base key; the key of step ``n`` is ``fold_in(rng, n)``, so a resumed run draws
 exactly the same noise as an uninterrupted one).
+
+``step`` counts *optimizer updates*. Gradient accumulation (``train.grad_accum``) is not an optimizer
+wrapper: the sharded train step (:mod:`mmdit.train.sharding`) splits each global batch into
+microbatches and sums their gradients before one AdamW update, so there is no persistent
+accumulator in the state, EMA and LR schedule advance once per update, and one loader batch is one
+update.
+
+Shardings come from the *boxed* state: :func:`abstract_state` keeps the params' logical axis names
+(``nn.Partitioned``), and optax builds Adam's moments with ``tree_map`` over those boxes, so the
+moments (and the EMA) carry their params' names and are sharded exactly like them.
 """
 
 from __future__ import annotations
@@ -39,7 +49,10 @@ def learning_rate_schedule(train_cfg) -> optax.Schedule:
 
 
 def make_optimizer(train_cfg) -> optax.GradientTransformation:
-    """Global-norm clipping + AdamW (decoupled weight decay on matrices only)."""
+    """Global-norm clipping + AdamW (decoupled weight decay on matrices only).
+
+    ``train.grad_accum`` is handled by the train step (microbatches within one update), not here.
+    """
     decay_mask = lambda params: jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
     tx = optax.chain(
         optax.clip_by_global_norm(float(train_cfg.get("grad_clip", 1.0))),
@@ -52,16 +65,19 @@ def make_optimizer(train_cfg) -> optax.GradientTransformation:
             mask=decay_mask,
         ),
     )
-    accum = int(train_cfg.get("grad_accum", 1))
-    if accum > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=accum)
+    accum = train_cfg.get("grad_accum", 1)
+    if isinstance(accum, bool) or not isinstance(accum, int) or accum < 1:
+        raise ValueError(f"train.grad_accum={accum!r} must be a positive integer (microbatches per update)")
     return tx
 
 
-def init_state(model, tx, rng, params=None) -> TrainState:
+def init_state(model, tx, rng, params=None, *, unbox: bool = True) -> TrainState:
+    """A fresh state. ``unbox=False`` keeps the params' ``nn.Partitioned`` boxes (and so boxes the
+    Adam moments and EMA too): use it under ``jax.eval_shape`` to derive shardings."""
     k_init, k_train = jax.random.split(rng)
     if params is None:
-        params = nn.unbox(model.init(k_init))
+        params = model.init(k_init)
+        params = nn.unbox(params) if unbox else params
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -73,3 +89,11 @@ def init_state(model, tx, rng, params=None) -> TrainState:
 
 def ema_update(ema, params, decay: float):
     return jax.tree_util.tree_map(lambda e, p: e * decay + (1.0 - decay) * p.astype(e.dtype), ema, params)
+
+
+def abstract_state(model, tx, *, boxed: bool = True) -> TrainState:
+    """``jax.eval_shape`` of :func:`init_state`: ``ShapeDtypeStruct`` leaves, no allocation.
+
+    ``boxed=True`` keeps the logical ``nn.Partitioned`` boxes (``nn.get_partition_spec`` of it gives
+    every leaf's logical spec; ``nn.unbox`` of it has the structure of the real state)."""
+    return jax.eval_shape(lambda: init_state(model, tx, jax.random.key(0), unbox=not boxed))

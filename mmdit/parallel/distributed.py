@@ -1,0 +1,186 @@
+"""Multi-host: joining the JAX process group, and which slice of the data each process reads.
+
+**Joining** (:func:`maybe_initialize`, called first thing by the training loop). In order:
+
+1. ``cfg.distributed`` (``coordinator`` "host:port", ``num_processes``, ``process_id``, optional
+   ``local_device_ids``), else the environment: ``MMDIT_COORDINATOR``, ``MMDIT_NUM_PROCESSES``,
+   ``MMDIT_PROCESS_ID`` (``MMDIT_LOCAL_DEVICE_IDS`` "0,1"). ``launch/local.sh`` and
+   ``launch/slurm.sh`` set these.
+2. ``cfg.distributed.auto`` / ``MMDIT_DISTRIBUTED=auto``, or a detected multi-process cluster
+   (SLURM with ``SLURM_NTASKS > 1``, Open MPI, a multi-worker TPU slice): ``jax.distributed.initialize()``
+   without arguments, which lets JAX read the cluster's own environment (TPU metadata, SLURM).
+3. Otherwise a single process: nothing to do.
+
+It must run before anything touches a JAX backend. Calling it twice (or after the caller already
+initialised) is a no-op. CPU processes use gloo collectives (jax's default), so the whole
+multi-host path is testable on one machine (``launch/local.sh``, tests/test_multihost.py).
+
+**Data** (:func:`data_iterator`). The record set is split into ``cfg.data.num_shards`` shards
+(default: the process count). The process whose devices hold global batch block ``b`` of ``n``
+(:meth:`ShardedTrain.batch_block`: by device placement, not by process index) reads shards
+``[b·V/n, (b+1)·V/n)`` and concatenates their per-shard batches. With ``V`` fixed, the global batch
+of every step is the same for any process count that divides ``V`` -- a 1-process run with
+``data.num_shards=2`` sees exactly the data of a 2-process run. Each process checkpoints its own
+iterator state (grain's ``process_i-of-n.json``), so resuming needs the same process count.
+
+Only process 0 writes logs and ``config.json`` (the loop and ``MetricWriter`` check
+``jax.process_index() == 0``); every process takes part in orbax saves (each writes its own shards
+of the state) and in grain iterator saves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+
+ENV_COORDINATOR = "MMDIT_COORDINATOR"
+ENV_NUM_PROCESSES = "MMDIT_NUM_PROCESSES"
+ENV_PROCESS_ID = "MMDIT_PROCESS_ID"
+ENV_LOCAL_DEVICE_IDS = "MMDIT_LOCAL_DEVICE_IDS"
+ENV_MODE = "MMDIT_DISTRIBUTED"
+
+
+def _section(cfg) -> dict:
+    d = cfg.get("distributed", None) if cfg is not None else None
+    return dict(d.to_dict() if hasattr(d, "to_dict") else (d or {}))
+
+
+def _int(value, field: str) -> int | None:
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{field}={value!r} must be an integer") from None
+
+
+def cluster_detected(env=None) -> str | None:
+    """Name of a multi-process cluster environment JAX can auto-detect, or None."""
+    env = os.environ if env is None else env
+    if _int(env.get("SLURM_NTASKS"), "SLURM_NTASKS") and int(env["SLURM_NTASKS"]) > 1:
+        return "slurm"
+    if _int(env.get("OMPI_COMM_WORLD_SIZE"), "OMPI_COMM_WORLD_SIZE") and int(env["OMPI_COMM_WORLD_SIZE"]) > 1:
+        return "ompi"
+    if len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1:
+        return "tpu"
+    return None
+
+
+def resolve(cfg=None, env=None) -> dict | None:
+    """The ``jax.distributed.initialize`` keyword arguments this process should use (``{}`` means
+    auto-detect), or None for a single-process run. Pure: reads ``cfg`` and ``env`` only."""
+    env = os.environ if env is None else env
+    d = _section(cfg)
+    coordinator = d.get("coordinator") or env.get(ENV_COORDINATOR) or None
+    if coordinator:
+        src = "distributed" if d.get("coordinator") else None
+        name = lambda key, var: f"{src}.{key}" if src else var
+        n = _int(d.get("num_processes", env.get(ENV_NUM_PROCESSES)), name("num_processes", ENV_NUM_PROCESSES))
+        pid = _int(d.get("process_id", env.get(ENV_PROCESS_ID)), name("process_id", ENV_PROCESS_ID))
+        if n is None or pid is None:
+            raise ValueError(
+                f"coordinator {coordinator!r} is set but {name('num_processes', ENV_NUM_PROCESSES)} / "
+                f"{name('process_id', ENV_PROCESS_ID)} are not: set both (process ids 0..N-1), or unset the "
+                f"coordinator to let JAX auto-detect the cluster"
+            )
+        if not 0 <= pid < n:
+            raise ValueError(f"{name('process_id', ENV_PROCESS_ID)}={pid} must be in [0, {n}) "
+                             f"({name('num_processes', ENV_NUM_PROCESSES)}={n})")
+        kw = dict(coordinator_address=str(coordinator), num_processes=n, process_id=pid)
+        ids = d.get("local_device_ids", env.get(ENV_LOCAL_DEVICE_IDS))
+        if ids not in (None, ""):
+            kw["local_device_ids"] = [int(i) for i in (ids.split(",") if isinstance(ids, str) else ids)]
+        return kw
+    if d.get("auto") or env.get(ENV_MODE, "").lower() == "auto" or cluster_detected(env):
+        return {}
+    return None
+
+
+def is_initialized() -> bool:
+    return bool(jax.distributed.is_initialized())
+
+
+def maybe_initialize(cfg=None) -> bool:
+    """Joins the process group if config/environment say so (module docstring). Returns True when
+    this process is (now) part of a multi-process group."""
+    if is_initialized():
+        return True
+    kw = resolve(cfg)
+    if kw is None:
+        return False
+    jax.distributed.initialize(**kw)
+    return True
+
+
+# ------------------------------------------------------------------------------------------------
+# data
+
+
+class ConcatShards:
+    """Iterates several grain iterators in lockstep and concatenates their batches along axis 0.
+
+    Checkpointable by grain's orbax handler (``get_state`` -> bytes, ``set_state(bytes)``)."""
+
+    def __init__(self, iterators):
+        self.iterators = list(iterators)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        import numpy as np
+
+        parts = [next(it) for it in self.iterators]
+        return {k: np.concatenate([p[k] for p in parts], axis=0) for k in parts[0]}
+
+    def get_state(self) -> bytes:
+        return json.dumps({"shards": [it.get_state().decode() for it in self.iterators]}).encode()
+
+    def set_state(self, state: bytes) -> None:
+        shards = json.loads(state.decode())["shards"]
+        if len(shards) != len(self.iterators):
+            raise ValueError(f"data iterator checkpoint holds {len(shards)} shards, this process reads "
+                             f"{len(self.iterators)}: resume with the same data.num_shards and process count")
+        for it, s in zip(self.iterators, shards):
+            it.set_state(s.encode())
+
+    def start_prefetch(self) -> None:
+        for it in self.iterators:
+            if hasattr(it, "start_prefetch"):
+                it.start_prefetch()
+
+
+def shard_range(block: int, blocks: int, num_shards: int | None) -> range:
+    """The data shards the process holding batch block ``block`` of ``blocks`` reads."""
+    v = blocks if num_shards is None else int(num_shards)
+    if v < 1 or v % blocks:
+        raise ValueError(f"data.num_shards={v} must be a positive multiple of the {blocks} processes; "
+                         f"use e.g. data.num_shards={blocks}")
+    per = v // blocks
+    return range(block * per, (block + 1) * per)
+
+
+def data_iterator(cfg, data_dir: str, block: tuple[int, int] = (0, 1)) -> Any:
+    """This process's training iterator: per-host batches ``[B / processes, ...]`` (numpy dicts)."""
+    import grain
+
+    from mmdit.data import pipeline
+
+    B = int(cfg.train.global_batch_size)
+    num_shards = cfg.data.get("num_shards", None) if cfg.get("data", None) is not None else None
+    shards = shard_range(block[0], block[1], num_shards)
+    v = block[1] * len(shards)
+    if B % v:
+        raise ValueError(f"train.global_batch_size={B} is not divisible by the {v} data shards "
+                         f"(data.num_shards); use a multiple of {v}")
+    its = [
+        pipeline.make_train_iterator(
+            data_dir, global_batch_size=B, seed=int(cfg.seed), num_workers=int(cfg.data.get("num_workers", 0)),
+            shard_options=grain.sharding.ShardOptions(shard_index=s, shard_count=v, drop_remainder=True),
+        )
+        for s in shards
+    ]
+    return its[0] if len(its) == 1 else ConcatShards(its)
