@@ -158,7 +158,7 @@ def test_non_dividing_dim_names_param_dim_and_axis():
 
 def test_heads_batch_and_axis_errors():
     mesh = _abstract_mesh(data=2, fsdp=2, sequence=4)
-    with pytest.raises(ValueError, match=r"num_heads=6 .*mesh.sequence=4.*ring"):
+    with pytest.raises(ValueError, match=r"heads=6 .*mesh.sequence=4.*ring"):
         rules_lib.validate_rules(None, mesh, num_heads=6)
     rules_lib.validate_rules(None, mesh, num_heads=6, sequence_strategy="ring")  # ring: no head constraint
     with pytest.raises(ValueError, match=r"num_heads=6 .*tensor"):

@@ -57,6 +57,11 @@ def _int(value, field: str) -> int | None:
         raise ValueError(f"{field}={value!r} must be an integer") from None
 
 
+def _or(value, fallback):
+    """Config value unless unset (None): configs declare these fields with None defaults."""
+    return fallback if value is None else value
+
+
 def cluster_detected(env=None) -> str | None:
     """Name of a multi-process cluster environment JAX can auto-detect, or None."""
     env = os.environ if env is None else env
@@ -78,8 +83,8 @@ def resolve(cfg=None, env=None) -> dict | None:
     if coordinator:
         src = "distributed" if d.get("coordinator") else None
         name = lambda key, var: f"{src}.{key}" if src else var
-        n = _int(d.get("num_processes", env.get(ENV_NUM_PROCESSES)), name("num_processes", ENV_NUM_PROCESSES))
-        pid = _int(d.get("process_id", env.get(ENV_PROCESS_ID)), name("process_id", ENV_PROCESS_ID))
+        n = _int(_or(d.get("num_processes"), env.get(ENV_NUM_PROCESSES)), name("num_processes", ENV_NUM_PROCESSES))
+        pid = _int(_or(d.get("process_id"), env.get(ENV_PROCESS_ID)), name("process_id", ENV_PROCESS_ID))
         if n is None or pid is None:
             raise ValueError(
                 f"coordinator {coordinator!r} is set but {name('num_processes', ENV_NUM_PROCESSES)} / "
@@ -90,7 +95,7 @@ def resolve(cfg=None, env=None) -> dict | None:
             raise ValueError(f"{name('process_id', ENV_PROCESS_ID)}={pid} must be in [0, {n}) "
                              f"({name('num_processes', ENV_NUM_PROCESSES)}={n})")
         kw = dict(coordinator_address=str(coordinator), num_processes=n, process_id=pid)
-        ids = d.get("local_device_ids", env.get(ENV_LOCAL_DEVICE_IDS))
+        ids = _or(d.get("local_device_ids"), env.get(ENV_LOCAL_DEVICE_IDS))
         if ids not in (None, ""):
             kw["local_device_ids"] = [int(i) for i in (ids.split(",") if isinstance(ids, str) else ids)]
         return kw
