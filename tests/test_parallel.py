@@ -161,7 +161,7 @@ def test_heads_batch_and_axis_errors():
     with pytest.raises(ValueError, match=r"heads=6 .*mesh.sequence=4.*ring"):
         rules_lib.validate_rules(None, mesh, num_heads=6)
     rules_lib.validate_rules(None, mesh, num_heads=6, sequence_strategy="ring")  # ring: no head constraint
-    with pytest.raises(ValueError, match=r"num_heads=6 .*tensor"):
+    with pytest.raises(ValueError, match=r"model.heads=6 .*tensor"):
         rules_lib.validate_rules(None, _abstract_mesh(tensor=4), num_heads=6)
     with pytest.raises(ValueError, match=r"batch size 6 .*\('data', 'fsdp'\)"):
         rules_lib.validate_rules(None, mesh, batch_size=6)
