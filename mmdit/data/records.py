@@ -232,7 +232,8 @@ def _fsync_path(path: str) -> None:  # a file or a directory (makes renames dura
         os.close(fd)
 
 
-def _file_digest(path: str) -> str:
+def file_sha256(path: str) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -378,7 +379,7 @@ class ShardWriter:
         _fsync_path(self._tmp_path)
         self._shards.append({"tmp": self._tmp_path, "num_examples": self._in_shard,
                              "num_bytes": os.path.getsize(self._tmp_path),
-                             "sha256": _file_digest(self._tmp_path)})
+                             "sha256": file_sha256(self._tmp_path)})
         self._in_shard = 0
 
     def _check_open(self) -> None:
@@ -511,7 +512,7 @@ def open_dataset(data_dir: str, *, expected_schema: Schema | None = None,
         if count != shard["num_examples"]:
             raise ValueError(f"{path} holds {count} records but {MANIFEST_NAME} says "
                              f"{shard['num_examples']}: the shard is corrupt; {hint}")
-        if verify_checksums and _file_digest(path) != shard["sha256"]:
+        if verify_checksums and file_sha256(path) != shard["sha256"]:
             raise ValueError(f"{path} fails its sha256 check: the shard is corrupt; {hint}")
     if expected_schema is not None:
         problems = schema_mismatches(manifest["schema"], expected_schema)

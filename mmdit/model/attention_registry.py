@@ -88,17 +88,11 @@ def attend(q, k, v, mask: MaskSpec, opts: AttentionOptions):
 
 
 def xla_attention(q, k, v, mask: MaskSpec, opts: AttentionOptions):
-    """Reference attention: dense scores under the dense boolean mask, f32 softmax."""
-    scale = opts.scale if opts.scale is not None else q.shape[-1] ** -0.5
-    s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-    m = mask.dense()[:, None]  # [B, 1, Sq, Sk]
-    s = jnp.where(m, s, -jnp.inf)
-    mx = jnp.max(s, axis=-1, keepdims=True)
-    mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
-    p = jnp.where(m, jnp.exp(s - mx), 0.0)
-    denom = p.sum(axis=-1, keepdims=True)
-    p = p / jnp.where(denom == 0, 1.0, denom)
-    return jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v, preferred_element_type=jnp.float32).astype(q.dtype)
+    """Reference attention: dense scores under the dense mask, f32 softmax (the same reference the
+    kernels are tested against, ``mmdit_kernels.reference_attention``)."""
+    from mmdit_kernels import reference_attention
+
+    return reference_attention(q, k, v, mask_fn=mask.kernel_mask_fn(), q_meta=tuple(mask.q), k_meta=tuple(mask.k), scale=opts.scale)
 
 
 def cudnn_attention(q, k, v, mask: MaskSpec, opts: AttentionOptions):

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import json
 import os
 import shutil
@@ -52,6 +51,7 @@ import ml_collections as mlc
 import numpy as np
 
 from mmdit import config_lib
+from mmdit.data.records import file_sha256
 from mmdit.sample.sampler import denoise_step_fn, step_example_inputs
 
 BUNDLE_FORMAT = "mmdit.bundle"
@@ -76,14 +76,6 @@ class Bundle:
     step_fn: Callable
     manifest: dict
     path: str
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _write_synced(path: str, data: bytes) -> None:
@@ -242,7 +234,7 @@ def export_bundle(cfg, params, out_dir: str, *, step: int | None = None, batch_s
             "batch": "b" if batch_symbolic else 1,
             "batching": batching,
             "files": {"config": CONFIG, "step": STEP, "params": PARAMS},
-            "sha256": {CONFIG: _sha256(os.path.join(tmp, CONFIG)), STEP: _sha256(os.path.join(tmp, STEP))},
+            "sha256": {CONFIG: file_sha256(os.path.join(tmp, CONFIG)), STEP: file_sha256(os.path.join(tmp, STEP))},
             "params": {"format": "orbax.StandardCheckpointer", "count": int(sum(np.size(a) for a in leaves)),
                        "bytes": int(sum(np.size(a) * np.dtype(a.dtype).itemsize for a in leaves)),
                        "tree": {k: [v["shape"], v["dtype"]] for k, v in have.items()}},
@@ -364,7 +356,7 @@ def load_bundle(path: str) -> Bundle:
                         "keep the files of one bundle together, or re-export it with mmdit-export")
     for name in (CONFIG, STEP):
         digest = manifest.get("sha256", {}).get(name)
-        if digest != _sha256(os.path.join(path, name)):
+        if digest != file_sha256(os.path.join(path, name)):
             raise _fail(os.path.join(path, name), f"does not match its sha256 in {MANIFEST}: the file was "
                                                   "modified, truncated or comes from another bundle")
     _check_platform(step_file, exported)
