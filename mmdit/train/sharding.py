@@ -46,12 +46,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mmdit import parallel
 from mmdit.train import step as step_lib
-from mmdit.train.state import TrainState, abstract_state, ema_update, init_state
+from mmdit.train.state import TrainState, abstract_state, init_state
 
 DEFAULT_MESH = {"data": -1}
 # Logical names the model's activation constraints use (checked to be mapped by the rules).
@@ -239,14 +238,7 @@ def make_step(model, cfg, tx, param_shardings, axes):
         (gsum, msum), _ = jax.lax.scan(body, zeros, (jnp.arange(k), micro))
         grads = jax.tree.map(lambda g: g / k, gsum)
         metrics = jax.tree.map(lambda m: m / k, msum)
-        # The update below mirrors mmdit.train.step.make_train_step (incl. its EMA warmup); keep them
-        # in sync until step.py exposes the update as a function of (state, grads).
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
-        ema = ema_update(state.ema, params, decay)
-        metrics = dict(metrics, grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params))
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
+        return step_lib.apply_gradients(state, grads, metrics, tx, ema_decay)
 
     return step
 

@@ -51,6 +51,18 @@ def loss_fn(params, model, cfg, batch, rng):
     return loss, metrics
 
 
+def apply_gradients(state: TrainState, grads, metrics: dict, tx, ema_decay: float):
+    """One AdamW update + EMA (with warmup) from ``grads``; shared by the plain and the
+    gradient-accumulating step (``mmdit.train.sharding``)."""
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    # EMA warmup: with a fixed 0.999 a 1k-step run would still be ~37% random init.
+    decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
+    ema = ema_update(state.ema, params, decay)
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params))
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
+
+
 def make_train_step(model, cfg, tx):
     """Returns ``step(state, batch) -> (state, metrics)`` (not jitted: the caller jits with shardings)."""
     ema_decay = float(cfg.train.get("ema_decay", 0.999))
@@ -58,13 +70,6 @@ def make_train_step(model, cfg, tx):
     def step(state: TrainState, batch):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, model, cfg, batch, rng)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        # EMA warmup: with a fixed 0.999 a 1k-step run would still be ~37% random init.
-        decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
-        ema = ema_update(state.ema, params, decay)
-        metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params))
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
+        return apply_gradients(state, grads, dict(metrics, loss=loss), tx, ema_decay)
 
     return step
-
