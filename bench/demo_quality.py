@@ -7,7 +7,10 @@ Runs ``mmdit demo`` twice (default config, and ``model.joint_layers=()``) unless
 hold finished runs, evaluates each (EMA params) and an untrained model (init params, same seed) on
 the same eval clips, prints the table and writes JSON (default ``bench/results/demo_quality.json``).
 Figures: per task the mean best-offset correlation (``sync_corr``), the median offset and the
-share of clips within +-1 frame; ``ground_truth`` is the metric's ceiling on this world.
+share of clips within +-1 frame; ``ground_truth`` is the metric's ceiling on this world. Each run
+also gets the cross-stream probe (``mmdit.eval.cross_stream``): the denoising loss of one stream
+with the true partner over that with another clip's / a time-shifted partner (below 1: the model
+reads the partner; ~1.000 for the time shift: it ignores the partner's timing).
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ def main(argv=None):
     p.add_argument("--skip-ablation", action="store_true")
     p.add_argument("--out", default="bench/results/demo_quality.json")
     args = p.parse_args(argv)
-    from mmdit.eval.run import evaluate, format_table
+    from mmdit.eval.cross_stream import cross_stream_probe, format_probe
+    from mmdit.eval.run import eval_batch, evaluate, format_table
     from mmdit.model.diffusion import DiffusionModel
     from mmdit.train.checkpoint import restore_inference_params
     import flax.linen as nn
@@ -54,17 +58,24 @@ def main(argv=None):
         wall = run_demo(wd, overrides)
         cfg, params = restore_inference_params(wd)
         data = os.path.join(wd, "data", "eval")
+        model = DiffusionModel.from_config(cfg)
+        batch = eval_batch(data, args.num)
+        latents = {a.name: batch[a.name + "_latents"] for a in model.spec.streams}
+        raw = {"text_tokens": batch["text_tokens"]}
         res = evaluate(cfg, params, data, None, num=args.num, write_videos=False)
-        report["runs"][name] = {"overrides": overrides, "demo_wall_s": wall, "eval": res}
+        probe = cross_stream_probe(model, params, latents, raw)
+        report["runs"][name] = {"overrides": overrides, "demo_wall_s": wall, "eval": res, "cross_stream_probe": probe}
         print(f"\n== {name} ({' '.join(overrides) or 'default'}), demo wall {wall / 60:.1f} min")
         print(format_table(res))
+        print(format_probe(probe))
         if name == "joint":
-            model = DiffusionModel.from_config(cfg)
             init = nn.unbox(model.init(jax.random.key(int(cfg.seed))))
             res0 = evaluate(cfg, init, data, None, num=args.num, write_videos=False)
-            report["runs"]["untrained"] = {"eval": res0}
+            probe0 = cross_stream_probe(model, init, latents, raw)
+            report["runs"]["untrained"] = {"eval": res0, "cross_stream_probe": probe0}
             print("\n== untrained (init params)")
             print(format_table(res0))
+            print(format_probe(probe0))
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)

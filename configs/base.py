@@ -37,7 +37,7 @@ def get_config(arg=None):
     c.flow.sigma_mean = 0.0
     c.flow.sigma_std = 1.0
     c.flow.shift = 1.0  # training-time schedule shift
-    c.flow.independent_streams = False  # one sigma per sample shared by all its streams
+    c.flow.independent_streams = 0.0  # fraction of samples whose streams draw independent sigmas (0: shared)
     c.flow.stream_weights = mlc.ConfigDict()  # stream -> loss weight (default 1)
     c.flow.condition_dropout = mlc.ConfigDict()  # condition -> drop probability (for CFG)
 
@@ -46,6 +46,7 @@ def get_config(arg=None):
     c.sample = mlc.ConfigDict()
     c.sample.steps = 30
     c.sample.shift = 3.0
+    c.sample.stream_shift = mlc.ConfigDict()  # stream -> shift overriding sample.shift (smaller: denoised ahead)
     c.sample.guidance_mode = "nested"  # nested | independent
     c.sample.guidance = mlc.ConfigDict()  # condition -> scale, or condition -> {stream: scale}
     c.sample.guidance_schedule = "constant"  # constant | cosine

@@ -94,7 +94,7 @@ def sample_sigma(rng, shape, *, dist: str = "logit_normal", mean: float = 0.0, s
     return shift_sigma(sigma, shift)
 
 
-def sample_token_sigmas(rng, known: Mapping[str, Array], *, independent_streams: bool = False,
+def sample_token_sigmas(rng, known: Mapping[str, Array], *, independent_streams: bool | float = False,
                         dist: str = "logit_normal", mean: float = 0.0, std: float = 1.0,
                         shift: float = 1.0) -> dict[str, Array]:
     """Per-token training σ: one σ per sample, broadcast over the sample's tokens; known → 0.
@@ -103,9 +103,11 @@ def sample_token_sigmas(rng, known: Mapping[str, Array], *, independent_streams:
       rng: PRNG key.
       known: ``dict[stream, bool[B, S_stream]]``; True marks a known (clean) token. Its keys name
         the streams; every stream must have the same batch size ``B``.
-      independent_streams: False (default, the standard): one σ per sample shared by all of the
-        sample's streams. True: an independent σ per (sample, stream) -- the "decoupled noise"
-        variant of JAM-Flow / UniTalking.
+      independent_streams: False / 0 (default, the standard): one σ per sample shared by all of the
+        sample's streams. True / 1: an independent σ per (sample, stream) -- the "decoupled noise"
+        variant of JAM-Flow / UniTalking. A float p in (0, 1): that fraction of the samples draws
+        independent σ's and the rest share one, so joint sampling (shared σ) stays in distribution
+        while each stream also learns to read a partner that is cleaner or noisier than itself.
       dist, mean, std, shift: as in :func:`sample_sigma`.
 
     Returns:
@@ -119,12 +121,17 @@ def sample_token_sigmas(rng, known: Mapping[str, Array], *, independent_streams:
         shapes = {n: tuple(jnp.shape(known[n])) for n in names}
         raise ValueError(f"known masks disagree on the batch size: {shapes}")
     (b,) = batch
+    p = float(independent_streams)
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"flow.independent_streams={independent_streams!r}: use a bool or a fraction in [0, 1]")
     draw = lambda key: sample_sigma(key, (b,), dist=dist, mean=mean, std=std, shift=shift)
-    if independent_streams:
-        per_stream = dict(zip(names, (draw(k) for k in jax.random.split(rng, len(names)))))
-    else:
-        shared = draw(rng)
+    k_shared, k_pick, *k_streams = jax.random.split(rng, 2 + len(names))
+    shared = draw(k_shared)
+    if p == 0.0:
         per_stream = {n: shared for n in names}
+    else:
+        pick = jax.random.bernoulli(k_pick, p, (b,)) if p < 1.0 else jnp.ones((b,), bool)
+        per_stream = {n: jnp.where(pick, draw(k), shared) for n, k in zip(names, k_streams)}
     out = {}
     for n in names:
         k = jnp.asarray(known[n], bool)
@@ -247,16 +254,29 @@ def sampling_sigmas(num_steps: int, shift: float = 1.0) -> Array:
     return shift_sigma(jnp.linspace(1.0, 0.0, num_steps + 1, dtype=jnp.float32), shift)
 
 
+def _stream_schedules(sigmas, names) -> dict[str, Array]:
+    """``[N + 1]`` (shared) or ``{stream: [N + 1]}`` (per stream, same N) -> ``{stream: [N + 1]}``."""
+    if isinstance(sigmas, Mapping):
+        missing = [n for n in names if n not in sigmas]
+        if missing:
+            raise ValueError(f"per-stream sigmas lack stream(s) {missing}; give a schedule for each of {names}")
+        out = {n: jnp.asarray(sigmas[n], jnp.float32) for n in names}
+    else:
+        out = {n: jnp.asarray(sigmas, jnp.float32) for n in names}
+    lengths = {n: tuple(v.shape) for n, v in out.items()}
+    if any(len(v) != 1 or v[0] < 2 for v in lengths.values()) or len(set(lengths.values())) != 1:
+        raise ValueError(f"sigmas must be [num_steps + 1] with num_steps >= 1 (the same for every stream), got {lengths}")
+    return out
+
+
 def _ode_sample(velocity_fn, noise, sigmas, known, known_values, callback, heun: bool):
     names = sorted(noise)
     if known is not None and known_values is None:
         raise ValueError("known tokens need known_values (their clean values)")
     if known is None and known_values is not None:
         raise ValueError("known_values given without a known mask")
-    sigmas = jnp.asarray(sigmas, jnp.float32)
-    if sigmas.ndim != 1 or sigmas.shape[0] < 2:
-        raise ValueError(f"sigmas must be [num_steps + 1] with num_steps >= 1, got {sigmas.shape}")
-    num_steps = sigmas.shape[0] - 1
+    sigmas = _stream_schedules(sigmas, names)
+    num_steps = sigmas[names[0]].shape[0] - 1
     masks = {n: _mask(known, n, noise[n].shape[:2], False) for n in names}
     out_dtype = {n: noise[n].dtype for n in names}
     # Only streams that appear in `known` need their clean values held.
@@ -268,25 +288,27 @@ def _ode_sample(velocity_fn, noise, sigmas, known, known_values, callback, heun:
                 for n in names}
 
     def tokens(s):
-        return {n: jnp.where(masks[n], 0.0, s) for n in names}
+        return {n: jnp.where(masks[n], 0.0, s[n]) for n in names}
 
     def velocity(x, s, i):
         v = velocity_fn(x, tokens(s), i)
         return {n: jnp.asarray(v[n], x[n].dtype) for n in names}
 
     def step(i, x):
-        s, s_next = sigmas[i], sigmas[i + 1]
+        s = {n: sigmas[n][i] for n in names}
+        s_next = {n: sigmas[n][i + 1] for n in names}
         v = velocity(x, s, i)
-        x_euler = {n: x[n] + (s_next - s) * v[n] for n in names}
+        x_euler = {n: x[n] + (s_next[n] - s[n]) * v[n] for n in names}
         x_next = x_euler
         if heun:
             def correct():
                 v2 = velocity(hold(x_euler), s_next, i + 1)
-                return {n: x[n] + (s_next - s) * 0.5 * (v[n] + v2[n]) for n in names}
-            x_next = jax.lax.cond(s_next > 0, correct, lambda: x_euler)
+                return {n: x[n] + (s_next[n] - s[n]) * 0.5 * (v[n] + v2[n]) for n in names}
+            last = jnp.max(jnp.stack([s_next[n] for n in names])) > 0
+            x_next = jax.lax.cond(last, correct, lambda: x_euler)
         x_next = hold(x_next)
         if callback is not None:
-            callback(i, x_next, hold({n: x[n] - s * v[n] for n in names}))
+            callback(i, x_next, hold({n: x[n] - s[n] * v[n] for n in names}))
         return x_next
 
     x0 = hold({n: jnp.asarray(noise[n], _f32(noise[n].dtype)) for n in names})
@@ -308,7 +330,9 @@ def euler_sample(velocity_fn: Callable[[dict, dict, Array], Mapping[str, Array]]
         step_index: int32 scalar, traced) -> dict[stream, [B, S, C]]`` -- the (guided) model
         velocity ``ε − x_data``; the step index is the schedule point it is evaluated at.
       noise: ``dict[stream, [B, S, C]]`` initial state at σ = sigmas[0] (pure noise for σ = 1).
-      sigmas: ``[num_steps + 1]`` decreasing schedule, e.g. :func:`sampling_sigmas`.
+      sigmas: ``[num_steps + 1]`` decreasing schedule, e.g. :func:`sampling_sigmas`, or one such
+        schedule per stream ``{stream: [num_steps + 1]}`` (e.g. audio denoised ahead of video with
+        a smaller shift, so the video reads an already-formed speech rhythm).
       known: optional ``dict[stream, bool[B, S]]`` (missing streams: nothing known).
       known_values: clean values ``dict[stream, [B, S, C]]`` for the streams in ``known`` (only
         the known positions are read).

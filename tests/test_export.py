@@ -125,14 +125,14 @@ def test_sample_cli_from_bundle_writes_h264_aac_mp4s(bundle_path, tmp_path, monk
     tasks = ["t2av", "ti2av", "tv2a", "a2v"]
     rc = sample_cli.main(["--bundle", bundle_path, "--task", ",".join(tasks), "--text", "ba mia lobo", "--image", png,
                           "--video", mp4, "--audio", mp4, "--num", "1", "--seed", "4", "--steps", "2",
-                          "--guidance", "text=video:4,audio:3", "--out", str(out)])
+                          "--guidance", "text=video:4,audio:3", "--stream-shift", "audio=1", "--out", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out.split()
     assert printed == [str(out / f"{t}_0.mp4") for t in tasks]
     with open(out / "samples.json") as f:
         info = json.load(f)
     assert [s["task"] for s in info["samples"]] == tasks and info["seed"] == 4 and info["steps"] == 2
-    assert info["guidance"] == {"text": {"video": 4.0, "audio": 3.0}}
+    assert info["guidance"] == {"text": {"video": 4.0, "audio": 3.0}} and info["stream_shift"] == {"audio": 1.0}
     assert info["samples"][1]["inputs"] == {"video": f"--image {png}"} and info["samples"][0]["text"] == "ba mia lobo"
     for path in printed:
         p = media.probe(path)
@@ -220,13 +220,18 @@ def test_sample_cli_inputs_from_flags_and_eval_records(tmp_path):
     assert sample_cli.parse_guidance(["text=video:4,audio:3"]) == {"text": {"video": 4.0, "audio": 3.0}}
     assert sample_cli.parse_guidance(["text=2;ref_audio=1.5"]) == {"text": 2.0, "ref_audio": 1.5}
     assert sample_cli.parse_guidance(["none"]) == {} and sample_cli.parse_guidance(None) is None
+    assert sample_cli.parse_stream_shift(["audio=1", "video=3.5"]) == {"audio": 1.0, "video": 3.5}
+    assert sample_cli.parse_stream_shift(None) is None
+    with pytest.raises(ValueError, match="--stream-shift 'audio'"):
+        sample_cli.parse_stream_shift(["audio"])
     with pytest.raises(ValueError, match="--guidance 'text=loud'"):
         sample_cli.parse_guidance(["text=loud"])
 
     spec, r = model.spec, roles(model.spec, cfg.model)
     io = sample_cli._Media(spec, r, make_video_codec(cfg.codecs.video), make_audio_codec(cfg.codecs.audio))
     workdir = tmp_path / "run"
-    recs = [{"video_latents": np.full((5, 4, 4, 64), i, np.float16), "audio_latents": np.full((17, 128), -i, np.float16),
+    video_shape = tuple(spec.stream("video").spec.latent_shape)
+    recs = [{"video_latents": np.full(video_shape, i, np.float16), "audio_latents": np.full((17, 128), -i, np.float16),
              "text": f"clip {i}"} for i in range(2)]
     with ShardWriter(str(workdir / "data" / "eval")) as w:
         for rec in recs:

@@ -77,6 +77,13 @@ def test_sample_token_sigmas_shared_independent_known():
     again = flow.sample_token_sigmas(key, {"audio": known["audio"], "video": known["video"]},
                                      independent_streams=True)
     np.testing.assert_array_equal(again["video"], vi)
+    # A fraction: about that share of the samples draws independent σ's, the rest share one.
+    big = {"video": jnp.zeros((2000, 3), bool), "audio": jnp.zeros((2000, 2), bool)}
+    half = flow.sample_token_sigmas(key, big, independent_streams=0.3)
+    differ = np.asarray(half["video"][:, 0] != half["audio"][:, 0])
+    assert 0.25 < differ.mean() < 0.35
+    with pytest.raises(ValueError, match="independent_streams"):
+        flow.sample_token_sigmas(key, big, independent_streams=1.5)
 
 
 # -------------------------------------------------------------------------------------- noising

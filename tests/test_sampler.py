@@ -133,6 +133,8 @@ def test_clear_errors(setup, sampler):
         sampler.sample(params, rng, task="t2av", batch=B, raw_conds=raw, guidance={"text": {"motion": 2.0}})
     with pytest.raises(ValueError, match="text_tokens"):
         sampler.sample(params, rng, task="t2av", batch=B, raw_conds={})
+    with pytest.raises(ValueError, match=r"stream_shift names \['motion'\]"):
+        sampler.sample(params, rng, task="t2av", batch=B, raw_conds=raw, stream_shift={"motion": 1.0})
 
 
 def test_nested_cfg_at_scale_one_equals_unguided_conditional(setup, sampler):
@@ -150,13 +152,14 @@ def test_nested_cfg_at_scale_one_equals_unguided_conditional(setup, sampler):
 
 def test_batched_cfg_equals_separate_evaluations_by_hand(setup, sampler):
     """sample() stacks [uncond; cond] into ONE forward pass per step; here each row set is its own
-    call, combined with per-stream scales and the cosine schedule by hand."""
+    call, combined with per-stream scales, the cosine schedule and per-stream σ schedules (audio
+    denoised ahead with a smaller shift) by hand."""
     cfg, model, params = setup
     latents, raw = tiny_inputs(model)
     scales = {"video": 3.0, "audio": 1.5}
     steps, shift, rng = 4, 2.0, jax.random.key(7)
     out = sampler.sample(params, rng, task="ti2av", batch=B, known_latents=latents, raw_conds=raw, steps=steps,
-                         shift=shift, guidance={"text": scales})
+                         shift=shift, stream_shift={"audio": 1.0}, guidance={"text": scales})
 
     step = tiny_step()
     k_noise, k_task = jax.random.split(rng)
@@ -165,14 +168,15 @@ def test_batched_cfg_equals_separate_evaluations_by_hand(setup, sampler):
     clean = model.tokens(latents)
     hold = lambda x: {n: jnp.where(masks.known[n][..., None], clean[n], x[n]) for n in x}  # noqa: E731
     x = hold(x)
-    sigmas = np.asarray(flow.sampling_sigmas(steps, shift))
+    sigmas = {"video": np.asarray(flow.sampling_sigmas(steps, shift)), "audio": np.asarray(flow.sampling_sigmas(steps, 1.0))}
+    assert np.all(sigmas["audio"][1:-1] < sigmas["video"][1:-1])
     for i in range(steps):
-        sig = {n: jnp.where(masks.known[n], 0.0, sigmas[i]) for n in x}
+        sig = {n: jnp.where(masks.known[n], 0.0, sigmas[n][i]) for n in x}
         common = (params, x, sig, raw)
         v_u = step(*common, {"text": jnp.zeros(B, bool)}, masks.known, masks.valid)
         v_c = step(*common, {"text": jnp.ones(B, bool)}, masks.known, masks.valid)
         w = 0.5 * (1 + np.cos(np.pi * i / (steps - 1)))  # cosine: full scale at step 0, 1.0 at the last
-        x = hold({n: x[n] + (sigmas[i + 1] - sigmas[i]) * (v_u[n] + (1 + (scales[n] - 1) * w) * (v_c[n] - v_u[n]))
+        x = hold({n: x[n] + (sigmas[n][i + 1] - sigmas[n][i]) * (v_u[n] + (1 + (scales[n] - 1) * w) * (v_c[n] - v_u[n]))
                   for n in x})
     by_hand = model.latents(x)
     for n in out:

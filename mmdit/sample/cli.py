@@ -93,6 +93,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="random seed (default: config seed)")
     p.add_argument("--steps", type=int, default=None, help="Euler steps (default: sample.steps)")
     p.add_argument("--shift", type=float, default=None, help="sigma schedule shift (default: sample.shift)")
+    p.add_argument("--stream-shift", action="append", metavar="STREAM=SHIFT",
+                   help="per-stream schedule shift overriding --shift, e.g. 'audio=1' (smaller: denoised ahead; "
+                        "default: sample.stream_shift)")
     p.add_argument("--guidance", action="append",
                    help="CFG scales: 'text=3', 'text=video:4,audio:3', ';'-separated conditions, or 'none'")
     p.add_argument("--guidance-schedule", choices=("constant", "cosine"), default=None)
@@ -393,7 +396,7 @@ def run(args) -> list[str]:
         plans.append((task, rng, known, sources, raw, texts))
 
     os.makedirs(out_dir, exist_ok=True)
-    settings = dict(steps=args.steps, shift=args.shift, guidance=guidance, guidance_mode=args.guidance_mode,
+    settings = dict(steps=args.steps, shift=args.shift, stream_shift=parse_stream_shift(args.stream_shift), guidance=guidance, guidance_mode=args.guidance_mode,
                     guidance_schedule=args.guidance_schedule)
     paths, entries = [], []
     for task, rng, known, sources, raw, texts in plans:
@@ -413,11 +416,28 @@ def run(args) -> list[str]:
         "model": source, "seed": seed,
         "steps": int(args.steps if args.steps is not None else sample_cfg.get("steps", 30)),
         "shift": float(args.shift if args.shift is not None else sample_cfg.get("shift", 1.0)),
+        "stream_shift": parse_stream_shift(args.stream_shift) or dict(sample_cfg.get("stream_shift", None) or {}),
         "guidance": dict(g.scales), "guidance_mode": g.mode, "guidance_schedule": g.schedule,
         "fps": media_io.video_codec.fps, "sample_rate": media_io.audio_codec.sample_rate,
         "samples": entries,
     })
     return paths
+
+
+def parse_stream_shift(items) -> dict[str, float] | None:
+    """``['audio=1', 'video=3']`` -> ``{'audio': 1.0, 'video': 3.0}``; None when no flag was given."""
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise ValueError(f"--stream-shift {item!r}: use STREAM=SHIFT, e.g. audio=1.0")
+    return out
 
 
 def main(argv=None) -> int:

@@ -374,9 +374,20 @@ class Sampler:
             self._compiled[key] = lowered.compile(compiler_options=self.compiler_options)
         return self._compiled[key]
 
+    def schedules(self, steps: int, shift: float, stream_shift: Mapping[str, float] | None = None) -> dict:
+        """``{generated stream: float32 [steps + 1]}`` σ schedules: ``shift`` for every stream unless
+        ``stream_shift`` (default ``cfg.sample.stream_shift``) names it."""
+        per = dict(self.cfg.get("sample", {}).get("stream_shift", None) or {}) if stream_shift is None else dict(stream_shift)
+        bad = sorted(set(per) - set(self.generated))
+        if bad:
+            raise ValueError(f"stream_shift names {bad}, which are not generated streams {list(self.generated)} "
+                             "(fix sample.stream_shift or --stream-shift)")
+        return {n: flow.sampling_sigmas(steps, float(per.get(n, shift))) for n in self.generated}
+
     def sample(self, params, rng, *, task: str, batch: int, known_latents: Mapping | None = None,
                raw_conds: Mapping, steps: int | None = None, shift: float | None = None,
-               guidance=None, guidance_mode: str | None = None, guidance_schedule: str | None = None,
+               stream_shift: Mapping[str, float] | None = None, guidance=None,
+               guidance_mode: str | None = None, guidance_schedule: str | None = None,
                progress: bool | None = None) -> dict:
         """Samples ``batch`` examples of ``task``.
 
@@ -392,6 +403,8 @@ class Sampler:
           raw_conds: raw conditions (``text_tokens`` int32 ``[B, L]`` for the byte text path, or
             features ``[B, L_c, C_c]`` + optional ``{c}_mask``).
           steps, shift: Euler steps and schedule shift (default ``cfg.sample``).
+          stream_shift: ``{stream: shift}`` overriding ``shift`` for some generated streams (default
+            ``cfg.sample.stream_shift``): a smaller shift denoises that stream ahead of the others.
           guidance, guidance_mode, guidance_schedule: see :meth:`resolve_guidance`.
           progress: show a tqdm bar of the steps (default: the constructor's).
 
@@ -411,7 +424,8 @@ class Sampler:
         held, cond_tokens = self._known_tokens(task, masks, known_latents, batch)
         raw = canonical_raw_conds(self.model, raw_conds, batch)
         m = {"known": dict(masks.known), "valid": dict(masks.valid), "present": dict(masks.present)}
-        args = (nn.meta.unbox(params), k_noise, flow.sampling_sigmas(steps, shift), g.scale_arrays(),
+        sigmas = self.schedules(steps, shift, stream_shift)
+        args = (nn.meta.unbox(params), k_noise, sigmas, g.scale_arrays(),
                 m, held, cond_tokens, raw)
         if progress:
             from tqdm.auto import tqdm

@@ -34,7 +34,7 @@ def loss_fn(params, model, cfg, batch, rng):
     keep = flow.drop_conditions(k_drop, B, dict(cfg.flow.get("condition_dropout", {})), present=tm.present)
     gen = {n: tm.known[n] for n in spec.generated}
     sigma = flow.sample_token_sigmas(
-        k_sigma, gen, independent_streams=bool(cfg.flow.independent_streams), dist=cfg.flow.sigma_dist,
+        k_sigma, gen, independent_streams=float(cfg.flow.independent_streams), dist=cfg.flow.sigma_dist,
         mean=float(cfg.flow.sigma_mean), std=float(cfg.flow.sigma_std), shift=float(cfg.flow.shift),
     )
     x_sigma, _, target = flow.noisy_inputs(k_noise, {n: tokens[n] for n in spec.generated}, sigma)
