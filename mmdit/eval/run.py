@@ -73,9 +73,10 @@ def evaluate(cfg, params, data_dir: str, out_dir: str | None = None, *, num: int
     raw = {"text_tokens": batch["text_tokens"]} if model.text_encoder is not None else {}
     fps = float(cfg.codecs.video.get("fps", 25.0))
     sr = int(cfg.codecs.audio.get("sample_rate", 16000))
-    max_offset = 8 if known["video"].shape[1] * 4 >= 40 else 4
     results, files = {}, []
     gt_frames, gt_waves = decode(cfg, known)
+    # ±8 frames (SyncNet's window) where the clip is long enough for it, else ±4 (short test clips).
+    max_offset = 8 if gt_frames.shape[1] >= 40 else 4
     results["ground_truth"] = summarize([evaluate_clip(f, w, max_offset=max_offset) for f, w in zip(gt_frames, gt_waves)])
     for i, task in enumerate(tasks):
         lat = sampler.sample(params, jax.random.fold_in(jax.random.key(seed), i), task=task, batch=num, known_latents=known, raw_conds=raw)
