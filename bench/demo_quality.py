@@ -34,6 +34,22 @@ def run_demo(workdir: str, overrides: list[str]) -> float:
     return time.perf_counter() - t
 
 
+def train_seconds(workdir: str) -> float | None:
+    """Training wall time as the run logged it (sum of log interval / steps_per_sec over
+    ``metrics.jsonl``), so a rerun that only resumes a finished run still reports the real figure."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return None
+    total, last = 0.0, 0
+    with open(path) as f:
+        for line in f:
+            row = json.loads(line)
+            if row.get("steps_per_sec"):
+                total += (row["step"] - last) / row["steps_per_sec"]
+            last = row["step"]
+    return total
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="runs/bench_demo")
@@ -43,8 +59,8 @@ def main(argv=None):
     p.add_argument("--skip-ablation", action="store_true")
     p.add_argument("--out", default="bench/results/demo_quality.json")
     args = p.parse_args(argv)
-    from mmdit.eval.cross_stream import cross_stream_probe, format_probe
-    from mmdit.eval.run import eval_batch, evaluate, format_table
+    from mmdit.eval.cross_stream import format_probe, probe_eval_split
+    from mmdit.eval.run import evaluate, format_table
     from mmdit.model.diffusion import DiffusionModel
     from mmdit.train.checkpoint import restore_inference_params
     import flax.linen as nn
@@ -59,19 +75,19 @@ def main(argv=None):
         cfg, params = restore_inference_params(wd)
         data = os.path.join(wd, "data", "eval")
         model = DiffusionModel.from_config(cfg)
-        batch = eval_batch(data, args.num)
-        latents = {a.name: batch[a.name + "_latents"] for a in model.spec.streams}
-        raw = {"text_tokens": batch["text_tokens"]}
         res = evaluate(cfg, params, data, None, num=args.num, write_videos=False)
-        probe = cross_stream_probe(model, params, latents, raw)
-        report["runs"][name] = {"overrides": overrides, "demo_wall_s": wall, "eval": res, "cross_stream_probe": probe}
-        print(f"\n== {name} ({' '.join(overrides) or 'default'}), demo wall {wall / 60:.1f} min")
+        probe = probe_eval_split(model, params, data, args.num)
+        train_s = train_seconds(wd)
+        report["runs"][name] = {"overrides": overrides, "demo_wall_s": wall, "train_s_logged": train_s, "eval": res,
+                                "cross_stream_probe": probe}
+        print(f"\n== {name} ({' '.join(overrides) or 'default'}), demo wall {wall / 60:.1f} min (this call; "
+              f"training as logged {train_s / 60 if train_s else 0:.1f} min)")
         print(format_table(res))
         print(format_probe(probe))
         if name == "joint":
             init = nn.unbox(model.init(jax.random.key(int(cfg.seed))))
             res0 = evaluate(cfg, init, data, None, num=args.num, write_videos=False)
-            probe0 = cross_stream_probe(model, init, latents, raw)
+            probe0 = probe_eval_split(model, init, data, args.num)
             report["runs"]["untrained"] = {"eval": res0, "cross_stream_probe": probe0}
             print("\n== untrained (init params)")
             print(format_table(res0))

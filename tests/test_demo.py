@@ -45,3 +45,16 @@ def test_mmdit_demo_tiny_end_to_end(tmp_path):
     assert any(t.startswith("samples/") for t in tags["images"]), tags["images"]
     assert any(t.startswith("samples/") for t in tags["audio"]), tags["audio"]
     assert os.path.exists(wd / "config.json")
+
+    # mmdit-eval on the same workdir: one task, and the cross-stream probe (file + table).
+    from mmdit.eval import cli as eval_cli
+
+    rc = eval_cli.main(["--workdir", str(wd), "--tasks", "t2av", "--num", "2", "--probe", "--out", str(tmp_path / "eval2")])
+    assert rc == 0
+    probe = json.loads((tmp_path / "eval2" / "cross_stream_probe.json").read_text())
+    assert set(probe) == {"video", "audio"}
+    for per_sigma in probe.values():
+        for r in per_sigma.values():
+            assert r["right"] > 0 and r["ratio_other_clip"] > 0 and r["ratio_time_shifted"] > 0
+    assert (tmp_path / "eval2" / "t2av_0.mp4").exists()
+    assert eval_cli.main(["--workdir", str(tmp_path / "nope")]) == 2

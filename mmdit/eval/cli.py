@@ -1,10 +1,13 @@
 """``mmdit-eval --workdir W``: samples every task of ``cfg.sample.tasks`` from the run's EMA params
 on the eval split (``W/data/eval`` unless ``--data``), writes MP4s and ``W/eval/eval.json`` and
-prints lip-sync confidence/offset per task next to the ground-truth ceiling."""
+prints lip-sync confidence/offset per task next to the ground-truth ceiling. ``--probe`` also
+measures how much each stream's denoising reads the other stream and its timing
+(``mmdit.eval.cross_stream``), printed and written to ``OUT/cross_stream_probe.json``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -17,18 +20,38 @@ def main(argv=None):
     p.add_argument("--num", type=int, default=None, help="clips per task (default config.sample.num_per_task)")
     p.add_argument("--tasks", default=None, help="comma-separated tasks (default config.sample.tasks)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--probe", action="store_true", help="also run the cross-stream probe on --num eval clips (>= 2)")
     args = p.parse_args(argv)
     from mmdit.eval.run import evaluate, format_table
     from mmdit.train.checkpoint import restore_inference_params
 
+    data = args.data or os.path.join(args.workdir, "data", "eval")
+    out = args.out or os.path.join(args.workdir, "eval")
+    probe = None
     try:
         cfg, params = restore_inference_params(args.workdir)
-        res = evaluate(cfg, params, args.data or os.path.join(args.workdir, "data", "eval"), args.out or os.path.join(args.workdir, "eval"),
-                       num=args.num, seed=args.seed, tasks=tuple(args.tasks.split(",")) if args.tasks else None)
+        res = evaluate(cfg, params, data, out, num=args.num, seed=args.seed,
+                       tasks=tuple(args.tasks.split(",")) if args.tasks else None)
+        if args.probe:
+            from mmdit.eval.cross_stream import probe_eval_split
+            from mmdit.model.diffusion import DiffusionModel
+
+            num = int(args.num or cfg.sample.get("num_per_task", 4))
+            probe = probe_eval_split(DiffusionModel.from_config(cfg), params, data, num)
     except (ValueError, FileNotFoundError) as e:
         print(f"mmdit-eval: {e}", file=sys.stderr)
         return 2
     print(format_table(res))
+    if probe is not None:
+        from mmdit.eval.cross_stream import format_probe
+
+        path = os.path.join(out, "cross_stream_probe.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(probe, f, indent=2)
+        os.replace(path + ".tmp", path)
+        print()
+        print(format_probe(probe))
+        print(f"cross-stream probe: {path}")
     return 0
 
 

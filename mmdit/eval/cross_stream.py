@@ -83,6 +83,16 @@ def cross_stream_probe(model, params, latents: Mapping[str, jnp.ndarray], raw_co
     return out
 
 
+def probe_eval_split(model, params, data_dir: str, num: int = 8, **kwargs) -> dict:
+    """:func:`cross_stream_probe` on the first ``num`` clips of an eval split (records directory)."""
+    from mmdit.eval.run import eval_batch
+
+    batch = eval_batch(data_dir, num)
+    latents = {a.name: batch[a.name + "_latents"] for a in model.spec.streams if a.name + "_latents" in batch}
+    raw = {"text_tokens": batch["text_tokens"]} if model.text_encoder is not None else {}
+    return cross_stream_probe(model, params, latents, raw, **kwargs)
+
+
 def format_probe(result: dict) -> str:
     """A table: stream, σ, loss with the right partner, and the two ratios."""
     lines = [f"{'generated':10s} {'sigma':>5s} {'loss':>7s} {'/other clip':>11s} {'/time shifted':>13s}"]
