@@ -7,7 +7,6 @@ measures how much each stream's denoising reads the other stream and its timing
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -43,12 +42,11 @@ def main(argv=None):
         return 2
     print(format_table(res))
     if probe is not None:
+        from mmdit.data.records import write_json_atomic
         from mmdit.eval.cross_stream import format_probe
 
         path = os.path.join(out, "cross_stream_probe.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(probe, f, indent=2)
-        os.replace(path + ".tmp", path)
+        write_json_atomic(path, probe)
         print()
         print(format_probe(probe))
         print(f"cross-stream probe: {path}")

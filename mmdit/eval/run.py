@@ -11,7 +11,6 @@ samples whose best offset is within ±1 frame, the median offset, and identity c
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -19,7 +18,7 @@ import numpy as np
 
 from mmdit.codecs.registry import make_audio_codec, make_video_codec
 from mmdit.data import media
-from mmdit.data.records import open_dataset
+from mmdit.data.records import open_dataset, write_json_atomic
 from mmdit.eval.lipsync import evaluate_clip
 
 
@@ -91,10 +90,7 @@ def evaluate(cfg, params, data_dir: str, out_dir: str | None = None, *, num: int
                 files.append({"task": task, "file": path, "text": batch["text"][j], **per_clip[j]})
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
-        tmp = os.path.join(out_dir, "eval.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump({"summary": results, "samples": files}, f, indent=2)
-        os.replace(tmp, os.path.join(out_dir, "eval.json"))
+        write_json_atomic(os.path.join(out_dir, "eval.json"), {"summary": results, "samples": files})
     return results
 
 

@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import zlib
 
 import numpy as np
@@ -313,20 +312,6 @@ def _load(args):
     return cfg, params, None, f"workdir {os.path.abspath(args.workdir)}"
 
 
-def _write_json_atomic(path: str, obj) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".samples.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def run(args) -> list[str]:
     """Samples every requested task; returns the MP4 paths. Raises ValueError on bad inputs."""
     import jax
@@ -335,6 +320,7 @@ def run(args) -> list[str]:
     from mmdit.codecs.registry import make_audio_codec, make_video_codec
     from mmdit.codecs.text import ByteTokenizer
     from mmdit.data import media
+    from mmdit.data.records import write_json_atomic
     from mmdit.model.diffusion import DiffusionModel
     from mmdit.sample.sampler import Sampler
     from mmdit.tasks import roles as task_roles
@@ -396,7 +382,8 @@ def run(args) -> list[str]:
         plans.append((task, rng, known, sources, raw, texts))
 
     os.makedirs(out_dir, exist_ok=True)
-    settings = dict(steps=args.steps, shift=args.shift, stream_shift=parse_stream_shift(args.stream_shift), guidance=guidance, guidance_mode=args.guidance_mode,
+    stream_shift = parse_stream_shift(args.stream_shift)
+    settings = dict(steps=args.steps, shift=args.shift, stream_shift=stream_shift, guidance=guidance, guidance_mode=args.guidance_mode,
                     guidance_schedule=args.guidance_schedule)
     paths, entries = [], []
     for task, rng, known, sources, raw, texts in plans:
@@ -412,11 +399,11 @@ def run(args) -> list[str]:
                             "seed": seed, "inputs": sources})
             print(path, flush=True)
     g = sampler.resolve_guidance(guidance, args.guidance_mode, args.guidance_schedule)
-    _write_json_atomic(os.path.join(out_dir, "samples.json"), {
+    write_json_atomic(os.path.join(out_dir, "samples.json"), {
         "model": source, "seed": seed,
         "steps": int(args.steps if args.steps is not None else sample_cfg.get("steps", 30)),
         "shift": float(args.shift if args.shift is not None else sample_cfg.get("shift", 1.0)),
-        "stream_shift": parse_stream_shift(args.stream_shift) or dict(sample_cfg.get("stream_shift", None) or {}),
+        "stream_shift": stream_shift or dict(sample_cfg.get("stream_shift", None) or {}),
         "guidance": dict(g.scales), "guidance_mode": g.mode, "guidance_schedule": g.schedule,
         "fps": media_io.video_codec.fps, "sample_rate": media_io.audio_codec.sample_rate,
         "samples": entries,
