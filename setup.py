@@ -1,4 +1,5 @@
-"""mmdit: joint audio-video MM-DiT training, distillation, streaming and serving in JAX/Flax."""
+"""mmdit: joint audio-video MM-DiT training, sampling, evaluation and serving in JAX/Flax."""
+
 from setuptools import find_packages, setup
 
 setup(
@@ -30,7 +31,7 @@ setup(
         "pillow>=10",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6"],
         # Reference implementations for converter parity fixtures (PyTorch CPU wheel, pinned exactly).
         "parity": ["torch==2.13.0", "diffusers==0.42.1", "safetensors>=0.4"],
         "gpu": ["jax[cuda12]>=0.10.2"],
@@ -42,9 +43,9 @@ setup(
             "mmdit-info=mmdit.cli.info:main",
             "mmdit-data=mmdit.cli.data:main",
             "mmdit-train=mmdit.cli.train:main",
-            "mmdit-sample=mmdit.sample.cli:main",
-            "mmdit-export=mmdit.serve.cli:export_main",
-            "mmdit-eval=mmdit.eval.cli:main",
+            "mmdit-sample=mmdit.cli.sample:main",
+            "mmdit-export=mmdit.cli.export:main",
+            "mmdit-eval=mmdit.cli.eval:main",
             "mmdit-plan=mmdit.cli.plan:main",
         ]
     },

@@ -92,8 +92,16 @@ def make_impl(name: str, mask: str, seq: int, args) -> tuple[object, str | None]
             bmap = None
         return (
             lambda q, k, v: mk.flash_attention(
-                q, k, v, mask_fn=mask_fn, q_meta=meta, k_meta=meta, block_map=bmap,
-                block_q=args.block_q, block_k=args.block_k, interpret=args.interpret,
+                q,
+                k,
+                v,
+                mask_fn=mask_fn,
+                q_meta=meta,
+                k_meta=meta,
+                block_map=bmap,
+                block_q=args.block_q,
+                block_k=args.block_k,
+                interpret=args.interpret,
             )
         ), None
     if name == "cudnn":

@@ -26,10 +26,11 @@ import time
 import jax
 
 
-
 def run_demo(workdir: str, overrides: list[str]) -> float:
     t = time.perf_counter()
-    cmd = [sys.executable, "-m", "mmdit.cli.main", "demo", "--workdir", workdir, "--no-progress"] + sum([["--set", o] for o in overrides], [])
+    cmd = [sys.executable, "-m", "mmdit.cli.main", "demo", "--workdir", workdir, "--no-progress"] + sum(
+        [["--set", o] for o in overrides], []
+    )
     subprocess.run(cmd, check=True)
     return time.perf_counter() - t
 
@@ -78,10 +79,17 @@ def main(argv=None):
         res = evaluate(cfg, params, data, None, num=args.num, write_videos=False)
         probe = probe_eval_split(model, params, data, args.num)
         train_s = train_seconds(wd)
-        report["runs"][name] = {"overrides": overrides, "demo_wall_s": wall, "train_s_logged": train_s, "eval": res,
-                                "cross_stream_probe": probe}
-        print(f"\n== {name} ({' '.join(overrides) or 'default'}), demo wall {wall / 60:.1f} min (this call; "
-              f"training as logged {train_s / 60 if train_s else 0:.1f} min)")
+        report["runs"][name] = {
+            "overrides": overrides,
+            "demo_wall_s": wall,
+            "train_s_logged": train_s,
+            "eval": res,
+            "cross_stream_probe": probe,
+        }
+        print(
+            f"\n== {name} ({' '.join(overrides) or 'default'}), demo wall {wall / 60:.1f} min (this call; "
+            f"training as logged {train_s / 60 if train_s else 0:.1f} min)"
+        )
         print(format_table(res))
         print(format_probe(probe))
         if name == "joint":

@@ -1,6 +1,6 @@
 """Train-step benchmark: step time, tokens/s and MFU of the sharded train step for a config and mesh.
 
-MFU follows DESIGN.md §5: ``train FLOPs / (step time · devices · peak)``, the numerator from
+MFU follows docs/design.md: ``train FLOPs / (step time · devices · peak)``, the numerator from
 :func:`mmdit.model.accounting.train_step_flops` (``6·N·T + 12·ρ·L·B·S²·H·Dh`` refined per stream,
 plus cross-attention). Peaks (dense bf16 per device): H100/H200 989 TFLOP/s, TPU v5p 459, v6e 918,
 picked from ``device_kind``; on CPU MFU is ``null`` unless ``--peak-tflops`` is given. Remat
@@ -81,9 +81,10 @@ def bench(cfg, *, steps: int, warmup: int, peak_tflops: float | None) -> dict:
     from mmdit.parallel import describe
     from mmdit.train import sharding
     from mmdit.train.state import make_optimizer
+    from mmdit import config_spec
 
     model = DiffusionModel.from_config(cfg)
-    run = sharding.setup(cfg, model, make_optimizer(cfg.train))
+    run = sharding.setup(cfg, model, make_optimizer(config_spec.train_spec(cfg)))
     state = run.init(jax.random.key(0))
     batch = synthetic_batch(run)
     times = []
@@ -108,24 +109,41 @@ def bench(cfg, *, steps: int, warmup: int, peak_tflops: float | None) -> dict:
     except Exception:  # noqa: BLE001 -- backends without memory stats
         pass
     return {
-        "device": dev.device_kind, "platform": dev.platform, "devices": n, "processes": jax.process_count(),
-        "mesh": describe(run.mesh), "jax": jax.__version__,
-        "params": int(sum(x.size for x in jax.tree.leaves(state.params))), "tokens_per_sample": spec.num_tokens,
-        "batch": B, "remat": spec.remat, "attention": spec.attention.impl, "dtype": jnp.dtype(spec.dtype).name,
-        "sequence_parallel": spec.sequence_parallel, "grad_accum": int(cfg.train.get("grad_accum", 1)),
-        "first_step_s": first, "step_times_s": timed, "step_s": step_s, "total_s": time.perf_counter() - t0,
-        "tokens_per_s": B * spec.num_tokens / step_s, "flops_per_step": flops,
+        "device": dev.device_kind,
+        "platform": dev.platform,
+        "devices": n,
+        "processes": jax.process_count(),
+        "mesh": describe(run.mesh),
+        "jax": jax.__version__,
+        "params": int(sum(x.size for x in jax.tree.leaves(state.params))),
+        "tokens_per_sample": spec.num_tokens,
+        "batch": B,
+        "remat": spec.remat,
+        "attention": spec.attention.impl,
+        "dtype": jnp.dtype(spec.dtype).name,
+        "sequence_parallel": spec.sequence_parallel,
+        "grad_accum": int(cfg.train.get("grad_accum", 1)),
+        "first_step_s": first,
+        "step_times_s": timed,
+        "step_s": step_s,
+        "total_s": time.perf_counter() - t0,
+        "tokens_per_s": B * spec.num_tokens / step_s,
+        "flops_per_step": flops,
         "tflops_per_device": flops / step_s / n / 1e12,
-        "peak_flops_per_device": peak, "mfu": (flops / (step_s * n * peak)) if peak else None,
-        "loss": float(metrics["loss"]), "memory": mem,
+        "peak_flops_per_device": peak,
+        "mfu": (flops / (step_s * n * peak)) if peak else None,
+        "loss": float(metrics["loss"]),
+        "memory": mem,
     }
 
 
 def main(argv=None):
     from mmdit import config_lib
-    from mmdit.cli.plan import apply_mesh, default_train, parse_mesh
+    from mmdit.train.plan import apply_mesh, default_train, parse_mesh
 
-    p = argparse.ArgumentParser(prog="bench/train_step.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="bench/train_step.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config", required=True, help="config file (configs/X.py[:arg]) or preset name")
     p.add_argument("--mesh", default=None, help="mesh axis sizes, e.g. data=2,fsdp=4 (default: config.mesh)")
     p.add_argument("--batch", type=int, default=None, help="global batch (default train.global_batch_size, else 8)")
@@ -145,8 +163,11 @@ def main(argv=None):
     res = bench(cfg, steps=args.steps, warmup=max(args.warmup, 1), peak_tflops=args.peak_tflops)
     res.update(config=args.config, overrides=args.set, tag=args.tag)
     tag = args.tag or re.sub(r"[^A-Za-z0-9]+", "-", os.path.basename(args.config).replace(".py", ""))
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"train_step-{re.sub(r'[^A-Za-z0-9]+', '-', res['device']).strip('-').lower()}-{tag}.json")
+    out = args.out or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)),
+        "results",
+        f"train_step-{re.sub(r'[^A-Za-z0-9]+', '-', res['device']).strip('-').lower()}-{tag}.json",
+    )
     import jax
 
     if jax.process_index() == 0:
@@ -154,9 +175,11 @@ def main(argv=None):
         with open(out, "w") as f:
             json.dump(res, f, indent=2)
         mfu = "n/a" if res["mfu"] is None else f"{100 * res['mfu']:.1f}%"
-        print(f"{res['device']} x{res['devices']} [{res['mesh']}] batch {res['batch']} x {res['tokens_per_sample']} tokens: "
-              f"{res['step_s'] * 1e3:.1f} ms/step, {res['tokens_per_s']:.0f} tokens/s, "
-              f"{res['tflops_per_device']:.2f} TFLOP/s/device, MFU {mfu} (first step {res['first_step_s']:.1f} s) -> {out}")
+        print(
+            f"{res['device']} x{res['devices']} [{res['mesh']}] batch {res['batch']} x {res['tokens_per_sample']} tokens: "
+            f"{res['step_s'] * 1e3:.1f} ms/step, {res['tokens_per_s']:.0f} tokens/s, "
+            f"{res['tflops_per_device']:.2f} TFLOP/s/device, MFU {mfu} (first step {res['first_step_s']:.1f} s) -> {out}"
+        )
     return 0
 
 

@@ -1,8 +1,15 @@
 """Defaults every experiment config starts from (``config_lib.sibling(__file__, "base")``).
 
+Every field any code reads is declared here, once, with its default; ``mmdit.config_spec`` validates
+each section into a frozen spec (errors name the field and the fix) and the code reads values only
+from those specs. ``--set a.b=v`` on a field not declared here is an error naming the nearest one,
+except inside the open mappings (``tasks``, ``flow.stream_weights``, ``flow.condition_dropout``,
+``sample.guidance``, ``sample.stream_shift``, ``model.streams``, ``model.conditions``, ``codecs``,
+``world``), whose keys are names.
+
 Sections: ``model`` (architecture; see mmdit/model/spec.py), ``flow`` (noise and loss), ``tasks``
-(multitask weights), ``sample`` (sampler and guidance), ``train``, ``data``, ``mesh`` / ``rules``
-(parallelism), ``profile``.
+(multitask weights), ``sample`` (sampler and guidance), ``codecs`` / ``world`` (data making),
+``train``, ``data``, ``mesh`` (parallelism), ``distributed`` (multi-host), ``profile``.
 """
 
 import ml_collections as mlc
@@ -13,13 +20,15 @@ def get_config(arg=None):
     c.seed = 0
 
     c.model = mlc.ConfigDict()
-    c.model.streams = mlc.ConfigDict()
-    c.model.conditions = mlc.ConfigDict()
+    c.model.streams = mlc.ConfigDict()  # name -> stream (config_lib.video_stream / sequence_stream)
+    c.model.conditions = mlc.ConfigDict()  # name -> dict(dim, length[, rate, window])
+    c.model.text_encoder = None  # None: text features precomputed; dict(kind="byte", layers, heads): trained with the DiT
+    c.model.roles = mlc.ConfigDict(dict(visual=None, audio=None))  # task roles; None: first grid stream / "audio"
     c.model.num_layers = 2
     c.model.heads = 2
     c.model.head_dim = mlc.FieldReference(None, field_type=int)
     c.model.joint_layers = None  # None: every layer; or a tuple of layer indices (JAM-Flow's selective joint layers)
-    c.model.mask = "full"  # mask rule expression, see mmdit/model/masks.py
+    c.model.mask = "full"  # mask rule expression, see mmdit/attention/masks.py
     c.model.chunk_frames = mlc.FieldReference(None, field_type=float)  # causal chunk length (ref. latent frames)
     c.model.time_reference = mlc.FieldReference(None, field_type=str)  # default: first grid stream
     c.model.rope_theta = 10000.0
@@ -30,7 +39,9 @@ def get_config(arg=None):
     c.model.remat = "none"  # none | full | dots | dots_no_batch | offload
     c.model.scan = True
     c.model.sequence_parallel = "none"  # none | ulysses | ring
-    c.model.attention = mlc.ConfigDict(dict(impl="xla", fallback=None, cross_impl="xla", block_q=128, block_k=128, interpret=False))
+    c.model.attention = mlc.ConfigDict(
+        dict(impl="xla", fallback=None, cross_impl="xla", block_q=128, block_k=128, interpret=False)
+    )
 
     c.flow = mlc.ConfigDict()
     c.flow.sigma_dist = "logit_normal"  # logit_normal | uniform
@@ -50,16 +61,35 @@ def get_config(arg=None):
     c.sample.guidance_mode = "nested"  # nested | independent
     c.sample.guidance = mlc.ConfigDict()  # condition -> scale, or condition -> {stream: scale}
     c.sample.guidance_schedule = "constant"  # constant | cosine
+    c.sample.tasks = ("t2av",)  # what mmdit-eval / mmdit-sample / the training sample hook sample
+    c.sample.num_per_task = 4  # clips per task for mmdit-eval and mmdit-sample
 
     c.clip = mlc.ConfigDict(dict(seconds=2.0))
+    c.codecs = mlc.ConfigDict()  # video / audio codec settings (mmdit/codecs/registry.py); needed to make data
+    c.world = mlc.ConfigDict()  # synthetic talking world (mmdit/data/synthetic.py WorldConfig fields)
 
-    c.train = mlc.ConfigDict(dict(
-        steps=1000, global_batch_size=8, lr=1e-4, warmup_steps=100, schedule="cosine", weight_decay=0.01,
-        grad_clip=1.0, ema_decay=0.999, grad_accum=1, log_every=50, checkpoint_every=500, keep_checkpoints=2,
-        sample_every=0, async_checkpoint=True,
-    ))
-    c.data = mlc.ConfigDict(dict(dir=None, num_workers=0, num_shards=None))
-    c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, sequence=1, tensor=1))  # -1 fills the devices
+    c.train = mlc.ConfigDict(
+        dict(
+            steps=1000,
+            global_batch_size=8,
+            lr=1e-4,
+            warmup_steps=100,
+            schedule="cosine",
+            weight_decay=0.01,
+            grad_clip=1.0,
+            b1=0.9,
+            b2=0.999,
+            ema_decay=0.999,
+            grad_accum=1,
+            log_every=50,
+            checkpoint_every=500,
+            keep_checkpoints=2,
+            sample_every=0,
+            async_checkpoint=True,
+        )
+    )
+    c.data = mlc.ConfigDict(dict(dir=None, num_workers=0, num_shards=None, num_train=512, num_eval=16, examples_per_shard=128))
+    c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, sequence=1, tensor=1, dcn=None, rules=None))  # -1 fills the devices
     c.distributed = mlc.ConfigDict(dict(coordinator=None, num_processes=None, process_id=None))
     c.profile = mlc.ConfigDict(dict(start_step=-1, num_steps=0))
     return c

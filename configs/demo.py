@@ -16,35 +16,47 @@ tiny models ignoring the partner's timing entirely after 4000 steps (lip sync at
 per-frame tokens with the local mask learn it in a few hundred.
 
 Text: byte tokens through a small trainable encoder, cross-attended by both streams.
-Args: ``tiny`` (tests: 2 layers, 48-wide, 17 frames, few steps).
+Variants: ``tiny`` (tests: 2 layers, 48-wide, 17 frames, few steps).
 """
 
 from mmdit import config_lib
 
 
 def get_config(arg=None):
+    v = config_lib.parse_arg(arg, tiny=False)
     c = config_lib.sibling(__file__, "base")
-    tiny = arg == "tiny"
-    size = 32
-    seconds = 49 / 25 if not tiny else 17 / 25  # 1 + 4k frames at 25 fps
-    dim, ffn, layers, heads = (128, 512, 4, 4) if not tiny else (48, 96, 2, 2)
 
-    c.world = dict(video_size=size, fps=25, sample_rate=16000, min_seconds=seconds, max_seconds=seconds, num_identities=16)
+    size, fps = 32, 25
+    frames = 49  # 1 + 4k frames at 25 fps
+    dim, ffn, layers, heads = 128, 512, 4, 4
+    text_dim, text_len = 64, 48
+    if v.tiny:
+        frames = 17
+        dim, ffn, layers, heads = 48, 96, 2, 2
+        text_dim, text_len = 32, 24
+    seconds = frames / fps
+    latent_hw = size // 8
+
+    c.world = dict(video_size=size, fps=fps, sample_rate=16000, min_seconds=seconds, max_seconds=seconds, num_identities=16)
     c.codecs = dict(
         video=dict(kind="pixels", spatial=8, temporal=1, fps=25.0, luma_coeffs=6, chroma_coeffs=1),
         audio=dict(kind="mel", sample_rate=16000, hop_length=320, n_mels=64, stack=2),
     )
-    latent_hw = size // 8
-    frames = int(round(seconds * 25))
     c.clip.seconds = seconds
     c.model.streams.video = dict(
-        kind="grid", channels=8, shape=(frames, latent_hw, latent_hw), patch=(1, latent_hw, latent_hw), rate=25.0,
-        dim=dim, ffn=ffn, cross=("text",),
+        kind="grid",
+        channels=8,
+        shape=(frames, latent_hw, latent_hw),
+        patch=(1, latent_hw, latent_hw),
+        rate=25.0,
+        dim=dim,
+        ffn=ffn,
+        cross=("text",),
     )
     c.model.streams.audio = dict(
-        kind="sequence", channels=128, shape=(int(round(seconds * 25)),), patch=(1,), rate=25.0, dim=dim, ffn=ffn, cross=("text",),
+        kind="sequence", channels=128, shape=(frames,), patch=(1,), rate=25.0, dim=dim, ffn=ffn, cross=("text",)
     )
-    c.model.conditions.text = dict(dim=64 if not tiny else 32, length=48 if not tiny else 24)
+    c.model.conditions.text = dict(dim=text_dim, length=text_len)
     c.model.text_encoder = dict(kind="byte", layers=2, heads=2)
     c.model.num_layers = layers
     c.model.heads = heads
@@ -55,29 +67,31 @@ def get_config(arg=None):
     c.flow.shift = 3.0  # train mostly at high noise, where the speech rhythm (and so the sync) is laid out
     c.flow.independent_streams = 0.5  # half the samples noise audio and video independently
 
-    c.sample.steps = 25 if not tiny else 4
+    c.sample.steps = 25
     c.sample.shift = 3.0
     c.sample.guidance = dict(text=dict(video=2.0, audio=2.0))
     c.sample.tasks = ("t2av", "ti2av", "tv2a", "a2v")
-    c.sample.num_per_task = 8 if not tiny else 1
+    c.sample.num_per_task = 8
 
-    c.data = dict(num_train=512 if not tiny else 16, num_eval=16 if not tiny else 4, examples_per_shard=128, num_workers=0)
-    c.train = dict(
-        steps=2400 if not tiny else 6,
-        global_batch_size=8 if not tiny else 2,
-        lr=1e-3 if not tiny else 1e-3,
-        warmup_steps=100 if not tiny else 2,
-        schedule="cosine",
-        weight_decay=0.01,
-        grad_clip=1.0,
-        ema_decay=0.999 if not tiny else 0.5,
-        grad_accum=1,
-        log_every=25 if not tiny else 1,
-        checkpoint_every=400 if not tiny else 3,
-        keep_checkpoints=2,
-        sample_every=800 if not tiny else 6,
-        async_checkpoint=True,
-    )
-    c.profile = dict(start_step=-1, num_steps=0)
-    c.mesh = dict(data=-1, fsdp=1, sequence=1, tensor=1)
+    c.data.num_train = 512
+    c.data.num_eval = 16
+    c.data.examples_per_shard = 128
+    c.train.steps = 2400
+    c.train.global_batch_size = 8
+    c.train.lr = 1e-3
+    c.train.log_every = 25
+    c.train.checkpoint_every = 400
+    c.train.sample_every = 800
+
+    if v.tiny:
+        c.sample.steps = 4
+        c.sample.num_per_task = 1
+        c.data.num_train, c.data.num_eval = 16, 4
+        c.train.steps = 6
+        c.train.global_batch_size = 2
+        c.train.warmup_steps = 2
+        c.train.ema_decay = 0.5
+        c.train.log_every = 1
+        c.train.checkpoint_every = 3
+        c.train.sample_every = 6
     return c

@@ -10,20 +10,30 @@ from mmdit import config_lib
 
 
 def get_config(arg=None):
+    v = config_lib.parse_arg(arg, tiny=False)
     c = config_lib.sibling(__file__, "base")
-    tiny = arg == "tiny"
-    dim, ffn, layers, heads = (1024, 2048, 22, 16) if not tiny else (32, 64, 4, 2)
-    secs = 10.0 if not tiny else 1.0
+
+    dim, ffn, layers, heads = 1024, 2048, 22, 16
+    secs = 10.0
+    text_dim, text_len = 512, 256
+    if v.tiny:
+        dim, ffn, layers, heads = 32, 64, 4, 2
+        secs = 1.0
+        text_dim, text_len = 16, 8
+
     c.clip.seconds = secs
     c.model.streams.motion = config_lib.sequence_stream(seconds=secs, rate=25.0, channels=70, dim=dim, ffn=ffn, cross=("text",))
     c.model.streams.audio = config_lib.sequence_stream(seconds=secs, rate=93.75, channels=100, dim=dim, ffn=ffn, cross=("text",))
-    c.model.conditions.text = dict(dim=512 if not tiny else 16, length=256 if not tiny else 8)
+    c.model.conditions.text = dict(dim=text_dim, length=text_len)
     c.model.time_reference = "motion"
     c.model.num_layers = layers
     c.model.heads = heads
     c.model.joint_layers = tuple(range(0, layers, 2))
-    c.model.mask = "local(2)"
-    c.model.dtype = "bfloat16" if not tiny else "float32"
+    c.model.mask = "local(2) & no_peek"  # a2v / tv2a: the given stream must not attend to the noisy one
+    c.model.dtype = "bfloat16"
     c.tasks = dict(t2av=0.3, inpaint=0.4, a2v=0.15, tv2a=0.15)
     c.flow.condition_dropout = dict(text=0.2)
+
+    if v.tiny:  # CPU tests: f32
+        c.model.dtype = "float32"
     return c

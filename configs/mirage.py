@@ -11,26 +11,39 @@ from mmdit import config_lib
 
 
 def get_config(arg=None):
+    v = config_lib.parse_arg(arg, tiny=False)
     c = config_lib.sibling(__file__, "base")
-    tiny = arg == "tiny"
-    vdim, vffn, adim, affn, layers, heads = (4096, 16384, 1024, 4096, 44, 32) if not tiny else (64, 128, 32, 64, 2, 2)
-    secs = 97 / 25 if not tiny else 17 / 25
-    side = 512 if not tiny else 32
+
+    vdim, vffn, adim, affn, layers, heads, head_dim = 4096, 16384, 1024, 4096, 44, 32, 128
+    secs = 97 / 25
+    side = 512
+    feature_dim = 1024
+    if v.tiny:
+        vdim, vffn, adim, affn, layers, heads, head_dim = 64, 128, 32, 64, 2, 2, 16
+        secs = 17 / 25
+        side = 32
+        feature_dim = 16
+
     c.clip.seconds = secs
     c.model.streams.video = config_lib.video_stream(
         seconds=secs, fps=25, height=side, width=side, temporal=4, spatial=8, channels=16, dim=vdim, ffn=vffn
     )
     c.model.streams.audio_features = config_lib.sequence_stream(
-        seconds=secs, rate=50.0, channels=1024 if not tiny else 16, patch=2, dim=adim, ffn=affn, condition=True
+        seconds=secs, rate=50.0, channels=feature_dim, patch=2, dim=adim, ffn=affn, condition=True
     )
     c.model.num_layers = layers
     c.model.heads = heads
-    c.model.head_dim = 128 if not tiny else 16
+    c.model.head_dim = head_dim
     c.model.mask = "no_peek"
-    c.model.dtype = "bfloat16" if not tiny else "float32"
-    c.model.remat = "full" if not tiny else "none"
+    c.model.dtype = "bfloat16"
+    c.model.remat = "full"
     c.tasks = dict(a2v_features=1.0)
     c.flow.condition_dropout = dict(audio_features=0.1)
     c.sample.guidance = dict(audio_features=4.5)
     c.sample.guidance_schedule = "cosine"
+    c.sample.tasks = ("a2v_features",)
+
+    if v.tiny:  # CPU tests: f32, no remat
+        c.model.dtype = "float32"
+        c.model.remat = "none"
     return c

@@ -1,5 +1,6 @@
 """TalkingMachines-shaped: Wan2.1-14B video DiT (I2V, 512x512) driven by windowed audio
-cross-attention over wav2vec2 features, sparse causal chunks of 3 latent frames, 2-step DMD target.
+cross-attention over wav2vec2 features, sparse causal chunks of 3 latent frames (the paper
+distils it to a 2-step student; distillation is not built yet, so ``sample.steps=2`` is only a fast preview).
 
 Video: Wan2.1 VAE (8x spatial, 4x temporal, 16 ch), 25 fps, 81 frames -> 21 x 64 x 64 latents ->
 21,504 tokens. The first latent frame is the reference image (TI2V-style known token).
@@ -11,26 +12,47 @@ from mmdit import config_lib
 
 
 def get_config(arg=None):
+    v = config_lib.parse_arg(arg, tiny=False)
     c = config_lib.sibling(__file__, "base")
-    tiny = arg == "tiny"
-    dim, ffn, layers, heads = (5120, 13824, 40, 40) if not tiny else (64, 128, 2, 2)
-    secs = 81 / 25 if not tiny else 17 / 25
-    side = 512 if not tiny else 32
+
+    dim, ffn, layers, heads = 5120, 13824, 40, 40
+    secs = 81 / 25
+    side = 512
+    text_dim, text_len, feature_dim = 4096, 512, 768
+    if v.tiny:
+        dim, ffn, layers, heads = 64, 128, 2, 2
+        secs = 17 / 25
+        side = 32
+        text_dim, text_len, feature_dim = 32, 16, 16
+
     c.clip.seconds = secs
     c.model.streams.video = config_lib.video_stream(
-        seconds=secs, fps=25, height=side, width=side, temporal=4, spatial=8, channels=16, dim=dim, ffn=ffn, cross=("text", "audio_features")
+        seconds=secs,
+        fps=25,
+        height=side,
+        width=side,
+        temporal=4,
+        spatial=8,
+        channels=16,
+        dim=dim,
+        ffn=ffn,
+        cross=("text", "audio_features"),
     )
-    c.model.conditions.text = dict(dim=4096 if not tiny else 32, length=512 if not tiny else 16)
-    n_feat = int(round(secs * 50))
-    c.model.conditions.audio_features = dict(dim=768 if not tiny else 16, length=n_feat, rate=50.0, window=1.0)
+    c.model.conditions.text = dict(dim=text_dim, length=text_len)
+    c.model.conditions.audio_features = dict(dim=feature_dim, length=int(round(secs * 50)), rate=50.0, window=1.0)
     c.model.num_layers = layers
     c.model.heads = heads
     c.model.mask = "chunk_causal"
     c.model.chunk_frames = 3.0
-    c.model.dtype = "bfloat16" if not tiny else "float32"
-    c.model.remat = "full" if not tiny else "none"
+    c.model.dtype = "bfloat16"
+    c.model.remat = "full"
     c.tasks = dict(ti2av=1.0)
     c.flow.condition_dropout = dict(text=0.1, audio_features=0.1)
-    c.sample.steps = 2
+    c.sample.steps = 2  # the paper's distilled student samples in 2 steps; undistilled, this is only a fast preview
     c.sample.shift = 5.0
+    c.sample.tasks = ("ti2av",)
+
+    if v.tiny:  # CPU tests: f32, no remat
+        c.model.dtype = "float32"
+        c.model.remat = "none"
     return c

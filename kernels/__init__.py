@@ -2,7 +2,7 @@
 
 Installed from the repository's top-level ``kernels/`` folder as ``mmdit_kernels`` (the PyPI name
 ``kernels`` belongs to another project). It does not import ``mmdit``: masks arrive as a predicate
-over metadata tuples plus an optional block map (``mmdit.model.masks`` builds both).
+over metadata tuples plus an optional block map (``mmdit.attention.masks`` builds both).
 
 * :func:`flash_attention` -- dispatches to the GPU kernel (:mod:`.flash_gpu`, Pallas/Triton; on
   CPU in interpret mode) or the TPU kernel (:mod:`.flash_tpu`, Splash attention on Mosaic);
@@ -97,12 +97,30 @@ def flash_attention(
         from mmdit_kernels.flash_tpu import flash_attention_tpu
 
         return flash_attention_tpu(
-            q, k, v, mask_fn=mask_fn, q_meta=q_meta, k_meta=k_meta, scale=scale,
-            block_q=block_q, block_k=block_k, interpret=interpret,
+            q,
+            k,
+            v,
+            mask_fn=mask_fn,
+            q_meta=q_meta,
+            k_meta=k_meta,
+            scale=scale,
+            block_q=block_q,
+            block_k=block_k,
+            interpret=interpret,
         )
     from mmdit_kernels.flash_gpu import flash_attention_gpu
 
     return flash_attention_gpu(
-        q, k, v, mask_fn=mask_fn, q_meta=q_meta, k_meta=k_meta, block_map=block_map, scale=scale,
-        block_q=block_q, block_k=block_k, interpret=interpret, **options,
+        q,
+        k,
+        v,
+        mask_fn=mask_fn,
+        q_meta=q_meta,
+        k_meta=k_meta,
+        block_map=block_map,
+        scale=scale,
+        block_q=block_q,
+        block_k=block_k,
+        interpret=interpret,
+        **options,
     )

@@ -7,7 +7,7 @@ A block map is ``int8 [Bb, nq, nk]`` (``Bb`` is 1 or the batch) with one entry p
 * ``PARTIAL`` (1): some pairs are attended -- the kernel evaluates the mask predicate in the tile;
 * ``FULL`` (2): every pair with a valid query is attended -- no mask arithmetic at all.
 
-mmdit computes maps from its mask rules (``mmdit.model.masks.block_map``); this module holds the
+mmdit computes maps from its mask rules (``mmdit.attention.masks.block_map``); this module holds the
 pure-``jnp`` helpers the kernels need around them (all work under ``jit`` with traced maps):
 
 * :func:`block_map_from_dense` / :func:`block_map_from_mask_fn` build maps (tests, and the default
@@ -90,7 +90,7 @@ def block_map_from_mask_fn(
 
     qp = tuple(_pad_seq(f, sqp) for f in q_meta)
     kp = tuple(_pad_seq(f, skp)[:, None, :] for f in k_meta)
-    bm = max([f.shape[0] for f in qp + kp] or [1])
+    bm = _leading_dim(qp + kp)
     rows = tuple(f.reshape(f.shape[0], nq, block_q).swapaxes(0, 1) for f in qp)  # [nq, Bm, bq]
 
     def one_row(args):
@@ -101,6 +101,16 @@ def block_map_from_mask_fn(
 
     out = jax.lax.map(one_row, (q_valid[0], rows))  # [nq, Bm, nk]
     return out.swapaxes(0, 1)
+
+
+def _leading_dim(fields: Sequence[jax.Array]) -> int:
+    """The broadcast leading dim of ``[1 | B, ...]`` fields: the first one that is not 1 (decidable
+    for a symbolic batch under ``jax.export``, where ``max(1, b)`` is not)."""
+    for f in fields:
+        d = f.shape[0]
+        if not (isinstance(d, int) and d == 1):
+            return d
+    return 1
 
 
 def _pad_seq(f: jax.Array, length: int) -> jax.Array:

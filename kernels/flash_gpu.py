@@ -294,8 +294,7 @@ def _backward(cfg: _Config, res, do):
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg),
         grid=(sqp // bq, b, h),
-        in_specs=_list_specs(idx, cnt) + [qt, k_whole, k_whole, qt, row_tile, row_tile]
-        + _meta_specs(cfg, bq, skp, True),
+        in_specs=_list_specs(idx, cnt) + [qt, k_whole, k_whole, qt, row_tile, row_tile] + _meta_specs(cfg, bq, skp, True),
         out_specs=qt,
         out_shape=_struct(q.shape, q.dtype, operands),
         compiler_params=params,
@@ -311,8 +310,7 @@ def _backward(cfg: _Config, res, do):
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, cfg=cfg),
         grid=(skp // bk, b, h),
-        in_specs=_list_specs(idx, cnt) + [q_whole, kt, kt, q_whole, row_whole, row_whole]
-        + _meta_specs(cfg, sqp, bk, False),
+        in_specs=_list_specs(idx, cnt) + [q_whole, kt, kt, q_whole, row_whole, row_whole] + _meta_specs(cfg, sqp, bk, False),
         out_specs=[kt, kt],
         out_shape=[_struct(k.shape, k.dtype, operands), _struct(v.shape, v.dtype, operands)],
         compiler_params=params,
@@ -407,18 +405,33 @@ def flash_attention_gpu(
         )
     if b * per_batch > MAX_ELEMENTS:  # run batch slices that fit 32-bit offsets, one call each
         step = MAX_ELEMENTS // per_batch
-        kwargs = dict(mask_fn=mask_fn, scale=scale, block_q=block_q, block_k=block_k, block_q_bwd=block_q_bwd,
-                      block_k_bwd=block_k_bwd, interpret=interpret, num_warps=num_warps,
-                      num_stages=num_stages, num_stages_bwd=num_stages_bwd)
+        kwargs = dict(
+            mask_fn=mask_fn,
+            scale=scale,
+            block_q=block_q,
+            block_k=block_k,
+            block_q_bwd=block_q_bwd,
+            block_k_bwd=block_k_bwd,
+            interpret=interpret,
+            num_warps=num_warps,
+            num_stages=num_stages,
+            num_stages_bwd=num_stages_bwd,
+        )
         pick = lambda x, i: x if x is None or x.shape[0] == 1 else x[i : i + step]
-        return jnp.concatenate([
-            flash_attention_gpu(
-                q[i : i + step], k[i : i + step], v[i : i + step],
-                q_meta=tuple(pick(f, i) for f in q_meta), k_meta=tuple(pick(f, i) for f in k_meta),
-                block_map=pick(block_map, i), **kwargs,
-            )
-            for i in range(0, b, step)
-        ])
+        return jnp.concatenate(
+            [
+                flash_attention_gpu(
+                    q[i : i + step],
+                    k[i : i + step],
+                    v[i : i + step],
+                    q_meta=tuple(pick(f, i) for f in q_meta),
+                    k_meta=tuple(pick(f, i) for f in k_meta),
+                    block_map=pick(block_map, i),
+                    **kwargs,
+                )
+                for i in range(0, b, step)
+            ]
+        )
 
     if block_map is None:
         block_map = bm.block_map_from_mask_fn(mask_fn, q_meta, k_meta, sq, sk, block_q, block_k)

@@ -207,12 +207,19 @@ def _build_kernel(mask_fn, q_meta, k_meta, seq_q, seq_k, block_q, block_k, inter
     sqp, skp = _round_up(seq_q, block_q), _round_up(seq_k, block_k)
     mask = MetadataMask(mask_fn, q_meta, k_meta, seq_q, seq_k, (sqp, skp), block_q, block_k, key)
     sizes = splash.BlockSizes(
-        block_q=block_q, block_kv=block_k, block_kv_compute=block_k,
-        block_q_dkv=block_q, block_kv_dkv=block_k, block_kv_dkv_compute=block_k,
+        block_q=block_q,
+        block_kv=block_k,
+        block_kv_compute=block_k,
+        block_q_dkv=block_q,
+        block_kv_dkv=block_k,
+        block_kv_dkv_compute=block_k,
         use_fused_bwd_kernel=True,
     )
     kernel = splash.make_splash_mha(
-        mask_lib.MultiHeadMask([mask]), block_sizes=sizes, head_shards=1, q_seq_shards=1,
+        mask_lib.MultiHeadMask([mask]),
+        block_sizes=sizes,
+        head_shards=1,
+        q_seq_shards=1,
         interpret=interpret,
     )
     return kernel, jnp.asarray(mask.row_any)

@@ -22,10 +22,7 @@ def check(meta: Sequence, batch: int, seq: int, name: str) -> tuple:
     for i, f in enumerate(meta):
         shape = tuple(np.shape(f))
         if len(shape) != 2 or shape[1] != seq or shape[0] not in (1, batch):
-            raise ValueError(
-                f"{name}[{i}] has shape {shape}; metadata fields must be [B, S] or [1, S] with "
-                f"B={batch}, S={seq}"
-            )
+            raise ValueError(f"{name}[{i}] has shape {shape}; metadata fields must be [B, S] or [1, S] with B={batch}, S={seq}")
         out.append(f)
     return tuple(out)
 

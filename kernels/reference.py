@@ -11,9 +11,7 @@ import jax
 import jax.numpy as jnp
 
 
-def dense_mask(
-    mask_fn: Callable | None, q_meta: Sequence[jax.Array], k_meta: Sequence[jax.Array], sq: int, sk: int
-) -> jax.Array:
+def dense_mask(mask_fn: Callable | None, q_meta: Sequence[jax.Array], k_meta: Sequence[jax.Array], sq: int, sk: int) -> jax.Array:
     """``bool [Bm, Sq, Sk]``: ``mask_fn`` on q fields ``[Bm, Sq, 1]`` and k fields ``[Bm, 1, Sk]``
     (``Bm`` is 1 or the batch; all-True ``[1, Sq, Sk]`` when ``mask_fn`` is None)."""
     if mask_fn is None:

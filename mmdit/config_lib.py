@@ -8,10 +8,12 @@ the presets without a checkout. Nothing here mutates global jax/flax state.
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import json
 import math
 import os
+import types
 
 import ml_collections as mlc
 
@@ -57,19 +59,78 @@ def load(spec: str) -> mlc.ConfigDict:
     return cfg
 
 
+def parse_arg(arg: str | None, **variants: bool):
+    """A config's variants (big_vision style): ``arg`` is a comma-separated list of variant names
+    (``"tiny"``, ``"tiny,ovi"``), each one of ``variants`` (name -> default). Returns a frozen
+    namespace ``v`` with ``v.<name>`` True for each given one. An unknown name is an error listing
+    the known ones (so ``demo.py:tinyy`` never silently becomes the full-size config)."""
+    given = [a.strip() for a in (arg or "").split(",") if a.strip()]
+    unknown = [a for a in given if a not in variants]
+    if unknown:
+        raise ValueError(
+            f"config variant(s) {unknown} unknown; this config knows {sorted(variants) or 'none'} "
+            f"(combine with commas, e.g. ':{','.join(sorted(variants)) or 'tiny'}')"
+        )
+    values = {k: bool(d) or k in given for k, d in variants.items()}
+    return types.SimpleNamespace(**values)
+
+
 def sibling(file: str, name: str, arg: str | None = None) -> mlc.ConfigDict:
     """Loads ``name.py`` from the directory of ``file`` (a config building on ``base.py``)."""
     path = os.path.join(os.path.dirname(os.path.abspath(file)), name + ".py")
     return load(path + (f":{arg}" if arg else ""))
 
 
+# Mappings whose keys are names (tasks, streams, conditions...): ``--set`` may add new keys there.
+OPEN_SECTIONS = (
+    "tasks",
+    "flow.stream_weights",
+    "flow.condition_dropout",
+    "sample.guidance",
+    "sample.stream_shift",
+    "model.streams",
+    "model.conditions",
+    "codecs",
+    "world",
+)
+
+
+def _leaf_keys(node, prefix: str = "") -> list[str]:
+    out = []
+    for k in node.keys():
+        v = node[k]
+        out.append(prefix + k)
+        if isinstance(v, mlc.ConfigDict):
+            out += _leaf_keys(v, prefix + k + ".")
+    return out
+
+
+class UnknownFieldError(KeyError):
+    """``--set`` named a field the config does not declare (a KeyError whose message prints plainly)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def _unknown_key(cfg, item: str, key: str) -> KeyError:
+    known = _leaf_keys(cfg)
+    near = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(map(repr, near))}?" if near else ""
+    return UnknownFieldError(
+        f"override {item!r}: the config has no field {key!r}{hint} (every field is declared in configs/base.py or the preset)"
+    )
+
+
 def override(cfg: mlc.ConfigDict, assignments: list[str]) -> mlc.ConfigDict:
-    """Applies ``a.b.c=value`` strings (values parsed as Python literals when possible)."""
+    """Applies ``a.b.c=value`` strings (values parsed as Python literals when possible). A key the
+    config does not declare is an error naming the nearest declared one, except a new name inside
+    one of :data:`OPEN_SECTIONS` (e.g. ``tasks.tv2a=0.2``)."""
     import ast
 
     for item in assignments or []:
         key, sep, raw = item.partition("=")
-        if not sep:
+        key = key.strip()
+        if not sep or not key:
             raise ValueError(f"override {item!r}: expected key=value, e.g. train.steps=100")
         try:
             value = ast.literal_eval(raw)
@@ -77,19 +138,25 @@ def override(cfg: mlc.ConfigDict, assignments: list[str]) -> mlc.ConfigDict:
             value = raw
         node = cfg
         parts = key.split(".")
-        for p in parts[:-1]:
-            if p not in node:
-                raise KeyError(f"override {item!r}: config has no field {key!r} (no {p!r})")
+        for i, p in enumerate(parts[:-1]):
+            if p not in node or not isinstance(node[p], mlc.ConfigDict):
+                raise _unknown_key(cfg, item, ".".join(parts[: i + 1]) if p not in node else key)
             node = node[p]
-        if parts[-1] not in node:
-            raise KeyError(f"override {item!r}: config has no field {key!r}")
+        parent = ".".join(parts[:-1])
+        if parts[-1] not in node and parent not in OPEN_SECTIONS:
+            raise _unknown_key(cfg, item, key)
         with node.unlocked():
-            node[parts[-1]] = value
+            try:
+                node[parts[-1]] = value
+            except TypeError as e:  # ml_collections' type check (e.g. a str for an int field)
+                raise ValueError(f"override {item!r}: {e}") from None
     return cfg
 
 
 def to_json(cfg: mlc.ConfigDict) -> str:
-    return json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=lambda o: list(o) if isinstance(o, (tuple, set)) else str(o))
+    return json.dumps(
+        cfg.to_dict(), indent=2, sort_keys=True, default=lambda o: list(o) if isinstance(o, (tuple, set)) else str(o)
+    )
 
 
 def write_resolved(cfg: mlc.ConfigDict, workdir: str) -> str:
@@ -130,7 +197,17 @@ def sequence_stream(*, seconds, rate, channels, patch=1, dim, ffn, cross=(), con
     """A sequence stream (audio latents, motion, audio features) at ``rate`` latents per second."""
     length = int(math.ceil(seconds * rate - 1e-6))
     length -= length % patch
-    out = dict(kind="sequence", channels=channels, shape=(length,), patch=(patch,), rate=rate, dim=dim, ffn=ffn, cross=tuple(cross), condition=condition)
+    out = dict(
+        kind="sequence",
+        channels=channels,
+        shape=(length,),
+        patch=(patch,),
+        rate=rate,
+        dim=dim,
+        ffn=ffn,
+        cross=tuple(cross),
+        condition=condition,
+    )
     if time_factor is not None:
         out["time_factor"] = time_factor
     return out

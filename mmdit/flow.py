@@ -1,12 +1,13 @@
-"""Rectified-flow matching over dicts of token streams: schedules, noising, loss, samplers, CFG.
+"""Rectified-flow matching over dicts of token streams: σ schedules, noising, the masked loss, condition dropout.
 
-Convention (Wan's, DESIGN.md §3, so converted Wan weights work unchanged):
+Convention (Wan's, docs/design.md):
 
 * σ ∈ [0, 1] is the noise level: σ = 0 is data, σ = 1 is pure Gaussian noise;
 * ``x_σ = (1 − σ)·x_data + σ·ε`` with ``ε ~ N(0, I)``;
 * the network predicts the velocity ``v = ε − x_data`` (so ``dx_σ/dσ = v`` and the denoised
   estimate is ``x_data ≈ x_σ − σ·v``); its timestep input is ``1000·σ`` (:func:`timestep_input`);
-* sampling integrates the ODE from σ = 1 to σ = 0;
+* sampling integrates the ODE from σ = 1 to σ = 0 (the integrators are in ``mmdit/sample/ode.py``,
+  classifier-free guidance in ``mmdit/sample/guidance.py``; both build on this module, never the reverse);
 * the shifted schedule is ``σ' = s·σ / (1 + (s − 1)·σ)`` (:func:`shift_sigma`); s > 1 spends more
   of the schedule at high noise;
 * training draws σ logit-normal (or uniform), then shifts it.
@@ -24,7 +25,7 @@ insertion order.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -35,20 +36,28 @@ Streams = Mapping[str, Array]
 TIMESTEP_SCALE = 1000.0  # the network's timestep input is TIMESTEP_SCALE·σ (Wan).
 
 __all__ = [
-    "TIMESTEP_SCALE", "timestep_input", "shift_sigma", "sample_sigma", "sample_token_sigmas",
-    "interpolate", "velocity_target", "noisy_inputs", "flow_loss", "sampling_sigmas",
-    "euler_sample", "heun_sample", "guided_velocity", "cfg_batch_plan", "cfg_keep_flags",
-    "repeat_for_cfg", "combine_cfg", "guidance_scale", "step_progress", "drop_conditions",
+    "TIMESTEP_SCALE",
+    "timestep_input",
+    "shift_sigma",
+    "sample_sigma",
+    "sample_token_sigmas",
+    "interpolate",
+    "velocity_target",
+    "noisy_inputs",
+    "flow_loss",
+    "drop_conditions",
 ]
 
 
 def _f32(dtype) -> jnp.dtype:
-    """The dtype used for flow arithmetic: ``dtype`` promoted to at least float32."""
+    """The dtype used for flow arithmetic: ``dtype`` promoted to at least float32 (also used by
+    ``mmdit/sample/ode.py`` and ``mmdit/sample/guidance.py``)."""
     return jnp.promote_types(dtype, jnp.float32)
 
 
 def _mask(masks: Mapping[str, Array] | None, name: str, shape, default: bool) -> Array:
-    """``masks[name]`` as a bool ``[B, S]`` array, or a constant mask when absent."""
+    """``masks[name]`` as a bool ``[B, S]`` array, or a constant mask when absent (also used by
+    ``mmdit/sample/ode.py``)."""
     if masks is None or name not in masks:
         return jnp.full(shape, default, dtype=bool)
     m = jnp.asarray(masks[name], dtype=bool)
@@ -77,8 +86,7 @@ def shift_sigma(sigma, shift):
     return shift * sigma / (1.0 + (shift - 1.0) * sigma)
 
 
-def sample_sigma(rng, shape, *, dist: str = "logit_normal", mean: float = 0.0, std: float = 1.0,
-                 shift: float = 1.0) -> Array:
+def sample_sigma(rng, shape, *, dist: str = "logit_normal", mean: float = 0.0, std: float = 1.0, shift: float = 1.0) -> Array:
     """Draws training noise levels σ of ``shape`` (float32, in [0, 1]).
 
     ``dist="logit_normal"``: ``σ = sigmoid(mean + std·n)``, ``n ~ N(0, 1)`` (SD3 / Wan training; the
@@ -94,9 +102,16 @@ def sample_sigma(rng, shape, *, dist: str = "logit_normal", mean: float = 0.0, s
     return shift_sigma(sigma, shift)
 
 
-def sample_token_sigmas(rng, known: Mapping[str, Array], *, independent_streams: bool | float = False,
-                        dist: str = "logit_normal", mean: float = 0.0, std: float = 1.0,
-                        shift: float = 1.0) -> dict[str, Array]:
+def sample_token_sigmas(
+    rng,
+    known: Mapping[str, Array],
+    *,
+    independent_streams: bool | float = False,
+    dist: str = "logit_normal",
+    mean: float = 0.0,
+    std: float = 1.0,
+    shift: float = 1.0,
+) -> dict[str, Array]:
     """Per-token training σ: one σ per sample, broadcast over the sample's tokens; known → 0.
 
     Args:
@@ -179,17 +194,21 @@ def noisy_inputs(rng, streams: Streams, sigma: Mapping[str, Array]):
     """
     names = sorted(streams)
     keys = dict(zip(names, jax.random.split(rng, max(len(names), 1))))
-    noise = {n: jax.random.normal(keys[n], jnp.shape(streams[n])).astype(streams[n].dtype)
-             for n in names}
+    noise = {n: jax.random.normal(keys[n], jnp.shape(streams[n])).astype(streams[n].dtype) for n in names}
     clean = {n: streams[n] for n in names}
     sig = {n: sigma[n] for n in names}
     return interpolate(clean, noise, sig), noise, velocity_target(clean, noise)
 
 
-def flow_loss(pred: Streams, target: Streams, known: Mapping[str, Array] | None, *,
-              stream_weights: Mapping[str, float] | None = None,
-              valid: Mapping[str, Array] | None = None,
-              sample_weights: Array | None = None):
+def flow_loss(
+    pred: Streams,
+    target: Streams,
+    known: Mapping[str, Array] | None,
+    *,
+    stream_weights: Mapping[str, float] | None = None,
+    valid: Mapping[str, Array] | None = None,
+    sample_weights: Array | None = None,
+):
     """Masked flow-matching MSE over streams.
 
     Per stream s and sample b: the squared error is averaged over channels, then over the
@@ -242,265 +261,13 @@ def flow_loss(pred: Streams, target: Streams, known: Mapping[str, Array] | None,
 
 
 # ----------------------------------------------------------------------------------------------
-# Samplers
+# Condition dropout
 # ----------------------------------------------------------------------------------------------
 
 
-def sampling_sigmas(num_steps: int, shift: float = 1.0) -> Array:
-    """The inference schedule: ``float32[num_steps + 1]`` from 1 down to 0, uniform in σ and then
-    shifted by :func:`shift_sigma` (Wan uses shift 5 for 720p T2V, 3 for 480p)."""
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    return shift_sigma(jnp.linspace(1.0, 0.0, num_steps + 1, dtype=jnp.float32), shift)
-
-
-def _stream_schedules(sigmas, names) -> dict[str, Array]:
-    """``[N + 1]`` (shared) or ``{stream: [N + 1]}`` (per stream, same N) -> ``{stream: [N + 1]}``."""
-    if isinstance(sigmas, Mapping):
-        missing = [n for n in names if n not in sigmas]
-        if missing:
-            raise ValueError(f"per-stream sigmas lack stream(s) {missing}; give a schedule for each of {names}")
-        out = {n: jnp.asarray(sigmas[n], jnp.float32) for n in names}
-    else:
-        out = {n: jnp.asarray(sigmas, jnp.float32) for n in names}
-    lengths = {n: tuple(v.shape) for n, v in out.items()}
-    if any(len(v) != 1 or v[0] < 2 for v in lengths.values()) or len(set(lengths.values())) != 1:
-        raise ValueError(f"sigmas must be [num_steps + 1] with num_steps >= 1 (the same for every stream), got {lengths}")
-    return out
-
-
-def _ode_sample(velocity_fn, noise, sigmas, known, known_values, callback, heun: bool):
-    names = sorted(noise)
-    if known is not None and known_values is None:
-        raise ValueError("known tokens need known_values (their clean values)")
-    if known is None and known_values is not None:
-        raise ValueError("known_values given without a known mask")
-    sigmas = _stream_schedules(sigmas, names)
-    num_steps = sigmas[names[0]].shape[0] - 1
-    masks = {n: _mask(known, n, noise[n].shape[:2], False) for n in names}
-    out_dtype = {n: noise[n].dtype for n in names}
-    # Only streams that appear in `known` need their clean values held.
-    held = [n for n in names if known is not None and n in known]
-    clean = {n: jnp.asarray(known_values[n], _f32(noise[n].dtype)) for n in held}
-
-    def hold(x):
-        return {n: jnp.where(masks[n][..., None], clean[n], x[n]) if n in clean else x[n]
-                for n in names}
-
-    def tokens(s):
-        return {n: jnp.where(masks[n], 0.0, s[n]) for n in names}
-
-    def velocity(x, s, i):
-        v = velocity_fn(x, tokens(s), i)
-        return {n: jnp.asarray(v[n], x[n].dtype) for n in names}
-
-    def step(i, x):
-        s = {n: sigmas[n][i] for n in names}
-        s_next = {n: sigmas[n][i + 1] for n in names}
-        v = velocity(x, s, i)
-        x_euler = {n: x[n] + (s_next[n] - s[n]) * v[n] for n in names}
-        x_next = x_euler
-        if heun:
-            def correct():
-                v2 = velocity(hold(x_euler), s_next, i + 1)
-                return {n: x[n] + (s_next[n] - s[n]) * 0.5 * (v[n] + v2[n]) for n in names}
-            last = jnp.max(jnp.stack([s_next[n] for n in names])) > 0
-            x_next = jax.lax.cond(last, correct, lambda: x_euler)
-        x_next = hold(x_next)
-        if callback is not None:
-            callback(i, x_next, hold({n: x[n] - s[n] * v[n] for n in names}))
-        return x_next
-
-    x0 = hold({n: jnp.asarray(noise[n], _f32(noise[n].dtype)) for n in names})
-    x = jax.lax.fori_loop(0, num_steps, step, x0)
-    return {n: x[n].astype(out_dtype[n]) for n in names}
-
-
-def euler_sample(velocity_fn: Callable[[dict, dict, Array], Mapping[str, Array]], noise: Streams,
-                 sigmas: Array, *, known: Mapping[str, Array] | None = None,
-                 known_values: Streams | None = None, callback: Callable | None = None):
-    """Integrates ``dx/dσ = v`` from ``sigmas[0]`` (normally 1) to ``sigmas[-1]`` (normally 0).
-
-    Step i: ``x ← x + (σ_{i+1} − σ_i)·velocity_fn(x, σ_tokens, i)``. Known tokens are held at their
-    clean ``known_values`` and are given σ = 0 at every step; unknown tokens carry σ_i. Runs in a
-    ``jax.lax.fori_loop`` (jit-friendly; compile time independent of the step count).
-
-    Args:
-      velocity_fn: ``(x: dict[stream, float32[B, S, C]], sigma_tokens: dict[stream, float32[B, S]],
-        step_index: int32 scalar, traced) -> dict[stream, [B, S, C]]`` -- the (guided) model
-        velocity ``ε − x_data``; the step index is the schedule point it is evaluated at.
-      noise: ``dict[stream, [B, S, C]]`` initial state at σ = sigmas[0] (pure noise for σ = 1).
-      sigmas: ``[num_steps + 1]`` decreasing schedule, e.g. :func:`sampling_sigmas`, or one such
-        schedule per stream ``{stream: [num_steps + 1]}`` (e.g. audio denoised ahead of video with
-        a smaller shift, so the video reads an already-formed speech rhythm).
-      known: optional ``dict[stream, bool[B, S]]`` (missing streams: nothing known).
-      known_values: clean values ``dict[stream, [B, S, C]]`` for the streams in ``known`` (only
-        the known positions are read).
-      callback: optional ``callback(step_index, x_next, x0_hat)`` called inside the traced loop
-        after each step (use ``jax.debug.callback`` in it for side effects); ``x0_hat = x − σ·v``
-        is the step's denoised estimate. Its return value is ignored.
-
-    Returns:
-      The final ``dict[stream, [B, S, C]]`` in ``noise``'s dtypes (the state is carried in float32).
-    """
-    return _ode_sample(velocity_fn, noise, sigmas, known, known_values, callback, heun=False)
-
-
-def heun_sample(velocity_fn, noise: Streams, sigmas: Array, *,
-                known: Mapping[str, Array] | None = None, known_values: Streams | None = None,
-                callback: Callable | None = None):
-    """Second-order Heun integration (EDM): an Euler predictor to σ_{i+1}, then the trapezoidal
-    corrector with a second evaluation at ``(x_pred, σ_{i+1}, i + 1)``; a step that ends at σ = 0
-    stays Euler. Twice the evaluations per step of :func:`euler_sample`; same arguments."""
-    return _ode_sample(velocity_fn, noise, sigmas, known, known_values, callback, heun=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# Multi-condition classifier-free guidance
-# ----------------------------------------------------------------------------------------------
-
-_MODES = ("nested", "independent")
-
-
-def cfg_batch_plan(conditions: Sequence[str], mode: str = "nested") -> list[dict[str, bool]]:
-    """The condition-keep patterns to evaluate for multi-condition CFG, in evaluation order.
-
-    For conditions ``c_1..c_n`` (order matters in nested mode), returns n + 1 dicts
-    ``{c_j: keep}``: entry 0 drops everything (v_0 = v_∅). ``nested``: entry k keeps the first k
-    conditions. ``independent``: entry k keeps only c_k. See :func:`guided_velocity`.
-    """
-    conditions = list(conditions)
-    if len(set(conditions)) != len(conditions):
-        raise ValueError(f"duplicate condition names in {conditions}")
-    if mode not in _MODES:
-        raise ValueError(f"unknown CFG mode {mode!r}; use one of {_MODES}")
-    plan = [{c: False for c in conditions}]
-    for k in range(1, len(conditions) + 1):
-        if mode == "nested":
-            plan.append({c: j < k for j, c in enumerate(conditions)})
-        else:
-            plan.append({c: j == k - 1 for j, c in enumerate(conditions)})
-    return plan
-
-
-def _plan_mode(plan: Sequence[Mapping[str, bool]]) -> tuple[list[str], str]:
-    """Recovers ``(conditions, mode)`` from a plan made by :func:`cfg_batch_plan`."""
-    conditions = list(plan[0]) if plan else []
-    for mode in _MODES:
-        if [dict(p) for p in plan] == cfg_batch_plan(conditions, mode):
-            return conditions, mode
-    raise ValueError(f"not a CFG plan from cfg_batch_plan: {list(plan)}")
-
-
-def cfg_keep_flags(plan: Sequence[Mapping[str, bool]], batch_size: int) -> dict[str, Array]:
-    """Keep flags ``dict[cond, bool[P·B]]`` for ONE batched forward pass over the P plan patterns,
-    pattern-major (rows ``p·B .. p·B + B − 1`` evaluate pattern p)."""
-    conditions, _ = _plan_mode(plan)
-    return {c: jnp.repeat(jnp.array([bool(p[c]) for p in plan]), batch_size) for c in conditions}
-
-
-def repeat_for_cfg(tree, plan: Sequence[Mapping[str, bool]]):
-    """Tiles every ``[B, ...]`` leaf of ``tree`` to ``[P·B, ...]`` pattern-major (P = len(plan)),
-    matching :func:`cfg_keep_flags` and :func:`combine_cfg`."""
-    return jax.tree.map(lambda a: jnp.concatenate([a] * len(plan), axis=0), tree)
-
-
-def _scale(value, stream: str):
-    if isinstance(value, Mapping):
-        return value.get(stream, 1.0)
-    return value
-
-
-def guided_velocity(evaluations: Sequence[Streams], scales: Mapping[str, Any],
-                    mode: str = "nested") -> dict[str, Array]:
-    """Multi-condition classifier-free guidance.
-
-    Conditions ``c_1..c_n`` are the keys of ``scales`` *in order* (e.g. text, ref_audio, audio);
-    ``evaluations`` are the n + 1 velocity dicts of :func:`cfg_batch_plan` ``(list(scales), mode)``.
-
-    * ``nested`` (InstructPix2Pix-style): v_k has the first k conditions present (v_0: none);
-      ``v = v_0 + Σ_k s_k·(v_k − v_{k−1})``. With every s_k = 1 it telescopes to v_n (fully
-      conditional); s_k guides the step from "c_1..c_{k−1}" to "c_1..c_k".
-    * ``independent``: v_k has only c_k present (v_0 = v_∅: none);
-      ``v = v_∅ + Σ_k s_k·(v_k − v_∅)``.
-
-    For n = 1 both are standard CFG ``v_u + s·(v_c − v_u)``; n = 0 returns v_0.
-
-    Args:
-      evaluations: n + 1 dicts ``{stream: [B, S, C]}`` in plan order.
-      scales: ``{cond: s}`` or ``{cond: {stream: s}}`` (per-stream scales; a stream missing from
-        a condition's dict gets 1.0). Scales may be Python floats or traced scalars (e.g. from
-        :func:`guidance_scale`).
-      mode: "nested" or "independent".
-
-    Returns:
-      ``{stream: [B, S, C]}`` in float32 (at least).
-    """
-    conditions = list(scales)
-    if mode not in _MODES:
-        raise ValueError(f"unknown CFG mode {mode!r}; use one of {_MODES}")
-    if len(evaluations) != len(conditions) + 1:
-        raise ValueError(f"{len(conditions)} conditions need {len(conditions) + 1} evaluations, "
-                         f"got {len(evaluations)}")
-    out = {}
-    for n in evaluations[0]:
-        v = [jnp.asarray(e[n], _f32(e[n].dtype)) for e in evaluations]
-        acc = v[0]
-        for k, c in enumerate(conditions, start=1):
-            base = v[k - 1] if mode == "nested" else v[0]
-            acc = acc + _scale(scales[c], n) * (v[k] - base)
-        out[n] = acc
-    return out
-
-
-def combine_cfg(stacked_v: Streams, plan: Sequence[Mapping[str, bool]],
-                scales: Mapping[str, Any]) -> dict[str, Array]:
-    """Unstacks ONE batched forward pass and applies :func:`guided_velocity`.
-
-    ``stacked_v``: ``{stream: [P·B, S, C]}`` pattern-major over the P patterns of ``plan`` (as laid
-    out by :func:`repeat_for_cfg` / :func:`cfg_keep_flags`); the condition order and mode are read
-    from ``plan``; ``scales`` must name exactly the plan's conditions.
-    Returns ``{stream: [B, S, C]}``.
-    """
-    conditions, mode = _plan_mode(plan)
-    if set(scales) != set(conditions):
-        raise ValueError(f"scales name {sorted(scales)}, plan conditions are {conditions}")
-    p = len(plan)
-    evals = [{} for _ in range(p)]
-    for n, a in stacked_v.items():
-        if a.shape[0] % p:
-            raise ValueError(f"stream {n!r}: batch {a.shape[0]} is not a multiple of {p} patterns")
-        parts = a.reshape((p, a.shape[0] // p) + a.shape[1:])
-        for i in range(p):
-            evals[i][n] = parts[i]
-    return guided_velocity(evals, {c: scales[c] for c in conditions}, mode)
-
-
-def guidance_scale(scale, progress, schedule: str = "constant"):
-    """Guidance scale at sampling ``progress`` ∈ [0, 1] (0 at the first step, σ = 1; 1 at the last).
-
-    ``constant``: ``scale``. ``cosine`` (Mirage-style CFG annealing): ``1 + (scale − 1)·(1 +
-    cos(π·progress))/2``, i.e. the full ``scale`` at progress 0 annealed to 1.0 (no guidance) at
-    progress 1. ``scale`` may be a number or a pytree of numbers (e.g. a ``scales`` dict for
-    :func:`guided_velocity`); ``progress`` may be traced (see :func:`step_progress`).
-    """
-    if schedule == "constant":
-        return scale
-    if schedule != "cosine":
-        raise ValueError(f"unknown guidance schedule {schedule!r}; use 'constant' or 'cosine'")
-    p = jnp.clip(jnp.asarray(progress, jnp.float32), 0.0, 1.0)
-    w = 0.5 * (1.0 + jnp.cos(jnp.pi * p))
-    return jax.tree.map(lambda s: 1.0 + (s - 1.0) * w, scale)
-
-
-def step_progress(step_index, num_steps: int):
-    """Progress ``step_index / (num_steps − 1)`` ∈ [0, 1] of a sampler step (0 for one step)."""
-    return jnp.asarray(step_index, jnp.float32) / max(num_steps - 1, 1)
-
-
-def drop_conditions(rng, batch_size: int, probs: Mapping[str, float], *,
-                    present: Mapping[str, Array] | None = None,
-                    drop_all_prob: float = 0.0) -> dict[str, Array]:
+def drop_conditions(
+    rng, batch_size: int, probs: Mapping[str, float], *, present: Mapping[str, Array] | None = None, drop_all_prob: float = 0.0
+) -> dict[str, Array]:
     """Training-time condition dropout: keep flags ``{cond: bool[B]}``.
 
     Each condition in ``probs`` is dropped independently with its probability; with

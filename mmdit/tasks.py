@@ -32,7 +32,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmdit.model.masks import NoPeek, Rule
 from mmdit.model.spec import ModelSpec
 
 INPAINT_MAX_FRACTION = 0.3
@@ -48,12 +47,6 @@ class TaskMasks:
     task: jax.Array
 
 
-def _rule_has_known_no_peek(rule: Rule) -> bool:
-    if isinstance(rule, NoPeek):
-        return not rule.streams
-    return any(_rule_has_known_no_peek(r) for r in (getattr(rule, "a", None), getattr(rule, "b", None)) if r is not None)
-
-
 @dataclasses.dataclass(frozen=True)
 class Roles:
     visual: str
@@ -62,7 +55,7 @@ class Roles:
 
 def roles(spec: ModelSpec, model_cfg=None) -> Roles:
     cfg_roles = (model_cfg.get("roles", None) if model_cfg is not None else None) or {}
-    grids = [a.name for a in spec.streams if a.spec.kind == "grid"]
+    grids = [a.name for a in spec.streams if a.geometry.kind == "grid"]
     ref = model_cfg.get("time_reference", None) if model_cfg is not None else None
     visual = cfg_roles.get("visual", None) or ref or (grids[0] if grids else spec.generated[0])
     audio = cfg_roles.get("audio", None) or ("audio" if "audio" in spec.generated else None)
@@ -70,23 +63,23 @@ def roles(spec: ModelSpec, model_cfg=None) -> Roles:
 
 
 def _ones(spec, batch, value):
-    return {a.name: jnp.full((batch, a.spec.num_tokens), value, bool) for a in spec.streams}
+    return {a.name: jnp.full((batch, a.geometry.num_tokens), value, bool) for a in spec.streams}
 
 
 def _first_frame(spec, name, batch):
     a = spec.stream(name)
-    frame = jnp.arange(a.spec.num_tokens) < a.spec.tokens_per_frame
-    return jnp.broadcast_to(frame, (batch, a.spec.num_tokens))
+    frame = jnp.arange(a.geometry.num_tokens) < a.geometry.tokens_per_frame
+    return jnp.broadcast_to(frame, (batch, a.geometry.num_tokens))
 
 
 def _base(spec, batch, with_ref=False):
     known, valid = _ones(spec, batch, False), _ones(spec, batch, True)
     for a in spec.streams:
-        if a.spec.condition:
+        if a.geometry.condition:
             known[a.name] = jnp.ones_like(known[a.name])
     present = {c.name: jnp.full((batch,), c.name != "ref_audio" or with_ref) for c in spec.conditions}
     for a in spec.streams:
-        if a.spec.condition:
+        if a.geometry.condition:
             present[a.name] = jnp.ones((batch,), bool)
     return known, valid, present
 
@@ -135,13 +128,13 @@ def inpaint(rng, spec, r, batch):
     known, valid, present = _base(spec, batch)
     for name, key in zip(spec.generated, jax.random.split(rng, len(spec.generated))):
         a = spec.stream(name)
-        frames = a.spec.token_frames()
+        frames = a.geometry.token_frames()
         k1, k2 = jax.random.split(key)
         length = jnp.floor(jax.random.uniform(k1, (batch,)) * INPAINT_MAX_FRACTION * frames)
         start = jnp.floor(jax.random.uniform(k2, (batch,)) * (frames - length + 1))
         idx = jnp.arange(frames)[None]
         span = (idx >= start[:, None]) & (idx < (start + length)[:, None])
-        known[name] = a.spec.frame_values_to_tokens(span)
+        known[name] = a.geometry.frame_values_to_tokens(span)
     return known, valid, present
 
 
@@ -181,7 +174,7 @@ def validate_tasks(weights: Mapping[str, float], spec: ModelSpec, model_cfg=None
             ok = {
                 "cond": lambda: what in [c.name for c in spec.conditions],
                 "role": lambda: r.audio is not None and r.audio in spec.names,
-                "condition_stream": lambda: any(a.spec.condition for a in spec.streams),
+                "condition_stream": lambda: any(a.geometry.condition for a in spec.streams),
             }[kind]()
             if not ok:
                 raise ValueError(
@@ -189,7 +182,7 @@ def validate_tasks(weights: Mapping[str, float], spec: ModelSpec, model_cfg=None
                     f"which this model lacks (streams {list(spec.names)}, conditions "
                     f"{[c.name for c in spec.conditions]}); remove the task or add it to config.model"
                 )
-        if t.needs_no_peek and not _rule_has_known_no_peek(spec.rule):
+        if t.needs_no_peek and not spec.rule.uses_known():
             raise ValueError(
                 f"config.tasks.{name} gives a known modality, which must not attend to the noisy one: "
                 f"set config.model.mask to include no_peek, e.g. '{spec.rule} & no_peek'"

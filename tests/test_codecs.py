@@ -8,7 +8,8 @@ import pytest
 from mmdit.codecs.base import AudioCodec, VideoCodec
 from mmdit.codecs.mel import MelCodec
 from mmdit.codecs.pixels import PixelCodec
-from mmdit.codecs.text import BOS, EOS, PAD, ByteTextEncoder, ByteTokenizer
+from mmdit.codecs.text import BOS, EOS, PAD, ByteTokenizer
+from mmdit.model.text_encoder import ByteTextEncoder
 from mmdit.data.synthetic import SyntheticWorld, WorldConfig
 from mmdit.eval import lipsync
 
@@ -71,8 +72,7 @@ def test_pixel_codec_is_a_projection():
     np.testing.assert_allclose(again[:, 1:], z[:, 1:], atol=1e-4)  # every latent is a valid code...
     # ... except latent frame 0, whose 4 slots hold one frame: decoding averages them.
     slot_mean = z[:, 0].reshape(1, 8, 8, 4, 16).mean(axis=3, keepdims=True)
-    np.testing.assert_allclose(again[:, 0].reshape(1, 8, 8, 4, 16), np.broadcast_to(slot_mean, (1, 8, 8, 4, 16)),
-                               atol=1e-4)
+    np.testing.assert_allclose(again[:, 0].reshape(1, 8, 8, 4, 16), np.broadcast_to(slot_mean, (1, 8, 8, 4, 16)), atol=1e-4)
 
 
 def test_pixel_codec_temporal_layout(clips):
@@ -129,7 +129,7 @@ def test_mel_codec_rate_and_shapes(clips):
     assert abs(float(z.mean())) < 0.5 and 0.5 < float(z.std()) < 1.5
     # Latent j covers 40 ms starting at j / 25 s: a burst in [1.0, 1.04) s lands in latent 25.
     burst = np.zeros((1, 32000), np.float32)
-    burst[0, 16000 + 100: 16000 + 540] = np.sin(np.arange(440) * 0.3)
+    burst[0, 16000 + 100 : 16000 + 540] = np.sin(np.arange(440) * 0.3)
     energy = codec.encode(burst).mean(axis=-1)[0]
     assert int(np.argmax(energy)) == 25
 
@@ -166,7 +166,7 @@ def test_tokenizer_round_trip_and_layout():
         ids = tok.encode(text, 48)
         assert ids.shape == (48,) and ids.dtype == np.int32
         n = len(text.encode("utf-8"))
-        assert ids[0] == BOS and ids[n + 1] == EOS and (ids[n + 2:] == PAD).all() and (ids[1:n + 1] >= 3).all()
+        assert ids[0] == BOS and ids[n + 1] == EOS and (ids[n + 2 :] == PAD).all() and (ids[1 : n + 1] >= 3).all()
         assert tok.decode(ids) == text
     cut = tok.encode("ééééé", 6)  # 4 byte slots: exactly two 2-byte characters, never half of one
     assert tok.decode(cut) == "éé" and cut[-1] == EOS

@@ -40,10 +40,16 @@ def test_full_presets_match_published_parameter_counts():
 
 
 def test_mmdit_info_cli_reports_and_errors():
-    out = subprocess.run([sys.executable, "-m", "mmdit.cli.info", "--config", "configs/jamflow.py:tiny"], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "mmdit.cli.info", "--config", "configs/jamflow.py:tiny"], capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr
     assert "motion" in out.stdout and "FLOPs per training step" in out.stdout
-    bad = subprocess.run([sys.executable, "-m", "mmdit.cli.info", "--config", "configs/jamflow.py:tiny", "--set", "model.heads=3"], capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "mmdit.cli.info", "--config", "configs/jamflow.py:tiny", "--set", "model.heads=3"],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "not divisible by model.heads=3" in bad.stderr
 
 
@@ -54,3 +60,65 @@ def test_config_overrides_and_missing_files():
         config_lib.override(cfg, ["model.nope=1"])
     with pytest.raises(FileNotFoundError, match="presets"):
         config_lib.load("configs/does_not_exist.py")
+
+
+def test_unknown_override_names_the_nearest_field():
+    cfg = config_lib.load("configs/demo.py:tiny")
+    with pytest.raises(KeyError, match="no field 'model.no_such_field'"):
+        config_lib.override(cfg, ["model.no_such_field=1"])
+    with pytest.raises(KeyError, match="did you mean 'train.steps'"):
+        config_lib.override(cfg, ["train.stpes=3"])
+    with pytest.raises(KeyError, match="did you mean 'model.streams.video.dim'"):
+        config_lib.override(cfg, ["model.streams.video.dimm=3"])
+    with pytest.raises(ValueError, match="train.steps=abc"):
+        config_lib.override(cfg, ["train.steps=abc"])
+    # names inside open mappings may be added
+    assert config_lib.override(cfg, ["tasks.tts=0.0"]).tasks.tts == 0.0
+
+
+def test_variants_combine_and_unknown_variants_fail():
+    ovi = config_lib.load("configs/unitalking.py:tiny,ovi")
+    assert ovi.model.streams.audio.time_factor == pytest.approx(0.19676) and ovi.model.num_layers == 2
+    assert "time_factor" not in config_lib.load("configs/unitalking.py:tiny").model.streams.audio
+    with pytest.raises(ValueError, match=r"variant\(s\) \['tinyy'\] unknown; this config knows \['tiny'\]"):
+        config_lib.load("configs/demo.py:tinyy")
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_validates_every_section(name):
+    from mmdit import config_spec
+
+    for arg in ("", ":tiny"):
+        run = config_spec.build_run_spec(config_lib.load(f"configs/{name}.py{arg}"))
+        assert run.train.steps >= 1 and run.sample.tasks and all(w >= 0 for _, w in run.tasks)
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("train.steps=-5", "train.steps=-5 must be >= 1"),
+        ("train.steps=0", "train.steps=0 must be >= 1"),
+        ("train.grad_accum=3", "not divisible by train.grad_accum=3"),
+        ("train.schedule='linear'", "train.schedule='linear': choose one of"),
+        ("train.ema_decay=1.0", "train.ema_decay=1.0 must be < 1"),
+        ("sample.shift=-1", "sample.shift=-1.0 must be > 0"),
+        ("sample.steps=0", "sample.steps=0 must be >= 1"),
+        ("sample.num_per_task=0", "sample.num_per_task=0 must be >= 1"),
+        ("sample.guidance_mode='x'", "sample.guidance_mode='x': choose one of"),
+        ("sample.tasks=('t2x',)", "unknown task"),
+        ("sample.tasks=('a2v_features',)", "sample.tasks="),
+        ("sample.stream_shift.vidoe=2.0", "sample.stream_shift names \\['vidoe'\\]"),
+        ("flow.condition_dropout.txt=0.1", "flow.condition_dropout names \\['txt'\\]"),
+        ("flow.independent_streams=1.5", "flow.independent_streams=1.5 must be <= 1"),
+        ("flow.sigma_dist='gauss'", "flow.sigma_dist='gauss'"),
+        ("data.num_workers=-1", "data.num_workers=-1 must be >= 0"),
+        ("mesh.data=0", "mesh.data=0 must be a positive integer or -1"),
+        ("tasks.t2av=-1.0", "weights must be >= 0"),
+    ],
+)
+def test_bad_values_fail_naming_the_field(setting, message):
+    from mmdit import config_spec
+
+    cfg = config_lib.override(config_lib.load("configs/demo.py:tiny"), [setting])
+    with pytest.raises(ValueError, match=message):
+        config_spec.build_run_spec(cfg)

@@ -17,8 +17,10 @@ def _setup(overrides=()):
     model = DiffusionModel.from_config(cfg)
     params = nn.unbox(model.init(jax.random.key(0)))
     rng = np.random.default_rng(0)
-    latents = {a.name: jnp.asarray(rng.standard_normal((3, *a.spec.shape, a.spec.channels)), jnp.float32)
-               for a in model.spec.streams}
+    latents = {
+        a.name: jnp.asarray(rng.standard_normal((3, *a.geometry.shape, a.geometry.channels)), jnp.float32)
+        for a in model.spec.streams
+    }
     length = model.spec.condition("text").length
     raw = {"text_tokens": jnp.asarray(rng.integers(1, 200, (3, length)), jnp.int32)}
     return model, params, latents, raw

@@ -15,8 +15,22 @@ from mmdit.data import media
 @pytest.mark.slow
 def test_mmdit_demo_tiny_end_to_end(tmp_path):
     wd = tmp_path / "demo"
-    out = subprocess.run([sys.executable, "-m", "mmdit.cli.main", "demo", "--config", "configs/demo.py:tiny", "--workdir", str(wd), "--no-progress"],
-                         capture_output=True, text=True, timeout=1500)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mmdit.cli.main",
+            "demo",
+            "--config",
+            "configs/demo.py:tiny",
+            "--workdir",
+            str(wd),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     for task in ("ground_truth", "t2av", "ti2av", "tv2a", "a2v"):
         assert task in out.stdout
@@ -47,7 +61,7 @@ def test_mmdit_demo_tiny_end_to_end(tmp_path):
     assert os.path.exists(wd / "config.json")
 
     # mmdit-eval on the same workdir: one task, and the cross-stream probe (file + table).
-    from mmdit.eval import cli as eval_cli
+    from mmdit.cli import eval as eval_cli
 
     rc = eval_cli.main(["--workdir", str(wd), "--tasks", "t2av", "--num", "2", "--probe", "--out", str(tmp_path / "eval2")])
     assert rc == 0

@@ -21,9 +21,10 @@ from test_sampler import B, fast_jit, tiny_setup, tiny_step
 from mmdit import config_lib
 from mmdit.data import media
 from mmdit.model.diffusion import DiffusionModel
-from mmdit.sample import cli as sample_cli
+from mmdit.cli import export as export_cli
+from mmdit.cli import sample as sample_cli
+from mmdit.sample import inputs
 from mmdit.sample.sampler import step_example_inputs
-from mmdit.serve import cli as serve_cli
 from mmdit.serve.export import _replace_dir as replace_dir
 from mmdit.serve.export import export_bundle, load_bundle
 
@@ -39,7 +40,7 @@ def bundle_path(tmp_path_factory):
     fake.restore_inference_params = lambda workdir, step=None: (cfg, params)
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(sys.modules, "mmdit.train.checkpoint", fake)
-        assert serve_cli.export_main(["--workdir", str(root / "run"), "--out", str(root / "bundle"), "--step", "3"]) == 0
+        assert export_cli.main(["--workdir", str(root / "run"), "--out", str(root / "bundle"), "--step", "3"]) == 0
     return str(root / "bundle")
 
 
@@ -123,9 +124,34 @@ def test_sample_cli_from_bundle_writes_h264_aac_mp4s(bundle_path, tmp_path, monk
     mp4, png = _inputs(tmp_path)
     out = tmp_path / "samples"
     tasks = ["t2av", "ti2av", "tv2a", "a2v"]
-    rc = sample_cli.main(["--bundle", bundle_path, "--task", ",".join(tasks), "--text", "ba mia lobo", "--image", png,
-                          "--video", mp4, "--audio", mp4, "--num", "1", "--seed", "4", "--steps", "2",
-                          "--guidance", "text=video:4,audio:3", "--stream-shift", "audio=1", "--out", str(out)])
+    rc = sample_cli.main(
+        [
+            "--bundle",
+            bundle_path,
+            "--task",
+            ",".join(tasks),
+            "--text",
+            "ba mia lobo",
+            "--image",
+            png,
+            "--video",
+            mp4,
+            "--audio",
+            mp4,
+            "--num",
+            "1",
+            "--seed",
+            "4",
+            "--steps",
+            "2",
+            "--guidance",
+            "text=video:4,audio:3",
+            "--stream-shift",
+            "audio=1",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out.split()
     assert printed == [str(out / f"{t}_0.mp4") for t in tasks]
@@ -144,8 +170,12 @@ def test_sample_cli_from_bundle_writes_h264_aac_mp4s(bundle_path, tmp_path, monk
         assert a["sample_rate"] == 16000 and abs(a["duration_s"] - SECONDS) < 1024 / 16000
         assert abs(v["duration_s"] - SECONDS) < 0.05
     if shutil.which("ffprobe"):
-        res = subprocess.run(["ffprobe", "-v", "error", "-show_entries", "stream=codec_type,codec_name,duration",
-                              "-of", "json", printed[0]], capture_output=True, text=True, check=True)
+        res = subprocess.run(
+            ["ffprobe", "-v", "error", "-show_entries", "stream=codec_type,codec_name,duration", "-of", "json", printed[0]],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         streams = json.loads(res.stdout)["streams"]
         assert sorted((s["codec_type"], s["codec_name"]) for s in streams) == [("audio", "aac"), ("video", "h264")]
         assert all(abs(float(s["duration"]) - SECONDS) < 1024 / 16000 for s in streams)
@@ -155,8 +185,7 @@ def test_bundles_from_another_model_corrupt_or_incomplete_are_rejected(bundle_pa
     cfg, _, params = tiny_setup()
     other_cfg = config_lib.override(cfg.copy_and_resolve_references(), ["model.num_layers=3"])
     other = DiffusionModel.from_config(other_cfg)
-    other_params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                                jax.eval_shape(other.init, jax.random.key(0)))
+    other_params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(other.init, jax.random.key(0)))
     with pytest.raises(ValueError, match="params do not match cfg.model"):
         export_bundle(other_cfg, params, str(tmp_path / "bad"))
     assert not os.path.exists(tmp_path / "bad")
@@ -208,7 +237,7 @@ def test_bundles_from_another_model_corrupt_or_incomplete_are_rejected(bundle_pa
     assert "pass --audio or --video" in capsys.readouterr().err
 
 
-def test_sample_cli_inputs_from_flags_and_eval_records(tmp_path):
+def test_sample_inputs_from_files_and_eval_records(tmp_path):
     """Input gathering and --guidance parsing without sampling: eval records fill what flags omit."""
     import soundfile
 
@@ -217,42 +246,49 @@ def test_sample_cli_inputs_from_flags_and_eval_records(tmp_path):
     from mmdit.tasks import roles
 
     cfg, model, _ = tiny_setup()
-    assert sample_cli.parse_guidance(["text=video:4,audio:3"]) == {"text": {"video": 4.0, "audio": 3.0}}
-    assert sample_cli.parse_guidance(["text=2;ref_audio=1.5"]) == {"text": 2.0, "ref_audio": 1.5}
-    assert sample_cli.parse_guidance(["none"]) == {} and sample_cli.parse_guidance(None) is None
-    assert sample_cli.parse_stream_shift(["audio=1", "video=3.5"]) == {"audio": 1.0, "video": 3.5}
-    assert sample_cli.parse_stream_shift(None) is None
+    assert inputs.parse_guidance(["text=video:4,audio:3"]) == {"text": {"video": 4.0, "audio": 3.0}}
+    assert inputs.parse_guidance(["text=2;ref_audio=1.5"]) == {"text": 2.0, "ref_audio": 1.5}
+    assert inputs.parse_guidance(["none"]) == {} and inputs.parse_guidance(None) is None
+    assert inputs.parse_stream_shift(["audio=1", "video=3.5"]) == {"audio": 1.0, "video": 3.5}
+    assert inputs.parse_stream_shift(None) is None
     with pytest.raises(ValueError, match="--stream-shift 'audio'"):
-        sample_cli.parse_stream_shift(["audio"])
+        inputs.parse_stream_shift(["audio"])
     with pytest.raises(ValueError, match="--guidance 'text=loud'"):
-        sample_cli.parse_guidance(["text=loud"])
+        inputs.parse_guidance(["text=loud"])
 
     spec, r = model.spec, roles(model.spec, cfg.model)
-    io = sample_cli._Media(spec, r, make_video_codec(cfg.codecs.video), make_audio_codec(cfg.codecs.audio))
+    io = inputs.MediaEncoder(spec, r, make_video_codec(cfg.codecs.video), make_audio_codec(cfg.codecs.audio))
     workdir = tmp_path / "run"
-    video_shape = tuple(spec.stream("video").spec.latent_shape)
-    recs = [{"video_latents": np.full(video_shape, i, np.float16), "audio_latents": np.full((17, 128), -i, np.float16),
-             "text": f"clip {i}"} for i in range(2)]
+    video_shape = tuple(spec.stream("video").geometry.latent_shape)
+    recs = [
+        {
+            "video_latents": np.full(video_shape, i, np.float16),
+            "audio_latents": np.full((17, 128), -i, np.float16),
+            "text": f"clip {i}",
+        }
+        for i in range(2)
+    ]
     with ShardWriter(str(workdir / "data" / "eval")) as w:
         for rec in recs:
             w.write(rec)
-    evals = sample_cli._EvalRecords(str(workdir))
-    no_flags = sample_cli._parser().parse_args(["--workdir", str(workdir)])
-    assert sample_cli._texts("t2av", no_flags, evals, 3) == ["clip 0", "clip 1", "clip 0"]
-    known, sources = sample_cli._gather("tv2a", ["video"], no_flags, io, r, evals, 3)
+    evals = inputs.EvalRecords.of_workdir(str(workdir))
+    assert evals.path == str(workdir / "data" / "eval")
+    assert inputs.gather_texts("t2av", 3, evals) == ["clip 0", "clip 1", "clip 0"]
+    known, sources = inputs.gather_known_latents("tv2a", ["video"], io, r, evals, 3)
     np.testing.assert_array_equal(known["video"][:, 0, 0, 0, 0], [0, 1, 0])
     assert sources == {"video": f"eval records {evals.path}"}
 
     wav = str(tmp_path / "speech.wav")
     soundfile.write(wav, 0.2 * np.sin(2 * np.pi * 300 * np.arange(8000) / 16000), 16000)  # 0.5 s: padded
-    with_audio = sample_cli._parser().parse_args(["--bundle", "B", "--audio", wav])
-    known, sources = sample_cli._gather("a2v", ["audio"], with_audio, io, r, sample_cli._EvalRecords(None), 2)
+    notes = []
+    io.note = notes.append
+    known, sources = inputs.gather_known_latents("a2v", ["audio"], io, r, inputs.EvalRecords(None), 2, audio=wav)
     assert known["audio"].shape == (2, 17, 128) and sources == {"audio": f"--audio {wav}"}
+    assert notes == [f"--audio {wav} is 0.50 s; padding with silence to 0.68 s"]
     np.testing.assert_array_equal(known["audio"][0], known["audio"][1])
     assert known["audio"][0, 3].max() > known["audio"][0, -1].max() + 1  # a tone, then padded silence
 
-    bare = sample_cli._parser().parse_args(["--bundle", "B"])
     with pytest.raises(ValueError, match="pass --image or --video"):
-        sample_cli._gather("ti2av", ["video"], bare, io, r, sample_cli._EvalRecords(None), 1)
+        inputs.gather_known_latents("ti2av", ["video"], io, r, inputs.EvalRecords(None), 1)
     with pytest.raises(ValueError, match="pass --text"):
-        sample_cli._texts("t2av", bare, sample_cli._EvalRecords(None), 1)
+        inputs.gather_texts("t2av", 1, inputs.EvalRecords(None))

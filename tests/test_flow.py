@@ -1,4 +1,5 @@
-"""Tests for mmdit.flow: the flow convention, masked loss, samplers and multi-condition CFG."""
+"""Tests for mmdit.flow: the flow convention, σ sampling, noising, masked loss and condition dropout
+(samplers: tests/test_ode.py; CFG: tests/test_guidance.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -29,15 +30,6 @@ def test_shift_identity_monotone_fixed_points():
     np.testing.assert_allclose(flow.timestep_input(jnp.array([0.0, 0.25, 1.0])), [0, 250, 1000])
 
 
-def test_sampling_sigmas():
-    s = np.asarray(flow.sampling_sigmas(10))
-    assert s.shape == (11,)
-    np.testing.assert_allclose(s, np.linspace(1, 0, 11), atol=1e-6)
-    s3 = np.asarray(flow.sampling_sigmas(10, shift=3.0))
-    assert s3[0] == 1.0 and s3[-1] == 0.0 and np.all(np.diff(s3) < 0)
-    np.testing.assert_allclose(s3[5], 0.75, rtol=1e-6)
-
-
 def test_logit_normal_statistics():
     key = jax.random.PRNGKey(0)
     s = np.asarray(flow.sample_sigma(key, (20000,)))
@@ -58,8 +50,7 @@ def test_logit_normal_statistics():
 
 def test_sample_token_sigmas_shared_independent_known():
     b = 64
-    known = {"video": jnp.zeros((b, 6), bool).at[:, 0].set(True),
-             "audio": jnp.zeros((b, 5), bool).at[0].set(True)}
+    known = {"video": jnp.zeros((b, 6), bool).at[:, 0].set(True), "audio": jnp.zeros((b, 5), bool).at[0].set(True)}
     key = jax.random.PRNGKey(1)
     sig = flow.sample_token_sigmas(key, known)
     v, a = np.asarray(sig["video"]), np.asarray(sig["audio"])
@@ -74,8 +65,7 @@ def test_sample_token_sigmas_shared_independent_known():
     assert not np.any(vi[1:, 1] == ai[1:, 0])
     assert np.all(ai[0] == 0)
     # Deterministic under a fixed key and independent of dict order.
-    again = flow.sample_token_sigmas(key, {"audio": known["audio"], "video": known["video"]},
-                                     independent_streams=True)
+    again = flow.sample_token_sigmas(key, {"audio": known["audio"], "video": known["video"]}, independent_streams=True)
     np.testing.assert_array_equal(again["video"], vi)
     # A fraction: about that share of the samples draws independent σ's, the rest share one.
     big = {"video": jnp.zeros((2000, 3), bool), "audio": jnp.zeros((2000, 2), bool)}
@@ -122,8 +112,10 @@ def test_loss_value_and_masking():
     key = jax.random.PRNGKey(6)
     kp, kt = jax.random.split(key)
     pred, target = _streams(kp, b=2), _streams(kt, b=2)
-    known = {"video": jnp.array([[1, 1, 0, 0, 0, 0], [0] * 6], bool),
-             "audio": jnp.array([[1] * 5, [0, 0, 0, 1, 1]], bool)}  # audio fully known in sample 0
+    known = {
+        "video": jnp.array([[1, 1, 0, 0, 0, 0], [0] * 6], bool),
+        "audio": jnp.array([[1] * 5, [0, 0, 0, 1, 1]], bool),
+    }  # audio fully known in sample 0
     valid = {"video": jnp.array([[1] * 6, [1, 1, 1, 1, 0, 0]], bool)}
     weights = {"video": 1.0, "audio": 0.5}
     total, metrics = flow.flow_loss(pred, target, known, stream_weights=weights, valid=valid)
@@ -144,10 +136,11 @@ def test_loss_value_and_masking():
     np.testing.assert_allclose(metrics["loss/total"], total)
 
     # Predictions at known or invalid tokens change neither the loss nor its gradient.
-    junk = {"video": pred["video"].at[0, :2].set(1e3).at[1, 4:].set(-1e3),
-            "audio": pred["audio"].at[0].set(5.0).at[1, 3:].set(7.0)}
-    loss_fn = jax.jit(lambda p: flow.flow_loss(p, target, known, stream_weights=weights,
-                                               valid=valid)[0])
+    junk = {
+        "video": pred["video"].at[0, :2].set(1e3).at[1, 4:].set(-1e3),
+        "audio": pred["audio"].at[0].set(5.0).at[1, 3:].set(7.0),
+    }
+    loss_fn = jax.jit(lambda p: flow.flow_loss(p, target, known, stream_weights=weights, valid=valid)[0])
     np.testing.assert_allclose(loss_fn(junk), total, rtol=1e-6)
     g, g_junk = jax.grad(loss_fn)(pred), jax.grad(loss_fn)(junk)
     for n in pred:
@@ -165,182 +158,23 @@ def test_loss_sample_weights_and_fully_known_batch():
     none_known = {n: jnp.zeros(pred[n].shape[:2], bool) for n in pred}
     total, _ = flow.flow_loss(pred, target, None)
     np.testing.assert_allclose(total, flow.flow_loss(pred, target, none_known)[0])
-    per = [flow.flow_loss({n: v[b:b + 1] for n, v in pred.items()},
-                          {n: v[b:b + 1] for n, v in target.items()}, None)[0] for b in range(2)]
+    per = [
+        flow.flow_loss({n: v[b : b + 1] for n, v in pred.items()}, {n: v[b : b + 1] for n, v in target.items()}, None)[0]
+        for b in range(2)
+    ]
     np.testing.assert_allclose(total, np.mean(per), rtol=1e-6)
     w_total, _ = flow.flow_loss(pred, target, None, sample_weights=jnp.array([2.0, 0.0]))
     np.testing.assert_allclose(w_total, per[0], rtol=1e-6)
     # A padding sample (no valid token) neither contributes nor dilutes the mean over samples.
     pad = lambda d: {n: jnp.concatenate([v, 9.0 + v[:1]]) for n, v in d.items()}
     valid = {n: jnp.array([True, True, False])[:, None].repeat(pred[n].shape[1], 1) for n in pred}
-    np.testing.assert_allclose(flow.flow_loss(pad(pred), pad(target), None, valid=valid)[0], total,
-                               rtol=1e-6)
+    np.testing.assert_allclose(flow.flow_loss(pad(pred), pad(target), None, valid=valid)[0], total, rtol=1e-6)
     # Everything known: zero loss, zero finite gradient, no NaN in any metric.
     all_known = {n: jnp.ones(pred[n].shape[:2], bool) for n in pred}
     fn = jax.jit(lambda p: flow.flow_loss(p, target, all_known))
     (loss, metrics), g = fn(pred), jax.grad(lambda p: fn(p)[0])(pred)
     assert float(loss) == 0.0 and all(np.isfinite(float(v)) for v in metrics.values())
     assert all(np.all(np.asarray(v) == 0) for v in g.values())
-
-
-# -------------------------------------------------------------------------------------- sampler
-
-
-def _gaussian_velocity(mu, std):
-    """Exact velocity E[ε − x | x_σ] of the flow from N(mu, std²) data (per stream, per channel)."""
-
-    def fn(x, sigma_tokens, step):
-        out = {}
-        for n, xs in x.items():
-            s = sigma_tokens[n][..., None]
-            m, sd = mu[n], std[n]
-            var = (1 - s) ** 2 * sd**2 + s**2
-            r = xs - (1 - s) * m
-            e_x = m + (1 - s) * sd**2 / var * r
-            e_eps = s / var * r
-            out[n] = e_eps - e_x
-        return out
-
-    return fn
-
-
-def test_euler_recovers_gaussian_flow_and_holds_known_tokens():
-    b = 4096
-    mu = {"video": jnp.array([1.5, -0.5, 0.0]), "audio": jnp.array([-2.0, 3.0])}
-    std = {"video": jnp.array([0.5, 2.0, 1.0]), "audio": jnp.array([0.6, 1.5])}
-    kv, ka, kk = jax.random.split(jax.random.PRNGKey(8), 3)
-    noise = {"video": jax.random.normal(kv, (b, 4, 3)), "audio": jax.random.normal(ka, (b, 2, 2))}
-    known = {"video": jnp.zeros((b, 4), bool).at[:, 0].set(True)}
-    clean = {"video": jax.random.normal(kk, (b, 4, 3)) * 10.0}
-    seen = []
-
-    def record(i, x_next, x0_hat):
-        jax.debug.callback(lambda i: seen.append(int(i)), i)
-
-    v_fn = _gaussian_velocity(mu, std)
-
-    def checked(x, sigma_tokens, step):
-        # Known tokens must see σ = 0 at every step; poison the output if they do not.
-        bad = jnp.any(sigma_tokens["video"][:, 0] != 0)
-        return jax.tree.map(lambda v: jnp.where(bad, jnp.nan, v), v_fn(x, sigma_tokens, step))
-
-    sample = jax.jit(lambda nz: flow.euler_sample(checked, nz, flow.sampling_sigmas(200),
-                                                  known=known, known_values=clean,
-                                                  callback=record))
-    out = sample(noise)
-    assert seen == list(range(200))
-    # Known tokens are held bit-exact at their clean values.
-    np.testing.assert_array_equal(np.asarray(out["video"])[:, 0], np.asarray(clean["video"])[:, 0])
-    # Unknown tokens follow the exact flow map ε ↦ μ + std·ε (Euler error ~1/steps), so the
-    # statistics of many samples match N(μ, std²) to ~2-3%.
-    for n, first in (("video", 1), ("audio", 0)):
-        gen = np.asarray(out[n])[:, first:].reshape(-1, mu[n].shape[0])
-        eps = np.asarray(noise[n])[:, first:].reshape(-1, mu[n].shape[0])
-        m, sd = np.asarray(mu[n]), np.asarray(std[n])
-        np.testing.assert_array_less(np.abs(gen.mean(0) - m), 0.03 * sd)
-        np.testing.assert_allclose(gen.std(0), sd, rtol=0.03)
-        np.testing.assert_array_less(np.abs(gen - (m + sd * eps)).max(0), 0.04 * sd)
-    # Determinism.
-    np.testing.assert_array_equal(sample(noise)["audio"], out["audio"])
-
-
-def test_heun_is_more_accurate_than_euler():
-    mu, std = {"a": jnp.array([1.0, -1.0])}, {"a": jnp.array([0.5, 2.0])}
-    noise = {"a": jax.random.normal(jax.random.PRNGKey(9), (256, 3, 2))}
-    exact = mu["a"] + std["a"] * noise["a"]
-    v_fn = _gaussian_velocity(mu, std)
-    sig = flow.sampling_sigmas(20, shift=2.0)
-    err_e = float(jnp.max(jnp.abs(flow.euler_sample(v_fn, noise, sig)["a"] - exact)))
-    err_h = float(jnp.max(jnp.abs(flow.heun_sample(v_fn, noise, sig)["a"] - exact)))
-    assert err_h < 0.15 * err_e and err_h < 0.05, (err_e, err_h)
-
-
-# ------------------------------------------------------------------------------------------ CFG
-
-
-def _v(key, b=2):
-    return _streams(key, b)
-
-
-def test_cfg_single_condition_is_standard_cfg():
-    vu, vc = _v(jax.random.PRNGKey(10)), _v(jax.random.PRNGKey(11))
-    for mode in ("nested", "independent"):
-        out = flow.guided_velocity([vu, vc], {"text": 4.0}, mode)
-        for n in vu:
-            np.testing.assert_allclose(out[n], vu[n] + 4.0 * (vc[n] - vu[n]), rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(flow.guided_velocity([vu], {})["audio"], vu["audio"])
-
-
-def test_cfg_nested_and_independent_algebra():
-    conds = ["text", "ref_audio", "audio"]
-    ev = [_v(jax.random.PRNGKey(20 + k)) for k in range(4)]
-    ones = flow.guided_velocity(ev, {c: 1.0 for c in conds}, "nested")
-    for n in ev[0]:
-        np.testing.assert_allclose(ones[n], ev[3][n], rtol=1e-5, atol=1e-6)
-    s = {"text": 2.0, "ref_audio": 3.0, "audio": 5.0}
-    nested = flow.guided_velocity(ev, s, "nested")
-    indep = flow.guided_velocity(ev, s, "independent")
-    for n in ev[0]:
-        v = [np.asarray(e[n]) for e in ev]
-        np.testing.assert_allclose(
-            nested[n], v[0] + 2 * (v[1] - v[0]) + 3 * (v[2] - v[1]) + 5 * (v[3] - v[2]), rtol=1e-5)
-        np.testing.assert_allclose(
-            indep[n], v[0] + 2 * (v[1] - v[0]) + 3 * (v[2] - v[0]) + 5 * (v[3] - v[0]), rtol=1e-5)
-    assert [list(p.values()) for p in flow.cfg_batch_plan(conds, "nested")] == [
-        [False] * 3, [True, False, False], [True, True, False], [True] * 3]
-    assert [list(p.values()) for p in flow.cfg_batch_plan(conds, "independent")] == [
-        [False] * 3, [True, False, False], [False, True, False], [False, False, True]]
-    with pytest.raises(ValueError):
-        flow.guided_velocity(ev[:3], s)
-
-
-def test_cfg_per_stream_scales():
-    vu, vc = _v(jax.random.PRNGKey(30)), _v(jax.random.PRNGKey(31))
-    out = flow.guided_velocity([vu, vc], {"text": {"video": 4.0}})
-    np.testing.assert_allclose(out["video"], vu["video"] + 4.0 * (vc["video"] - vu["video"]),
-                               rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(out["audio"], vc["audio"], rtol=1e-5, atol=1e-6)  # default 1.0
-    out = flow.guided_velocity([vu, vc], {"text": {"video": 4.0, "audio": 3.0}})
-    np.testing.assert_allclose(out["audio"], vu["audio"] + 3.0 * (vc["audio"] - vu["audio"]),
-                               rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("mode", ["nested", "independent"])
-def test_cfg_plan_combine_round_trip(mode):
-    b = 3
-    plan = flow.cfg_batch_plan(["text", "audio"], mode)
-    x = _streams(jax.random.PRNGKey(40), b)
-    flags = flow.cfg_keep_flags(plan, b)
-    assert flags["text"].shape == (3 * b,)
-
-    def model(xb, keep):  # a toy conditional model with a distinct output per pattern
-        t = keep["text"].astype(jnp.float32)[:, None, None]
-        a = keep["audio"].astype(jnp.float32)[:, None, None]
-        return {n: v * (1 + t) + 3 * a * v**2 + t * a for n, v in xb.items()}
-
-    stacked = model(flow.repeat_for_cfg(x, plan), flags)
-    scales = {"audio": {"video": 2.0, "audio": 6.0}, "text": 4.0}  # order is taken from the plan
-    batched = flow.combine_cfg(stacked, plan, scales)
-    evals = [model(x, {c: jnp.full((b,), k) for c, k in p.items()}) for p in plan]
-    ref = flow.guided_velocity(evals, {"text": 4.0, "audio": scales["audio"]}, mode)
-    for n in x:
-        assert batched[n].shape == x[n].shape
-        np.testing.assert_allclose(batched[n], ref[n], rtol=1e-6)
-    with pytest.raises(ValueError):
-        flow.combine_cfg(stacked, plan, {"text": 1.0})
-
-
-def test_guidance_schedule():
-    assert flow.guidance_scale(5.0, 0.3) == 5.0
-    np.testing.assert_allclose(flow.guidance_scale(5.0, 0.0, "cosine"), 5.0)
-    np.testing.assert_allclose(flow.guidance_scale(5.0, 1.0, "cosine"), 1.0, atol=1e-6)
-    np.testing.assert_allclose(flow.guidance_scale(5.0, 0.5, "cosine"), 3.0, atol=1e-6)
-    p = jnp.linspace(0, 1, 11)
-    assert np.all(np.diff(np.asarray(flow.guidance_scale(5.0, p, "cosine"))) < 0)
-    tree = flow.guidance_scale({"text": {"video": 4.0, "audio": 3.0}}, 1.0, "cosine")
-    np.testing.assert_allclose(tree["text"]["audio"], 1.0, atol=1e-6)
-    np.testing.assert_allclose(flow.step_progress(9, 10), 1.0)
-    np.testing.assert_allclose(flow.step_progress(0, 1), 0.0)
 
 
 # ------------------------------------------------------------------------------ condition dropout

@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 
 from mmdit.data import ingest, media
-from mmdit.data.records import (SKIP_CORRUPT, SKIP_LENGTH, SKIP_NO_AUDIO, SKIP_SCHEMA,
-                                SKIP_SILENT, SKIP_TOO_SHORT, open_dataset)
+from mmdit.data.records import SKIP_CORRUPT, SKIP_LENGTH, SKIP_NO_AUDIO, SKIP_SCHEMA, SKIP_SILENT, SKIP_TOO_SHORT, open_dataset
 
 SRC_FPS, SRC_SR = 25, 22050
 
@@ -23,7 +22,7 @@ class MinimalVideoCodec:
     def encode(self, frames):  # [B, N, H, W, 3] in [-1, 1] -> [B, F, H/8, W/8, 3]
         b, n, h, w, c = frames.shape
         assert frames.dtype == np.float32 and -1 <= frames.min() and frames.max() <= 1
-        rest = frames[:, 1:1 + 4 * ((n - 1) // 4)].reshape(b, -1, 4, h, w, c).mean(2)
+        rest = frames[:, 1 : 1 + 4 * ((n - 1) // 4)].reshape(b, -1, 4, h, w, c).mean(2)
         x = np.concatenate([frames[:, :1], rest], 1)[:, :, : h // 8 * 8, : w // 8 * 8]
         return x.reshape(b, -1, h // 8, 8, w // 8, 8, c).mean((3, 5))
 
@@ -51,7 +50,7 @@ class FakeAudioCodec:
     def encode(self, wave):
         b, t = wave.shape
         x = wave[:, : t // self.hop * self.hop].reshape(b, -1, self.hop)
-        return np.stack([np.sqrt((x ** 2).mean(-1)), x.mean(-1)], -1)
+        return np.stack([np.sqrt((x**2).mean(-1)), x.mean(-1)], -1)
 
 
 def _write_clip(path, seconds=1.2, audio_seconds=None, silent=False, audio=True, size=(32, 48)):
@@ -86,23 +85,31 @@ def clip_dir(tmp_path):
 def test_ingest_counts_skips_and_writes_latents(clip_dir, tmp_path):
     out = tmp_path / "records"
     vc, ac = FakeVideoCodec(), FakeAudioCodec()
-    manifest = ingest.ingest_mp4_dir(str(clip_dir), str(out), vc, ac, examples_per_shard=1,
-                                     identity_from=lambda p: 1 if "speaker_b" in p else 0)
+    manifest = ingest.ingest_mp4_dir(
+        str(clip_dir), str(out), vc, ac, examples_per_shard=1, identity_from=lambda p: 1 if "speaker_b" in p else 0
+    )
     assert manifest["num_examples"] == 2
-    assert manifest["skipped"] == {SKIP_CORRUPT: 2, SKIP_LENGTH: 1, SKIP_NO_AUDIO: 1,
-                                   SKIP_SILENT: 1, SKIP_TOO_SHORT: 1}
+    assert manifest["skipped"] == {SKIP_CORRUPT: 2, SKIP_LENGTH: 1, SKIP_NO_AUDIO: 1, SKIP_SILENT: 1, SKIP_TOO_SHORT: 1}
     by_source = {s["source"]: s["reason"] for s in manifest["skipped_sources"]}
-    assert by_source == {"c_silent.mp4": SKIP_SILENT, "d_mismatch.mp4": SKIP_LENGTH,
-                         "e_no_audio.mp4": SKIP_NO_AUDIO, "f_short.mp4": SKIP_TOO_SHORT,
-                         "g_corrupt.mp4": SKIP_CORRUPT, "h_truncated.mp4": SKIP_CORRUPT}
-    assert "g_corrupt.mp4" in next(s["detail"] for s in manifest["skipped_sources"]
-                                   if s["source"] == "g_corrupt.mp4")
+    assert by_source == {
+        "c_silent.mp4": SKIP_SILENT,
+        "d_mismatch.mp4": SKIP_LENGTH,
+        "e_no_audio.mp4": SKIP_NO_AUDIO,
+        "f_short.mp4": SKIP_TOO_SHORT,
+        "g_corrupt.mp4": SKIP_CORRUPT,
+        "h_truncated.mp4": SKIP_CORRUPT,
+    }
+    assert "g_corrupt.mp4" in next(s["detail"] for s in manifest["skipped_sources"] if s["source"] == "g_corrupt.mp4")
     assert manifest["metadata"]["video_fps"] == 12.0
     assert manifest["metadata"]["audio_sample_rate"] == 16000
 
-    ds = open_dataset(str(out), expected_schema={
-        "video_latents": {"kind": "array", "dtype": "float16", "shape": [None, 4, 6, 3]},
-        "audio_latents": {"kind": "array", "dtype": "float16", "shape": [None, 2]}})
+    ds = open_dataset(
+        str(out),
+        expected_schema={
+            "video_latents": {"kind": "array", "dtype": "float16", "shape": [None, 4, 6, 3]},
+            "audio_latents": {"kind": "array", "dtype": "float16", "shape": [None, 2]},
+        },
+    )
     examples = {ex["source"]: ex for ex in (ds[i] for i in range(len(ds)))}
     assert sorted(examples) == ["a_good.mp4", "speaker_b/b_good.mp4"]
     a, b = examples["a_good.mp4"], examples["speaker_b/b_good.mp4"]
@@ -114,7 +121,7 @@ def test_ingest_counts_skips_and_writes_latents(clip_dir, tmp_path):
         assert ex["video_latents"].shape[0] == vc.latent_frames(n_frames)
         assert ex["audio_latents"].shape[0] == int(round(n_frames / 12.0 * 16000)) // 640
         hop_rms = ex["audio_latents"][:, 0].astype(np.float32)
-        rms = np.sqrt(np.mean(hop_rms ** 2))  # the AM tone's RMS: 0.2·√0.5·√1.5
+        rms = np.sqrt(np.mean(hop_rms**2))  # the AM tone's RMS: 0.2·√0.5·√1.5
         assert rms == pytest.approx(0.2 * np.sqrt(0.75), abs=0.02)
 
 
@@ -124,8 +131,7 @@ def test_ingest_latents_match_direct_encoding(clip_dir, tmp_path):
     frames, wave = ingest.prepare_clip(path, vc, ac, ingest.ExampleSchema())
     assert frames.shape == (14, 32, 48, 3) and len(wave) == int(round(14 / 12 * 16000))
     video, audio = ingest.encode_clip(frames, wave, vc, ac, np.float32)
-    ingest.ingest_mp4_dir(str(clip_dir), str(tmp_path / "r"), vc, ac, latent_dtype=np.float32,
-                          text_from="filename")
+    ingest.ingest_mp4_dir(str(clip_dir), str(tmp_path / "r"), vc, ac, latent_dtype=np.float32, text_from="filename")
     ds = open_dataset(str(tmp_path / "r"))
     ex = next(ds[i] for i in range(len(ds)) if ds[i]["source"] == "a_good.mp4")
     np.testing.assert_array_equal(ex["video_latents"], video)
@@ -135,12 +141,10 @@ def test_ingest_latents_match_direct_encoding(clip_dir, tmp_path):
 
 def test_ingest_schema_fields_checked_on_latents(clip_dir, tmp_path):
     vc, ac = FakeVideoCodec(), FakeAudioCodec()
-    ok = ingest.ExampleSchema(fields={"video_latents": {"kind": "array", "dtype": "float16",
-                                                        "shape": [None, 4, 6, 3]}})
+    ok = ingest.ExampleSchema(fields={"video_latents": {"kind": "array", "dtype": "float16", "shape": [None, 4, 6, 3]}})
     m = ingest.ingest_mp4_dir(str(clip_dir), str(tmp_path / "ok"), vc, ac, schema=ok)
     assert m["num_examples"] == 2
-    wrong = ingest.ExampleSchema(fields={"video_latents": {"kind": "array",
-                                                           "shape": [None, 4, 6, 16]}})
+    wrong = ingest.ExampleSchema(fields={"video_latents": {"kind": "array", "shape": [None, 4, 6, 16]}})
     m = ingest.ingest_mp4_dir(str(clip_dir), str(tmp_path / "wrong"), vc, ac, schema=wrong)
     assert m["num_examples"] == 0 and m["skipped"][SKIP_SCHEMA] == 2
     details = [s["detail"] for s in m["skipped_sources"] if s["reason"] == SKIP_SCHEMA]
@@ -159,9 +163,7 @@ def test_resampling_and_resizing_helpers():
 
 def test_ingest_input_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        ingest.ingest_mp4_dir(str(tmp_path / "nope"), str(tmp_path / "o"), FakeVideoCodec(),
-                              FakeAudioCodec())
+        ingest.ingest_mp4_dir(str(tmp_path / "nope"), str(tmp_path / "o"), FakeVideoCodec(), FakeAudioCodec())
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"no \*\.mp4 files"):
-        ingest.ingest_mp4_dir(str(tmp_path / "empty"), str(tmp_path / "o"), FakeVideoCodec(),
-                              FakeAudioCodec())
+        ingest.ingest_mp4_dir(str(tmp_path / "empty"), str(tmp_path / "o"), FakeVideoCodec(), FakeAudioCodec())

@@ -156,9 +156,21 @@ def test_empty_tiles_are_skipped_and_full_tiles_are_unmasked():
     expect[:32, :32] = True
     run = lambda m: value_and_grads(
         lambda q, k, v: mk.flash_attention(
-            q, k, v, mask_fn=mask_fn, q_meta=(chunks,), k_meta=(chunks,), block_map=jnp.asarray(m),
-            block_q=32, block_k=32, interpret=True,
-        ), q, k, v, do,
+            q,
+            k,
+            v,
+            mask_fn=mask_fn,
+            q_meta=(chunks,),
+            k_meta=(chunks,),
+            block_map=jnp.asarray(m),
+            block_q=32,
+            block_k=32,
+            interpret=True,
+        ),
+        q,
+        k,
+        v,
+        do,
     )
     ref = lambda m: value_and_grads(
         lambda q, k, v: mk.reference_attention(q, k, v, mask_fn=lambda qf, kf: jnp.asarray(m)[None]), q, k, v, do
@@ -170,8 +182,8 @@ def test_empty_tiles_are_skipped_and_full_tiles_are_unmasked():
 
 
 def test_registry_pallas_matches_xla_for_mmdit_rules():
-    masks = pytest.importorskip("mmdit.model.masks")
-    from mmdit.model.attention_registry import AttentionOptions, attend
+    masks = pytest.importorskip("mmdit.attention.masks")
+    from mmdit.attention.registry import AttentionOptions, attend
 
     nv, na = 48, 29  # video tokens (3 chunks of 16) + audio tokens (last 3 invalid)
     s = nv + na
@@ -202,8 +214,8 @@ def test_registry_pallas_matches_xla_for_mmdit_rules():
 
 
 def test_registry_raises_unsupported():
-    masks = pytest.importorskip("mmdit.model.masks")
-    from mmdit.model.attention_registry import AttentionOptions, UnsupportedAttention, attend
+    masks = pytest.importorskip("mmdit.attention.masks")
+    from mmdit.attention.registry import AttentionOptions, UnsupportedAttention, attend
 
     s = 16
     fields = {f: np.zeros((1, s), bool if f in ("known", "valid") else np.int32) for f in masks.TokenMeta._fields}
@@ -251,9 +263,15 @@ def test_block_map_helpers():
     np.testing.assert_array_equal(from_dense, from_fn)
     assert from_dense.shape == (1, 5, 3) and set(np.unique(from_dense)) == {mk.EMPTY, mk.PARTIAL, mk.FULL}
 
-    masks = pytest.importorskip("mmdit.model.masks")
-    fields = dict(stream=np.zeros((1, s), np.int32), time=np.zeros((1, s), np.float32), chunk=chunks,
-                  known=np.zeros((1, s), bool), valid=valid, group=np.zeros((1, s), np.int32))
+    masks = pytest.importorskip("mmdit.attention.masks")
+    fields = dict(
+        stream=np.zeros((1, s), np.int32),
+        time=np.zeros((1, s), np.float32),
+        chunk=chunks,
+        known=np.zeros((1, s), bool),
+        valid=valid,
+        group=np.zeros((1, s), np.int32),
+    )
     meta = masks.TokenMeta(**{f: fields[f] for f in masks.TokenMeta._fields})
     spec = masks.make_mask_spec("chunk_causal", ["video"], meta)
     np.testing.assert_array_equal(np.asarray(spec.block_map(bq, bk)), from_dense)
@@ -268,7 +286,7 @@ def test_block_map_helpers():
     # Refining is exact for EMPTY and FULL tiles (conservative for PARTIAL ones).
     fine = np.asarray(bm.clip_to_lengths(bm.refine(jnp.asarray(from_dense), 2, 2), s, s, bq // 2, bk // 2))
     exact = np.asarray(mk.block_map_from_dense(dense, bq // 2, bk // 2))
-    assert np.all(fine[..., exact.shape[-1]:] == mk.EMPTY)  # the coarse padding's extra tile
+    assert np.all(fine[..., exact.shape[-1] :] == mk.EMPTY)  # the coarse padding's extra tile
     fine = fine[..., : exact.shape[-1]]
     assert np.all((fine == mk.EMPTY) <= (exact == mk.EMPTY)) and np.all((fine == mk.FULL) <= (exact == mk.FULL))
     assert (fine != exact).any()  # some refined PARTIAL tiles are really EMPTY or FULL
@@ -299,7 +317,7 @@ def test_metadata_mask_matches_dense_and_fingerprints():
     col = np.concatenate([m[slice(i, i + 128), slice(128, 256)] for i in (0, 128)])  # column-major walk
     np.testing.assert_array_equal(col, dense[:, 128:])
 
-    masks = pytest.importorskip("mmdit.model.masks")
+    masks = pytest.importorskip("mmdit.attention.masks")
     fields = {f: np.zeros((1, 8), np.int32) for f in masks.TokenMeta._fields}
     meta = masks.TokenMeta(**fields)
     a = masks.make_mask_spec("chunk_causal & local(2)", ["v"], meta).kernel_mask_fn()
@@ -331,8 +349,8 @@ SHARD_MAP_SCRIPT = textwrap.dedent(
     jax.config.update("jax_num_cpu_devices", 4)
     import jax.numpy as jnp, numpy as np
     from jax.sharding import PartitionSpec as P
-    from mmdit.model import masks
-    from mmdit.model.attention_registry import AttentionOptions, attend
+    from mmdit.attention import masks
+    from mmdit.attention.registry import AttentionOptions, attend
 
     s, h, d = 80, 8, 32
     fields = dict(stream=np.zeros(s, np.int32), time=np.arange(s, dtype=np.float32) / 16,
@@ -362,7 +380,7 @@ SHARD_MAP_SCRIPT = textwrap.dedent(
 
 
 def test_pallas_inside_head_sharded_shard_map():
-    pytest.importorskip("mmdit.model.masks")
+    pytest.importorskip("mmdit.attention.masks")
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     res = subprocess.run([sys.executable, "-c", SHARD_MAP_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
@@ -393,8 +411,29 @@ def test_bench_cli_smoke(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "bench.json"
-    bench.main(["--interpret", "--seqs", "128", "--heads", "1", "--head-dim", "64", "--block-q", "64",
-                "--block-k", "64", "--warmup", "0", "--iters", "1", "--masks", "chunk_causal", "--out", str(out)])
+    bench.main(
+        [
+            "--interpret",
+            "--seqs",
+            "128",
+            "--heads",
+            "1",
+            "--head-dim",
+            "64",
+            "--block-q",
+            "64",
+            "--block-k",
+            "64",
+            "--warmup",
+            "0",
+            "--iters",
+            "1",
+            "--masks",
+            "chunk_causal",
+            "--out",
+            str(out),
+        ]
+    )
     report = json.loads(out.read_text())
     assert report["device"] and report["flops_convention"]
     done = [r for r in report["results"] if "ms" in r]

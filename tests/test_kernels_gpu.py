@@ -93,9 +93,7 @@ def test_compiled_matches_reference(case, dtype, b, sq, sk, h, d, blocks):
     q, k, v, do = qkv(b, sq, sk, h, d, dtype)
     mask_fn, qm, km = metadata(case, b, sq, sk)
     kw = dict(mask_fn=mask_fn, q_meta=qm, k_meta=km)
-    got = value_and_grads(
-        lambda q, k, v: mk.flash_attention(q, k, v, block_q=blocks[0], block_k=blocks[1], **kw), q, k, v, do
-    )
+    got = value_and_grads(lambda q, k, v: mk.flash_attention(q, k, v, block_q=blocks[0], block_k=blocks[1], **kw), q, k, v, do)
     want = value_and_grads(lambda q, k, v: mk.reference_attention(q, k, v, **kw), q, k, v, do)
     check(got, want, 2e-4 if dtype == jnp.float32 else 3e-2, f"{case}/{jnp.dtype(dtype).name}")
 
@@ -115,9 +113,7 @@ def test_compiled_fully_masked_rows_and_skipped_tiles():
     # A map that skips an allowed tile changes the result exactly as masking that tile would.
     bmap = np.array(mk.block_map_from_mask_fn(fn, (dead, chunks), (chunks,), s, s, 128, 128))
     bmap[0, 3, 1] = mk.EMPTY
-    got = value_and_grads(
-        lambda q, k, v: mk.flash_attention(q, k, v, block_map=jnp.asarray(bmap), **kw), q, k, v, do
-    )
+    got = value_and_grads(lambda q, k, v: mk.flash_attention(q, k, v, block_map=jnp.asarray(bmap), **kw), q, k, v, do)
     pos = np.arange(s)
     fn_cut = lambda qf, kf: fn(qf[:2], kf[:1]) & ~((qf[2] // 128 == 3) & (kf[1] // 128 == 1))
     kw_cut = dict(mask_fn=fn_cut, q_meta=(dead, chunks, pos[None]), k_meta=(chunks, pos[None]))
@@ -126,8 +122,8 @@ def test_compiled_fully_masked_rows_and_skipped_tiles():
 
 
 def test_compiled_registry_matches_xla():
-    masks = pytest.importorskip("mmdit.model.masks")
-    from mmdit.model.attention_registry import AttentionOptions, attend
+    masks = pytest.importorskip("mmdit.attention.masks")
+    from mmdit.attention.registry import AttentionOptions, attend
 
     nv, na = 1560, 157  # 5 latent frames of 312 video tokens + 5 s of audio latents
     s = nv + na
@@ -143,7 +139,5 @@ def test_compiled_registry_matches_xla():
     q, k, v, do = qkv(1, s, s, 4, 128, jnp.bfloat16, seed=4)
     for rule in ("full", "chunk_causal & no_peek", "local(1) | same_stream"):
         spec = masks.make_mask_spec(rule, ["video", "audio"], meta)
-        run = lambda impl: value_and_grads(
-            lambda q, k, v: attend(q, k, v, spec, AttentionOptions(impl=impl)), q, k, v, do
-        )
+        run = lambda impl: value_and_grads(lambda q, k, v: attend(q, k, v, spec, AttentionOptions(impl=impl)), q, k, v, do)
         check(run("pallas"), run("xla"), 3e-2, rule)

@@ -74,7 +74,7 @@ def test_envelope_windows_and_units(clips):
     assert env.shape == (50,) and env.dtype == np.float32
     # Frame n's window is samples [640 n, 640 (n + 1)): a click there raises exactly that frame.
     wave = np.full(32000, 1e-3, np.float32)
-    wave[640 * 7 + 100: 640 * 7 + 140] = 0.5
+    wave[640 * 7 + 100 : 640 * 7 + 140] = 0.5
     env = lipsync.audio_envelope(wave)
     assert int(np.argmax(env)) == 7 and env[6] < env[7] - 1 and env[8] < env[7] - 1
 
@@ -101,7 +101,7 @@ def test_bad_input_raises_naming_the_argument(clips):
     with pytest.raises(ValueError, match="sample_rate=22050"):
         lipsync.evaluate_clip(clip.video, clip.audio, sample_rate=22050)
     with pytest.raises(ValueError, match="wave lasts"):
-        lipsync.evaluate_clip(clip.video, clip.audio[: 16000])
+        lipsync.evaluate_clip(clip.video, clip.audio[:16000])
     with pytest.raises(ValueError, match="frames"):
         lipsync.evaluate_clip(clip.video[..., 0], clip.audio)
     with pytest.raises(ValueError, match="too short"):
@@ -113,8 +113,12 @@ def test_bad_input_raises_naming_the_argument(clips):
 def test_identity_metrics_detect_an_identity_change():
     world = SyntheticWorld(WorldConfig(seed=0, min_seconds=2.0, max_seconds=2.0))
     a = world.clip(0)
-    other = next(i for i in range(1, 100) if world.identity_params(world.identity_of(i)).background.tolist()
-                 != world.identity_params(a.identity).background.tolist())
+    other = next(
+        i
+        for i in range(1, 100)
+        if world.identity_params(world.identity_of(i)).background.tolist()
+        != world.identity_params(a.identity).background.tolist()
+    )
     b = world.clip(other)
     same = identity_metrics(a.video)
     assert same["background_drift_max"] < 0.02 and same["skin_drift_max"] < 0.05

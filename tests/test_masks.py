@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmdit.model import masks as M
+from mmdit.attention import masks as M
 
 NAMES = ("video", "audio")
 
@@ -19,7 +19,14 @@ def random_meta(rng, S=29, batch=2, groups=False):
     valid = rng.random((batch, S)) < 0.9
     group = stream.copy() if groups else np.zeros(S, np.int32)
     b = lambda x: np.broadcast_to(x, (batch, S))
-    return M.TokenMeta(jnp.asarray(b(stream)), jnp.asarray(b(time)), jnp.asarray(b(chunk)), jnp.asarray(known), jnp.asarray(valid), jnp.asarray(b(group)))
+    return M.TokenMeta(
+        stream=jnp.asarray(b(stream)),
+        time=jnp.asarray(b(time)),
+        chunk=jnp.asarray(b(chunk)),
+        known=jnp.asarray(known),
+        valid=jnp.asarray(valid),
+        group=jnp.asarray(b(group)),
+    )
 
 
 def brute(rule_name, meta, b, i, j):
@@ -67,7 +74,10 @@ def test_basic_rules_match_brute_force(rule, groups):
     [
         ("chunk_causal & no_peek", lambda r, m, b, i, j: r("chunk_causal", m, b, i, j) and r("no_peek", m, b, i, j)),
         ("local(1.5) | chunk_causal", lambda r, m, b, i, j: r("local(1.5)", m, b, i, j) or r("chunk_causal", m, b, i, j)),
-        ("(local(1.5) | causal) & no_peek('audio')", lambda r, m, b, i, j: (r("local(1.5)", m, b, i, j) or r("causal", m, b, i, j)) and r("no_peek('audio')", m, b, i, j)),
+        (
+            "(local(1.5) | causal) & no_peek('audio')",
+            lambda r, m, b, i, j: (r("local(1.5)", m, b, i, j) or r("causal", m, b, i, j)) and r("no_peek('audio')", m, b, i, j),
+        ),
     ],
 )
 def test_composed_rules_match_brute_force(expr, fn):
@@ -100,7 +110,15 @@ def test_block_map_consistent_with_dense(rule, bq, bk):
 
 def test_block_map_padded_query_rows_do_not_spoil_full_blocks():
     S = 6  # 2 blocks of 4, last one half padding
-    meta = M.TokenMeta(*(jnp.asarray(x)[None] for x in (np.zeros(S, np.int32), np.zeros(S, np.float32), np.zeros(S, np.int32), np.zeros(S, bool), np.ones(S, bool), np.zeros(S, np.int32))))
+    fields = dict(
+        stream=np.zeros(S, np.int32),
+        time=np.zeros(S, np.float32),
+        chunk=np.zeros(S, np.int32),
+        known=np.zeros(S, bool),
+        valid=np.ones(S, bool),
+        group=np.zeros(S, np.int32),
+    )
+    meta = M.TokenMeta(**{f: jnp.asarray(x)[None] for f, x in fields.items()})
     bm = np.asarray(M.make_mask_spec("full", NAMES, meta).block_map(4, 8))
     assert bm[0, 1, 0] == M.PARTIAL  # keys 6, 7 are padding
     bm = np.asarray(M.make_mask_spec("full", NAMES, meta).block_map(4, 6))

@@ -17,8 +17,7 @@ FPS, SR = 24, 16000
 def _clip(n=30, h=35, w=50, seconds=None):
     """Smooth moving gradient frames uint8 [n, h, w, 3] and a 440 Hz tone float32 [T]."""
     yy, xx = np.mgrid[0:h, 0:w]
-    frames = np.stack([np.stack([(xx * 4 + 3 * t) % 256, (yy * 6) % 256,
-                                 np.full_like(xx, 40 + 5 * t)], -1) for t in range(n)])
+    frames = np.stack([np.stack([(xx * 4 + 3 * t) % 256, (yy * 6) % 256, np.full_like(xx, 40 + 5 * t)], -1) for t in range(n)])
     t = np.arange(int(SR * (seconds if seconds is not None else n / FPS))) / SR
     return frames.astype(np.uint8), (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
 
@@ -47,8 +46,7 @@ def test_round_trip_both_streams(tmp_path):
     assert kinds["audio"]["codec"] == "aac" and kinds["audio"]["sample_rate"] == SR
     assert kinds["audio"]["channels"] == 1
     assert kinds["video"]["duration_s"] == pytest.approx(30 / FPS, abs=1e-3)
-    assert kinds["audio"]["duration_s"] == pytest.approx(len(audio) / SR,
-                                                         abs=media.AAC_FRAME / SR)
+    assert kinds["audio"]["duration_s"] == pytest.approx(len(audio) / SR, abs=media.AAC_FRAME / SR)
     assert info["duration_s"] == pytest.approx(30 / FPS, abs=media.AAC_FRAME / SR)
 
 
@@ -125,8 +123,7 @@ def test_audio_only_file_has_no_video_stream(tmp_path):
     with av.open(path, "w", format="mp4") as c:
         s = c.add_stream("aac", rate=SR)
         s.layout = "mono"
-        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp",
-                                           layout="mono")
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
         frame.sample_rate, frame.pts = SR, 0
         c.mux(s.encode(frame))
         c.mux(s.encode(None))
@@ -139,9 +136,14 @@ def test_probe_agrees_with_ffprobe(tmp_path):
     frames, audio = _clip()
     path = str(tmp_path / "clip.mp4")
     media.write_mp4(path, frames, FPS, audio, SR)
-    out = json.loads(subprocess.run(
-        ["ffprobe", "-v", "error", "-print_format", "json", "-show_streams", "-show_format",
-         path], check=True, capture_output=True, text=True).stdout)
+    out = json.loads(
+        subprocess.run(
+            ["ffprobe", "-v", "error", "-print_format", "json", "-show_streams", "-show_format", path],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
     ours = media.probe(path)
     assert [s["codec_name"] for s in out["streams"]] == [s["codec"] for s in ours["streams"]]
     for theirs, mine in zip(out["streams"], ours["streams"]):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from conftest import tiny_model_cfg
 
-from mmdit.model import attention_registry as reg
-from mmdit.model import masks as M
+from mmdit.attention import masks as M
+from mmdit.attention import registry as reg
 from mmdit.model.attention import joint_attention
 from mmdit.model.layers import TimestepEmbedding
 from mmdit.model.mmdit import MMDiT
@@ -16,8 +16,11 @@ from mmdit.model.spec import build_spec
 
 def inputs(spec, batch=2, seed=0, sigma=0.5):
     keys = jax.random.split(jax.random.key(seed), 8)
-    tokens = {a.name: jax.random.normal(keys[i], (batch, a.spec.num_tokens, a.spec.token_dim)) for i, a in enumerate(spec.streams)}
-    sig = {a.name: jnp.full((batch, a.spec.num_tokens), sigma) for a in spec.streams if not a.spec.condition}
+    tokens = {
+        a.name: jax.random.normal(keys[i], (batch, a.geometry.num_tokens, a.geometry.token_dim))
+        for i, a in enumerate(spec.streams)
+    }
+    sig = {a.name: jnp.full((batch, a.geometry.num_tokens), sigma) for a in spec.streams if not a.geometry.condition}
     conds = {c.name: jax.random.normal(keys[5 + i], (batch, c.length, c.dim)) for i, c in enumerate(spec.conditions)}
     return tokens, sig, conds
 
@@ -38,7 +41,14 @@ def test_joint_attention_with_cross_pairs_masked_equals_separate_attention():
     vs = {"video": jax.random.normal(k[4], (B, Sv, H, D)), "audio": jax.random.normal(k[5], (B, Sa, H, D))}
     stream = jnp.concatenate([jnp.zeros(Sv, jnp.int32), jnp.ones(Sa, jnp.int32)])[None]
     S = Sv + Sa
-    meta = M.TokenMeta(stream, jnp.zeros((1, S)), jnp.zeros((1, S), jnp.int32), jnp.zeros((1, S), bool), jnp.ones((1, S), bool), stream)
+    meta = M.TokenMeta(
+        stream=stream,
+        time=jnp.zeros((1, S)),
+        chunk=jnp.zeros((1, S), jnp.int32),
+        known=jnp.zeros((1, S), bool),
+        valid=jnp.ones((1, S), bool),
+        group=stream,
+    )
     opts = reg.AttentionOptions()
     joint = joint_attention(qs, ks, vs, M.make_mask_spec("full", ("video", "audio"), meta), opts)
     for n in ("video", "audio"):
@@ -71,7 +81,10 @@ def test_layers_outside_joint_layers_let_no_information_cross():
 def test_invalid_stream_is_never_attended():
     spec, model, params, data = build()
     B = 2
-    valid = {"video": jnp.ones((B, spec.stream("video").spec.num_tokens), bool), "audio": jnp.zeros((B, spec.stream("audio").spec.num_tokens), bool)}
+    valid = {
+        "video": jnp.ones((B, spec.stream("video").geometry.num_tokens), bool),
+        "audio": jnp.zeros((B, spec.stream("audio").geometry.num_tokens), bool),
+    }
     g = _cross_stream_grad(spec, model, params, data, valid=valid)
     assert float(jnp.abs(g).max()) == 0.0
 
@@ -116,7 +129,7 @@ def test_dropping_a_condition_removes_its_contribution():
 def test_chunk_causal_mask_blocks_future_chunks():
     spec, model, params, (t, s, c) = build(mask="chunk_causal", chunk_frames=1.0)
     # video has 3 latent frames = chunks 0, 1, 2; chunk 1 sees {0, 1} only, not 2.
-    v = spec.stream("video").spec
+    v = spec.stream("video").geometry
 
     def out_chunk1(video_tokens):
         o = model.apply(params, {**t, "video": video_tokens}, s, c)["video"]
@@ -172,8 +185,12 @@ def test_cudnn_impl_refuses_masks_and_falls_back_when_configured():
         MMDiT(spec).apply(params, *data)
     spec_fb = build_spec(tiny_model_cfg(mask="chunk_causal", chunk_frames=1.0, attention={"impl": "cudnn", "fallback": "xla"}))
     spec_x = build_spec(tiny_model_cfg(mask="chunk_causal", chunk_frames=1.0))
-    np.testing.assert_allclose(MMDiT(spec_fb).apply(params, *data)["video"], MMDiT(spec_x).apply(params, *data)["video"], atol=1e-6)
+    np.testing.assert_allclose(
+        MMDiT(spec_fb).apply(params, *data)["video"], MMDiT(spec_x).apply(params, *data)["video"], atol=1e-6
+    )
     # full mask: cudnn (XLA on CPU) matches the reference
     spec_c = build_spec(tiny_model_cfg(attention={"impl": "cudnn"}))
     spec_r = build_spec(tiny_model_cfg())
-    np.testing.assert_allclose(MMDiT(spec_c).apply(params, *data)["video"], MMDiT(spec_r).apply(params, *data)["video"], atol=1e-5)
+    np.testing.assert_allclose(
+        MMDiT(spec_c).apply(params, *data)["video"], MMDiT(spec_r).apply(params, *data)["video"], atol=1e-5
+    )

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mmdit.data import sharded_iterator
 from mmdit.parallel import distributed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,8 +55,9 @@ from jax.experimental import multihost_utils
 from mmdit.model.diffusion import DiffusionModel
 from mmdit.train import checkpoint, sharding
 from mmdit.train.state import make_optimizer
+from mmdit import config_spec
 
-run = sharding.setup(cfg, DiffusionModel.from_config(cfg), make_optimizer(cfg.train))
+run = sharding.setup(cfg, DiffusionModel.from_config(cfg), make_optimizer(config_spec.train_spec(cfg)))
 state = checkpoint.restore(checkpoint.make_manager(workdir, read_only=True), run.abstract_state)
 params = multihost_utils.process_allgather(state.params, tiled=True)
 flat = np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(params)])
@@ -67,8 +69,12 @@ if jax.process_index() == 0:
 
 
 def _env(**extra):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0",
-               PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_backend_optimization_level=0",
+        PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    )
     for k in (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES, distributed.ENV_PROCESS_ID):
         env.pop(k, None)
     env.update(extra)
@@ -84,7 +90,7 @@ def _run(cmd, env, timeout=900):
 @pytest.mark.slow  # ~3-5 min on 2 shared cores: three training runs (two of them 2-process)
 def test_two_processes_checkpoint_resume_match_single_process(tmp_path):
     from mmdit import config_lib
-    from mmdit.data.synth import synth
+    from mmdit.data.synth_records import synth
 
     synth(config_lib.load("configs/demo.py:tiny"), str(tmp_path / "data"), num_eval=0, progress=False)
     cfg_file = tmp_path / "cfg.py"
@@ -94,17 +100,33 @@ def test_two_processes_checkpoint_resume_match_single_process(tmp_path):
     multi, single = tmp_path / "multi", tmp_path / "single"
     logs = tmp_path / "logs"
 
-    local = [str(REPO / "launch/local.sh"), "-n", "2", "-d", "4", "--logdir", str(logs), "--", sys.executable, str(driver), str(cfg_file)]
+    local = [
+        str(REPO / "launch/local.sh"),
+        "-n",
+        "2",
+        "-d",
+        "4",
+        "--logdir",
+        str(logs),
+        "--",
+        sys.executable,
+        str(driver),
+        str(cfg_file),
+    ]
     first = _run(local + [str(multi), "3", str(tmp_path / "multi_3.npy")], _env())
     assert first == {**first, "step": 3, "processes": 2, "devices": 8}
     ckpt = multi / "checkpoints" / "3"
-    assert sorted(f for f in os.listdir(ckpt / "data_iter") if f.endswith(".json")) == \
-        ["process_0-of-2.json", "process_1-of-2.json"]  # each process saved its own iterator
+    assert sorted(f for f in os.listdir(ckpt / "data_iter") if f.endswith(".json")) == [
+        "process_0-of-2.json",
+        "process_1-of-2.json",
+    ]  # each process saved its own iterator
     resumed = _run(local + [str(multi), "0", str(tmp_path / "multi_6.npy")], _env())
     assert resumed["step"] == 6 and resumed["processes"] == 2
 
-    ref = _run([sys.executable, str(driver), str(cfg_file), str(single), "0", str(tmp_path / "single_6.npy")],
-               _env(XLA_FLAGS="--xla_backend_optimization_level=0 --xla_force_host_platform_device_count=8"))
+    ref = _run(
+        [sys.executable, str(driver), str(cfg_file), str(single), "0", str(tmp_path / "single_6.npy")],
+        _env(XLA_FLAGS="--xla_backend_optimization_level=0 --xla_force_host_platform_device_count=8"),
+    )
     assert ref["step"] == 6 and ref["processes"] == 1 and ref["devices"] == 8
 
     a, b = np.load(tmp_path / "multi_6.npy"), np.load(tmp_path / "single_6.npy")
@@ -119,7 +141,9 @@ def test_two_processes_checkpoint_resume_match_single_process(tmp_path):
     assert np.median(diff) < 1e-7 and np.mean(diff > TOL) < 1e-3, (np.median(diff), np.mean(diff > TOL))
     assert diff.max() < 1e-4, diff.max()
     assert np.median(np.abs(a - p3)) > 1e-4  # steps 4-6 really trained after the resume
-    losses = {name: [json.loads(line)["loss"] for line in open(tmp_path / name / "metrics.jsonl")] for name in ("multi", "single")}
+    losses = {
+        name: [json.loads(line)["loss"] for line in open(tmp_path / name / "metrics.jsonl")] for name in ("multi", "single")
+    }
     np.testing.assert_allclose(losses["multi"], losses["single"], rtol=1e-5)
 
     # only process 0 logs: each step once per run (steps 1-3 from the first run, 4-6 from the resume)
@@ -134,10 +158,15 @@ def test_two_processes_checkpoint_resume_match_single_process(tmp_path):
 
 
 def test_resolve_reads_config_then_env_then_cluster():
-    env = {distributed.ENV_COORDINATOR: "10.0.0.1:1234", distributed.ENV_NUM_PROCESSES: "4",
-           distributed.ENV_PROCESS_ID: "3", distributed.ENV_LOCAL_DEVICE_IDS: "0,1"}
-    assert distributed.resolve(None, env) == dict(coordinator_address="10.0.0.1:1234", num_processes=4, process_id=3,
-                                                  local_device_ids=[0, 1])
+    env = {
+        distributed.ENV_COORDINATOR: "10.0.0.1:1234",
+        distributed.ENV_NUM_PROCESSES: "4",
+        distributed.ENV_PROCESS_ID: "3",
+        distributed.ENV_LOCAL_DEVICE_IDS: "0,1",
+    }
+    assert distributed.resolve(None, env) == dict(
+        coordinator_address="10.0.0.1:1234", num_processes=4, process_id=3, local_device_ids=[0, 1]
+    )
     cfg = {"distributed": {"coordinator": "h:1", "num_processes": 2, "process_id": 0}}
     assert distributed.resolve(cfg, env)["coordinator_address"] == "h:1"
     assert distributed.resolve(None, {}) is None  # single process
@@ -147,11 +176,14 @@ def test_resolve_reads_config_then_env_then_cluster():
     assert distributed.resolve(None, {distributed.ENV_MODE: "auto"}) == {}
 
 
-@pytest.mark.parametrize("env, needles", [
-    ({"MMDIT_COORDINATOR": "h:1", "MMDIT_NUM_PROCESSES": "2"}, ["MMDIT_PROCESS_ID", "set both"]),
-    ({"MMDIT_COORDINATOR": "h:1", "MMDIT_NUM_PROCESSES": "2", "MMDIT_PROCESS_ID": "2"}, ["MMDIT_PROCESS_ID=2", "[0, 2)"]),
-    ({"MMDIT_COORDINATOR": "h:1", "MMDIT_NUM_PROCESSES": "two", "MMDIT_PROCESS_ID": "0"}, ["MMDIT_NUM_PROCESSES", "integer"]),
-])
+@pytest.mark.parametrize(
+    "env, needles",
+    [
+        ({"MMDIT_COORDINATOR": "h:1", "MMDIT_NUM_PROCESSES": "2"}, ["MMDIT_PROCESS_ID", "set both"]),
+        ({"MMDIT_COORDINATOR": "h:1", "MMDIT_NUM_PROCESSES": "2", "MMDIT_PROCESS_ID": "2"}, ["MMDIT_PROCESS_ID=2", "[0, 2)"]),
+        ({"MMDIT_COORDINATOR": "h:1", "MMDIT_NUM_PROCESSES": "two", "MMDIT_PROCESS_ID": "0"}, ["MMDIT_NUM_PROCESSES", "integer"]),
+    ],
+)
 def test_resolve_errors_name_the_variable(env, needles):
     with pytest.raises(ValueError) as e:
         distributed.resolve(None, env)
@@ -160,11 +192,11 @@ def test_resolve_errors_name_the_variable(env, needles):
 
 
 def test_shard_range_and_concat_state_roundtrip():
-    assert list(distributed.shard_range(0, 1, 2)) == [0, 1]  # 1 process reads both shards
-    assert list(distributed.shard_range(1, 2, 2)) == [1]
-    assert list(distributed.shard_range(1, 2, None)) == [1]
+    assert list(sharded_iterator.shard_range(0, 1, 2)) == [0, 1]  # 1 process reads both shards
+    assert list(sharded_iterator.shard_range(1, 2, 2)) == [1]
+    assert list(sharded_iterator.shard_range(1, 2, None)) == [1]
     with pytest.raises(ValueError, match="data.num_shards=3"):
-        distributed.shard_range(0, 2, 3)
+        sharded_iterator.shard_range(0, 2, 3)
 
     class Fake:
         def __init__(self, i):
@@ -180,11 +212,11 @@ def test_shard_range_and_concat_state_roundtrip():
         def set_state(self, s):
             self.n = json.loads(s)["n"]
 
-    it = distributed.ConcatShards([Fake(0), Fake(1)])
+    it = sharded_iterator.ConcatShards([Fake(0), Fake(1)])
     assert next(it)["x"].tolist() == [1, 1, 101, 101]
     state = it.get_state()
     next(it)
-    it2 = distributed.ConcatShards([Fake(0), Fake(1)])
+    it2 = sharded_iterator.ConcatShards([Fake(0), Fake(1)])
     it2.set_state(state)
     assert next(it2)["x"].tolist() == [2, 2, 102, 102]
 
@@ -204,8 +236,23 @@ def test_launchers_dry_run_print_what_they_would_run():
         assert "--xla_force_host_platform_device_count=4" in lines[i] and "mmdit.cli.train --config c.py" in lines[i]
     out = _dry("launch/tpu_pod.sh", "--dry-run", "--tpu", "pod", "--zone", "us-east5-a", "--", "--config", "c.py")
     assert "gcloud compute tpus tpu-vm ssh pod" in out and "--worker=all" in out and "MMDIT_DISTRIBUTED=auto" in out
-    out = _dry("launch/xpk.sh", "--dry-run", "--cluster", "k", "--workload", "w", "--image", "img", "--tpu-type", "v5p-64",
-               "--num-slices", "2", "--", "--config", "c.py")
+    out = _dry(
+        "launch/xpk.sh",
+        "--dry-run",
+        "--cluster",
+        "k",
+        "--workload",
+        "w",
+        "--image",
+        "img",
+        "--tpu-type",
+        "v5p-64",
+        "--num-slices",
+        "2",
+        "--",
+        "--config",
+        "c.py",
+    )
     assert out.startswith("xpk workload create") and "--tpu-type v5p-64 --num-slices 2" in out
     out = _dry("launch/slurm.sh", "--dry-run", "--config", "c.py")
     assert "MMDIT_NUM_PROCESSES=" in out and "mmdit.cli.train --no-progress --config c.py" in out

@@ -17,7 +17,6 @@ from pathlib import Path
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from mmdit.parallel import mesh as mesh_lib
@@ -31,8 +30,7 @@ def run_with_devices(script: str, n: int, timeout: int = 300) -> dict:
     """Runs ``script`` in a fresh interpreter with ``n`` fake CPU devices; returns its last-line JSON."""
     code = f"import jax\njax.config.update('jax_num_cpu_devices', {n})\n" + textwrap.dedent(script)
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
-                          cwd=REPO, env=env)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
     assert proc.returncode == 0, f"subprocess failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -265,8 +263,8 @@ def test_large_replicated_params_are_caught(mesh_results):
 SP_SCRIPT = r"""
 import json
 import jax, jax.numpy as jnp, numpy as np
-from mmdit.model.masks import TokenMeta, make_mask_spec
-from mmdit.model.attention_registry import AttentionOptions, xla_attention
+from mmdit.attention.masks import TokenMeta, make_mask_spec
+from mmdit.attention.registry import AttentionOptions, xla_attention
 from mmdit.parallel import make_mesh, ring_attention, sequence_parallel_attention, ulysses_attention
 
 NAMES = ["video", "audio"]
@@ -278,12 +276,12 @@ def two_stream_meta(batch=1, audio_valid=True, known_frames=(1,)):
     f = np.repeat(np.arange(6), 4)
     kf = np.asarray(known_frames).reshape(batch, 1)  # per example: frames before this are known
     video = TokenMeta(
-        np.zeros((1, 24), np.int32), f[None].astype(np.float32), (f // 2)[None].astype(np.int32),
-        f[None] < kf, np.ones((1, 24), bool), np.zeros((1, 24), np.int32))
+        stream=np.zeros((1, 24), np.int32), time=f[None].astype(np.float32), chunk=(f // 2)[None].astype(np.int32),
+        known=f[None] < kf, valid=np.ones((1, 24), bool), group=np.zeros((1, 24), np.int32))
     t = np.arange(7) * 6.0 / 7.0
     audio = TokenMeta(
-        np.ones((1, 7), np.int32), t[None].astype(np.float32), (t // 2)[None].astype(np.int32),
-        np.zeros((1, 7), bool), np.full((1, 7), audio_valid), np.zeros((1, 7), np.int32))
+        stream=np.ones((1, 7), np.int32), time=t[None].astype(np.float32), chunk=(t // 2)[None].astype(np.int32),
+        known=np.zeros((1, 7), bool), valid=np.full((1, 7), audio_valid), group=np.zeros((1, 7), np.int32))
     return TokenMeta.concat([video, audio], xp=np)
 
 def with_grads(fn, g):

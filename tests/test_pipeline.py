@@ -49,8 +49,14 @@ def test_batches_keys_shapes_and_transform(data_dir):
 
 
 def test_shuffle_is_seeded_and_covers_each_epoch(data_dir):
-    run = lambda seed: _indices(_take(P.make_train_iterator(  # noqa: E731
-        data_dir, global_batch_size=4, seed=seed), 12))
+    run = lambda seed: _indices(
+        _take(
+            P.make_train_iterator(  # noqa: E731
+                data_dir, global_batch_size=4, seed=seed
+            ),
+            12,
+        )
+    )
     a, b, c = run(1), run(1), run(2)
     assert a == b and a != c
     flat = sum(a, [])
@@ -92,9 +98,13 @@ def test_two_processes_partition_each_epoch(data_dir, shuffle):
     seen = []
     for i in range(2):
         it = P.make_train_iterator(
-            data_dir, global_batch_size=4, seed=3, shuffle=shuffle, num_epochs=1,
-            shard_options=grain.sharding.ShardOptions(shard_index=i, shard_count=2,
-                                                      drop_remainder=True))
+            data_dir,
+            global_batch_size=4,
+            seed=3,
+            shuffle=shuffle,
+            num_epochs=1,
+            shard_options=grain.sharding.ShardOptions(shard_index=i, shard_count=2, drop_remainder=True),
+        )
         batches = list(it)
         assert all(b["index"].shape == (2,) for b in batches)  # per-host batch = 4 / 2
         seen.append(sum(_indices(batches), []))
@@ -104,10 +114,12 @@ def test_two_processes_partition_each_epoch(data_dir, shuffle):
 
 
 def test_batch_size_must_divide_over_processes(data_dir):
-    with pytest.raises(ValueError, match=r"global_batch_size=5 is not divisible by the 2 JAX "
-                                         r"processes.*multiple of 2"):
-        P.make_train_iterator(data_dir, global_batch_size=5, seed=0,
-                              shard_options=grain.sharding.ShardOptions(0, 2, True))
+    with pytest.raises(
+        ValueError,
+        match=r"global_batch_size=5 is not divisible by the 2 JAX "
+        r"processes.*multiple of 2",
+    ):
+        P.make_train_iterator(data_dir, global_batch_size=5, seed=0, shard_options=grain.sharding.ShardOptions(0, 2, True))
     with pytest.raises(ValueError, match="fewer than one batch of 32"):
         P.make_train_iterator(data_dir, global_batch_size=32, seed=0, num_epochs=1)
 
@@ -129,15 +141,19 @@ def test_orbax_checkpoint_manager_saves_iterator_with_params(data_dir, tmp_path)
     items = ("params", P.DATA_ITER_ITEM)
     params = {"w": np.arange(3.0)}
     with ocp.CheckpointManager(str(tmp_path), item_names=items) as mngr:
-        mngr.save(4, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                             **{P.DATA_ITER_ITEM: P.iterator_save_args(it)}))
+        mngr.save(
+            4, args=ocp.args.Composite(params=ocp.args.StandardSave(params), **{P.DATA_ITER_ITEM: P.iterator_save_args(it)})
+        )
         mngr.wait_until_finished()
     assert (tmp_path / "4" / P.DATA_ITER_ITEM / "process_0-of-1.json").exists()
     fresh = P.make_train_iterator(data_dir, **kw)
     with ocp.CheckpointManager(str(tmp_path), item_names=items) as mngr:
-        restored = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(
-            params=ocp.args.StandardRestore({"w": np.zeros(3)}),
-            **{P.DATA_ITER_ITEM: P.iterator_restore_args(fresh)}))
+        restored = mngr.restore(
+            mngr.latest_step(),
+            args=ocp.args.Composite(
+                params=ocp.args.StandardRestore({"w": np.zeros(3)}), **{P.DATA_ITER_ITEM: P.iterator_restore_args(fresh)}
+            ),
+        )
     np.testing.assert_array_equal(restored["params"]["w"], params["w"])
     assert restored[P.DATA_ITER_ITEM] is fresh
     assert _indices(_take(fresh, 3)) == reference[4:]

@@ -1,4 +1,4 @@
-"""mmdit-plan: analytic plans for the presets, and the estimate against XLA's compiled memory.
+"""mmdit-plan (:mod:`mmdit.train.plan`): analytic plans for the presets, and the estimate against XLA's compiled memory.
 
 The analytic estimate is validated against ``compiled.memory_analysis()`` of the real sharded train
 step on 8 fake CPU devices (subprocesses): within ``TRAIN_TOL`` = 30% for the train step (measured:
@@ -17,14 +17,31 @@ from pathlib import Path
 import pytest
 
 from mmdit.cli import plan
+from mmdit.train import plan as plan_lib
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_TOL, SAMPLE_TOL = 0.30, 0.50
 # unitalking:tiny made activation-heavy enough that activations, state and gathers all matter
-TINY = ["--config", "configs/unitalking.py:tiny", "--batch", "8", "--set", "model.mask=full & no_peek",
-        "--set", "model.streams.video.shape=(6,8,8)", "--set", "model.streams.video.dim=128",
-        "--set", "model.streams.audio.dim=128", "--set", "model.streams.video.ffn=512",
-        "--set", "model.streams.audio.ffn=512", "--set", "model.heads=4"]
+TINY = [
+    "--config",
+    "configs/unitalking.py:tiny",
+    "--batch",
+    "8",
+    "--set",
+    "model.mask=full & no_peek",
+    "--set",
+    "model.streams.video.shape=(6,8,8)",
+    "--set",
+    "model.streams.video.dim=128",
+    "--set",
+    "model.streams.audio.dim=128",
+    "--set",
+    "model.streams.video.ffn=512",
+    "--set",
+    "model.streams.audio.ffn=512",
+    "--set",
+    "model.heads=4",
+]
 
 
 def run_plan(args, capsys) -> dict:
@@ -33,14 +50,14 @@ def run_plan(args, capsys) -> dict:
 
 
 def test_parse_topology():
-    t = plan.parse_topology("8xH100")
+    t = plan_lib.parse_topology("8xH100")
     assert (t.platform, t.devices, t.hbm_gb, t.peak) == ("gpu", 8, 80, 989e12)
-    assert plan.parse_topology("v5p-64").devices == 32  # 64 TensorCores = 32 chips = 32 JAX devices
-    assert plan.parse_topology("v6e-16").devices == 16
-    assert plan.parse_topology("8xcpu").platform == "cpu"
+    assert plan_lib.parse_topology("v5p-64").devices == 32  # 64 TensorCores = 32 chips = 32 JAX devices
+    assert plan_lib.parse_topology("v6e-16").devices == 16
+    assert plan_lib.parse_topology("8xcpu").platform == "cpu"
     with pytest.raises(ValueError, match="8xH100"):
-        plan.parse_topology("eight h100s")
-    assert plan.parse_mesh("data=2,fsdp=-1") == {"data": 2, "fsdp": -1}
+        plan_lib.parse_topology("eight h100s")
+    assert plan_lib.parse_mesh("data=2,fsdp=-1") == {"data": 2, "fsdp": -1}
 
 
 def test_demo_plan_is_analytic_and_fits(capsys):
@@ -64,8 +81,9 @@ def test_unitalking_plans_8xh100_and_v5p64(capsys):
     assert best["mesh"]["data"] * best["mesh"]["fsdp"] * best["mesh"]["sequence"] * best["mesh"]["tensor"] == 8
     assert r["search"]["smallest"]["total_gb"] <= best["total_gb"]
 
-    r = run_plan(["--config", "configs/unitalking.py", "--topology", "v5p-64", "--search", "--batch", "32",
-                  "--no-compile"], capsys)
+    r = run_plan(
+        ["--config", "configs/unitalking.py", "--topology", "v5p-64", "--search", "--batch", "32", "--no-compile"], capsys
+    )
     assert r["topology"]["devices"] == 32 and r["search"]["best"] is not None
     r = run_plan(["--config", "configs/unitalking.py", "--topology", "v5p-64", "--batch", "32"], capsys)
     assert "libtpu" in r["compiled"]["skipped"]
@@ -78,19 +96,32 @@ def test_plan_errors_name_the_fix(capsys):
 
 
 def _compiled_vs_estimate(extra) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0",
-               PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    proc = subprocess.run([sys.executable, "-m", "mmdit.cli.plan", *TINY, "--topology", "8xcpu", "--json", *extra],
-                          capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_backend_optimization_level=0",
+        PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "mmdit.cli.plan", *TINY, "--topology", "8xcpu", "--json", *extra],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout)
 
 
 @pytest.mark.slow  # two ~40 s compiles
-@pytest.mark.parametrize("extra", [
-    ["--mesh", "data=2,fsdp=4", "--set", "model.remat=none"],
-    ["--mesh", "data=1,fsdp=2,sequence=4", "--set", "model.remat=full", "--set", "model.sequence_parallel=ulysses"],
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--mesh", "data=2,fsdp=4", "--set", "model.remat=none"],
+        ["--mesh", "data=1,fsdp=2,sequence=4", "--set", "model.remat=full", "--set", "model.sequence_parallel=ulysses"],
+    ],
+)
 def test_estimate_within_tolerance_of_compiled_memory(extra):
     r = _compiled_vs_estimate(extra)
     est, comp = r["estimate"], r["compiled"]

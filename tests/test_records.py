@@ -47,10 +47,17 @@ def test_encode_decode_round_trip_all_value_kinds():
         "f16": np.linspace(-2, 2, 24, dtype=np.float16).reshape(2, 3, 4),
         "bf16": np.array([1.5, -3.0], ml_dtypes.bfloat16),
         "big_endian": np.arange(4, dtype=">f4"),
-        "i32": np.array([[1, -2]], np.int32), "u8": np.arange(3, dtype=np.uint8),
-        "b": np.array([True, False]), "scalar0d": np.array(7, np.int64),
-        "empty": np.zeros((0, 3), np.float32), "noncontig": np.arange(12.0).reshape(3, 4).T,
-        "s": "text", "i": 3, "np_int": np.int64(-4), "f": 0.5, "np_f": np.float32(0.25),
+        "i32": np.array([[1, -2]], np.int32),
+        "u8": np.arange(3, dtype=np.uint8),
+        "b": np.array([True, False]),
+        "scalar0d": np.array(7, np.int64),
+        "empty": np.zeros((0, 3), np.float32),
+        "noncontig": np.arange(12.0).reshape(3, 4).T,
+        "s": "text",
+        "i": 3,
+        "np_int": np.int64(-4),
+        "f": 0.5,
+        "np_f": np.float32(0.25),
         "flag": True,
     }
     out = R.decode_example(R.encode_example(ex))
@@ -63,8 +70,7 @@ def test_encode_decode_round_trip_all_value_kinds():
     assert type(out["np_f"]) is float and type(out["flag"]) is bool and out["s"] == "text"
 
 
-@pytest.mark.parametrize("bad", [np.array(["a", "b"]), np.array([object()]), b"raw", [1, 2],
-                                 {"nested": 1}, None])
+@pytest.mark.parametrize("bad", [np.array(["a", "b"]), np.array([object()]), b"raw", [1, 2], {"nested": 1}, None])
 def test_encode_rejects_unsupported_values(bad):
     with pytest.raises(TypeError, match="'k'"):
         R.encode_example({"k": bad})
@@ -74,6 +80,7 @@ def test_decode_rejects_garbage_and_other_versions():
     with pytest.raises(ValueError, match="undecodable"):
         R.decode_example(b"\x93not msgpack at all")
     import msgpack
+
     with pytest.raises(ValueError, match="format 2"):
         R.decode_example(msgpack.packb({"v": 2, "f": {}}))
 
@@ -85,8 +92,7 @@ def test_writer_reader_round_trip_and_manifest(tmp_path):
     assert [s["num_examples"] for s in manifest["shards"]] == [3, 3, 1]
     assert manifest["num_examples"] == 7 and manifest["format_version"] == R.MANIFEST_VERSION
     schema = manifest["schema"]
-    assert schema["video_latents"] == {"kind": "array", "dtype": "float16",
-                                       "shape": [2, 3, 3, 4], "optional": False}
+    assert schema["video_latents"] == {"kind": "array", "dtype": "float16", "shape": [2, 3, 3, 4], "optional": False}
     assert schema["audio_latents"]["shape"] == [None, 2]  # varying length
     assert schema["text"]["kind"] == "str" and schema["identity"]["kind"] == "int"
     ds = R.open_dataset(str(tmp_path), verify_checksums=True)
@@ -130,7 +136,10 @@ def test_existing_dataset_needs_overwrite_and_overwrite_removes_stale_shards(tmp
         R.ShardWriter(str(tmp_path), "train", 3)
     _write(tmp_path, n=4, per_shard=2, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "manifest.json", "train-00000-of-00002.array_record", "train-00001-of-00002.array_record"]
+        "manifest.json",
+        "train-00000-of-00002.array_record",
+        "train-00001-of-00002.array_record",
+    ]
     assert len(R.open_dataset(str(tmp_path))) == 4
 
 
@@ -164,14 +173,15 @@ def test_writer_killed_before_close_leaves_only_tmp_files(tmp_path):
     _write(existing, n=5, per_shard=2)
     before = (existing / "manifest.json").read_text()
     for d in (fresh, existing):
-        proc = subprocess.run([sys.executable, "-c", _CRASHING_WRITER, str(d)],
-                              capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-c", _CRASHING_WRITER, str(d)], capture_output=True, text=True)
         assert proc.returncode == -9, proc.stderr
     # A fresh directory: only tmp shards, no manifest; the reader says what happened.
-    assert sorted(p.name for p in fresh.iterdir()) == [
-        f"train-{i:05d}.array_record.tmp" for i in range(3)]
-    with pytest.raises(ValueError, match=r"manifest\.json does not exist: the writer did not "
-                                         r"finish \(3 \*\.tmp leftovers\).*re-run"):
+    assert sorted(p.name for p in fresh.iterdir()) == [f"train-{i:05d}.array_record.tmp" for i in range(3)]
+    with pytest.raises(
+        ValueError,
+        match=r"manifest\.json does not exist: the writer did not "
+        r"finish \(3 \*\.tmp leftovers\).*re-run",
+    ):
         R.open_dataset(str(fresh))
     # Over an existing dataset: its manifest and shards are untouched, the tmp files ignored.
     assert (existing / "manifest.json").read_text() == before
@@ -187,8 +197,11 @@ def test_truncated_shard_is_named(tmp_path):
     shard = tmp_path / m["shards"][1]["file"]
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match=rf"{shard.name} is \d+ bytes .* truncated .*re-run "
-                                         r"pytest writer"):
+    with pytest.raises(
+        ValueError,
+        match=rf"{shard.name} is \d+ bytes .* truncated .*re-run "
+        r"pytest writer",
+    ):
         R.open_dataset(str(tmp_path))
 
 
@@ -209,29 +222,38 @@ def test_corrupt_bytes_detected_on_read_and_by_checksum(tmp_path):
 def test_missing_listed_shard_is_named(tmp_path):
     m = _write(tmp_path)
     (tmp_path / m["shards"][2]["file"]).unlink()
-    with pytest.raises(ValueError, match=rf"{m['shards'][2]['file']} is listed in manifest.json "
-                                         r"but missing; re-run pytest writer"):
+    with pytest.raises(
+        ValueError,
+        match=rf"{m['shards'][2]['file']} is listed in manifest.json "
+        r"but missing; re-run pytest writer",
+    ):
         R.open_dataset(str(tmp_path))
 
 
 def test_schema_mismatches_are_reported(tmp_path):
     _write(tmp_path)
     with pytest.raises(ValueError, match=r"'video_latents' has dtype float16, expected float32"):
-        R.open_dataset(str(tmp_path), expected_schema={
-            "video_latents": {"kind": "array", "dtype": "float32"}})
+        R.open_dataset(str(tmp_path), expected_schema={"video_latents": {"kind": "array", "dtype": "float32"}})
     with pytest.raises(ValueError, match="missing key 'motion'"):
         R.open_dataset(str(tmp_path), expected_schema={"motion": {"kind": "array"}})
-    R.open_dataset(str(tmp_path), expected_schema={  # wildcard dims and optional keys pass
-        "video_latents": {"kind": "array", "shape": [None, 3, 3, 4]},
-        "ref_audio_latents": {"kind": "array", "optional": True}})
+    R.open_dataset(
+        str(tmp_path),
+        expected_schema={  # wildcard dims and optional keys pass
+            "video_latents": {"kind": "array", "shape": [None, 3, 3, 4]},
+            "ref_audio_latents": {"kind": "array", "optional": True},
+        },
+    )
     # A manifest whose schema does not describe its shards: caught per record, naming the shard.
     path = tmp_path / "manifest.json"
     m = json.loads(path.read_text())
     m["schema"]["video_latents"]["dtype"] = "float32"
     path.write_text(json.dumps(m))
     ds = R.open_dataset(str(tmp_path))
-    with pytest.raises(ValueError, match=r"train-00000-of-00003.array_record: record 0 does not "
-                                         r"match the schema"):
+    with pytest.raises(
+        ValueError,
+        match=r"train-00000-of-00003.array_record: record 0 does not "
+        r"match the schema",
+    ):
         ds[0]
 
 
@@ -246,8 +268,9 @@ def test_manifest_version_mismatch(tmp_path):
 
 
 def test_validate_example_counted_reasons():
-    schema = R.ExampleSchema(fields={"video_latents": {"kind": "array", "dtype": "float16"}},
-                             max_av_mismatch_s=0.1, min_audio_rms=1e-3)
+    schema = R.ExampleSchema(
+        fields={"video_latents": {"kind": "array", "dtype": "float16"}}, max_av_mismatch_s=0.1, min_audio_rms=1e-3
+    )
     good = _example(1)
     speech = 0.1 * np.sin(np.linspace(0, 300, 16000)).astype(np.float32)
     R.validate_example(good, schema, video_seconds=1.0, audio_seconds=1.05, waveform=speech)
@@ -264,5 +287,4 @@ def test_validate_example_counted_reasons():
     assert reason(good, video_seconds=1.0, audio_seconds=1.5) == R.SKIP_LENGTH
     assert reason(good, waveform=np.zeros(16000, np.float32)) == R.SKIP_SILENT
     assert reason(good, waveform=1e-4 * speech) == R.SKIP_SILENT
-    assert reason(dict(good, video_latents=good["video_latents"].astype(np.float32))) == \
-        R.SKIP_SCHEMA
+    assert reason(dict(good, video_latents=good["video_latents"].astype(np.float32))) == R.SKIP_SCHEMA

@@ -27,7 +27,9 @@ def test_scores_depend_only_on_position_differences():
     q, k = jax.random.normal(kq, (64,)), jax.random.normal(kk, (64,))
     base = _score(q, k, (3.0, 2.0, 5.0), (1.0, 7.0, 4.0))
     for shift in [(1.0, 0.0, 0.0), (2.5, 3.0, -1.0), (10.0, 10.0, 10.0)]:
-        shifted = _score(q, k, tuple(a + s for a, s in zip((3.0, 2.0, 5.0), shift)), tuple(a + s for a, s in zip((1.0, 7.0, 4.0), shift)))
+        shifted = _score(
+            q, k, tuple(a + s for a, s in zip((3.0, 2.0, 5.0), shift)), tuple(a + s for a, s in zip((1.0, 7.0, 4.0), shift))
+        )
         np.testing.assert_allclose(shifted, base, rtol=1e-4, atol=1e-4)
     # ...and they do depend on the difference
     assert abs(_score(q, k, (3.0, 2.0, 5.0), (2.0, 7.0, 4.0)) - base) > 1e-3
@@ -62,7 +64,9 @@ def test_audio_token_and_video_frame_at_same_instant_share_temporal_phase():
     v24 = rope.stream_angles(video_long, video_long.aligned_time(6.0), d)[24 * 4, :t_half]
     np.testing.assert_allclose(np.asarray(a125), np.asarray(v24), rtol=1e-5)
     f5 = np.where(video.positions()[:, 0] == 5)[0][0]
-    np.testing.assert_allclose(np.asarray(av[f5, :t_half]), np.asarray(rope.angles(jnp.array([5.0]), 0.0, 0.0, d)[0, :t_half]), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(av[f5, :t_half]), np.asarray(rope.angles(jnp.array([5.0]), 0.0, 0.0, d)[0, :t_half]), rtol=1e-6
+    )
 
 
 def test_time_factor_override():

@@ -15,9 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmdit import config_lib, flow
+from mmdit import config_lib
 from mmdit.codecs.text import ByteTokenizer
 from mmdit.model.diffusion import DiffusionModel
+from mmdit.sample import ode
 from mmdit.sample.sampler import Sampler, denoise_step_fn
 
 B = 2
@@ -57,8 +58,7 @@ def tiny_step():
 def tiny_inputs(model, batch=B, seed=1):
     """Random clean latents for every stream and byte-tokenized texts."""
     keys = jax.random.split(jax.random.key(seed), len(model.spec.streams))
-    latents = {a.name: jax.random.normal(k, (batch,) + tuple(a.spec.latent_shape))
-               for a, k in zip(model.spec.streams, keys)}
+    latents = {a.name: jax.random.normal(k, (batch,) + tuple(a.geometry.latent_shape)) for a, k in zip(model.spec.streams, keys)}
     texts = ["hello there", "a quiet voice", "ba mia lobo"][:batch]
     raw = {"text_tokens": ByteTokenizer().encode_batch(texts, model.spec.condition("text").length)}
     return latents, raw
@@ -87,7 +87,7 @@ def test_every_task_shapes_known_tokens_and_progress(setup, sampler, capsys):
         outs[task] = out = sampler.sample(params, rng, task=task, batch=B, known_latents=latents, raw_conds=raw)
         assert set(out) == set(model.spec.generated)
         for name, x in out.items():
-            assert x.shape == (B,) + tuple(model.spec.stream(name).spec.latent_shape), (task, name)
+            assert x.shape == (B,) + tuple(model.spec.stream(name).geometry.latent_shape), (task, name)
             assert bool(jnp.all(jnp.isfinite(x))), (task, name)
     assert "4/4" in capsys.readouterr().err  # the tqdm bar saw every step from inside the jitted loop
 
@@ -141,8 +141,9 @@ def test_nested_cfg_at_scale_one_equals_unguided_conditional(setup, sampler):
     _, model, params = setup
     latents, raw = tiny_inputs(model)
     kw = dict(task="ti2av", batch=B, known_latents=latents, raw_conds=raw)
-    guided = sampler.sample(params, jax.random.key(5), guidance={"text": {"video": 1.0, "audio": 1.0}},
-                            guidance_mode="nested", **kw)
+    guided = sampler.sample(
+        params, jax.random.key(5), guidance={"text": {"video": 1.0, "audio": 1.0}}, guidance_mode="nested", **kw
+    )
     plain = sampler.sample(params, jax.random.key(5), guidance={}, **kw)
     other = sampler.sample(params, jax.random.key(5), guidance={"text": {"video": 3.0, "audio": 3.0}}, **kw)
     for n in plain:
@@ -158,8 +159,18 @@ def test_batched_cfg_equals_separate_evaluations_by_hand(setup, sampler):
     latents, raw = tiny_inputs(model)
     scales = {"video": 3.0, "audio": 1.5}
     steps, shift, rng = 4, 2.0, jax.random.key(7)
-    out = sampler.sample(params, rng, task="ti2av", batch=B, known_latents=latents, raw_conds=raw, steps=steps,
-                         shift=shift, stream_shift={"audio": 1.0}, guidance={"text": scales})
+    out = sampler.sample(
+        params,
+        rng,
+        task="ti2av",
+        batch=B,
+        known_latents=latents,
+        raw_conds=raw,
+        steps=steps,
+        shift=shift,
+        stream_shift={"audio": 1.0},
+        guidance={"text": scales},
+    )
 
     step = tiny_step()
     k_noise, k_task = jax.random.split(rng)
@@ -168,7 +179,7 @@ def test_batched_cfg_equals_separate_evaluations_by_hand(setup, sampler):
     clean = model.tokens(latents)
     hold = lambda x: {n: jnp.where(masks.known[n][..., None], clean[n], x[n]) for n in x}  # noqa: E731
     x = hold(x)
-    sigmas = {"video": np.asarray(flow.sampling_sigmas(steps, shift)), "audio": np.asarray(flow.sampling_sigmas(steps, 1.0))}
+    sigmas = {"video": np.asarray(ode.sampling_sigmas(steps, shift)), "audio": np.asarray(ode.sampling_sigmas(steps, 1.0))}
     assert np.all(sigmas["audio"][1:-1] < sigmas["video"][1:-1])
     for i in range(steps):
         sig = {n: jnp.where(masks.known[n], 0.0, sigmas[n][i]) for n in x}
@@ -176,8 +187,9 @@ def test_batched_cfg_equals_separate_evaluations_by_hand(setup, sampler):
         v_u = step(*common, {"text": jnp.zeros(B, bool)}, masks.known, masks.valid)
         v_c = step(*common, {"text": jnp.ones(B, bool)}, masks.known, masks.valid)
         w = 0.5 * (1 + np.cos(np.pi * i / (steps - 1)))  # cosine: full scale at step 0, 1.0 at the last
-        x = hold({n: x[n] + (sigmas[n][i + 1] - sigmas[n][i]) * (v_u[n] + (1 + (scales[n] - 1) * w) * (v_c[n] - v_u[n]))
-                  for n in x})
+        x = hold(
+            {n: x[n] + (sigmas[n][i + 1] - sigmas[n][i]) * (v_u[n] + (1 + (scales[n] - 1) * w) * (v_c[n] - v_u[n])) for n in x}
+        )
     by_hand = model.latents(x)
     for n in out:
         np.testing.assert_allclose(out[n], by_hand[n], atol=2e-4, rtol=1e-4)

@@ -24,13 +24,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 TOL = 2e-5
 
-COMMON = r'''
+COMMON = r"""
 import json, sys, time
 import numpy as np, jax, jax.numpy as jnp, ml_collections as mlc, optax
 from mmdit import config_lib
 from mmdit.model.diffusion import DiffusionModel
 from mmdit.train import sharding, step as step_lib
 from mmdit.train.state import init_state, make_optimizer
+from mmdit import config_spec
 
 AXES = ("data", "fsdp", "sequence")
 
@@ -59,9 +60,11 @@ def flat(tree):
 
 def rel(a, b):
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12))
-'''
+"""
 
-EQUIVALENCE = COMMON + r'''
+EQUIVALENCE = (
+    COMMON
+    + r"""
 out = {}
 key = jax.random.key(0)
 dev0 = jax.devices()[0]
@@ -115,7 +118,7 @@ out["accum"] = dict(grads=rel(g_acc, ref_acc), loss=abs(float(m["loss"]) - np.me
                     differs_from_full_batch=rel(g_acc, ref_g), ema_decay=[implied_decay(new), implied_decay(ref_new)])
 
 # ---- the real optimizer (clip + AdamW, moments sharded like params), two steps
-adam = make_optimizer(cfg0.train)
+adam = make_optimizer(config_spec.train_spec(cfg0))
 r_state = jax.device_put(init_state(model, adam, key), dev0)
 r_step = jax.jit(step_lib.make_train_step(model, cfg0, adam))
 cfg = make_cfg((2, 4, 1))
@@ -146,9 +149,12 @@ out["restore"] = dict(values=rel(flat(restored), flat(s_state)), step=int(restor
 restored, m = run2.step(restored, run2.global_batch(np_batch(model, 8, seed=5)))
 out["restore"]["steps_after"] = bool(np.isfinite(float(m["loss"])))
 print(json.dumps(out))
-'''
+"""
+)
 
-MISCONFIG = COMMON + r'''
+MISCONFIG = (
+    COMMON
+    + r"""
 compiles = []
 jax.monitoring.register_event_duration_secs_listener(
     lambda name, *a, **k: compiles.append(name) if "backend_compile" in name else None)
@@ -171,15 +177,19 @@ with cfg.unlocked():
 out["replicated"] = attempt(cfg, min_replicated_bytes=1024)
 out["compiles"] = len(compiles)
 print(json.dumps(out))
-'''
+"""
+)
 
 
 def run_script(script: str, *args, timeout: int = 900) -> dict:
     code = "import jax\njax.config.update('jax_num_cpu_devices', 8)\n" + textwrap.dedent(script)
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0",
-               PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=REPO, env=env)
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_backend_optimization_level=0",
+        PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    )
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
     assert proc.returncode == 0, f"subprocess failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -236,13 +246,16 @@ def misconfig():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case, needles", [
-    ("product", ["multiply to 3", "8 devices", "-1"]),
-    ("ulysses_heads", ["heads=4", "mesh.sequence=8", "ring"]),
-    ("batch", ["global batch size 6", "multiple of 8"]),
-    ("accum", ["train.grad_accum=3", "multiple of 12"]),
-    ("replicated", ["fully replicated", "mesh.rules"]),
-])
+@pytest.mark.parametrize(
+    "case, needles",
+    [
+        ("product", ["multiply to 3", "8 devices", "-1"]),
+        ("ulysses_heads", ["heads=4", "mesh.sequence=8", "ring"]),
+        ("batch", ["global batch size 6", "multiple of 8"]),
+        ("accum", ["train.grad_accum=3", "multiple of 12"]),
+        ("replicated", ["fully replicated", "mesh.rules"]),
+    ],
+)
 def test_misconfigured_meshes_fail_before_compiling(misconfig, case, needles):
     msg = misconfig[case]
     assert msg is not None, case

@@ -20,7 +20,7 @@ def _pitch(wave: np.ndarray, sr: int, phones) -> float:
         if p not in "aoe" or e - s < 0.09:
             continue
         mid = int((s + e) / 2 * sr)
-        seg = wave[mid - int(0.03 * sr): mid + int(0.03 * sr)].astype(np.float64)
+        seg = wave[mid - int(0.03 * sr) : mid + int(0.03 * sr)].astype(np.float64)
         seg = (seg - seg.mean()) * np.hanning(len(seg))
         ac = np.fft.irfft(np.abs(np.fft.rfft(seg, 4 * len(seg))) ** 2)[: len(seg)]
         lo, hi = int(sr / 300), int(sr / 80)
@@ -82,7 +82,7 @@ def test_speech_is_silent_in_pauses_and_loud_in_vowels(world):
     sr = 16000
 
     def rms(p):
-        segs = [clip.audio[int(s * sr) + 320: int(e * sr) - 320] for q, s, e in clip.phones if q == p and e - s > 0.06]
+        segs = [clip.audio[int(s * sr) + 320 : int(e * sr) - 320] for q, s, e in clip.phones if q == p and e - s > 0.06]
         return np.sqrt(np.mean(np.concatenate(segs) ** 2)) if segs else None
 
     assert rms("_") < 0.01
@@ -110,8 +110,7 @@ def test_voice_is_a_function_of_identity(world):
     # Higher voices have higher formants (a smaller vocal tract), as in people.
     params = [world.identity_params(k) for k in range(world.cfg.num_identities)]
     assert np.corrcoef([np.log(p.f0) for p in params], [p.formant_scale for p in params])[0, 1] > 0.5
-    np.testing.assert_array_equal(SyntheticWorld(WorldConfig(seed=0)).identity_params(low).skin,
-                                  world.identity_params(low).skin)
+    np.testing.assert_array_equal(SyntheticWorld(WorldConfig(seed=0)).identity_params(low).skin, world.identity_params(low).skin)
 
 
 def test_mouth_opens_on_vowels_and_closes_in_pauses(world):

@@ -1,7 +1,6 @@
 """Each task yields its intended known/valid masks and conditions; multitask sampling per sample."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import tiny_model_cfg
@@ -32,7 +31,7 @@ def test_t2av_nothing_known(spec):
 
 def test_ti2av_first_frame_known(spec):
     m = run("ti2av", spec)
-    v = spec.stream("video").spec
+    v = spec.stream("video").geometry
     k = np.asarray(m.known["video"])
     assert k[:, : v.tokens_per_frame].all() and not k[:, v.tokens_per_frame :].any()
     assert not bool(m.known["audio"].any())
@@ -60,7 +59,7 @@ def test_inpaint_spans_cover_at_most_30_percent_contiguously(spec):
     m = tasks.task_masks("inpaint", jax.random.key(3), spec, B)
     fr = []
     for name in ("video", "audio"):
-        s = spec.stream(name).spec
+        s = spec.stream(name).geometry
         k = np.asarray(m.known[name]).reshape(B, s.token_frames(), s.tokens_per_frame)
         assert (k == k[..., :1]).all()  # whole frames
         per_frame = k[..., 0]

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 from mmdit import config_lib
-from mmdit.data.synth import synth
+from mmdit.data.synth_records import synth
 
 KILL_SCRIPT = textwrap.dedent(
     """
@@ -26,7 +26,13 @@ KILL_SCRIPT = textwrap.dedent(
     """
 )
 
-OVERRIDES = ["train.steps=6", "train.checkpoint_every=2", "train.log_every=1", "train.sample_every=1", "train.async_checkpoint=False"]
+OVERRIDES = [
+    "train.steps=6",
+    "train.checkpoint_every=2",
+    "train.log_every=1",
+    "train.sample_every=1",
+    "train.async_checkpoint=False",
+]
 
 
 def losses(workdir):
@@ -51,7 +57,18 @@ def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted(tmp_path):
     script = tmp_path / "kill_train.py"
     script.write_text(KILL_SCRIPT)
 
-    full = run(["-m", "mmdit.cli.train", "--config", cfg_path, "--workdir", str(tmp_path / "a"), "--no-progress", *sum([["--set", o] for o in OVERRIDES], [])])
+    full = run(
+        [
+            "-m",
+            "mmdit.cli.train",
+            "--config",
+            cfg_path,
+            "--workdir",
+            str(tmp_path / "a"),
+            "--no-progress",
+            *sum([["--set", o] for o in OVERRIDES], []),
+        ]
+    )
     assert full.returncode == 0, full.stderr[-3000:]
 
     killed = run([str(script), cfg_path, str(tmp_path / "b"), "5", *OVERRIDES])
@@ -59,7 +76,18 @@ def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted(tmp_path):
     before = losses(tmp_path / "b")
     assert max(before) == 5 and os.path.isdir(tmp_path / "b" / "checkpoints" / "4")
 
-    resumed = run(["-m", "mmdit.cli.train", "--config", cfg_path, "--workdir", str(tmp_path / "b"), "--no-progress", *sum([["--set", o] for o in OVERRIDES], [])])
+    resumed = run(
+        [
+            "-m",
+            "mmdit.cli.train",
+            "--config",
+            cfg_path,
+            "--workdir",
+            str(tmp_path / "b"),
+            "--no-progress",
+            *sum([["--set", o] for o in OVERRIDES], []),
+        ]
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     with open(tmp_path / "b" / "metrics.jsonl") as f:
         steps = [json.loads(line)["step"] for line in f]
@@ -75,9 +103,23 @@ def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted(tmp_path):
 def test_resuming_with_a_different_model_is_refused(tmp_path):
     cfg_path = "configs/demo.py:tiny"
     synth(config_lib.load(cfg_path), str(tmp_path / "data"), progress=False)
-    ok = run(["-m", "mmdit.cli.train", "--config", cfg_path, "--workdir", str(tmp_path), "--no-progress", "--set", "train.steps=3"])
+    ok = run(
+        ["-m", "mmdit.cli.train", "--config", cfg_path, "--workdir", str(tmp_path), "--no-progress", "--set", "train.steps=3"]
+    )
     assert ok.returncode == 0, ok.stderr[-2000:]
-    bad = run(["-m", "mmdit.cli.train", "--config", cfg_path, "--workdir", str(tmp_path), "--no-progress", "--set", "model.num_layers=3"])
+    bad = run(
+        [
+            "-m",
+            "mmdit.cli.train",
+            "--config",
+            cfg_path,
+            "--workdir",
+            str(tmp_path),
+            "--no-progress",
+            "--set",
+            "model.num_layers=3",
+        ]
+    )
     assert bad.returncode == 2
     assert "different model" in bad.stderr and "model.num_layers was 2, now 3" in bad.stderr
     assert os.path.isdir(tmp_path / "checkpoints" / "3")  # nothing lost

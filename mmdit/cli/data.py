@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mmdit import config_lib
+from mmdit import config_spec
 
 
 def main(argv=None):
@@ -23,8 +23,12 @@ def main(argv=None):
     s.add_argument("--num-eval", type=int, default=None, help="eval clips (default config.data.num_eval)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
-    cfg = config_lib.override(config_lib.load(args.config), args.set)
-    from mmdit.data.synth import synth
+    try:
+        cfg = config_spec.load(args.config, args.set)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        print(f"mmdit-data: {args.config}: {e}", file=sys.stderr)
+        return 2
+    from mmdit.data.synth_records import synth
 
     manifests = synth(cfg, args.out, args.num, args.num_eval)
     for split, m in manifests.items():

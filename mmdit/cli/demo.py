@@ -16,7 +16,7 @@ import os
 import sys
 import time
 
-from mmdit import config_lib
+from mmdit import config_spec
 
 
 def main(argv=None):
@@ -26,14 +26,21 @@ def main(argv=None):
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    cfg = config_lib.override(config_lib.load(args.config), args.set)
+    try:
+        cfg = config_spec.load(args.config, args.set)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        print(f"mmdit demo: {args.config}: {e}", file=sys.stderr)
+        return 2
     wd = os.path.abspath(args.workdir)
     data = os.path.join(wd, "data")
     times = {}
 
     t = time.perf_counter()
-    if not (os.path.exists(os.path.join(data, "train", "manifest.json")) and os.path.exists(os.path.join(data, "eval", "manifest.json"))):
-        from mmdit.data.synth import synth
+    if not (
+        os.path.exists(os.path.join(data, "train", "manifest.json"))
+        and os.path.exists(os.path.join(data, "eval", "manifest.json"))
+    ):
+        from mmdit.data.synth_records import synth
 
         print(f"[1/3] synthesising {cfg.data.num_train} train + {cfg.data.num_eval} eval clips -> {data}")
         synth(cfg, data, progress=not args.no_progress)
@@ -43,12 +50,17 @@ def main(argv=None):
 
     t = time.perf_counter()
     print(f"[2/3] training {cfg.train.steps} steps -> {wd}")
-    from mmdit.cli.train import sample_hook
+    from mmdit.eval.train_samples import sample_hook_for_workdir
     from mmdit.train.loop import train
 
     try:
-        train(cfg, wd, data_dir=os.path.join(data, "train"), progress=not args.no_progress,
-              sample_hook=sample_hook(cfg, argparse.Namespace(workdir=wd)))
+        train(
+            cfg,
+            wd,
+            data_dir=os.path.join(data, "train"),
+            progress=not args.no_progress,
+            sample_hook=sample_hook_for_workdir(cfg, wd),
+        )
     except (ValueError, FileNotFoundError) as e:
         print(f"mmdit demo: {e}", file=sys.stderr)
         return 2

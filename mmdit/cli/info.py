@@ -8,7 +8,7 @@ import argparse
 import json
 import sys
 
-from mmdit import config_lib
+from mmdit import config_spec
 
 
 def human(n: float) -> str:
@@ -19,7 +19,7 @@ def human(n: float) -> str:
 
 
 def model_info(cfg, batch: int = 1) -> dict:
-    from mmdit.flow import cfg_batch_plan
+    from mmdit.sample.guidance import cfg_batch_plan
     from mmdit.model import accounting
     from mmdit.model.spec import build_spec
 
@@ -32,10 +32,10 @@ def model_info(cfg, batch: int = 1) -> dict:
     return {
         "streams": {
             a.name: {
-                "kind": a.spec.kind,
-                "condition_stream": a.spec.condition,
-                "latent_shape": list(a.spec.latent_shape),
-                "tokens": a.spec.num_tokens,
+                "kind": a.geometry.kind,
+                "condition_stream": a.geometry.condition,
+                "latent_shape": list(a.geometry.latent_shape),
+                "tokens": a.geometry.num_tokens,
                 "params": bd[a.name].total,
                 "params_blocks": bd[a.name].blocks,
                 "params_embeddings_and_head": bd[a.name].embeddings,
@@ -68,11 +68,15 @@ def format_info(info: dict) -> str:
         lines.append(f"{name:<16}{kind:<10}{str(tuple(s['latent_shape'])):<22}{s['tokens']:>9}{human(s['params']):>12}")
         for c, n in s["params_cross_attention"].items():
             lines.append(f"{'':<16}  of which cross-attention to {c}: {human(n)}")
-    lines.append(f"total params {human(info['params_total'])}, tokens {info['tokens_total']}, layers {info['layers']} "
-                 f"(joint: {len(info['joint_layers'])}), heads {info['heads']}x{info['head_dim']}")
+    lines.append(
+        f"total params {human(info['params_total'])}, tokens {info['tokens_total']}, layers {info['layers']} "
+        f"(joint: {len(info['joint_layers'])}), heads {info['heads']}x{info['head_dim']}"
+    )
     lines.append(f"mask {info['mask']}: attended fraction rho = {info['attended_fraction']:.4f}")
     lines.append(f"FLOPs per training step (batch {info['batch']}): {human(info['flops_train_step'])}")
-    lines.append(f"FLOPs per sampling step: {human(info['flops_sample_step'])} ({info['cfg_evaluations_per_step']} evaluation(s) for guidance)")
+    lines.append(
+        f"FLOPs per sampling step: {human(info['flops_sample_step'])} ({info['cfg_evaluations_per_step']} evaluation(s) for guidance)"
+    )
     if any(s["condition_stream"] for s in info["streams"].values()):
         lines.append("* condition stream (always known, no output head)")
     return "\n".join(lines)
@@ -85,10 +89,10 @@ def main(argv=None):
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args(argv)
-    cfg = config_lib.override(config_lib.load(args.config), args.set)
     try:
+        cfg = config_spec.load(args.config, args.set)
         info = model_info(cfg, args.batch)
-    except ValueError as e:
+    except (ValueError, KeyError, FileNotFoundError) as e:
         print(f"mmdit-info: {args.config}: {e}", file=sys.stderr)
         return 2
     print(json.dumps(info, indent=2) if args.json else format_info(info))

@@ -15,9 +15,9 @@ COMMANDS = {
     "info": ("mmdit.cli.info", "main", "param/token/FLOP counts of a config (eval_shape only)"),
     "data": ("mmdit.cli.data", "main", "write training records (synthetic world)"),
     "train": ("mmdit.cli.train", "main", "train or resume a run"),
-    "sample": ("mmdit.sample.cli", "main", "sample MP4s from a workdir or serving bundle"),
-    "export": ("mmdit.serve.cli", "export_main", "export a serving bundle (params + jax.export'd step)"),
-    "eval": ("mmdit.eval.cli", "main", "lip-sync and identity metrics of a run's samples"),
+    "sample": ("mmdit.cli.sample", "main", "sample MP4s from a workdir or serving bundle"),
+    "export": ("mmdit.cli.export", "main", "export a serving bundle (params + jax.export'd step)"),
+    "eval": ("mmdit.cli.eval", "main", "lip-sync and identity metrics of a run's samples"),
     "plan": ("mmdit.cli.plan", "main", "ahead-of-time memory/FLOP plan for a topology"),
 }
 

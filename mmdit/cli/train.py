@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mmdit import config_lib
+from mmdit import config_spec
 
 
 def build_parser():
@@ -22,28 +22,17 @@ def build_parser():
     return p
 
 
-def sample_hook(cfg, args):
-    """TensorBoard samples every ``train.sample_every`` steps, when there are eval records to
-    condition on (``WORKDIR/data/eval``, written by ``mmdit-data synth``)."""
-    import os
-
-    eval_dir = os.path.join(args.workdir, "data", "eval")
-    if not cfg.train.get("sample_every", 0) or "codecs" not in cfg or not os.path.exists(os.path.join(eval_dir, "manifest.json")):
-        return None
-    from mmdit.model.diffusion import DiffusionModel
-    from mmdit.train.samples import make_sample_hook
-
-    return make_sample_hook(cfg, DiffusionModel.from_config(cfg), eval_dir)
-
-
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    cfg = config_lib.override(config_lib.load(args.config), args.set)
+    from mmdit.eval.train_samples import sample_hook_for_workdir
     from mmdit.train.loop import train
 
     try:
-        last = train(cfg, args.workdir, data_dir=args.data, progress=not args.no_progress, sample_hook=sample_hook(cfg, args))
-    except (ValueError, FileNotFoundError) as e:
+        cfg = config_spec.load(args.config, args.set)  # every section checked before anything compiles
+        # TensorBoard samples every train.sample_every steps when WORKDIR/data/eval holds records.
+        hook = sample_hook_for_workdir(cfg, args.workdir)
+        last = train(cfg, args.workdir, data_dir=args.data, progress=not args.no_progress, sample_hook=hook)
+    except (ValueError, KeyError, FileNotFoundError) as e:
         print(f"mmdit-train: {e}", file=sys.stderr)
         return 2
     if last:

@@ -63,14 +63,17 @@ class VideoCodec(abc.ABC):
             raise ValueError(
                 f"{name} has {num_frames} frames; {type(self).__name__} needs 1 + {t}k frames "
                 f"(e.g. {self.valid_num_frames(max(num_frames, 1))}); trim the clip to that "
-                f"(frames[:, :{self.valid_num_frames(max(num_frames, 1))}]) or pass trim=True")
+                f"(frames[:, :{self.valid_num_frames(max(num_frames, 1))}]) or pass trim=True"
+            )
 
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         """``(F, h, w, C)`` of one clip of ``num_frames x height x width`` (after no trimming)."""
         s = self.spatial_compression
         if height % s or width % s:
-            raise ValueError(f"frame size {height}x{width} is not a multiple of spatial_compression={s}; "
-                             f"resize or crop to {height // s * s}x{width // s * s}")
+            raise ValueError(
+                f"frame size {height}x{width} is not a multiple of spatial_compression={s}; "
+                f"resize or crop to {height // s * s}x{width // s * s}"
+            )
         return (self.latent_frames(num_frames), height // s, width // s, self.latent_channels)
 
     @abc.abstractmethod
@@ -116,7 +119,8 @@ class AudioCodec(abc.ABC):
         if sample_rate is not None and int(sample_rate) != int(self.sample_rate):
             raise ValueError(
                 f"{name}={sample_rate} Hz but {type(self).__name__} runs at {self.sample_rate} Hz; resample first, "
-                f"e.g. librosa.resample(wave, orig_sr={sample_rate}, target_sr={self.sample_rate})")
+                f"e.g. librosa.resample(wave, orig_sr={sample_rate}, target_sr={self.sample_rate})"
+            )
 
 
 def _is_float(dtype) -> bool:
@@ -127,21 +131,28 @@ def check_frames(frames, name: str = "frames") -> None:
     """Raises unless ``frames`` is ``[B, N, H, W, 3]`` floating point (values are not scanned)."""
     shape = tuple(np.shape(frames))
     if len(shape) != 5 or shape[-1] != 3:
-        raise ValueError(f"{name} must be float [B, N, H, W, 3] RGB in [-1, 1], got shape {shape}; add a batch "
-                         "axis with frames[None] for a single clip")
+        raise ValueError(
+            f"{name} must be float [B, N, H, W, 3] RGB in [-1, 1], got shape {shape}; add a batch "
+            "axis with frames[None] for a single clip"
+        )
     dtype = np.dtype(getattr(frames, "dtype", np.float32))
     if not _is_float(dtype):
-        raise ValueError(f"{name} has dtype {dtype}; codecs take float frames in [-1, 1]: "
-                         "use frames.astype(np.float32) / 127.5 - 1 for uint8 video")
+        raise ValueError(
+            f"{name} has dtype {dtype}; codecs take float frames in [-1, 1]: "
+            "use frames.astype(np.float32) / 127.5 - 1 for uint8 video"
+        )
 
 
 def check_wave(wave, name: str = "wave") -> None:
     """Raises unless ``wave`` is ``[B, T]`` floating point."""
     shape = tuple(np.shape(wave))
     if len(shape) != 2:
-        raise ValueError(f"{name} must be float [B, T] mono waveforms, got shape {shape}; use wave[None] for one "
-                         "clip and average the channels of stereo audio")
+        raise ValueError(
+            f"{name} must be float [B, T] mono waveforms, got shape {shape}; use wave[None] for one "
+            "clip and average the channels of stereo audio"
+        )
     dtype = np.dtype(getattr(wave, "dtype", np.float32))
     if not _is_float(dtype):
-        raise ValueError(f"{name} has dtype {dtype}; codecs take float waveforms in [-1, 1] "
-                         "(int16 PCM: wave.astype(np.float32) / 32768)")
+        raise ValueError(
+            f"{name} has dtype {dtype}; codecs take float waveforms in [-1, 1] (int16 PCM: wave.astype(np.float32) / 32768)"
+        )

@@ -40,13 +40,20 @@ _LOG_STD = 4.0
 class MelCodec(AudioCodec):
     """Log-mel audio codec (see the module docstring): ``[B, T]`` at 16 kHz <-> ``[B, T // 640, 128]``."""
 
-    def __init__(self, sample_rate: int = 16000, n_fft: int = 1024, hop_length: int = 320, n_mels: int = 64,
-                 stack: int = 2, fmax: float | None = None, griffin_lim_iters: int = 32):
+    def __init__(
+        self,
+        sample_rate: int = 16000,
+        n_fft: int = 1024,
+        hop_length: int = 320,
+        n_mels: int = 64,
+        stack: int = 2,
+        fmax: float | None = None,
+        griffin_lim_iters: int = 32,
+    ):
         if not 0 < hop_length <= n_fft:
             raise ValueError(f"MelCodec hop_length={hop_length} must be <= n_fft={n_fft}")
         if n_mels < 1 or stack < 1 or griffin_lim_iters < 1:
-            raise ValueError(f"MelCodec needs n_mels, stack, griffin_lim_iters >= 1, got {n_mels}, {stack}, "
-                             f"{griffin_lim_iters}")
+            raise ValueError(f"MelCodec needs n_mels, stack, griffin_lim_iters >= 1, got {n_mels}, {stack}, {griffin_lim_iters}")
         self.sample_rate = int(sample_rate)
         self.n_fft, self.hop_length, self.n_mels, self.stack = n_fft, hop_length, n_mels, stack
         self.fmax = float(fmax) if fmax is not None else self.sample_rate / 2
@@ -56,8 +63,10 @@ class MelCodec(AudioCodec):
         self.latent_channels = n_mels * stack
 
     def __repr__(self) -> str:
-        return (f"MelCodec(sample_rate={self.sample_rate}, n_fft={self.n_fft}, hop_length={self.hop_length}, "
-                f"n_mels={self.n_mels}, stack={self.stack}) -> {self.latent_rate:g} Hz x {self.latent_channels} ch")
+        return (
+            f"MelCodec(sample_rate={self.sample_rate}, n_fft={self.n_fft}, hop_length={self.hop_length}, "
+            f"n_mels={self.n_mels}, stack={self.stack}) -> {self.latent_rate:g} Hz x {self.latent_channels} ch"
+        )
 
     def latent_length(self, num_samples: int) -> int:
         """``L = num_samples // (hop_length * stack)`` (640 at the defaults)."""
@@ -82,10 +91,19 @@ class MelCodec(AudioCodec):
         b, t = x.shape
         length = self.latent_length(t)
         if length < 1:
-            raise ValueError(f"wave has {t} samples, shorter than one latent ({self.samples_per_latent} samples = "
-                             f"{1000 / self.latent_rate:g} ms at {self.sample_rate} Hz); pad or drop the clip")
-        mel = librosa.feature.melspectrogram(y=x, hop_length=self.hop_length, win_length=self.n_fft, power=2.0,
-                                             n_mels=self.n_mels, center=True, **self._mel_kwargs())
+            raise ValueError(
+                f"wave has {t} samples, shorter than one latent ({self.samples_per_latent} samples = "
+                f"{1000 / self.latent_rate:g} ms at {self.sample_rate} Hz); pad or drop the clip"
+            )
+        mel = librosa.feature.melspectrogram(
+            y=x,
+            hop_length=self.hop_length,
+            win_length=self.n_fft,
+            power=2.0,
+            n_mels=self.n_mels,
+            center=True,
+            **self._mel_kwargs(),
+        )
         mel = mel[..., : length * self.stack]  # [B, n_mels, L * stack]
         z = (np.log(np.maximum(mel, _LOG_FLOOR)) - _LOG_MEAN) / _LOG_STD
         z = z.reshape(b, self.n_mels, length, self.stack).transpose(0, 2, 3, 1)  # [B, L, stack, n_mels]
@@ -119,7 +137,14 @@ class MelCodec(AudioCodec):
         # far-from-speech latents an early checkpoint produces.
         power = np.maximum(np.einsum("fm,bmt->bft", self._mel_pinv(), mel), 0.0)
         mag = np.sqrt(power)
-        wave = librosa.griffinlim(mag, n_iter=self.griffin_lim_iters, hop_length=self.hop_length,
-                                  win_length=self.n_fft, n_fft=self.n_fft, center=True,
-                                  length=self.num_samples(length), random_state=0)
+        wave = librosa.griffinlim(
+            mag,
+            n_iter=self.griffin_lim_iters,
+            hop_length=self.hop_length,
+            win_length=self.n_fft,
+            n_fft=self.n_fft,
+            center=True,
+            length=self.num_samples(length),
+            random_state=0,
+        )
         return np.clip(wave, -1.0, 1.0).astype(np.float32)

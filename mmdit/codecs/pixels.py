@@ -73,8 +73,7 @@ class PixelCodec(VideoCodec):
     ``K = luma_coeffs + 2*chroma_coeffs``, channel index ``slot*K + k`` (slot = frame within the group;
     k: luma coefficients, then C1, then C2, each in zig-zag order)."""
 
-    def __init__(self, spatial: int = 8, temporal: int = 4, fps: float = 25.0, luma_coeffs: int = 10,
-                 chroma_coeffs: int = 3):
+    def __init__(self, spatial: int = 8, temporal: int = 4, fps: float = 25.0, luma_coeffs: int = 10, chroma_coeffs: int = 3):
         if spatial < 1 or temporal < 1:
             raise ValueError(f"PixelCodec needs spatial >= 1 and temporal >= 1, got {spatial}, {temporal}")
         for name, value in (("luma_coeffs", luma_coeffs), ("chroma_coeffs", chroma_coeffs)):
@@ -101,8 +100,10 @@ class PixelCodec(VideoCodec):
         self.offset = np.asarray(offsets, np.float32)  # [K]
 
     def __repr__(self) -> str:
-        return (f"PixelCodec(spatial={self.spatial_compression}, temporal={self.temporal_compression}, "
-                f"fps={self.fps:g}, luma_coeffs={self.luma_coeffs}, chroma_coeffs={self.chroma_coeffs})")
+        return (
+            f"PixelCodec(spatial={self.spatial_compression}, temporal={self.temporal_compression}, "
+            f"fps={self.fps:g}, luma_coeffs={self.luma_coeffs}, chroma_coeffs={self.chroma_coeffs})"
+        )
 
     def encode(self, frames, trim: bool = False):
         """Frames ``float [B, N, H, W, 3]`` in [-1, 1] -> latents ``float32 [B, F, H/s, W/s, C]``."""
@@ -138,8 +139,7 @@ class PixelCodec(VideoCodec):
         coef = latents.astype(xp.float32).reshape(b, f, hl, wl, t, k) * xp.asarray(self.scale) + xp.asarray(self.offset)
         blocks = (coef @ xp.asarray(self.projection)).reshape(b, f, hl, wl, t, s, s, 3)
         groups = blocks.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, f, t, hl * s, wl * s, 3)
-        frames = xp.concatenate([groups[:, :1].mean(axis=2), groups[:, 1:].reshape(b, (f - 1) * t, hl * s, wl * s, 3)],
-                                axis=1)
+        frames = xp.concatenate([groups[:, :1].mean(axis=2), groups[:, 1:].reshape(b, (f - 1) * t, hl * s, wl * s, 3)], axis=1)
         return xp.clip(frames, -1.0, 1.0) if clip else frames
 
 

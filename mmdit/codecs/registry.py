@@ -1,5 +1,5 @@
 """Codec construction from config: ``config.codecs.video`` / ``config.codecs.audio`` name a kind and
-its arguments. Real VAEs (Wan, MMAudio) register here beside the weight-free ones."""
+its arguments. Today only the weight-free kinds exist (``pixels``, ``mel``); a new codec is one entry here."""
 
 from __future__ import annotations
 

@@ -42,8 +42,15 @@ import av
 import numpy as np
 
 from mmdit.data import media
-from mmdit.data.records import (SKIP_CORRUPT, SKIP_NO_AUDIO, SKIP_TOO_SHORT, ExampleSchema,
-                                ShardWriter, SkipExample, validate_example)
+from mmdit.data.records import (
+    SKIP_CORRUPT,
+    SKIP_NO_AUDIO,
+    SKIP_TOO_SHORT,
+    ExampleSchema,
+    ShardWriter,
+    SkipExample,
+    validate_example,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +79,7 @@ def resample_frames(frames: np.ndarray, src_fps: float, dst_fps: float) -> np.nd
     if abs(src_fps - dst_fps) < 1e-6 * dst_fps:
         return frames
     n_out = int(np.floor(len(frames) * dst_fps / src_fps + 1e-6))
-    idx = np.minimum(np.floor(np.arange(n_out) * src_fps / dst_fps + 1e-6).astype(int),
-                     len(frames) - 1)
+    idx = np.minimum(np.floor(np.arange(n_out) * src_fps / dst_fps + 1e-6).astype(int), len(frames) - 1)
     return frames[idx]
 
 
@@ -82,24 +88,40 @@ def resize_frames(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     h, w = size
     if frames.shape[1:3] == (h, w):
         return frames
-    return np.stack([av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")
-                     .reformat(width=w, height=h, format="rgb24").to_ndarray() for f in frames])
+    return np.stack(
+        [
+            av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")
+            .reformat(width=w, height=h, format="rgb24")
+            .to_ndarray()
+            for f in frames
+        ]
+    )
 
 
 def _find_mp4s(in_dir: str) -> list[str]:
     if not os.path.isdir(in_dir):
         raise FileNotFoundError(f"{in_dir}: input directory does not exist")
-    paths = sorted(os.path.join(root, f) for root, _, files in os.walk(in_dir)
-                   for f in files if f.lower().endswith(".mp4") and not f.startswith("."))
+    paths = sorted(
+        os.path.join(root, f)
+        for root, _, files in os.walk(in_dir)
+        for f in files
+        if f.lower().endswith(".mp4") and not f.startswith(".")
+    )
     if not paths:
-        raise ValueError(f"{in_dir}: no *.mp4 files found (hidden files are ignored); point "
-                         "in_dir at the clips")
+        raise ValueError(f"{in_dir}: no *.mp4 files found (hidden files are ignored); point in_dir at the clips")
     return paths
 
 
-def prepare_clip(path: str, video_codec, audio_codec, schema: ExampleSchema, *,
-                 frame_size: tuple[int, int] | None = None, min_seconds: float = 0.5,
-                 max_seconds: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+def prepare_clip(
+    path: str,
+    video_codec,
+    audio_codec,
+    schema: ExampleSchema,
+    *,
+    frame_size: tuple[int, int] | None = None,
+    min_seconds: float = 0.5,
+    max_seconds: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Decodes, resamples, checks and trims one clip.
 
     Returns:
@@ -117,9 +139,13 @@ def prepare_clip(path: str, video_codec, audio_codec, schema: ExampleSchema, *,
         raise SkipExample(SKIP_CORRUPT, str(e)) from e
     if wave is None:
         raise SkipExample(SKIP_NO_AUDIO, "the clip has no audio stream")
-    validate_example({}, dataclasses.replace(schema, fields={}),  # fields: checked after encode
-                     video_seconds=len(frames) / src_fps, audio_seconds=len(wave) / sr,
-                     waveform=wave)
+    validate_example(
+        {},
+        dataclasses.replace(schema, fields={}),  # fields: checked after encode
+        video_seconds=len(frames) / src_fps,
+        audio_seconds=len(wave) / sr,
+        waveform=wave,
+    )
     frames = resample_frames(frames, src_fps, fps)
     seconds = min(len(frames) / fps, len(wave) / sr, max_seconds or np.inf)
     n_frames = int(np.floor(seconds * fps + 1e-6))
@@ -134,15 +160,15 @@ def prepare_clip(path: str, video_codec, audio_codec, schema: ExampleSchema, *,
     s = int(getattr(video_codec, "spatial_compression", 1))
     h, w = frames.shape[1] // s * s, frames.shape[2] // s * s
     if not (h and w):
-        raise SkipExample(SKIP_TOO_SHORT, f"frames {frames.shape[1]}x{frames.shape[2]} are "
-                          f"smaller than one latent cell ({s}px)")
+        raise SkipExample(SKIP_TOO_SHORT, f"frames {frames.shape[1]}x{frames.shape[2]} are smaller than one latent cell ({s}px)")
     top, left = (frames.shape[1] - h) // 2, (frames.shape[2] - w) // 2
-    frames = frames[:, top:top + h, left:left + w]  # centre crop to a multiple of the cell
+    frames = frames[:, top : top + h, left : left + w]  # centre crop to a multiple of the cell
     return frames, np.ascontiguousarray(wave[:n_samples], np.float32)
 
 
-def encode_clip(frames: np.ndarray, wave: np.ndarray, video_codec, audio_codec,
-                latent_dtype=np.float16) -> tuple[np.ndarray, np.ndarray]:
+def encode_clip(
+    frames: np.ndarray, wave: np.ndarray, video_codec, audio_codec, latent_dtype=np.float16
+) -> tuple[np.ndarray, np.ndarray]:
     """Encodes one clip: ``(video_latents [F, h, w, C], audio_latents [L, C])`` in
     ``latent_dtype``; ``RuntimeError`` if the video codec's frame count disagrees with
     ``video_codec.latent_frames``."""
@@ -151,18 +177,29 @@ def encode_clip(frames: np.ndarray, wave: np.ndarray, video_codec, audio_codec,
     audio = np.asarray(audio_codec.encode(wave[None]))[0]
     expected = int(video_codec.latent_frames(len(frames)))
     if video.shape[0] != expected:
-        raise RuntimeError(f"{type(video_codec).__name__}.encode gave {video.shape[0]} latent "
-                           f"frames for {len(frames)} frames but latent_frames() says {expected}")
+        raise RuntimeError(
+            f"{type(video_codec).__name__}.encode gave {video.shape[0]} latent "
+            f"frames for {len(frames)} frames but latent_frames() says {expected}"
+        )
     return video.astype(latent_dtype), audio.astype(latent_dtype)
 
 
 def ingest_mp4_dir(
-    in_dir: str, out_dir: str, video_codec, audio_codec, *,
+    in_dir: str,
+    out_dir: str,
+    video_codec,
+    audio_codec,
+    *,
     text_from: str | Callable[[str], str] | None = "txt",
     identity_from: Callable[[str], int] | None = None,
-    schema: ExampleSchema | None = None, frame_size: tuple[int, int] | None = None,
-    min_seconds: float = 0.5, max_seconds: float | None = None, latent_dtype: Any = np.float16,
-    prefix: str = "train", examples_per_shard: int = 64, overwrite: bool = False,
+    schema: ExampleSchema | None = None,
+    frame_size: tuple[int, int] | None = None,
+    min_seconds: float = 0.5,
+    max_seconds: float | None = None,
+    latent_dtype: Any = np.float16,
+    prefix: str = "train",
+    examples_per_shard: int = 64,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Ingests every ``*.mp4`` under ``in_dir`` into a records dataset in ``out_dir``.
 
@@ -185,26 +222,43 @@ def ingest_mp4_dir(
     schema = schema or ExampleSchema()
     paths = _find_mp4s(in_dir)
     metadata = {
-        "source_dir": os.path.abspath(in_dir), "video_fps": float(video_codec.fps),
+        "source_dir": os.path.abspath(in_dir),
+        "video_fps": float(video_codec.fps),
         "audio_sample_rate": int(audio_codec.sample_rate),
         "audio_latent_rate": float(audio_codec.latent_rate),
-        "video_codec": type(video_codec).__name__, "audio_codec": type(audio_codec).__name__,
+        "video_codec": type(video_codec).__name__,
+        "audio_codec": type(audio_codec).__name__,
         "frame_size": list(frame_size) if frame_size else None,
         "latent_dtype": np.dtype(latent_dtype).name,
     }
-    with ShardWriter(out_dir, prefix, examples_per_shard, overwrite=overwrite,
-                     producer=f"mmdit.data.ingest.ingest_mp4_dir({in_dir!r}, {out_dir!r}, ...)",
-                     metadata=metadata) as writer:
+    with ShardWriter(
+        out_dir,
+        prefix,
+        examples_per_shard,
+        overwrite=overwrite,
+        producer=f"mmdit.data.ingest.ingest_mp4_dir({in_dir!r}, {out_dir!r}, ...)",
+        metadata=metadata,
+    ) as writer:
         for i, path in enumerate(paths):
             rel = os.path.relpath(path, in_dir)
             try:
-                frames, wave = prepare_clip(path, video_codec, audio_codec, schema,
-                                            frame_size=frame_size, min_seconds=min_seconds,
-                                            max_seconds=max_seconds)
+                frames, wave = prepare_clip(
+                    path,
+                    video_codec,
+                    audio_codec,
+                    schema,
+                    frame_size=frame_size,
+                    min_seconds=min_seconds,
+                    max_seconds=max_seconds,
+                )
                 video, audio = encode_clip(frames, wave, video_codec, audio_codec, latent_dtype)
-                example = {"video_latents": video, "audio_latents": audio,
-                           "text": _text_for(path, text_from), "source": rel,
-                           "duration_s": len(frames) / float(video_codec.fps)}
+                example = {
+                    "video_latents": video,
+                    "audio_latents": audio,
+                    "text": _text_for(path, text_from),
+                    "source": rel,
+                    "duration_s": len(frames) / float(video_codec.fps),
+                }
                 if identity_from is not None:
                     example["identity"] = int(identity_from(path))
                 validate_example(example, schema)
@@ -214,9 +268,7 @@ def ingest_mp4_dir(
                 continue
             writer.write(example)
             if (i + 1) % 100 == 0:
-                log.info("ingested %d/%d clips (%d skipped)", i + 1, len(paths),
-                         sum(writer.skipped.values()))
+                log.info("ingested %d/%d clips (%d skipped)", i + 1, len(paths), sum(writer.skipped.values()))
         manifest = writer.close()
-    log.info("wrote %d examples to %s; skipped %s", manifest["num_examples"], out_dir,
-             manifest["skipped"])
+    log.info("wrote %d examples to %s; skipped %s", manifest["num_examples"], out_dir, manifest["skipped"])
     return manifest

@@ -20,8 +20,7 @@ from typing import Any
 import av
 import numpy as np
 
-AAC_RATES = (7350, 8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200,
-             96000)
+AAC_RATES = (7350, 8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000)
 AAC_FRAME = 1024  # samples per AAC frame
 
 
@@ -31,8 +30,10 @@ def _check_exists(path: str) -> None:
 
 
 def _decode_error(path: str, err: Exception) -> ValueError:
-    return ValueError(f"{path}: cannot decode ({type(err).__name__}: {err}); the file is corrupt, "
-                      "truncated or not a media file: re-export it or remove it from the inputs")
+    return ValueError(
+        f"{path}: cannot decode ({type(err).__name__}: {err}); the file is corrupt, "
+        "truncated or not a media file: re-export it or remove it from the inputs"
+    )
 
 
 def _fps_fraction(fps: float) -> fractions.Fraction:
@@ -47,14 +48,25 @@ def _even_frames(frames: np.ndarray, odd_size: str) -> np.ndarray:
     if not (ph or pw):
         return frames
     if odd_size == "error":
-        raise ValueError(f"frame size {h}x{w} must be even for H.264 yuv420p; crop or pad the "
-                         "frames, or pass odd_size='pad' (replicates the last row/column)")
+        raise ValueError(
+            f"frame size {h}x{w} must be even for H.264 yuv420p; crop or pad the "
+            "frames, or pass odd_size='pad' (replicates the last row/column)"
+        )
     return np.pad(frames, ((0, 0), (0, ph), (0, pw), (0, 0)), mode="edge")
 
 
-def write_mp4(path: str, frames: np.ndarray, fps: float, audio: np.ndarray | None = None,
-              sample_rate: int | None = None, *, crf: int = 18, preset: str = "veryfast",
-              audio_bitrate: int = 128_000, odd_size: str = "pad") -> None:
+def write_mp4(
+    path: str,
+    frames: np.ndarray,
+    fps: float,
+    audio: np.ndarray | None = None,
+    sample_rate: int | None = None,
+    *,
+    crf: int = 18,
+    preset: str = "veryfast",
+    audio_bitrate: int = 128_000,
+    odd_size: str = "pad",
+) -> None:
     """Writes ``frames`` (+ optional mono ``audio``) as an H.264/AAC MP4, atomically.
 
     Args:
@@ -71,8 +83,10 @@ def write_mp4(path: str, frames: np.ndarray, fps: float, audio: np.ndarray | Non
     """
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or not len(frames):
-        raise ValueError(f"frames must be uint8 [N>=1, H, W, 3] RGB, got {frames.dtype} "
-                         f"{frames.shape}; convert with np.clip(x*255, 0, 255).astype(np.uint8)")
+        raise ValueError(
+            f"frames must be uint8 [N>=1, H, W, 3] RGB, got {frames.dtype} "
+            f"{frames.shape}; convert with np.clip(x*255, 0, 255).astype(np.uint8)"
+        )
     if odd_size not in ("pad", "error"):
         raise ValueError(f"odd_size must be 'pad' or 'error', got {odd_size!r}")
     frames = _even_frames(frames, odd_size)
@@ -80,11 +94,11 @@ def write_mp4(path: str, frames: np.ndarray, fps: float, audio: np.ndarray | Non
     if audio is not None:
         audio = np.asarray(audio, np.float32)
         if audio.ndim != 1:
-            raise ValueError(f"audio must be mono float32 [T], got shape {audio.shape}; "
-                             "average the channels first")
+            raise ValueError(f"audio must be mono float32 [T], got shape {audio.shape}; average the channels first")
         if sample_rate not in AAC_RATES:
-            raise ValueError(f"sample_rate {sample_rate} Hz is not an AAC rate; resample to one "
-                             f"of {AAC_RATES} (e.g. 16000, 24000 or 48000)")
+            raise ValueError(
+                f"sample_rate {sample_rate} Hz is not an AAC rate; resample to one of {AAC_RATES} (e.g. 16000, 24000 or 48000)"
+            )
     out_dir = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(out_dir):
         raise FileNotFoundError(f"{out_dir}: output directory does not exist; create it first")
@@ -110,9 +124,8 @@ def write_mp4(path: str, frames: np.ndarray, fps: float, audio: np.ndarray | Non
             if astream is not None:
                 clipped = np.clip(audio, -1.0, 1.0)
                 for start in range(0, len(clipped), AAC_FRAME):
-                    chunk = clipped[start:start + AAC_FRAME][None]
-                    af = av.AudioFrame.from_ndarray(np.ascontiguousarray(chunk), format="fltp",
-                                                    layout="mono")
+                    chunk = clipped[start : start + AAC_FRAME][None]
+                    af = av.AudioFrame.from_ndarray(np.ascontiguousarray(chunk), format="fltp", layout="mono")
                     af.sample_rate = sample_rate
                     af.pts = start
                     af.time_base = fractions.Fraction(1, sample_rate)
@@ -132,8 +145,7 @@ def write_mp4(path: str, frames: np.ndarray, fps: float, audio: np.ndarray | Non
         raise
 
 
-def read_mp4(path: str, *, sample_rate: int | None = None
-             ) -> tuple[np.ndarray, float, np.ndarray | None, int | None]:
+def read_mp4(path: str, *, sample_rate: int | None = None) -> tuple[np.ndarray, float, np.ndarray | None, int | None]:
     """Decodes the first video stream and the first audio stream of a media file.
 
     Args:
@@ -150,14 +162,14 @@ def read_mp4(path: str, *, sample_rate: int | None = None
       or an unusable ``sample_rate``.
     """
     _check_exists(path)
-    if sample_rate is not None and not (isinstance(sample_rate, (int, np.integer))
-                                        and 1000 <= sample_rate <= 384_000):
+    if sample_rate is not None and not (isinstance(sample_rate, (int, np.integer)) and 1000 <= sample_rate <= 384_000):
         raise ValueError(f"sample_rate must be an integer in [1000, 384000] Hz, got {sample_rate}")
     try:
         with av.open(path) as container:
             if not container.streams.video:
-                raise ValueError(f"{path}: has no video stream (streams: "
-                                 f"{[s.type for s in container.streams]}); it is not a video clip")
+                raise ValueError(
+                    f"{path}: has no video stream (streams: {[s.type for s in container.streams]}); it is not a video clip"
+                )
             vs = container.streams.video[0]
             rate = vs.average_rate or vs.guessed_rate or vs.base_rate
             if not rate:
@@ -178,13 +190,18 @@ def read_mp4(path: str, *, sample_rate: int | None = None
             if astream is not None:
                 chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
                 # The last AAC frame is zero-padded; the stream duration says where audio ends.
-                keep = (round(float(astream.duration * astream.time_base) * out_rate)
-                        if astream.duration and astream.time_base else None)
+                keep = (
+                    round(float(astream.duration * astream.time_base) * out_rate)
+                    if astream.duration and astream.time_base
+                    else None
+                )
     except av.FFmpegError as e:
         raise _decode_error(path, e) from e
     if not frames:
-        raise ValueError(f"{path}: the video stream decoded to no frames; the file is truncated "
-                         "or corrupt: re-export it or remove it from the inputs")
+        raise ValueError(
+            f"{path}: the video stream decoded to no frames; the file is truncated "
+            "or corrupt: re-export it or remove it from the inputs"
+        )
     audio = None
     if astream is not None:
         audio = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
@@ -203,22 +220,31 @@ def probe(path: str) -> dict[str, Any]:
     _check_exists(path)
     try:
         with av.open(path) as c:
-            info = {"path": path, "format": c.format.name,
-                    "duration_s": None if c.duration is None else c.duration / av.time_base,
-                    "bit_rate": c.bit_rate, "streams": []}
+            info = {
+                "path": path,
+                "format": c.format.name,
+                "duration_s": None if c.duration is None else c.duration / av.time_base,
+                "bit_rate": c.bit_rate,
+                "streams": [],
+            }
             for s in c.streams:
-                d = {"index": s.index, "type": s.type,
-                     "codec": s.codec_context.name if s.codec_context else None,
-                     "duration_s": (float(s.duration * s.time_base)
-                                    if s.duration is not None and s.time_base else None),
-                     "frames": int(s.frames)}
+                d = {
+                    "index": s.index,
+                    "type": s.type,
+                    "codec": s.codec_context.name if s.codec_context else None,
+                    "duration_s": (float(s.duration * s.time_base) if s.duration is not None and s.time_base else None),
+                    "frames": int(s.frames),
+                }
                 if s.type == "video":
                     rate = s.average_rate or s.guessed_rate
-                    d.update(fps=float(rate) if rate else None, width=s.codec_context.width,
-                             height=s.codec_context.height, pix_fmt=s.codec_context.pix_fmt)
+                    d.update(
+                        fps=float(rate) if rate else None,
+                        width=s.codec_context.width,
+                        height=s.codec_context.height,
+                        pix_fmt=s.codec_context.pix_fmt,
+                    )
                 elif s.type == "audio":
-                    d.update(sample_rate=s.codec_context.sample_rate,
-                             channels=s.codec_context.channels)
+                    d.update(sample_rate=s.codec_context.sample_rate, channels=s.codec_context.channels)
                 info["streams"].append(d)
             return info
     except av.FFmpegError as e:

@@ -48,8 +48,7 @@ from mmdit.data.records import RecordDataSource, Schema, open_dataset
 DATA_ITER_ITEM = "data_iter"
 DEFAULT_READ_OPTIONS = dict(num_threads=4, prefetch_buffer_size=64)
 
-Transform = Callable[[dict], dict] | grain.transforms.Map | grain.transforms.RandomMap | \
-    grain.transforms.Filter
+Transform = Callable[[dict], dict] | grain.transforms.Map | grain.transforms.RandomMap | grain.transforms.Filter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +70,7 @@ def _as_operations(transform) -> list:
         return [transform]
     if callable(transform):
         return [_FnMap(transform)]
-    raise TypeError(f"transform must be a callable, a grain transform or a list of them, "
-                    f"got {type(transform).__name__}")
+    raise TypeError(f"transform must be a callable, a grain transform or a list of them, got {type(transform).__name__}")
 
 
 def ensure_absl_flags_parsed() -> None:
@@ -91,43 +89,69 @@ def per_host_batch_size(global_batch_size: int, shard_count: int) -> int:
         raise ValueError(
             f"global_batch_size={global_batch_size} is not divisible by the {shard_count} JAX "
             f"processes reading data; use a multiple of {shard_count} (e.g. "
-            f"{(global_batch_size // shard_count + 1) * shard_count})")
+            f"{(global_batch_size // shard_count + 1) * shard_count})"
+        )
     return global_batch_size // shard_count
 
 
-def _make_loader(source: RecordDataSource, *, batch_size: int, seed: int | None, shuffle: bool,
-                 num_epochs: int | None, num_workers: int, worker_buffer_size: int,
-                 drop_remainder: bool, transform, shard_options: grain.sharding.ShardOptions,
-                 read_options: grain.ReadOptions | None) -> grain.DataLoader:
+def _make_loader(
+    source: RecordDataSource,
+    *,
+    batch_size: int,
+    seed: int | None,
+    shuffle: bool,
+    num_epochs: int | None,
+    num_workers: int,
+    worker_buffer_size: int,
+    drop_remainder: bool,
+    transform,
+    shard_options: grain.sharding.ShardOptions,
+    read_options: grain.ReadOptions | None,
+) -> grain.DataLoader:
     if len(source) == 0:
-        raise ValueError(f"{source.data_dir} holds no examples (skipped: "
-                         f"{source.manifest.get('skipped')}); fix the inputs and re-run "
-                         f"{source.manifest.get('producer')}")
+        raise ValueError(
+            f"{source.data_dir} holds no examples (skipped: "
+            f"{source.manifest.get('skipped')}); fix the inputs and re-run "
+            f"{source.manifest.get('producer')}"
+        )
     per_shard = len(source) // shard_options.shard_count
     if num_epochs is not None and drop_remainder and per_shard * num_epochs < batch_size:
         raise ValueError(
             f"{source.data_dir}: each of {shard_options.shard_count} processes gets {per_shard} "
             f"examples x {num_epochs} epochs, fewer than one batch of {batch_size}: lower the "
-            "batch size, add epochs or data, or pass drop_remainder=False")
+            "batch size, add epochs or data, or pass drop_remainder=False"
+        )
     if num_workers > 0:
         ensure_absl_flags_parsed()
     sampler = grain.samplers.IndexSampler(
-        num_records=len(source), shard_options=shard_options, shuffle=shuffle,
-        num_epochs=num_epochs, seed=seed)
-    ops = _as_operations(transform) + [
-        grain.transforms.Batch(batch_size=batch_size, drop_remainder=drop_remainder)]
+        num_records=len(source), shard_options=shard_options, shuffle=shuffle, num_epochs=num_epochs, seed=seed
+    )
+    ops = _as_operations(transform) + [grain.transforms.Batch(batch_size=batch_size, drop_remainder=drop_remainder)]
     return grain.DataLoader(
-        data_source=source, sampler=sampler, operations=ops, worker_count=num_workers,
-        worker_buffer_size=worker_buffer_size, shard_options=shard_options,
-        read_options=read_options or grain.ReadOptions(**DEFAULT_READ_OPTIONS))
+        data_source=source,
+        sampler=sampler,
+        operations=ops,
+        worker_count=num_workers,
+        worker_buffer_size=worker_buffer_size,
+        shard_options=shard_options,
+        read_options=read_options or grain.ReadOptions(**DEFAULT_READ_OPTIONS),
+    )
 
 
 def make_train_iterator(
-    data_dir: str, *, global_batch_size: int, seed: int, shuffle: bool = True,
-    num_workers: int = 0, worker_buffer_size: int = 2, drop_remainder: bool = True,
-    transform: Transform | Sequence[Transform] | None = None, num_epochs: int | None = None,
+    data_dir: str,
+    *,
+    global_batch_size: int,
+    seed: int,
+    shuffle: bool = True,
+    num_workers: int = 0,
+    worker_buffer_size: int = 2,
+    drop_remainder: bool = True,
+    transform: Transform | Sequence[Transform] | None = None,
+    num_epochs: int | None = None,
     shard_options: grain.sharding.ShardOptions | None = None,
-    read_options: grain.ReadOptions | None = None, expected_schema: Schema | None = None,
+    read_options: grain.ReadOptions | None = None,
+    expected_schema: Schema | None = None,
 ) -> grain.DataLoaderIterator:
     """A resumable iterator of per-host training batches from the records in ``data_dir``.
 
@@ -157,18 +181,33 @@ def make_train_iterator(
     shard_options = shard_options or grain.sharding.ShardByJaxProcess(drop_remainder=True)
     batch = per_host_batch_size(global_batch_size, shard_options.shard_count)
     source = open_dataset(data_dir, expected_schema=expected_schema)
-    return iter(_make_loader(
-        source, batch_size=batch, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
-        num_workers=num_workers, worker_buffer_size=worker_buffer_size,
-        drop_remainder=drop_remainder, transform=transform, shard_options=shard_options,
-        read_options=read_options))
+    return iter(
+        _make_loader(
+            source,
+            batch_size=batch,
+            seed=seed,
+            shuffle=shuffle,
+            num_epochs=num_epochs,
+            num_workers=num_workers,
+            worker_buffer_size=worker_buffer_size,
+            drop_remainder=drop_remainder,
+            transform=transform,
+            shard_options=shard_options,
+            read_options=read_options,
+        )
+    )
 
 
 def make_eval_iterator(
-    data_dir: str, *, global_batch_size: int, num_workers: int = 0, drop_remainder: bool = False,
+    data_dir: str,
+    *,
+    global_batch_size: int,
+    num_workers: int = 0,
+    drop_remainder: bool = False,
     transform: Transform | Sequence[Transform] | None = None,
     shard_options: grain.sharding.ShardOptions | None = None,
-    read_options: grain.ReadOptions | None = None, expected_schema: Schema | None = None,
+    read_options: grain.ReadOptions | None = None,
+    expected_schema: Schema | None = None,
 ) -> grain.DataLoaderIterator:
     """One pass over ``data_dir`` in record order, per host (same arguments as training).
 
@@ -179,10 +218,21 @@ def make_eval_iterator(
     shard_options = shard_options or grain.sharding.ShardByJaxProcess(drop_remainder=True)
     batch = per_host_batch_size(global_batch_size, shard_options.shard_count)
     source = open_dataset(data_dir, expected_schema=expected_schema)
-    return iter(_make_loader(
-        source, batch_size=batch, seed=None, shuffle=False, num_epochs=1,
-        num_workers=num_workers, worker_buffer_size=1, drop_remainder=drop_remainder,
-        transform=transform, shard_options=shard_options, read_options=read_options))
+    return iter(
+        _make_loader(
+            source,
+            batch_size=batch,
+            seed=None,
+            shuffle=False,
+            num_epochs=1,
+            num_workers=num_workers,
+            worker_buffer_size=1,
+            drop_remainder=drop_remainder,
+            transform=transform,
+            shard_options=shard_options,
+            read_options=read_options,
+        )
+    )
 
 
 def iterator_save_args(iterator: grain.DataLoaderIterator) -> Any:

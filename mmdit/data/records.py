@@ -49,6 +49,8 @@ import msgpack
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
+from mmdit.util.files import file_sha256, fsync_path, write_json_atomic
+
 RECORD_FORMAT_VERSION = 1
 MANIFEST_FORMAT = "mmdit.records"
 MANIFEST_VERSION = 1
@@ -80,18 +82,20 @@ class SkipExample(Exception):
 
 def _normalise(key: str, value: Any) -> Any:
     """Returns ``value`` as a Python scalar, str or a little-endian C-order ndarray."""
-    for types, cast in (((bool, np.bool_), bool), ((int, np.integer), int),
-                        ((float, np.floating), float), ((str,), str)):
+    for types, cast in (((bool, np.bool_), bool), ((int, np.integer), int), ((float, np.floating), float), ((str,), str)):
         if isinstance(value, types):
             return cast(value)
     if isinstance(value, (bytes, dict, list, tuple)) or not hasattr(value, "__array__"):
-        raise TypeError(f"example key {key!r}: unsupported value type {type(value).__name__}; "
-                        "use an np.ndarray, str, int, float or bool")
+        raise TypeError(
+            f"example key {key!r}: unsupported value type {type(value).__name__}; use an np.ndarray, str, int, float or bool"
+        )
     arr = np.asarray(value)
     dt = arr.dtype
     if not (dt.kind in "biufc" or (dt.kind == "V" and np.dtype(dt.name) == dt)):
-        raise TypeError(f"example key {key!r}: dtype {dt} cannot be stored (object, string and "
-                        "structured arrays are not allowed); store text as a str value")
+        raise TypeError(
+            f"example key {key!r}: dtype {dt} cannot be stored (object, string and "
+            "structured arrays are not allowed); store text as a str value"
+        )
     if dt.byteorder == ">":
         arr = arr.astype(dt.newbyteorder("<"))
     return arr if arr.flags.c_contiguous else arr.copy(order="C")  # (ascontiguousarray: ndim>=1)
@@ -122,8 +126,9 @@ def decode_example(data: bytes) -> dict[str, Any]:
     try:
         rec = msgpack.unpackb(data, raw=False)
         if not isinstance(rec, dict) or rec.get("v") != RECORD_FORMAT_VERSION:
-            raise ValueError(f"record format {rec.get('v') if isinstance(rec, dict) else '?'}, "
-                             f"this reader understands {RECORD_FORMAT_VERSION}")
+            raise ValueError(
+                f"record format {rec.get('v') if isinstance(rec, dict) else '?'}, this reader understands {RECORD_FORMAT_VERSION}"
+            )
         out = {}
         for key, value in rec["f"].items():
             if isinstance(value, dict):
@@ -138,13 +143,17 @@ def decode_example(data: bytes) -> dict[str, Any]:
 def merge_spec(key: str, old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """Combines two specs of one key; differing dims become ``None``. Kind/dtype/rank must agree."""
     if old["kind"] != new["kind"] or old.get("dtype") != new.get("dtype"):
-        raise ValueError(f"example key {key!r} is {new.get('dtype', new['kind'])} but earlier "
-                         f"examples had {old.get('dtype', old['kind'])}: cast every example the same")
+        raise ValueError(
+            f"example key {key!r} is {new.get('dtype', new['kind'])} but earlier "
+            f"examples had {old.get('dtype', old['kind'])}: cast every example the same"
+        )
     if old["kind"] != "array":
         return old
     if len(old["shape"]) != len(new["shape"]):
-        raise ValueError(f"example key {key!r} has shape {new['shape']} but earlier examples had "
-                         f"rank {len(old['shape'])} ({old['shape']}); keep the rank fixed")
+        raise ValueError(
+            f"example key {key!r} has shape {new['shape']} but earlier examples had "
+            f"rank {len(old['shape'])} ({old['shape']}); keep the rank fixed"
+        )
     return {**old, "shape": [a if a == b else None for a, b in zip(old["shape"], new["shape"])]}
 
 
@@ -159,8 +168,7 @@ def schema_mismatches(actual: Schema, expected: Schema, *, allow_extra: bool = T
         act = actual.get(key)
         if act is None or act["kind"] != exp["kind"]:
             if act is not None or not exp.get("optional", False):
-                problems.append(f"{key!r} is a {act['kind']}, expected {exp['kind']}" if act
-                                else f"missing key {key!r}")
+                problems.append(f"{key!r} is a {act['kind']}, expected {exp['kind']}" if act else f"missing key {key!r}")
             continue
         if exp.get("dtype") is not None and act.get("dtype") != exp["dtype"]:
             problems.append(f"{key!r} has dtype {act.get('dtype')}, expected {exp['dtype']}")
@@ -195,9 +203,14 @@ class ExampleSchema:
     min_audio_rms: float = 1e-3
 
 
-def validate_example(example: Mapping[str, Any], schema: ExampleSchema, *,
-                     video_seconds: float | None = None, audio_seconds: float | None = None,
-                     waveform: np.ndarray | None = None) -> None:
+def validate_example(
+    example: Mapping[str, Any],
+    schema: ExampleSchema,
+    *,
+    video_seconds: float | None = None,
+    audio_seconds: float | None = None,
+    waveform: np.ndarray | None = None,
+) -> None:
     """Raises :class:`SkipExample` if ``example`` must not be written; returns None otherwise.
 
     ``example`` may be empty when only the source media is checked. ``video_seconds`` /
@@ -215,41 +228,14 @@ def validate_example(example: Mapping[str, Any], schema: ExampleSchema, *,
                 raise SkipExample(SKIP_NON_FINITE, f"{key!r} holds NaN or Inf")
     if video_seconds is not None and audio_seconds is not None:
         if abs(video_seconds - audio_seconds) > schema.max_av_mismatch_s:
-            raise SkipExample(SKIP_LENGTH, f"video {video_seconds:.3f}s vs audio "
-                              f"{audio_seconds:.3f}s (> {schema.max_av_mismatch_s}s apart)")
+            raise SkipExample(
+                SKIP_LENGTH, f"video {video_seconds:.3f}s vs audio {audio_seconds:.3f}s (> {schema.max_av_mismatch_s}s apart)"
+            )
     if waveform is not None:
         w = np.asarray(waveform, np.float64)
         rms = float(np.sqrt(np.mean(np.square(w)))) if w.size else 0.0
         if rms < schema.min_audio_rms:
             raise SkipExample(SKIP_SILENT, f"audio RMS {rms:.2e} < {schema.min_audio_rms:.0e}")
-
-
-def _fsync_path(path: str) -> None:  # a file or a directory (makes renames durable)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def file_sha256(path: str) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def write_json_atomic(path: str, obj: Any) -> None:
-    """Writes JSON to ``path`` via ``path.tmp`` + fsync + ``os.replace`` (+ directory fsync)."""
-    tmp = path + TMP_SUFFIX
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_path(os.path.dirname(os.path.abspath(path)))
 
 
 class ShardWriter:
@@ -261,9 +247,16 @@ class ShardWriter:
     reader errors as the fix; ``metadata`` (JSON) goes into the manifest (codec rates, config).
     """
 
-    def __init__(self, out_dir: str, prefix: str = "data", examples_per_shard: int = 256, *,
-                 overwrite: bool = False, producer: str | None = None,
-                 metadata: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        out_dir: str,
+        prefix: str = "data",
+        examples_per_shard: int = 256,
+        *,
+        overwrite: bool = False,
+        producer: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ):
         if examples_per_shard < 1:
             raise ValueError(f"examples_per_shard must be >= 1, got {examples_per_shard}")
         if not prefix or os.sep in prefix:
@@ -274,8 +267,10 @@ class ShardWriter:
         os.makedirs(out_dir, exist_ok=True)
         self._manifest_path = os.path.join(out_dir, MANIFEST_NAME)
         if os.path.exists(self._manifest_path) and not overwrite:
-            raise ValueError(f"{out_dir} already holds a dataset ({MANIFEST_NAME}); pass "
-                             "overwrite=True to replace it or write to an empty directory")
+            raise ValueError(
+                f"{out_dir} already holds a dataset ({MANIFEST_NAME}); pass "
+                "overwrite=True to replace it or write to an empty directory"
+            )
         self._schema: Schema = {}
         self._key_counts: dict[str, int] = {}
         self._shards: list[dict[str, Any]] = []  # finished tmp shards
@@ -294,8 +289,7 @@ class ShardWriter:
             schema[key] = merge_spec(key, schema[key], s) if key in schema else s
         data = encode_example(example)
         if self._writer is None:
-            self._tmp_path = os.path.join(
-                self.out_dir, f"{self.prefix}-{len(self._shards):05d}{SHARD_SUFFIX}{TMP_SUFFIX}")
+            self._tmp_path = os.path.join(self.out_dir, f"{self.prefix}-{len(self._shards):05d}{SHARD_SUFFIX}{TMP_SUFFIX}")
             self._writer = ArrayRecordWriter(self._tmp_path, WRITER_OPTIONS)
         self._writer.write(data)
         self._schema = schema
@@ -333,14 +327,18 @@ class ShardWriter:
         for i, shard in enumerate(self._shards):
             shard["file"] = f"{self.prefix}-{i:05d}-of-{n:05d}{SHARD_SUFFIX}"
             os.replace(shard.pop("tmp"), os.path.join(self.out_dir, shard["file"]))
-        _fsync_path(self.out_dir)
+        fsync_path(self.out_dir)
         manifest = {
-            "format": MANIFEST_FORMAT, "format_version": MANIFEST_VERSION,
-            "record_format": RECORD_FORMAT_VERSION, "num_examples": self.num_written,
-            "shards": self._shards, "producer": self.producer, "metadata": self.metadata,
-            "schema": {k: {**s, "optional": self._key_counts[k] < self.num_written}
-                       for k, s in sorted(self._schema.items())},
-            "skipped": dict(sorted(self.skipped.items())), "skipped_sources": self._skip_list,
+            "format": MANIFEST_FORMAT,
+            "format_version": MANIFEST_VERSION,
+            "record_format": RECORD_FORMAT_VERSION,
+            "num_examples": self.num_written,
+            "shards": self._shards,
+            "producer": self.producer,
+            "metadata": self.metadata,
+            "schema": {k: {**s, "optional": self._key_counts[k] < self.num_written} for k, s in sorted(self._schema.items())},
+            "skipped": dict(sorted(self.skipped.items())),
+            "skipped_sources": self._skip_list,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         }
         write_json_atomic(self._manifest_path, manifest)
@@ -372,14 +370,18 @@ class ShardWriter:
     def _finish_shard(self) -> None:
         if not self._writer.ok():
             self.abort()
-            raise OSError(f"ArrayRecord writer failed on {self._tmp_path} (disk full?); nothing "
-                          f"was committed to {self.out_dir}")
+            raise OSError(f"ArrayRecord writer failed on {self._tmp_path} (disk full?); nothing was committed to {self.out_dir}")
         writer, self._writer = self._writer, None
         writer.close()
-        _fsync_path(self._tmp_path)
-        self._shards.append({"tmp": self._tmp_path, "num_examples": self._in_shard,
-                             "num_bytes": os.path.getsize(self._tmp_path),
-                             "sha256": file_sha256(self._tmp_path)})
+        fsync_path(self._tmp_path)
+        self._shards.append(
+            {
+                "tmp": self._tmp_path,
+                "num_examples": self._in_shard,
+                "num_bytes": os.path.getsize(self._tmp_path),
+                "sha256": file_sha256(self._tmp_path),
+            }
+        )
         self._in_shard = 0
 
     def _check_open(self) -> None:
@@ -396,10 +398,12 @@ def read_manifest(data_dir: str) -> dict[str, Any]:
     """Loads and checks ``data_dir/manifest.json``; ``ValueError`` naming the problem otherwise."""
     path = os.path.join(data_dir, MANIFEST_NAME)
     if not os.path.exists(path):
-        leftovers = [f for f in os.listdir(data_dir) if f.endswith(TMP_SUFFIX)] if os.path.isdir(
-            data_dir) else []
-        why = (f"the writer did not finish ({len(leftovers)} *.tmp leftovers)" if leftovers
-               else "not a records directory or the writer never committed")
+        leftovers = [f for f in os.listdir(data_dir) if f.endswith(TMP_SUFFIX)] if os.path.isdir(data_dir) else []
+        why = (
+            f"the writer did not finish ({len(leftovers)} *.tmp leftovers)"
+            if leftovers
+            else "not a records directory or the writer never committed"
+        )
         raise ValueError(f"{path} does not exist: {why}; {_rerun_hint(data_dir)}")
     try:
         with open(path) as f:
@@ -408,16 +412,17 @@ def read_manifest(data_dir: str) -> dict[str, Any]:
         raise ValueError(f"{path} is unreadable ({e}); {_rerun_hint(data_dir)}") from e
     got = tuple(manifest.get(k) for k in ("format", "format_version", "record_format"))
     if got != (MANIFEST_FORMAT, MANIFEST_VERSION, RECORD_FORMAT_VERSION):
-        raise ValueError(f"{path}: format {got[0]} v{got[1]} / records v{got[2]}; this mmdit reads "
-                         f"{MANIFEST_FORMAT} v{MANIFEST_VERSION} / records v"
-                         f"{RECORD_FORMAT_VERSION}: {_rerun_hint(data_dir, manifest.get('producer'))}"
-                         " with this version")
+        raise ValueError(
+            f"{path}: format {got[0]} v{got[1]} / records v{got[2]}; this mmdit reads "
+            f"{MANIFEST_FORMAT} v{MANIFEST_VERSION} / records v"
+            f"{RECORD_FORMAT_VERSION}: {_rerun_hint(data_dir, manifest.get('producer'))}"
+            " with this version"
+        )
     return manifest
 
 
 # array_record's FileInstruction protocol: the counts come from the manifest, no re-opening.
-_FileInstruction = collections.namedtuple("_FileInstruction",
-                                          "filename skip take examples_in_shard")
+_FileInstruction = collections.namedtuple("_FileInstruction", "filename skip take examples_in_shard")
 
 
 class RecordDataSource:
@@ -436,12 +441,15 @@ class RecordDataSource:
         self._hint = _rerun_hint(data_dir, manifest.get("producer"))
         self._files = [os.path.join(data_dir, s["file"]) for s in manifest["shards"]]
         self._ends = np.cumsum([s["num_examples"] for s in manifest["shards"]]).tolist()
-        ident = json.dumps([[s["file"], s["num_examples"], s.get("sha256")]
-                            for s in manifest["shards"]])
+        ident = json.dumps([[s["file"], s["num_examples"], s.get("sha256")] for s in manifest["shards"]])
         self._id = hashlib.sha1(ident.encode()).hexdigest()[:16]
-        self._source = ArrayRecordDataSource([
-            _FileInstruction(f, 0, s["num_examples"], s["num_examples"])
-            for f, s in zip(self._files, manifest["shards"])]) if self._files else None
+        self._source = (
+            ArrayRecordDataSource(
+                [_FileInstruction(f, 0, s["num_examples"], s["num_examples"]) for f, s in zip(self._files, manifest["shards"])]
+            )
+            if self._files
+            else None
+        )
 
     def __len__(self) -> int:
         return self._ends[-1] if self._ends else 0
@@ -462,9 +470,11 @@ class RecordDataSource:
             raise ValueError(f"{path}: record {pos} is {e}; {self._hint}") from e
         problems = schema_mismatches(example_schema(ex), self.schema, allow_extra=False)
         if problems:
-            raise ValueError(f"{path}: record {pos} does not match the schema in {MANIFEST_NAME} "
-                             f"({'; '.join(problems)}); the shard and manifest come from different "
-                             f"runs: {self._hint}")
+            raise ValueError(
+                f"{path}: record {pos} does not match the schema in {MANIFEST_NAME} "
+                f"({'; '.join(problems)}); the shard and manifest come from different "
+                f"runs: {self._hint}"
+            )
         return ex
 
     def _read(self, indices: list[int]) -> list[bytes]:
@@ -485,8 +495,7 @@ class RecordDataSource:
         return [self._decode(i, d) for i, d in zip(indices, self._read(indices))]
 
 
-def open_dataset(data_dir: str, *, expected_schema: Schema | None = None,
-                 verify_checksums: bool = False) -> RecordDataSource:
+def open_dataset(data_dir: str, *, expected_schema: Schema | None = None, verify_checksums: bool = False) -> RecordDataSource:
     """Opens the dataset in ``data_dir`` (only the shards its manifest lists; ``*.tmp`` ignored).
 
     Checks, each raising ``ValueError`` that names the file and the fix: manifest present and of a
@@ -502,22 +511,26 @@ def open_dataset(data_dir: str, *, expected_schema: Schema | None = None,
             raise ValueError(f"{path} is listed in {MANIFEST_NAME} but missing; {hint}")
         size = os.path.getsize(path)
         if size != shard["num_bytes"]:
-            raise ValueError(f"{path} is {size} bytes but {MANIFEST_NAME} says "
-                             f"{shard['num_bytes']}: the shard is truncated or corrupt; {hint}")
+            raise ValueError(
+                f"{path} is {size} bytes but {MANIFEST_NAME} says {shard['num_bytes']}: the shard is truncated or corrupt; {hint}"
+            )
         try:
             reader = ArrayRecordReader(path)
             count, _ = reader.num_records(), reader.close()
         except (RuntimeError, OSError) as e:
             raise ValueError(f"{path} is not a readable ArrayRecord file ({e}); {hint}") from e
         if count != shard["num_examples"]:
-            raise ValueError(f"{path} holds {count} records but {MANIFEST_NAME} says "
-                             f"{shard['num_examples']}: the shard is corrupt; {hint}")
+            raise ValueError(
+                f"{path} holds {count} records but {MANIFEST_NAME} says {shard['num_examples']}: the shard is corrupt; {hint}"
+            )
         if verify_checksums and file_sha256(path) != shard["sha256"]:
             raise ValueError(f"{path} fails its sha256 check: the shard is corrupt; {hint}")
     if expected_schema is not None:
         problems = schema_mismatches(manifest["schema"], expected_schema)
         if problems:
-            raise ValueError(f"{os.path.join(data_dir, MANIFEST_NAME)}: dataset schema does not "
-                             f"match what the consumer expects ({'; '.join(problems)}); {hint} "
-                             "with the codecs/config this run uses")
+            raise ValueError(
+                f"{os.path.join(data_dir, MANIFEST_NAME)}: dataset schema does not "
+                f"match what the consumer expects ({'; '.join(problems)}); {hint} "
+                "with the codecs/config this run uses"
+            )
     return RecordDataSource(data_dir, manifest)

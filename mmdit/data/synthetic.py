@@ -58,20 +58,48 @@ _PHONES = {
     "_": ("pause", 0.00, 0.00, 0.0, 0, 250, 1200, 2500),
 }
 # phone kind -> (min, max) duration in seconds
-_DURATIONS = {"vowel": (0.10, 0.21), "liquid": (0.06, 0.10), "nasal": (0.06, 0.10),
-              "stop": (0.07, 0.11), "fric": (0.08, 0.13), "pause": (0.06, 0.25)}
+_DURATIONS = {
+    "vowel": (0.10, 0.21),
+    "liquid": (0.06, 0.10),
+    "nasal": (0.06, 0.10),
+    "stop": (0.07, 0.11),
+    "fric": (0.08, 0.13),
+    "pause": (0.06, 0.25),
+}
 
 DEFAULT_VOCABULARY = (
-    "ba", "mia", "lobo", "tuki", "sami", "depa", "nolu", "fika", "moda", "pilo", "kusa", "bena",
-    "tomi", "lafu", "sela", "dumo", "pika", "nabu", "oki", "ema", "ulas", "fenik", "mok", "tas",
+    "ba",
+    "mia",
+    "lobo",
+    "tuki",
+    "sami",
+    "depa",
+    "nolu",
+    "fika",
+    "moda",
+    "pilo",
+    "kusa",
+    "bena",
+    "tomi",
+    "lafu",
+    "sela",
+    "dumo",
+    "pika",
+    "nabu",
+    "oki",
+    "ema",
+    "ulas",
+    "fenik",
+    "mok",
+    "tas",
 )
 
-_SKIN = np.array([[236, 200, 170], [224, 172, 138], [198, 140, 104], [160, 106, 72],
-                  [120, 80, 56], [242, 214, 190]], np.float32)
-_HAIR = np.array([[30, 24, 20], [90, 56, 30], [170, 120, 60], [200, 190, 170], [120, 30, 20],
-                  [60, 60, 70]], np.float32)
-_BACKGROUND = np.array([[40, 90, 160], [60, 150, 90], [150, 60, 140], [30, 140, 150],
-                        [200, 200, 70], [90, 90, 200], [200, 90, 60], [70, 70, 70]], np.float32)
+_SKIN = np.array([[236, 200, 170], [224, 172, 138], [198, 140, 104], [160, 106, 72], [120, 80, 56], [242, 214, 190]], np.float32)
+_HAIR = np.array([[30, 24, 20], [90, 56, 30], [170, 120, 60], [200, 190, 170], [120, 30, 20], [60, 60, 70]], np.float32)
+_BACKGROUND = np.array(
+    [[40, 90, 160], [60, 150, 90], [150, 60, 140], [30, 140, 150], [200, 200, 70], [90, 90, 200], [200, 90, 60], [70, 70, 70]],
+    np.float32,
+)
 _MOUTH = np.array([70, 16, 26], np.float32)
 _EYE = np.array([25, 25, 35], np.float32)
 
@@ -96,11 +124,12 @@ class WorldConfig:
 
     def validate(self) -> None:
         if self.sample_rate % self.fps:
-            raise ValueError(f"WorldConfig.sample_rate={self.sample_rate} is not a multiple of fps={self.fps}; "
-                             "choose e.g. sample_rate=16000 with fps=25")
+            raise ValueError(
+                f"WorldConfig.sample_rate={self.sample_rate} is not a multiple of fps={self.fps}; "
+                "choose e.g. sample_rate=16000 with fps=25"
+            )
         if not 0 < self.min_seconds <= self.max_seconds:
-            raise ValueError(f"WorldConfig needs 0 < min_seconds <= max_seconds, got "
-                             f"{self.min_seconds}, {self.max_seconds}")
+            raise ValueError(f"WorldConfig needs 0 < min_seconds <= max_seconds, got {self.min_seconds}, {self.max_seconds}")
         if self.min_seconds * self.fps < 8:
             raise ValueError(f"WorldConfig.min_seconds={self.min_seconds} is shorter than 8 frames; use >= 0.32 s")
         if self.video_size < 32:
@@ -110,8 +139,10 @@ class WorldConfig:
         for word in self.vocabulary:
             bad = set(word) - (set(_PHONES) - {"_"})
             if not word or bad:
-                raise ValueError(f"WorldConfig.vocabulary word {word!r} has letters {sorted(bad)} that are not "
-                                 f"phones; use letters from {''.join(sorted(set(_PHONES) - {'_'}))}")
+                raise ValueError(
+                    f"WorldConfig.vocabulary word {word!r} has letters {sorted(bad)} that are not "
+                    f"phones; use letters from {''.join(sorted(set(_PHONES) - {'_'}))}"
+                )
 
 
 @dataclasses.dataclass
@@ -170,8 +201,7 @@ class SyntheticWorld:
         hair = np.clip(_HAIR[rng.integers(len(_HAIR))] + jitter(), 0, 255)
         # A background far enough from the skin that the face is findable by colour contrast.
         order = rng.permutation(len(_BACKGROUND))
-        background = next((_BACKGROUND[i] for i in order if np.linalg.norm(_BACKGROUND[i] - skin) > 90),
-                          _BACKGROUND[order[0]])
+        background = next((_BACKGROUND[i] for i in order if np.linalg.norm(_BACKGROUND[i] - skin) > 90), _BACKGROUND[order[0]])
         background = np.clip(background + jitter(), 0, 255)
         rx = rng.uniform(16.5, 20.5) * s
         ry = rx * rng.uniform(1.15, 1.28)
@@ -180,9 +210,19 @@ class SyntheticWorld:
         voice = rng.uniform()
         f0 = 95.0 * (240.0 / 95.0) ** voice  # log-uniform pitch
         formant_scale = 0.85 + 0.35 * (0.7 * voice + 0.3 * rng.uniform())
-        return Identity(skin.astype(np.float32), hair.astype(np.float32), background.astype(np.float32),
-                        float(rx), float(ry), float(cx), cy, float(rx * rng.uniform(0.36, 0.48)),
-                        float(rx * rng.uniform(0.30, 0.40)), float(f0), float(formant_scale))
+        return Identity(
+            skin.astype(np.float32),
+            hair.astype(np.float32),
+            background.astype(np.float32),
+            float(rx),
+            float(ry),
+            float(cx),
+            cy,
+            float(rx * rng.uniform(0.36, 0.48)),
+            float(rx * rng.uniform(0.30, 0.40)),
+            float(f0),
+            float(formant_scale),
+        )
 
     # ----------------------------------------------------------------------------------------- clip
     def num_frames(self, index: int) -> int:
@@ -251,8 +291,9 @@ class SyntheticWorld:
         # Unit-power filters (a white input keeps its power), so the table's gains are RMS levels.
         env /= np.sqrt(np.mean(env * env, axis=1, keepdims=True))
         h_voiced = voiced[:, None] * env
-        shapes = np.stack([np.ones_like(freqs), np.clip(freqs / 4500.0, 0, 1.4) ** 2,
-                           np.exp(-freqs / 1200.0)])  # broadband / high / low noise
+        shapes = np.stack(
+            [np.ones_like(freqs), np.clip(freqs / 4500.0, 0, 1.4) ** 2, np.exp(-freqs / 1200.0)]
+        )  # broadband / high / low noise
         shapes /= np.sqrt(np.mean(shapes * shapes, axis=1, keepdims=True))
         h_noise = noise_gain[:, None] * shapes[colour]
         spec = _stft(pulses, n_fft, hop) * h_voiced.T + _stft(noise, n_fft, hop) * h_noise.T
@@ -298,7 +339,7 @@ class SyntheticWorld:
         blink = np.ones(n, np.float32)
         frame = int(rng.uniform(0.3, 2.0) * fps)
         while frame < n:
-            blink[frame:frame + 3] = (0.15, 0.05, 0.4)[: len(blink[frame:frame + 3])]
+            blink[frame : frame + 3] = (0.15, 0.05, 0.4)[: len(blink[frame : frame + 3])]
             frame += int(rng.uniform(1.5, 4.0) * fps)
         b = blink[:, None, None]
         for side in (-1.0, 1.0):
@@ -395,4 +436,4 @@ def _istft(spec: np.ndarray, n_fft: int, hop: int, length: int) -> np.ndarray:
     out = np.bincount(idx, weights=frames.ravel(), minlength=total)
     norm = np.bincount(idx, weights=np.tile(window * window, frames.shape[0]), minlength=total)
     out = out / np.maximum(norm, 1e-8)
-    return out[n_fft // 2: n_fft // 2 + length]
+    return out[n_fft // 2 : n_fft // 2 + length]

@@ -25,8 +25,16 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def cross_stream_probe(model, params, latents: Mapping[str, jnp.ndarray], raw_conds: Mapping, *,
-                       sigmas: Sequence[float] = (0.3, 0.6, 0.9), seeds: int = 4, shift: int | None = None) -> dict:
+def cross_stream_probe(
+    model,
+    params,
+    latents: Mapping[str, jnp.ndarray],
+    raw_conds: Mapping,
+    *,
+    sigmas: Sequence[float] = (0.3, 0.6, 0.9),
+    seeds: int = 4,
+    shift: int | None = None,
+) -> dict:
     """Losses and ratios per generated stream and σ (see module docstring).
 
     ``latents``: ``{stream: [B, T, ...]}`` clean latents of ``B >= 2`` clips (time on axis 1);
@@ -88,8 +96,8 @@ def probe_eval_split(model, params, data_dir: str, num: int = 8, **kwargs) -> di
     from mmdit.eval.run import eval_batch
 
     batch = eval_batch(data_dir, num)
-    latents = {a.name: batch[a.name + "_latents"] for a in model.spec.streams if a.name + "_latents" in batch}
-    raw = {"text_tokens": batch["text_tokens"]} if model.text_encoder is not None else {}
+    schema = model.input_spec()
+    latents, raw = schema.latents_of(batch), schema.conditions_of(batch)
     return cross_stream_probe(model, params, latents, raw, **kwargs)
 
 

@@ -27,8 +27,10 @@ def to_unit_frames(frames, name: str = "frames") -> np.ndarray:
     if x.ndim == 3 and x.shape[-1] == 3:
         x = x[None]
     if x.ndim != 4 or x.shape[-1] != 3:
-        raise ValueError(f"{name} must be [N, H, W, 3] RGB frames, got shape {x.shape}; "
-                         "drop the batch axis (frames[0]) for a batched [B, N, H, W, 3] array")
+        raise ValueError(
+            f"{name} must be [N, H, W, 3] RGB frames, got shape {x.shape}; "
+            "drop the batch axis (frames[0]) for a batched [B, N, H, W, 3] array"
+        )
     if x.shape[0] < 1 or min(x.shape[1:3]) < 16:
         raise ValueError(f"{name} of shape {x.shape} is too small to hold a portrait (need >= 16x16 pixels)")
     if x.dtype == np.uint8:
@@ -59,9 +61,15 @@ class PortraitLayout:
 
 def border_colours(x: np.ndarray, width: int = 2) -> np.ndarray:
     """Median colour of the ``width``-pixel image border of every frame: ``[N, 3]``."""
-    border = np.concatenate([x[:, :width].reshape(len(x), -1, 3), x[:, -width:].reshape(len(x), -1, 3),
-                             x[:, :, :width].reshape(len(x), -1, 3), x[:, :, -width:].reshape(len(x), -1, 3)],
-                            axis=1)
+    border = np.concatenate(
+        [
+            x[:, :width].reshape(len(x), -1, 3),
+            x[:, -width:].reshape(len(x), -1, 3),
+            x[:, :, :width].reshape(len(x), -1, 3),
+            x[:, :, -width:].reshape(len(x), -1, 3),
+        ],
+        axis=1,
+    )
     return np.median(border, axis=1)
 
 
@@ -78,8 +86,10 @@ def locate_portrait(frames, name: str = "frames") -> PortraitLayout:
     threshold = max(0.08, 0.4 * float(np.percentile(contrast, 99)))
     fg = contrast > threshold
     if fg.sum() < 0.02 * h * w:
-        raise ValueError(f"{name}: no portrait found (only {int(fg.sum())} pixels differ from the background "
-                         f"colour {np.round(background * 255).astype(int).tolist()}); is the clip blank?")
+        raise ValueError(
+            f"{name}: no portrait found (only {int(fg.sum())} pixels differ from the background "
+            f"colour {np.round(background * 255).astype(int).tolist()}); is the clip blank?"
+        )
     # The skin is the dominant foreground colour: a coarse colour histogram's fullest cell, refined by
     # the median of the foreground pixels close to it.
     fgc = med[fg]
@@ -98,10 +108,20 @@ def locate_portrait(frames, name: str = "frames") -> PortraitLayout:
     if fh < 6 or fw < 6:
         raise ValueError(f"{name}: the face region found is only {fh}x{fw} pixels; is the clip a portrait?")
     cx = 0.5 * (left + right)
-    box = lambda y0, y1, half: (top + int(round(y0 * fh)), top + int(round(y1 * fh)),  # noqa: E731
-                                int(round(cx - half * fw)), int(round(cx + half * fw)))
-    return PortraitLayout(background.astype(np.float32), skin.astype(np.float32), (top, bottom, left, right),
-                          mouth=box(0.57, 0.93, 0.3), cheeks=box(0.45, 0.55, 0.2), skin_mask=skin_mask)
+    box = lambda y0, y1, half: (
+        top + int(round(y0 * fh)),
+        top + int(round(y1 * fh)),  # noqa: E731
+        int(round(cx - half * fw)),
+        int(round(cx + half * fw)),
+    )
+    return PortraitLayout(
+        background.astype(np.float32),
+        skin.astype(np.float32),
+        (top, bottom, left, right),
+        mouth=box(0.57, 0.93, 0.3),
+        cheeks=box(0.45, 0.55, 0.2),
+        skin_mask=skin_mask,
+    )
 
 
 def _histogram(x: np.ndarray, bins: int = 8) -> np.ndarray:
@@ -109,8 +129,8 @@ def _histogram(x: np.ndarray, bins: int = 8) -> np.ndarray:
     q = np.clip((x * bins).astype(np.int32), 0, bins - 1)
     cells = (q[..., 0] * bins + q[..., 1]) * bins + q[..., 2]
     n = len(x)
-    flat = cells.reshape(n, -1) + (np.arange(n) * bins ** 3)[:, None]
-    hist = np.bincount(flat.ravel(), minlength=n * bins ** 3).reshape(n, bins ** 3).astype(np.float32)
+    flat = cells.reshape(n, -1) + (np.arange(n) * bins**3)[:, None]
+    hist = np.bincount(flat.ravel(), minlength=n * bins**3).reshape(n, bins**3).astype(np.float32)
     return hist / hist.sum(axis=1, keepdims=True)
 
 

@@ -49,13 +49,15 @@ def mouth_opening_track(frames, layout: PortraitLayout | None = None, name: str 
     region = luma(x[:, top:bottom, left:right])  # [N, h, w]
     skin = float(luma(layout.skin))
     if skin < 0.05:
-        raise ValueError(f"{name}: the skin found is almost black (luma {skin:.3f}); the mouth cannot be measured "
-                         "by darkness against it")
+        raise ValueError(
+            f"{name}: the skin found is almost black (luma {skin:.3f}); the mouth cannot be measured by darkness against it"
+        )
     return (np.maximum(skin - region, 0.0).mean(axis=(1, 2)) / skin).astype(np.float32)
 
 
-def audio_envelope(wave, num_frames: int | None = None, fps: int = FPS, sample_rate: int = SAMPLE_RATE,
-                   name: str = "wave") -> np.ndarray:
+def audio_envelope(
+    wave, num_frames: int | None = None, fps: int = FPS, sample_rate: int = SAMPLE_RATE, name: str = "wave"
+) -> np.ndarray:
     """Log RMS energy of ``wave`` (float ``[T]`` at ``sample_rate`` Hz) per video frame: float32 ``[N]``.
 
     ``N = num_frames`` or ``floor(T * fps / sample_rate)``. Windows are 40 ms long, centred on each frame's
@@ -63,8 +65,9 @@ def audio_envelope(wave, num_frames: int | None = None, fps: int = FPS, sample_r
     """
     w = np.asarray(wave, dtype=np.float64)
     if w.ndim != 1:
-        raise ValueError(f"{name} must be a mono waveform [T], got shape {w.shape}; average the channels "
-                         "or pass one batch element")
+        raise ValueError(
+            f"{name} must be a mono waveform [T], got shape {w.shape}; average the channels or pass one batch element"
+        )
     if not np.all(np.isfinite(w)):
         raise ValueError(f"{name} contains NaN or inf; check the vocoder / codec output")
     n = int(num_frames) if num_frames is not None else int(len(w) * fps // sample_rate)
@@ -76,8 +79,10 @@ def audio_envelope(wave, num_frames: int | None = None, fps: int = FPS, sample_r
     lo, hi = np.clip(centres - half, 0, len(w)), np.clip(centres + half, 0, len(w))
     rms = np.sqrt((csum[hi] - csum[lo]) / (2 * half))
     if rms.max() < _SILENCE_RMS:
-        raise ValueError(f"{name} is silent (loudest 40 ms window at {20 * np.log10(rms.max() + 1e-12):.0f} dBFS): "
-                         "lip sync needs speech; check the audio decode, or skip this clip's sync metric")
+        raise ValueError(
+            f"{name} is silent (loudest 40 ms window at {20 * np.log10(rms.max() + 1e-12):.0f} dBFS): "
+            "lip sync needs speech; check the audio decode, or skip this clip's sync metric"
+        )
     return np.log(rms + 0.03 * rms.max()).astype(np.float32)
 
 
@@ -102,13 +107,17 @@ def sync_curve(mouth, envelope, max_offset: int = 8, detrend_frames: int = 13) -
     m = np.asarray(mouth, np.float64).ravel()
     e = np.asarray(envelope, np.float64).ravel()
     if len(m) != len(e):
-        raise ValueError(f"mouth ({len(m)} frames) and envelope ({len(e)} frames) differ in length; build the "
-                         "envelope with audio_envelope(wave, num_frames=len(mouth))")
+        raise ValueError(
+            f"mouth ({len(m)} frames) and envelope ({len(e)} frames) differ in length; build the "
+            "envelope with audio_envelope(wave, num_frames=len(mouth))"
+        )
     if max_offset < 0:
         raise ValueError(f"max_offset must be >= 0, got {max_offset}")
     if len(m) < 2 * max_offset + 8:
-        raise ValueError(f"a clip of {len(m)} frames is too short for max_offset={max_offset}: need >= "
-                         f"{2 * max_offset + 8} frames; pass a smaller max_offset or a longer clip")
+        raise ValueError(
+            f"a clip of {len(m)} frames is too short for max_offset={max_offset}: need >= "
+            f"{2 * max_offset + 8} frames; pass a smaller max_offset or a longer clip"
+        )
     m, e = detrend(m, detrend_frames), detrend(e, detrend_frames)
     offsets = np.arange(-max_offset, max_offset + 1)
     corr = np.zeros(len(offsets), np.float32)
@@ -143,14 +152,17 @@ def evaluate_clip(frames, wave, fps: int = FPS, sample_rate: int = SAMPLE_RATE, 
     if fps != FPS:
         raise ValueError(f"fps={fps}: the lip-sync metric is defined at {FPS} fps; resample the video first")
     if sample_rate != SAMPLE_RATE:
-        raise ValueError(f"sample_rate={sample_rate}: the lip-sync metric is defined at {SAMPLE_RATE} Hz; resample "
-                         f"first, e.g. librosa.resample(wave, orig_sr={sample_rate}, target_sr={SAMPLE_RATE})")
+        raise ValueError(
+            f"sample_rate={sample_rate}: the lip-sync metric is defined at {SAMPLE_RATE} Hz; resample "
+            f"first, e.g. librosa.resample(wave, orig_sr={sample_rate}, target_sr={SAMPLE_RATE})"
+        )
     x = to_unit_frames(frames)
     w = np.asarray(wave, np.float32)
     audio_frames = len(w) * fps / sample_rate
     if abs(audio_frames - len(x)) > 2:
-        raise ValueError(f"wave lasts {audio_frames:.1f} frames but frames has {len(x)}; pass the waveform of "
-                         "the same clip (within 2 frames)")
+        raise ValueError(
+            f"wave lasts {audio_frames:.1f} frames but frames has {len(x)}; pass the waveform of the same clip (within 2 frames)"
+        )
     n = min(len(x), int(audio_frames))
     x = x[:n]
     layout = locate_portrait(x)

@@ -18,24 +18,31 @@ import numpy as np
 
 from mmdit.codecs.registry import make_audio_codec, make_video_codec
 from mmdit.data import media
-from mmdit.data.records import open_dataset, write_json_atomic
+from mmdit.data.records import open_dataset
 from mmdit.eval.lipsync import evaluate_clip
+from mmdit import tasks as tasks_lib
+from mmdit.model.spec import build_spec
+from mmdit.util.files import write_json_atomic
 
 
 def eval_batch(data_dir: str, num: int) -> dict:
     ds = open_dataset(data_dir)
     if len(ds) < num:
-        raise ValueError(f"{data_dir} holds {len(ds)} eval clips, fewer than the {num} asked; write more with mmdit-data synth --num-eval")
+        raise ValueError(
+            f"{data_dir} holds {len(ds)} eval clips, fewer than the {num} asked; write more with mmdit-data synth --num-eval"
+        )
     rows = [ds[i] for i in range(num)]
     return {k: np.stack([r[k] for r in rows]) if isinstance(rows[0][k], np.ndarray) else [r[k] for r in rows] for k in rows[0]}
 
 
 def decode(cfg, latents: dict) -> tuple[np.ndarray, np.ndarray]:
-    """``{video, audio}`` latents ``[B, ...]`` -> (uint8 frames ``[B, N, H, W, 3]``, waves ``[B, T]``)."""
+    """Latents ``{stream: [B, ...]}`` of the visual and audio streams (``tasks.roles``) -> (uint8
+    frames ``[B, N, H, W, 3]``, waves ``[B, T]``) through ``cfg.codecs.video`` / ``cfg.codecs.audio``."""
+    r = tasks_lib.roles(build_spec(cfg.model), cfg.model)
     vc, ac = make_video_codec(cfg.codecs.video), make_audio_codec(cfg.codecs.audio)
-    frames = np.asarray(vc.decode(np.asarray(latents["video"], np.float32)))
+    frames = np.asarray(vc.decode(np.asarray(latents[r.visual], np.float32)))
     frames = np.clip((frames + 1.0) * 127.5, 0, 255).round().astype(np.uint8)
-    waves = np.asarray(ac.decode(np.asarray(latents["audio"], np.float32)))
+    waves = np.asarray(ac.decode(np.asarray(latents[r.audio], np.float32)))
     return frames, waves
 
 
@@ -56,8 +63,18 @@ def summarize(per_clip: list[dict]) -> dict:
     return out
 
 
-def evaluate(cfg, params, data_dir: str, out_dir: str | None = None, *, num: int | None = None, seed: int = 0,
-             tasks: tuple[str, ...] | None = None, progress: bool = False, write_videos: bool = True) -> dict:
+def evaluate(
+    cfg,
+    params,
+    data_dir: str,
+    out_dir: str | None = None,
+    *,
+    num: int | None = None,
+    seed: int = 0,
+    tasks: tuple[str, ...] | None = None,
+    progress: bool = False,
+    write_videos: bool = True,
+) -> dict:
     """Samples and scores every task; returns ``{task: summary, "ground_truth": summary}`` and, with
     ``out_dir``, writes MP4s and ``eval.json`` there."""
     from mmdit.model.diffusion import DiffusionModel
@@ -65,11 +82,13 @@ def evaluate(cfg, params, data_dir: str, out_dir: str | None = None, *, num: int
 
     model = DiffusionModel.from_config(cfg)
     sampler = Sampler(model, cfg, progress=progress)
-    num = int(num or cfg.sample.get("num_per_task", 4))
-    tasks = tuple(tasks or cfg.sample.get("tasks", ("t2av",)))
+    num = int(num if num is not None else sampler.defaults.num_per_task)
+    tasks = tuple(tasks if tasks is not None else sampler.defaults.tasks)
+    if num < 1:
+        raise ValueError(f"num={num}: evaluate at least one clip per task (--num >= 1)")
     batch = eval_batch(data_dir, num)
-    known = {"video": batch["video_latents"], "audio": batch["audio_latents"]}
-    raw = {"text_tokens": batch["text_tokens"]} if model.text_encoder is not None else {}
+    schema = model.input_spec()
+    known, raw = schema.latents_of(batch), schema.conditions_of(batch)
     fps = float(cfg.codecs.video.get("fps", 25.0))
     sr = int(cfg.codecs.audio.get("sample_rate", 16000))
     results, files = {}, []
@@ -78,7 +97,9 @@ def evaluate(cfg, params, data_dir: str, out_dir: str | None = None, *, num: int
     max_offset = 8 if gt_frames.shape[1] >= 40 else 4
     results["ground_truth"] = summarize([evaluate_clip(f, w, max_offset=max_offset) for f, w in zip(gt_frames, gt_waves)])
     for i, task in enumerate(tasks):
-        lat = sampler.sample(params, jax.random.fold_in(jax.random.key(seed), i), task=task, batch=num, known_latents=known, raw_conds=raw)
+        lat = sampler.sample(
+            params, jax.random.fold_in(jax.random.key(seed), i), task=task, batch=num, known_latents=known, raw_conds=raw
+        )
         frames, waves = decode(cfg, lat)
         per_clip = [evaluate_clip(f, w, max_offset=max_offset) for f, w in zip(frames, waves)]
         results[task] = summarize(per_clip)
@@ -97,5 +118,7 @@ def evaluate(cfg, params, data_dir: str, out_dir: str | None = None, *, num: int
 def format_table(results: dict) -> str:
     lines = [f"{'task':<14}{'sync corr':>10}{'offset':>8}{'|off|<=1':>10}{'n':>4}"]
     for task, r in results.items():
-        lines.append(f"{task:<14}{r['sync_corr_mean']:>10.3f}{r['sync_offset_median']:>8.1f}{r['within_1_frame']:>10.2f}{r['num']:>4}")
+        lines.append(
+            f"{task:<14}{r['sync_corr_mean']:>10.3f}{r['sync_offset_median']:>8.1f}{r['within_1_frame']:>10.2f}{r['num']:>4}"
+        )
     return "\n".join(lines)

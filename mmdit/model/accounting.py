@@ -1,6 +1,6 @@
 """Parameter counts, token counts and FLOPs of a model, from shapes only (``jax.eval_shape``).
 
-FLOPs follow DESIGN.md §5: a training step costs ``6·N·T + 12·ρ·L·B·S²·H·Dh`` where ``N`` counts
+FLOPs follow docs/design.md (FLOPs and MFU): a training step costs ``6·N·T + 12·ρ·L·B·S²·H·Dh`` where ``N`` counts
 the per-token matmul params (no embeddings, no adaLN MLP), ``T = B·S`` tokens, ``ρ`` the attended
 fraction of (q, k) pairs. We refine it per stream (each stream's block params act on its own
 tokens; cross-attention k/v projections act on condition tokens) and add cross-attention scores;
@@ -16,15 +16,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmdit.model import masks
+from mmdit.attention import masks
 from mmdit.model.mmdit import MMDiT
 from mmdit.model.spec import ModelSpec
 
 
 def abstract_inputs(spec: ModelSpec, batch: int = 1):
     f32 = jnp.float32
-    tokens = {a.name: jax.ShapeDtypeStruct((batch, a.spec.num_tokens, a.spec.token_dim), f32) for a in spec.streams}
-    sigma = {a.name: jax.ShapeDtypeStruct((batch, a.spec.num_tokens), f32) for a in spec.streams if not a.spec.condition}
+    tokens = {a.name: jax.ShapeDtypeStruct((batch, a.geometry.num_tokens, a.geometry.token_dim), f32) for a in spec.streams}
+    sigma = {a.name: jax.ShapeDtypeStruct((batch, a.geometry.num_tokens), f32) for a in spec.streams if not a.geometry.condition}
     conds = {c.name: jax.ShapeDtypeStruct((batch, c.length, c.dim), f32) for c in spec.conditions}
     return tokens, sigma, conds
 
@@ -81,7 +81,7 @@ def attended_fraction(spec: ModelSpec, known=None, valid=None, rows_per_chunk: i
     """ρ: the fraction of (q, k) pairs the self-attention mask keeps, averaged over layers
     (per-stream layers keep only same-stream pairs). Exact, computed in row chunks."""
     model = MMDiT(spec)
-    known = known or {a.name: jnp.zeros((1, a.spec.num_tokens), bool) for a in spec.streams}
+    known = known or {a.name: jnp.zeros((1, a.geometry.num_tokens), bool) for a in spec.streams}
     meta = model.token_meta(1, known, valid)
     pred = spec.rule.bind(spec.names)
     S = meta.stream.shape[1]
@@ -108,15 +108,15 @@ def forward_flops(spec: ModelSpec, breakdown=None, rho: float | None = None, bat
     flops = 0.0
     for a in spec.streams:
         p = bd[a.name]
-        flops += 2.0 * p.matmul * a.spec.num_tokens
+        flops += 2.0 * p.matmul * a.geometry.num_tokens
         for c, n in p.cross_kv.items():
             L = spec.condition(c).length
             flops += 2.0 * n * L
-            flops += 4.0 * spec.num_layers * a.spec.num_tokens * L * spec.heads * spec.head_dim
+            flops += 4.0 * spec.num_layers * a.geometry.num_tokens * L * spec.heads * spec.head_dim
     flops += 4.0 * rho * spec.num_layers * S * S * spec.heads * spec.head_dim
     return batch * flops
 
 
 def train_step_flops(spec: ModelSpec, batch: int, **kw) -> float:
-    """Forward + backward (3x forward), the DESIGN.md MFU numerator."""
+    """Forward + backward (3x forward), the docs/design.md MFU numerator."""
     return 3.0 * forward_flops(spec, batch=batch, **kw)

@@ -19,9 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmdit.model import attention_registry, masks
+from mmdit.attention import masks
+from mmdit.attention import registry as attention_registry
 from mmdit.model.layers import RMSNorm, dense
 from mmdit.model.rope import apply_rope
+from mmdit.parallel import sequence_parallel_attention
 
 
 class QKV(nn.Module):
@@ -59,8 +61,6 @@ def joint_attention(qs, ks, vs, mask: masks.MaskSpec, opts, sequence_parallel: s
     k = jnp.concatenate([ks[n] for n in names], axis=1)
     v = jnp.concatenate([vs[n] for n in names], axis=1)
     if sequence_parallel != "none":
-        from mmdit.parallel import sequence_parallel_attention
-
         mesh = jax.sharding.get_abstract_mesh()
         out = sequence_parallel_attention(q, k, v, mask, opts, mesh=mesh, strategy=sequence_parallel)
     else:

@@ -1,11 +1,10 @@
 """The trainable model as a whole: condition encoders (when trained jointly) + the MM-DiT.
 
 Params: ``{"dit": MMDiT params, "text_encoder": ByteTextEncoder params (only for the embedded
-byte-level text path)}``. Raw conditions come from records / sampler inputs:
-
-* ``text_tokens`` int32 ``[B, L]`` (byte tokenizer, encoded here), or ``text`` features
-  ``[B, L, C]`` precomputed offline (UMT5) with an optional ``text_mask`` ``[B, L]``;
-* any other condition ``c`` as features ``[B, L_c, C_c]`` (+ ``c_mask``).
+byte-level text path)}``. Raw conditions come from records / sampler inputs as
+:meth:`DiffusionModel.input_spec` describes them (:mod:`mmdit.model.inputs`): ``text_tokens`` int32
+``[B, L]`` when the byte text encoder is on (encoded here), else features ``[B, L_c, C_c]`` (+ an
+optional ``c_mask`` bool ``[B, L_c]``) per condition.
 
 Latents are per stream ``[B, *latent_shape]``; :meth:`DiffusionModel.velocity` patchifies, runs the
 DiT and returns velocities in token space ``[B, S, C * prod(patch)]``.
@@ -17,9 +16,12 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from mmdit.model import inputs
 from mmdit.model.mmdit import MMDiT
 from mmdit.model.spec import ModelSpec, build_spec
+from mmdit.model.text_encoder import ByteTextEncoder
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -33,14 +35,14 @@ class DiffusionModel:
         enc = None
         te = cfg.model.get("text_encoder", None)
         if te is not None and te.get("kind", "byte") == "byte":
-            from mmdit.codecs.text import ByteTextEncoder
-
             if "text" not in [c.name for c in spec.conditions]:
                 raise ValueError("model.text_encoder is set but model.conditions has no 'text'")
             dim = spec.condition("text").dim
             if te.get("dim", dim) != dim:
                 raise ValueError(f"model.text_encoder.dim={te.dim} must equal model.conditions.text.dim={dim}")
-            enc = ByteTextEncoder(dim=dim, layers=int(te.get("layers", 2)), heads=int(te.get("heads", 4)), max_len=spec.condition("text").length)
+            enc = ByteTextEncoder(
+                dim=dim, layers=int(te.get("layers", 2)), heads=int(te.get("heads", 4)), max_len=spec.condition("text").length
+            )
         return cls(spec, enc)
 
     @property
@@ -49,48 +51,54 @@ class DiffusionModel:
 
     # -- inputs ------------------------------------------------------------------------------
 
+    def input_spec(self) -> inputs.InputSpec:
+        """Every input array of this model: names, per-example shapes, dtypes, roles."""
+        return inputs.input_spec(self.spec, ("text",) if self.text_encoder is not None else ())
+
     def tokens(self, latents: dict) -> dict:
-        return {a.name: a.spec.patchify(latents[a.name]) for a in self.spec.streams if a.name in latents}
+        return {a.name: a.geometry.patchify(latents[a.name]) for a in self.spec.streams if a.name in latents}
 
     def latents(self, tokens: dict) -> dict:
-        return {n: self.spec.stream(n).spec.unpatchify(t) for n, t in tokens.items()}
+        return {n: self.spec.stream(n).geometry.unpatchify(t) for n, t in tokens.items()}
 
     def encode_conditions(self, params, raw: dict):
-        """Raw conditions -> (features ``{c: [B, L, C]}``, masks ``{c: [B, L]}``)."""
+        """Raw conditions (fields of :meth:`input_spec`) -> (features ``{c: [B, L, C]}``, masks
+        ``{c: [B, L]}``); a condition without a mask gets none (all tokens attended)."""
         conds, masks = {}, {}
+        fields = self.input_spec().condition_fields
         for c in self.spec.conditions:
-            if c.name == "text" and self.text_encoder is not None:
-                if "text_tokens" not in raw:
-                    raise ValueError("the byte text encoder needs `text_tokens` int32 [B, L] in the batch")
-                conds["text"], masks["text"] = self.text_encoder.apply(params["text_encoder"], raw["text_tokens"])
-            elif c.name in raw:
-                conds[c.name] = raw[c.name]
-                if c.name + "_mask" in raw:
-                    masks[c.name] = raw[c.name + "_mask"]
-            else:
-                raise ValueError(f"condition {c.name!r} (model.conditions) is missing from the inputs; have {sorted(raw)}")
+            for f in (f for f in fields if f.source == c.name):
+                if f.name not in raw:
+                    if f.optional:
+                        continue
+                    raise ValueError(
+                        f"condition {c.name!r} (model.conditions) needs input {f.name!r} "
+                        f"{np.dtype(f.dtype).name} [B, {', '.join(map(str, f.shape))}]; have {sorted(raw)}"
+                    )
+                if f.role == "tokens":
+                    conds[c.name], masks[c.name] = self.text_encoder.apply(params["text_encoder"], raw[f.name])
+                elif f.role == "features":
+                    conds[c.name] = raw[f.name]
+                else:
+                    masks[c.name] = raw[f.name]
         return conds, masks
 
     # -- init / apply ------------------------------------------------------------------------
 
     def dummy_inputs(self, batch: int = 1):
+        """Zero ``(tokens, sigma, raw_conds)`` of batch ``batch`` (raw conditions: every field of
+        :meth:`input_spec`, masks all True)."""
         sp = self.spec
-        tokens = {a.name: jnp.zeros((batch, a.spec.num_tokens, a.spec.token_dim)) for a in sp.streams}
-        sigma = {a.name: jnp.zeros((batch, a.spec.num_tokens)) for a in sp.streams if not a.spec.condition}
-        raw = {}
-        for c in sp.conditions:
-            if c.name == "text" and self.text_encoder is not None:
-                raw["text_tokens"] = jnp.zeros((batch, c.length), jnp.int32)
-            else:
-                raw[c.name] = jnp.zeros((batch, c.length, c.dim))
-        return tokens, sigma, raw
+        tokens = {a.name: jnp.zeros((batch, a.geometry.num_tokens, a.geometry.token_dim)) for a in sp.streams}
+        sigma = {a.name: jnp.zeros((batch, a.geometry.num_tokens)) for a in sp.streams if not a.geometry.condition}
+        return tokens, sigma, self.input_spec().zero_conditions(batch)
 
     def init(self, rng, batch: int = 1) -> dict:
         tokens, sigma, raw = self.dummy_inputs(batch)
         k_dit, k_txt = jax.random.split(rng)
         params = {}
         if self.text_encoder is not None:
-            params["text_encoder"] = self.text_encoder.init(k_txt, raw["text_tokens"])
+            params["text_encoder"] = self.text_encoder.init(k_txt, raw["text" + inputs.TOKENS_SUFFIX])
         conds, masks = self.encode_conditions(params, raw)
         params["dit"] = self.dit.init(k_dit, tokens, sigma, conds, masks)
         return params

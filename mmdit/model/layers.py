@@ -1,4 +1,5 @@
-"""Building blocks shared by every stream (Wan 2.1/2.2 layout, so converted Wan weights map 1:1).
+"""Building blocks shared by every stream, in Wan 2.1/2.2's layer layout (adaLN modulation, RMS q/k norm,
+FP32 LayerNorm); no Wan checkpoint converter exists yet, so weight-for-weight parity is unproven.
 
 Shapes: activations ``[B, S, D]``; per-token timestep embeddings ``[B, S, D]``; modulation
 ``[B, S, K, D]`` (K = 6 per block, 2 for the output head). Every param carries logical axis names.
@@ -11,7 +12,6 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-
 
 
 Dtype = jnp.dtype
@@ -55,8 +55,12 @@ class LayerNorm(nn.Module):
         y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
         if self.affine:
             d = x.shape[-1]
-            scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)), (d,), self.param_dtype)
-            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)), (d,), self.param_dtype)
+            scale = self.param(
+                "scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)), (d,), self.param_dtype
+            )
+            bias = self.param(
+                "bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)), (d,), self.param_dtype
+            )
             y = y * scale + bias
         return y
 
@@ -72,7 +76,12 @@ class RMSNorm(nn.Module):
     def __call__(self, x):
         xf = x.astype(jnp.float32)
         y = xf * jax.lax.rsqrt(jnp.square(xf).mean(-1, keepdims=True) + self.eps)
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), (self.axis_name,)), (x.shape[-1],), self.param_dtype)
+        scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones_init(), (self.axis_name,)),
+            (x.shape[-1],),
+            self.param_dtype,
+        )
         return (y * scale).astype(x.dtype)
 
 
@@ -112,7 +121,9 @@ class ModulationTable(nn.Module):
     @nn.compact
     def __call__(self, mod):
         init = lambda key, shape, dtype: jax.random.normal(key, shape, dtype) / math.sqrt(self.dim)
-        table = self.param("scale_shift_table", nn.with_logical_partitioning(init, ("mod", "embed")), (self.num, self.dim), self.param_dtype)
+        table = self.param(
+            "scale_shift_table", nn.with_logical_partitioning(init, ("mod", "embed")), (self.num, self.dim), self.param_dtype
+        )
         return [m[..., 0, :] for m in jnp.split(mod.astype(jnp.float32) + table, self.num, axis=-2)]
 
 
@@ -155,7 +166,9 @@ class ConditionEmbedding(nn.Module):
     @nn.compact
     def __call__(self, c):
         h = dense(self.dim, ("cond", "embed"), self.dtype, self.param_dtype, name="linear_1")(c.astype(self.dtype))
-        return dense(self.dim, ("embed", "embed_out"), self.dtype, self.param_dtype, name="linear_2")(nn.gelu(h, approximate=True))
+        return dense(self.dim, ("embed", "embed_out"), self.dtype, self.param_dtype, name="linear_2")(
+            nn.gelu(h, approximate=True)
+        )
 
 
 class OutputHead(nn.Module):

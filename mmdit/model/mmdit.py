@@ -19,14 +19,13 @@ its per-layer weights stacked on a leading ``layers`` axis (``nn.scan``).
 
 from __future__ import annotations
 
-import dataclasses
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from mmdit.model import masks
+from mmdit.attention import masks
+from mmdit.attention import registry as attention_registry
 from mmdit.model.attention import QKV, CrossAttention, joint_attention
 from mmdit.model.layers import (
     MLP,
@@ -137,8 +136,8 @@ class StreamIO(nn.Module):
         self.patch_embedding = TokenEmbedding(a.dim, sp.dtype, sp.param_dtype)
         self.time_embedding = TimestepEmbedding(a.dim, sp.freq_dim, 6, sp.dtype, sp.param_dtype)
         self.cond_embedding = {c: ConditionEmbedding(a.dim, sp.dtype, sp.param_dtype) for c in a.cross}
-        if not a.spec.condition:
-            self.head = OutputHead(a.dim, a.spec.token_dim, sp.eps, sp.dtype, sp.param_dtype)
+        if not a.geometry.condition:
+            self.head = OutputHead(a.dim, a.geometry.token_dim, sp.eps, sp.dtype, sp.param_dtype)
 
     def embed(self, tokens, sigma, conds):
         x = self.patch_embedding(tokens).astype(jnp.float32)
@@ -158,17 +157,22 @@ class MMDiT(nn.Module):
         sp = self.spec
         parts = []
         for i, a in enumerate(sp.streams):
-            n = a.spec.num_tokens
+            n = a.geometry.num_tokens
             t = jnp.asarray(sp.times[a.name])[None]
-            chunk = jnp.zeros((1, n), jnp.int32) if sp.chunk_frames is None else (
-                jnp.floor(t / sp.chunk_frames + 1e-4).astype(jnp.int32) + chunk_offset
+            chunk = (
+                jnp.zeros((1, n), jnp.int32)
+                if sp.chunk_frames is None
+                else (jnp.floor(t / sp.chunk_frames + 1e-4).astype(jnp.int32) + chunk_offset)
             )
-            kn = jnp.ones((batch, n), bool) if a.spec.condition else known[a.name]
+            kn = jnp.ones((batch, n), bool) if a.geometry.condition else known[a.name]
             parts.append(
                 masks.TokenMeta(
-                    jnp.full((1, n), i, jnp.int32), t, chunk, kn,
-                    valid[a.name] if valid is not None else jnp.ones((1, n), bool),
-                    jnp.zeros((1, n), jnp.int32),
+                    stream=jnp.full((1, n), i, jnp.int32),
+                    time=t,
+                    chunk=chunk,
+                    known=kn,
+                    valid=valid[a.name] if valid is not None else jnp.ones((1, n), bool),
+                    group=jnp.zeros((1, n), jnp.int32),
                 )
             )
         return masks.TokenMeta.concat(parts)
@@ -185,16 +189,16 @@ class MMDiT(nn.Module):
         io = {a.name: StreamIO(a, sp, name=a.name) for a in sp.streams}
         xs, temb, mod, cemb = {}, {}, {}, {}
         for a in sp.streams:
-            sig = sigma[a.name] if a.name in sigma else jnp.zeros((batch, a.spec.num_tokens), jnp.float32)
+            sig = sigma[a.name] if a.name in sigma else jnp.zeros((batch, a.geometry.num_tokens), jnp.float32)
             tok = tokens[a.name]
-            if a.spec.condition and a.name in cond_keep:
+            if a.geometry.condition and a.name in cond_keep:
                 tok = tok * cond_keep[a.name][:, None, None].astype(tok.dtype)  # in-sequence condition dropout
             xs[a.name], temb[a.name], mod[a.name], cemb[a.name] = io[a.name].embed(tok, sig, conds)
             xs[a.name] = nn.with_logical_constraint(xs[a.name], ("batch", "length", "embed"))
         meta = self.token_meta(batch, known, valid)
         ctx = {
             "mod": mod,
-            "angles": joint_angles({a.name: a.spec for a in sp.streams}, sp.times, sp.head_dim, sp.rope_theta),
+            "angles": joint_angles({a.name: a.geometry for a in sp.streams}, sp.times, sp.head_dim, sp.rope_theta),
             "meta": meta,
             "conds": cemb,
             "cond_keep": {k: v.astype(jnp.float32) for k, v in cond_keep.items()},
@@ -219,7 +223,11 @@ class MMDiT(nn.Module):
         else:
             for i in range(sp.num_layers):
                 xs, _ = block(sp, static_full, name=f"blocks_{i}")(xs, flags[i], ctx)
-        return {a.name: io[a.name].output(xs[a.name], temb[a.name]).astype(jnp.float32) for a in sp.streams if not a.spec.condition}
+        return {
+            a.name: io[a.name].output(xs[a.name], temb[a.name]).astype(jnp.float32)
+            for a in sp.streams
+            if not a.geometry.condition
+        }
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -228,13 +236,13 @@ class MMDiT(nn.Module):
         for a in sp.streams:
             if a.name not in tokens:
                 raise ValueError(f"missing tokens for stream {a.name!r}; got streams {sorted(tokens)}")
-            want = (a.spec.num_tokens, a.spec.token_dim)
+            want = (a.geometry.num_tokens, a.geometry.token_dim)
             if tuple(tokens[a.name].shape[1:]) != want:
                 raise ValueError(
                     f"stream {a.name!r}: tokens have shape {tuple(tokens[a.name].shape)}, model expects "
                     f"[B, {want[0]}, {want[1]}] (model.streams.{a.name}.shape/patch/channels)"
                 )
-            if not a.spec.condition and a.name not in sigma:
+            if not a.geometry.condition and a.name not in sigma:
                 raise ValueError(f"missing sigma for generated stream {a.name!r}")
         for c in {c for a in sp.streams for c in a.cross}:
             if c not in conds:
@@ -246,11 +254,15 @@ class MMDiT(nn.Module):
         out = {}
         for a in sp.streams:
             out[a.name] = {}
-            n = a.spec.num_tokens
+            n = a.geometry.num_tokens
             qv = valid[a.name] if valid is not None else jnp.ones((1, n), bool)
             q = masks.TokenMeta(
-                jnp.zeros((1, n), jnp.int32), jnp.asarray(sp.times[a.name])[None], jnp.zeros((1, n), jnp.int32),
-                jnp.zeros((1, n), bool), qv, jnp.zeros((1, n), jnp.int32),
+                stream=jnp.zeros((1, n), jnp.int32),
+                time=jnp.asarray(sp.times[a.name])[None],
+                chunk=jnp.zeros((1, n), jnp.int32),
+                known=jnp.zeros((1, n), bool),
+                valid=qv,
+                group=jnp.zeros((1, n), jnp.int32),
             )
             for c in a.cross:
                 arch = sp.condition(c)
@@ -261,16 +273,18 @@ class MMDiT(nn.Module):
                     t = jnp.zeros((1, L), jnp.float32)
                 kv = cond_masks.get(c, jnp.ones((1, L), bool))
                 k = masks.TokenMeta(
-                    jnp.ones((1, L), jnp.int32), t, jnp.zeros((1, L), jnp.int32), jnp.ones((1, L), bool), kv,
-                    jnp.zeros((1, L), jnp.int32),
+                    stream=jnp.ones((1, L), jnp.int32),
+                    time=t,
+                    chunk=jnp.zeros((1, L), jnp.int32),
+                    known=jnp.ones((1, L), bool),
+                    valid=kv,
+                    group=jnp.zeros((1, L), jnp.int32),
                 )
                 out[a.name][c] = (q, k)
         return out
 
     def _block_maps(self, meta):
         """(joint, per-stream) block maps, computed once per forward for block-sparse kernels."""
-        from mmdit.model import attention_registry
-
         sp = self.spec
         if not attention_registry.needs_block_map(sp.attention.impl) or sp.sequence_parallel != "none":
             return None
@@ -280,4 +294,3 @@ class MMDiT(nn.Module):
         sep_meta = meta._replace(group=meta.stream)
         separate = masks.block_map(pred, sep_meta, sep_meta, bq, bk)
         return joint, separate
-

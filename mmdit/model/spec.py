@@ -11,8 +11,9 @@ from typing import Mapping
 import jax.numpy as jnp
 import numpy as np
 
-from mmdit.model import masks
-from mmdit.model.attention_registry import AttentionOptions
+from mmdit.attention import masks
+from mmdit.attention import registry as attention_registry
+from mmdit.attention.registry import AttentionOptions
 from mmdit.model.streams import StreamSpec, aligned_times, build_streams, time_reference
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -32,7 +33,10 @@ class ConditionArch:
 
 @dataclasses.dataclass(frozen=True)
 class StreamArch:
-    spec: StreamSpec
+    """One stream of the model: its token geometry (:class:`~mmdit.model.streams.StreamSpec`: shape, patch,
+    channels, tokens, times) plus the transformer widths and the conditions it cross-attends."""
+
+    geometry: StreamSpec
     dim: int
     ffn: int
     cross: tuple[str, ...]  # conditions this stream cross-attends (outputs summed)
@@ -40,7 +44,7 @@ class StreamArch:
 
     @property
     def name(self) -> str:
-        return self.spec.name
+        return self.geometry.name
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -72,7 +76,7 @@ class ModelSpec:
 
     @property
     def generated(self) -> tuple[str, ...]:
-        return tuple(s.name for s in self.streams if not s.spec.condition)
+        return tuple(s.name for s in self.streams if not s.geometry.condition)
 
     def stream(self, name: str) -> StreamArch:
         for s in self.streams:
@@ -88,7 +92,7 @@ class ModelSpec:
 
     @property
     def num_tokens(self) -> int:
-        return sum(s.spec.num_tokens for s in self.streams)
+        return sum(s.geometry.num_tokens for s in self.streams)
 
     def layer_is_joint(self) -> np.ndarray:
         flags = np.zeros(self.num_layers, bool)
@@ -132,7 +136,9 @@ def build_spec(model_cfg) -> ModelSpec:
     archs = []
     for name, spec in streams.items():
         if name == "blocks" or name in cond_names:
-            raise ValueError(f"model.streams.{name}: the name clashes with the param tree ('blocks') or a condition; rename the stream")
+            raise ValueError(
+                f"model.streams.{name}: the name clashes with the param tree ('blocks') or a condition; rename the stream"
+            )
         s = model_cfg.streams[name]
         dim = int(s.dim)
         if head_dim is None and dim % heads:
@@ -173,8 +179,6 @@ def build_spec(model_cfg) -> ModelSpec:
         block_k=int(att.get("block_k", 128)),
         interpret=bool(att.get("interpret", False)),
     )
-    from mmdit.model import attention_registry
-
     attention_registry.get(opts.impl)  # unknown impl -> error naming the field
     cross_opts = dataclasses.replace(opts, impl=att.get("cross_impl", "xla"), fallback=None)
     for field, name in (("dtype", model_cfg.get("dtype", "float32")), ("param_dtype", model_cfg.get("param_dtype", "float32"))):

@@ -47,8 +47,7 @@ class StreamSpec:
         for n, p, axis in zip(self.shape, self.patch, "FHW" if want == 3 else "T"):
             if p <= 0 or n % p:
                 raise ValueError(
-                    f"{field}: latent {axis}={n} is not divisible by patch {p}; change the clip size "
-                    f"or {field}.patch"
+                    f"{field}: latent {axis}={n} is not divisible by patch {p}; change the clip size or {field}.patch"
                 )
         if self.rate <= 0:
             raise ValueError(f"{field}.rate must be positive latents/second, got {self.rate}")

@@ -11,9 +11,9 @@
 
 from __future__ import annotations
 
-from mmdit.model import attention_registry
-from mmdit.model.attention_registry import AttentionOptions
-from mmdit.model.masks import MaskSpec
+from mmdit.attention import registry as attention_registry
+from mmdit.attention.masks import MaskSpec
+from mmdit.attention.registry import AttentionOptions
 from mmdit.parallel.mesh import AXES, describe, device_grid, make_mesh, resolve_mesh_shape
 from mmdit.parallel.ring import ring_attention
 from mmdit.parallel.rules import (
@@ -30,12 +30,13 @@ from mmdit.parallel.ulysses import ulysses_attention
 STRATEGIES = ("none", "ulysses", "ring")
 
 
-def sequence_parallel_attention(q, k, v, mask: MaskSpec, opts: AttentionOptions, *, mesh=None,
-                                strategy: str = "none", axis: str = "sequence", **kwargs):
+def sequence_parallel_attention(
+    q, k, v, mask: MaskSpec, opts: AttentionOptions, *, mesh=None, strategy: str = "none", axis: str = "sequence", **kwargs
+):
     """Joint attention ``[B, S, H, Dh] -> [B, S, H, Dh]`` under a sequence-parallel ``strategy``.
 
     ``"none"`` (or no mesh, or a sequence axis of size 1) calls
-    :func:`~mmdit.model.attention_registry.attend` directly (XLA's partitioner handles whatever
+    :func:`~mmdit.attention.registry.attend` directly (XLA's partitioner handles whatever
     sharding the inputs have); ``"ulysses"`` / ``"ring"`` shard the sequence over ``mesh.axis``.
     ``kwargs`` go to the strategy (``batch_axes``, ``head_axes``).
     """
@@ -51,8 +52,20 @@ def sequence_parallel_attention(q, k, v, mask: MaskSpec, opts: AttentionOptions,
 
 
 __all__ = [
-    "AXES", "DEFAULT_RULES", "STRATEGIES", "check_not_replicated", "describe", "device_grid",
-    "logical_to_sharding", "logical_to_spec", "make_mesh", "resolve_mesh_shape", "ring_attention",
-    "rules_from_config", "sequence_parallel_attention", "ulysses_attention", "validate_rules",
+    "AXES",
+    "DEFAULT_RULES",
+    "STRATEGIES",
+    "check_not_replicated",
+    "describe",
+    "device_grid",
+    "logical_to_sharding",
+    "logical_to_spec",
+    "make_mesh",
+    "resolve_mesh_shape",
+    "ring_attention",
+    "rules_from_config",
+    "sequence_parallel_attention",
+    "ulysses_attention",
+    "validate_rules",
     "with_logical_constraint",
 ]

@@ -13,7 +13,7 @@ product of ``dcn`` sizes is > 1 the device grid comes from
 on TPU, processes elsewhere), otherwise from ``create_device_mesh``. Axis order is outermost →
 innermost, so ``tensor`` (the most communication-hungry) lands on the fastest links.
 
-Meshes always use ``AxisType.Auto`` (DESIGN §6: ``jax.make_mesh`` defaults to Explicit, which
+Meshes always use ``AxisType.Auto`` (docs/design.md, pitfalls: ``jax.make_mesh`` defaults to Explicit, which
 changes how jit propagates shardings and breaks ``shard_map`` on unsharded inputs).
 
 Every misconfiguration raises ``ValueError`` naming the config field and the fix, before anything

@@ -11,7 +11,7 @@ Per device (``P`` = size of the sequence axis, ``sq = Sq/P``, ``sk = Sk/P``)::
 
 Forward and backward are tied with ``jax.custom_vjp`` (differentiating through the online softmax
 would store every block; and the LSE of ``jax.nn.dot_product_attention`` carries no gradient,
-DESIGN §6). Blocks whose mask is empty (``chunk_causal``, ``local``) skip their matmuls. Rows with
+docs/design.md, pitfalls). Blocks whose mask is empty (``chunk_causal``, ``local``) skip their matmuls. Rows with
 no attended key output 0 and get zero gradients (their LSE is +inf, so recomputed probabilities are
 0). No head-count constraint; sequences not divisible by ``P`` are padded with invalid tokens
 (:mod:`mmdit.parallel.sequence_split`). ``opts.impl`` is not used: the block step is the dense f32
@@ -23,15 +23,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mmdit.model.attention_registry import AttentionOptions
-from mmdit.model.masks import MaskSpec, TokenMeta, dense_mask
+from mmdit.attention.masks import MaskSpec, TokenMeta, dense_mask
+from mmdit.attention.registry import AttentionOptions
 from mmdit.parallel import sequence_split as ss
 
 _F32 = jnp.float32
 
 
 def _varying(x, vma):
-    """Marks a constant-initialised scan carry as varying over the manual axes (DESIGN §6)."""
+    """Marks a constant-initialised scan carry as varying over the manual axes (docs/design.md, pitfalls)."""
     return jax.lax.pcast(x, tuple(sorted(vma)), to="varying") if vma else x
 
 
@@ -182,8 +182,7 @@ def ring_attention(
     ss.check_shapes(q, k, v, mask)
     p = ss.axis_size(mesh, axis)
     b, sq, h, dh = q.shape
-    sk = k.shape[1]
-    scale = float(opts.scale) if opts.scale is not None else dh ** -0.5
+    scale = float(opts.scale) if opts.scale is not None else dh**-0.5
     head_axes = ss.resolve_axes(mesh, h, head_axes, ss.DEFAULT_HEAD_AXES, exclude=axis, what="attention heads")
     batch_axes = ss.resolve_axes(mesh, b, batch_axes, ss.DEFAULT_BATCH_AXES, exclude=axis, what="batch")
 
@@ -195,8 +194,7 @@ def ring_attention(
     out = jax.shard_map(
         lambda ql, kl, vl, qm, km: ring(ql, kl, vl, tuple(qm), tuple(km)),
         mesh=mesh,
-        in_specs=(spec, spec, spec, ss.meta_spec(q_meta, b, batch_axes, axis),
-                  ss.meta_spec(k_meta, b, batch_axes, axis)),
+        in_specs=(spec, spec, spec, ss.meta_spec(q_meta, b, batch_axes, axis), ss.meta_spec(k_meta, b, batch_axes, axis)),
         out_specs=spec,
     )(qp, kp, vp, q_meta, k_meta)
     return out[:, :sq]

@@ -69,10 +69,7 @@ def rules_from_config(rules: Any = None, *, field: str = "mesh.rules") -> Rules:
         elif isinstance(axes, (list, tuple)) and all(isinstance(a, str) for a in axes):
             out.append((name, tuple(axes) if axes else None))
         else:
-            raise ValueError(
-                f"{field}[{i}]: mesh axes {axes!r} for {name!r} must be a mesh axis name, a tuple "
-                f"of names, or None"
-            )
+            raise ValueError(f"{field}[{i}]: mesh axes {axes!r} for {name!r} must be a mesh axis name, a tuple of names, or None")
     return tuple(out)
 
 
@@ -109,8 +106,14 @@ def _boxed_leaves(tree):
     out = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_box)[0]:
         if is_box(leaf):
-            out.append((jax.tree_util.keystr(path, simple=True, separator="/"), tuple(leaf.names),
-                        tuple(leaf.value.shape), leaf.value.dtype))
+            out.append(
+                (
+                    jax.tree_util.keystr(path, simple=True, separator="/"),
+                    tuple(leaf.names),
+                    tuple(leaf.value.shape),
+                    leaf.value.dtype,
+                )
+            )
     return out
 
 
@@ -163,19 +166,22 @@ def validate_rules(
     mapped = {n for n, _ in rules}
     missing = sorted({n for n in logical_names if n not in mapped})
     if missing:
-        errors.append(f"{field}: logical axis name(s) {missing} are used but have no rule; add e.g. "
-                      f"({missing[0]!r}, None)")
+        errors.append(f"{field}: logical axis name(s) {missing} are used but have no rule; add e.g. ({missing[0]!r}, None)")
     if params_shapes is not None:
         for path, names, shape, _ in _boxed_leaves(params_shapes):
             if len(names) != len(shape):
-                errors.append(f"param {path}: {len(names)} logical names {names} for a {len(shape)}-d "
-                              f"array {shape}; fix its nn.with_logical_partitioning names")
+                errors.append(
+                    f"param {path}: {len(names)} logical names {names} for a {len(shape)}-d "
+                    f"array {shape}; fix its nn.with_logical_partitioning names"
+                )
                 continue
             unmapped = [n for n in names if isinstance(n, str) and n not in mapped]
             if unmapped:
-                errors.append(f"param {path} {shape}: logical axis name(s) {unmapped} have no entry in "
-                              f"{field}; add ({unmapped[0]!r}, None) to replicate it or map it to a "
-                              f"mesh axis")
+                errors.append(
+                    f"param {path} {shape}: logical axis name(s) {unmapped} have no entry in "
+                    f"{field}; add ({unmapped[0]!r}, None) to replicate it or map it to a "
+                    f"mesh axis"
+                )
                 continue
             spec = nn.logical_to_mesh_axes(names, rules)
             for dim, (n, entry) in enumerate(zip(names, spec)):
@@ -211,12 +217,11 @@ def validate_rules(
             errors.append(
                 f"model.heads={num_heads} is not divisible by mesh.sequence={seq}"
                 + (f" × heads axes {_axes_of(head_axes)} ({t})" if t > 1 else "")
-                + f": Ulysses sequence parallelism splits the heads over the sequence axis; change "
-                f"model.heads or mesh.sequence, or use the 'ring' strategy"
+                + ": Ulysses sequence parallelism splits the heads over the sequence axis; change "
+                "model.heads or mesh.sequence, or use the 'ring' strategy"
             )
     if seq_len is not None and seq > 1 and seq_len < seq:
-        errors.append(f"sequence length {seq_len} is shorter than mesh.sequence={seq}; reduce "
-                      f"mesh.sequence")
+        errors.append(f"sequence length {seq_len} is shorter than mesh.sequence={seq}; reduce mesh.sequence")
     if errors:
         raise ValueError("\n".join(errors))
     return rules
@@ -226,8 +231,9 @@ def logical_to_sharding(logical_spec_tree: Any, mesh, rules: Any = None, *, fiel
     """Tree of ``NamedSharding`` from a tree of logical ``PartitionSpec`` (``nn.get_partition_spec``
     output) or directly from a boxed param tree. Unmapped names raise."""
     rules = rules_from_config(rules, field=field)
-    if any(isinstance(x, nn.Partitioned) for x in
-           jax.tree.leaves(logical_spec_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))):
+    if any(
+        isinstance(x, nn.Partitioned) for x in jax.tree.leaves(logical_spec_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    ):
         logical_spec_tree = nn.get_partition_spec(logical_spec_tree)
 
     def one(spec):
@@ -238,8 +244,9 @@ def logical_to_sharding(logical_spec_tree: Any, mesh, rules: Any = None, *, fiel
     return jax.tree.map(one, logical_spec_tree, is_leaf=lambda x: isinstance(x, PartitionSpec) or x is None)
 
 
-def check_not_replicated(params: Any, shardings: Any = None, *, min_bytes: int = 1 << 20,
-                         model_axes: Sequence[str] = ("fsdp", "tensor")) -> None:
+def check_not_replicated(
+    params: Any, shardings: Any = None, *, min_bytes: int = 1 << 20, model_axes: Sequence[str] = ("fsdp", "tensor")
+) -> None:
     """Raises if a param of ``>= min_bytes`` is fully replicated on a mesh whose ``model_axes``
     (fsdp / tensor) have total size > 1 — every device would hold a full copy.
 
@@ -254,8 +261,10 @@ def check_not_replicated(params: Any, shardings: Any = None, *, min_bytes: int =
     else:
         shards = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
         if len(shards) != len(leaves):
-            raise ValueError(f"check_not_replicated: {len(leaves)} params but {len(shards)} shardings; "
-                             f"pass shardings with the params' tree structure")
+            raise ValueError(
+                f"check_not_replicated: {len(leaves)} params but {len(shards)} shardings; "
+                f"pass shardings with the params' tree structure"
+            )
     offenders = []
     for (path, leaf), sh in zip(leaves, shards):
         if sh is None or not hasattr(leaf, "shape"):

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from mmdit.model.masks import MaskSpec, TokenMeta
+from mmdit.attention.masks import MaskSpec, TokenMeta
 
 DEFAULT_BATCH_AXES = ("data", "fsdp")
 DEFAULT_HEAD_AXES = ("tensor",)
@@ -45,8 +45,9 @@ def _entry(axes: Sequence[str]):
     return None if not axes else axes[0] if len(axes) == 1 else axes
 
 
-def resolve_axes(mesh, dim: int, requested, default: Sequence[str], *, exclude: str, what: str,
-                 multiple: int = 1) -> tuple[str, ...]:
+def resolve_axes(
+    mesh, dim: int, requested, default: Sequence[str], *, exclude: str, what: str, multiple: int = 1
+) -> tuple[str, ...]:
     """Mesh axes to shard a dimension of size ``dim`` over (whose sizes × ``multiple`` divide it).
 
     ``requested=None`` → the ``default`` axes present in the mesh, greedily kept while they divide
@@ -63,24 +64,27 @@ def resolve_axes(mesh, dim: int, requested, default: Sequence[str], *, exclude: 
     requested = (requested,) if isinstance(requested, str) else tuple(requested)
     for a in requested:
         if a not in sizes or a == exclude:
-            raise ValueError(f"{what}: mesh axis {a!r} is not usable here (mesh axes {list(sizes)}, "
-                             f"sequence axis {exclude!r})")
+            raise ValueError(f"{what}: mesh axis {a!r} is not usable here (mesh axes {list(sizes)}, sequence axis {exclude!r})")
     total = multiple * math.prod(sizes[a] for a in requested)
     if dim % total:
-        raise ValueError(f"{what}: size {dim} is not divisible by mesh axes {requested} "
-                         f"(× {multiple}) = {total}; change the shape or the axes")
+        raise ValueError(
+            f"{what}: size {dim} is not divisible by mesh axes {requested} (× {multiple}) = {total}; change the shape or the axes"
+        )
     return requested
 
 
 def check_shapes(q, k, v, mask: MaskSpec) -> None:
     if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
-        raise ValueError(f"sequence-parallel attention wants q [B, Sq, H, Dh], k = v [B, Sk, H, Dh]; "
-                         f"got q {q.shape}, k {k.shape}, v {v.shape}")
+        raise ValueError(
+            f"sequence-parallel attention wants q [B, Sq, H, Dh], k = v [B, Sk, H, Dh]; got q {q.shape}, k {k.shape}, v {v.shape}"
+        )
     for name, x, meta in (("q", q, mask.q), ("k", k, mask.k)):
         ms = jnp.shape(meta.stream)
         if ms[1] != x.shape[1] or ms[0] not in (1, x.shape[0]):
-            raise ValueError(f"mask.{name} metadata is {ms} but {name} is {x.shape[:2]} (want "
-                             f"[1 or B, S]); build the MaskSpec from the same token layout")
+            raise ValueError(
+                f"mask.{name} metadata is {ms} but {name} is {x.shape[:2]} (want "
+                f"[1 or B, S]); build the MaskSpec from the same token layout"
+            )
 
 
 def pad_sequence(x: jax.Array, meta: TokenMeta, multiple: int) -> tuple[jax.Array, TokenMeta]:

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import jax
 
-from mmdit.model import attention_registry
-from mmdit.model.attention_registry import AttentionOptions
-from mmdit.model.masks import MaskSpec, TokenMeta
+from mmdit.attention import registry as attention_registry
+from mmdit.attention.masks import MaskSpec, TokenMeta
+from mmdit.attention.registry import AttentionOptions
 from mmdit.parallel import sequence_split as ss
 
 
@@ -65,9 +65,15 @@ def ulysses_attention(
             f"make model.num_heads a multiple of {p}, change mesh.{axis}, or use the 'ring' "
             f"sequence-parallel strategy"
         )
-    head_axes = ss.resolve_axes(mesh, h, head_axes, ss.DEFAULT_HEAD_AXES, exclude=axis,
-                                what="Ulysses attention heads (split over head_axes × mesh.sequence)",
-                                multiple=p)
+    head_axes = ss.resolve_axes(
+        mesh,
+        h,
+        head_axes,
+        ss.DEFAULT_HEAD_AXES,
+        exclude=axis,
+        what="Ulysses attention heads (split over head_axes × mesh.sequence)",
+        multiple=p,
+    )
     batch_axes = ss.resolve_axes(mesh, b, batch_axes, ss.DEFAULT_BATCH_AXES, exclude=axis, what="batch")
 
     qp, q_meta = ss.pad_sequence(q, mask.q, p)
@@ -79,16 +85,16 @@ def ulysses_attention(
     def local(ql, kl, vl, qm, km):
         # [b, S/P, h, Dh] -> [b, S, h/P, Dh]: split heads across the axis, gather the sequence.
         to_heads = lambda x: jax.lax.all_to_all(x, axis, split_axis=2, concat_axis=1, tiled=True)
-        out = attention_registry.attend(to_heads(ql), to_heads(kl), to_heads(vl),
-                                        ss.padded_mask(base, TokenMeta(*qm), TokenMeta(*km), False), opts)
+        out = attention_registry.attend(
+            to_heads(ql), to_heads(kl), to_heads(vl), ss.padded_mask(base, TokenMeta(*qm), TokenMeta(*km), False), opts
+        )
         return jax.lax.all_to_all(out, axis, split_axis=1, concat_axis=2, tiled=True)
 
     spec = ss.qkv_spec(batch_axes, axis, head_axes)
     out = jax.shard_map(
         local,
         mesh=mesh,
-        in_specs=(spec, spec, spec, ss.meta_spec(q_meta, b, batch_axes, None),
-                  ss.meta_spec(k_meta, b, batch_axes, None)),
+        in_specs=(spec, spec, spec, ss.meta_spec(q_meta, b, batch_axes, None), ss.meta_spec(k_meta, b, batch_axes, None)),
         out_specs=spec,
         check_vma=check_vma,
     )(qp, kp, vp, q_meta, k_meta)

@@ -1,6 +1,6 @@
 """The bidirectional sampler: one task, multi-condition CFG, the whole ODE loop in one jitted call.
 
-Pieces (DESIGN.md §3 conventions: latents per stream ``[B, *latent_shape]``, tokens ``[B, S, C]``,
+Pieces (docs/design.md conventions: latents per stream ``[B, *latent_shape]``, tokens ``[B, S, C]``,
 per-token σ, tasks are masks over tokens):
 
 * :func:`denoise_step_fn` -- the **step function**, the one network evaluation of a sampler step:
@@ -8,25 +8,25 @@ per-token σ, tasks are masks over tokens):
   axis holds *every* CFG row of the step (``P·B`` rows for ``P`` guidance patterns), so guidance
   is applied around it, not inside it: this is what ``mmdit/serve/export.py`` serialises (with a
   symbolic batch), and an exported bundle therefore supports any guidance structure.
-* :class:`Guidance` -- which conditions are guided (ordered), their scales (per condition, or per
-  condition and stream), the mode (``nested`` / ``independent``, ``flow.cfg_batch_plan``) and the
-  schedule (``constant`` / ``cosine``, ``flow.guidance_scale``).
+* :class:`~mmdit.sample.guidance.Guidance` (``mmdit/sample/guidance.py``, built by
+  ``guidance.resolve_guidance``) -- which conditions are guided (ordered), their scales (per
+  condition, or per condition and stream), the mode (``nested`` / ``independent``,
+  ``guidance.cfg_batch_plan``) and the schedule (``constant`` / ``cosine``, ``guidance.guidance_scale``).
 * :class:`Sampler` -- ``sample(params, rng, task=..., batch=..., known_latents=..., raw_conds=...)``
   -> ``{generated stream: latents [B, *latent_shape]}``.
 
-Each step makes ONE forward pass over the ``P·B`` stacked rows (``flow.repeat_for_cfg``), whose
-condition keep flags are ``flow.cfg_keep_flags`` ANDed with the task's ``present`` flags, then
-``flow.combine_cfg`` with the (scheduled) scales. Known tokens (``tasks.task_masks``) get σ = 0 and
-are held at their clean values, so they come back bit-exact; invalid (absent) streams come back as
-zeros. The loop is ``flow.euler_sample`` (a ``fori_loop``) inside one ``jax.jit``, cached per
-traced program: (batch, steps, guidance structure, progress). Scale values, σ schedule (shift) and
-task masks are *arguments*, so changing them -- or the task, when its guidance plan is the same --
-reuses the compiled loop.
+Each step makes ONE forward pass over the ``P·B`` stacked rows (``guidance.repeat_for_cfg``), whose
+condition keep flags are ``guidance.cfg_keep_flags`` ANDed with the task's ``present`` flags, then
+``guidance.combine_cfg`` with the (scheduled) scales. Known tokens (``tasks.task_masks``,
+``known.known_tokens``) get σ = 0 and are held at their clean values, so they come back bit-exact;
+invalid (absent) streams come back as zeros. The loop is ``ode.euler_sample`` (a ``fori_loop``)
+inside one ``jax.jit``, cached per traced program: (batch, steps, guidance structure, progress).
+Scale values, σ schedule (shift) and task masks are *arguments*, so changing them -- or the task,
+when its guidance plan is the same -- reuses the compiled loop.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
@@ -34,13 +34,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmdit import flow
+from mmdit import config_spec
 from mmdit import tasks as tasks_lib
+from mmdit.sample import guidance as guidance_lib
+from mmdit.sample import ode
+from mmdit.sample.guidance import Guidance
+from mmdit.sample.known import known_tokens
 
 StepFn = Callable[..., dict]
 
-__all__ = ["StepFn", "denoise_step_fn", "canonical_raw_conds", "step_example_inputs", "Guidance",
-           "Sampler"]
+__all__ = ["StepFn", "denoise_step_fn", "canonical_raw_conds", "step_example_inputs", "Guidance", "Sampler"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -68,13 +71,12 @@ def denoise_step_fn(model, *, per_sample: bool = False) -> StepFn:
 
     ``per_sample=True`` evaluates ``jax.vmap`` of a batch-of-one call instead of one batched call:
     numerically the same computation, but every shape inside the model is concrete, which
-    ``jax.export`` with a symbolic batch needs while ``mmdit/model/masks.py`` reads batch sizes
+    ``jax.export`` with a symbolic batch needs while ``mmdit/attention/masks.py`` reads batch sizes
     with ``int()``.
     """
 
     def step(params, x_tokens, sigma_tokens, raw_conds, cond_keep, known, valid):
-        return model.velocity(params, x_tokens, sigma_tokens, raw_conds, cond_keep=cond_keep,
-                              known=known, valid=valid)
+        return model.velocity(params, x_tokens, sigma_tokens, raw_conds, cond_keep=cond_keep, known=known, valid=valid)
 
     if not per_sample:
         return step
@@ -91,106 +93,26 @@ def denoise_step_fn(model, *, per_sample: bool = False) -> StepFn:
     return step_per_sample
 
 
-def _uses_byte_text(model) -> bool:
-    return model.text_encoder is not None
-
-
 def canonical_raw_conds(model, raw_conds: Mapping[str, Any], batch: int) -> dict:
     """The fixed raw-condition tree the step function takes (an exported step accepts exactly this):
-    ``text_tokens`` int32 ``[B, L]`` for the byte text path; every other condition ``c`` as
-    ``c`` float32 ``[B, L_c, C_c]`` plus ``c_mask`` bool ``[B, L_c]`` (all True when not given).
-    Raises ValueError naming a missing or mis-shaped input."""
-    out = {}
-    for c in model.spec.conditions:
-        if c.name == "text" and _uses_byte_text(model):
-            key, want = "text_tokens", (batch, c.length)
-            if key not in raw_conds:
-                raise ValueError(f"raw_conds needs {key!r} int32 [B, {c.length}] (ByteTokenizer().encode("
-                                 f"text, {c.length})) for the byte text encoder; got {sorted(raw_conds)}")
-            out[key] = jnp.asarray(raw_conds[key], jnp.int32)
-        else:
-            key, want = c.name, (batch, c.length, c.dim)
-            if key not in raw_conds:
-                raise ValueError(f"raw_conds needs condition features {key!r} float [B, {c.length}, {c.dim}] "
-                                 f"(model.conditions.{key}); got {sorted(raw_conds)}")
-            out[key] = jnp.asarray(raw_conds[key], jnp.float32)
-            mask = raw_conds.get(key + "_mask", None)
-            out[key + "_mask"] = (jnp.ones(want[:2], bool) if mask is None else jnp.asarray(mask, bool))
-            if tuple(out[key + "_mask"].shape) != want[:2]:
-                raise ValueError(f"raw_conds[{key + '_mask'!r}] has shape {tuple(out[key + '_mask'].shape)}, "
-                                 f"expected {want[:2]}")
-        if tuple(out[key].shape) != want:
-            raise ValueError(f"raw_conds[{key!r}] has shape {tuple(out[key].shape)}, expected {want} "
-                             f"(batch {batch}; model.conditions.{c.name})")
-    return out
+    every condition field of ``model.input_spec()`` -- ``text_tokens`` int32 ``[B, L]`` for the byte
+    text path; else ``c`` float32 ``[B, L_c, C_c]`` plus ``c_mask`` bool ``[B, L_c]`` (all True when
+    not given). Raises ValueError naming a missing or mis-shaped input."""
+    return model.input_spec().canonical_conditions(raw_conds, batch)
 
 
 def _keep_names(model) -> list[str]:
     """Names the step's ``cond_keep`` covers: conditions, then condition streams."""
-    return [c.name for c in model.spec.conditions] + [a.name for a in model.spec.streams if a.spec.condition]
+    return [c.name for c in model.spec.conditions] + [a.name for a in model.spec.streams if a.geometry.condition]
 
 
 def step_example_inputs(model, batch: int = 1) -> tuple:
     """Zero-filled step inputs ``(x_tokens, sigma_tokens, raw_conds, cond_keep, known, valid)`` of
     batch ``batch``: the canonical tree structure, shapes and dtypes of :func:`denoise_step_fn`."""
-    tokens, sigma, _ = model.dummy_inputs(batch)
-    raw = {}
-    for c in model.spec.conditions:
-        if c.name == "text" and _uses_byte_text(model):
-            raw["text_tokens"] = jnp.zeros((batch, c.length), jnp.int32)
-        else:
-            raw[c.name] = jnp.zeros((batch, c.length, c.dim), jnp.float32)
-            raw[c.name + "_mask"] = jnp.ones((batch, c.length), bool)
+    tokens, sigma, raw = model.dummy_inputs(batch)
     keep = {n: jnp.ones((batch,), bool) for n in _keep_names(model)}
-    masks = {a.name: jnp.zeros((batch, a.spec.num_tokens), bool) for a in model.spec.streams}
+    masks = {a.name: jnp.zeros((batch, a.geometry.num_tokens), bool) for a in model.spec.streams}
     return tokens, sigma, raw, keep, masks, jax.tree.map(jnp.logical_not, masks)
-
-
-# ----------------------------------------------------------------------------------------------
-# Guidance
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Guidance:
-    """A resolved guidance setting.
-
-    ``scales``: ordered ``{condition: s}`` or ``{condition: {stream: s}}`` (order = nested order;
-    ``{}`` = no guidance: one conditional evaluation per step); ``mode``: ``nested`` |
-    ``independent``; ``schedule``: ``constant`` | ``cosine`` (scale annealed to 1 at the last step).
-    """
-
-    scales: Mapping[str, Any]
-    mode: str = "nested"
-    schedule: str = "constant"
-
-    @property
-    def conditions(self) -> list[str]:
-        return list(self.scales)
-
-    def plan(self) -> list[dict[str, bool]]:
-        """The ``P`` keep patterns of one step (``flow.cfg_batch_plan``)."""
-        return flow.cfg_batch_plan(self.conditions, self.mode)
-
-    def structure(self) -> tuple:
-        """What changes the traced program (scale *values* do not)."""
-        shape = tuple((c, tuple(s) if isinstance(s, Mapping) else None) for c, s in self.scales.items())
-        if not shape:  # unguided: mode and schedule do not enter the program
-            return (), "nested", "constant"
-        return shape, self.mode, self.schedule
-
-    def scale_arrays(self):
-        """The scales as a float32 pytree (jit arguments)."""
-        return jax.tree.map(lambda s: jnp.asarray(s, jnp.float32), dict(self.scales))
-
-
-def _plain(value):
-    """ConfigDict / mapping -> plain (ordered) dict, recursively."""
-    if hasattr(value, "to_dict"):
-        value = value.to_dict()
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,9 +134,18 @@ class Sampler:
         e.g. ``{"xla_backend_optimization_level": 0}`` to halve CPU compile time in tests.
     """
 
-    def __init__(self, model, cfg, *, step_fn: StepFn | None = None, progress: bool = False,
-                 compiler_options: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        model,
+        cfg,
+        *,
+        step_fn: StepFn | None = None,
+        progress: bool = False,
+        compiler_options: Mapping[str, Any] | None = None,
+    ):
         self.model, self.cfg = model, cfg
+        # The validated sample section: the defaults every call below falls back to.
+        self.defaults = config_spec.sample_spec(cfg, model.spec, check_tasks=False)
         self.compiler_options = dict(compiler_options) if compiler_options else None
         self.spec = model.spec
         self.step_fn = step_fn if step_fn is not None else denoise_step_fn(model)
@@ -239,75 +170,39 @@ class Sampler:
         """Initial noise ``{generated stream: float32 [B, S, C]}`` (keys split in sorted name order)."""
         names = sorted(self.generated)
         keys = jax.random.split(rng, len(names))
-        return {n: jax.random.normal(k, (batch, self.spec.stream(n).spec.num_tokens,
-                                         self.spec.stream(n).spec.token_dim), jnp.float32)
-                for n, k in zip(names, keys)}
+        return {
+            n: jax.random.normal(
+                k, (batch, self.spec.stream(n).geometry.num_tokens, self.spec.stream(n).geometry.token_dim), jnp.float32
+            )
+            for n, k in zip(names, keys)
+        }
 
-    def resolve_guidance(self, guidance=None, mode: str | None = None, schedule: str | None = None,
-                         present: Mapping[str, Any] | None = None) -> Guidance:
-        """Validates and normalises a guidance setting (defaults: ``cfg.sample``).
+    def resolve_guidance(
+        self, guidance=None, mode: str | None = None, schedule: str | None = None, present: Mapping[str, Any] | None = None
+    ) -> Guidance:
+        """Validates and normalises a guidance setting (defaults: ``cfg.sample``); see
+        :func:`mmdit.sample.guidance.resolve_guidance` (this model's conditions and generated streams).
 
         ``guidance``: ``{cond: s}`` / ``{cond: {stream: s}}`` in nested order (None: the config's;
         ``{}``: unguided). Per-stream dicts are completed with 1.0 for unnamed generated streams.
         Conditions absent from every sample of the task (``present`` all False) are dropped: their
         guidance term is identically zero.
         """
-        sample_cfg = self.cfg.get("sample", {})
-        scales = _plain(sample_cfg.get("guidance", {}) if guidance is None else guidance) or {}
-        mode = mode or sample_cfg.get("guidance_mode", "nested")
-        schedule = schedule or sample_cfg.get("guidance_schedule", "constant")
-        if mode not in ("nested", "independent"):
-            raise ValueError(f"guidance mode {mode!r}: use 'nested' or 'independent' (sample.guidance_mode)")
-        if schedule not in ("constant", "cosine"):
-            raise ValueError(f"guidance schedule {schedule!r}: use 'constant' or 'cosine' (sample.guidance_schedule)")
-        known_conds = _keep_names(self.model)
-        out = {}
-        for c, s in scales.items():
-            if c not in known_conds:
-                raise ValueError(f"guidance names condition {c!r}, which this model lacks; conditions: "
-                                 f"{known_conds} (fix sample.guidance or --guidance)")
-            if isinstance(s, Mapping):
-                bad = sorted(set(s) - set(self.generated))
-                if bad:
-                    raise ValueError(f"guidance for {c!r} names stream(s) {bad}; generated streams are "
-                                     f"{self.generated} (fix sample.guidance or --guidance)")
-                s = {n: float(s.get(n, 1.0)) for n in self.generated}
-            else:
-                s = float(s)
-            if present is not None and c in present and not np.any(np.asarray(present[c])):
-                continue
-            out[c] = s
-        return Guidance(out, mode, schedule)
-
-    def _known_tokens(self, task, masks, known_latents, batch) -> tuple[dict, dict]:
-        """Clean tokens of the generated streams (zeros where nothing is known) and of the
-        condition streams, from ``known_latents`` ``{stream: [B, *latent_shape]}``."""
-        known_latents = dict(known_latents or {})
-        unknown = sorted(set(known_latents) - set(self.spec.names))
-        if unknown:
-            raise ValueError(f"known_latents names stream(s) {unknown}; streams are {list(self.spec.names)}")
-        held, cond = {}, {}
-        for a in self.spec.streams:
-            n, ss = a.name, a.spec
-            needed = ss.condition or bool(np.any(np.asarray(masks.known[n])))
-            if not needed:
-                held[n] = jnp.zeros((batch, ss.num_tokens, ss.token_dim), jnp.float32)
-                continue
-            if n not in known_latents:
-                why = "is a condition stream" if ss.condition else "has known tokens in this task"
-                raise ValueError(f"task {task!r}: stream {n!r} {why}; pass its clean latents as "
-                                 f"known_latents[{n!r}] float [B={batch}, {', '.join(map(str, ss.latent_shape))}]")
-            lat = jnp.asarray(known_latents[n], jnp.float32)
-            if tuple(lat.shape) != (batch,) + tuple(ss.latent_shape):
-                raise ValueError(f"known_latents[{n!r}] has shape {tuple(lat.shape)}; task {task!r} with batch "
-                                 f"{batch} needs {(batch,) + tuple(ss.latent_shape)} (model.streams.{n})")
-            (cond if ss.condition else held)[n] = ss.patchify(lat)
-        return held, cond
+        d = self.defaults
+        sample_cfg = {"guidance": d.guidance, "guidance_mode": d.guidance_mode, "guidance_schedule": d.guidance_schedule}
+        return guidance_lib.resolve_guidance(
+            guidance,
+            mode,
+            schedule,
+            sample_cfg=sample_cfg,
+            conditions=_keep_names(self.model),
+            generated=self.generated,
+            present=present,
+        )
 
     # -- one step ----------------------------------------------------------------------------------
 
-    def guided_velocity(self, params, x_tokens, sigma_tokens, raw_conds, masks, guidance: Guidance,
-                        scales=None) -> dict:
+    def guided_velocity(self, params, x_tokens, sigma_tokens, raw_conds, masks, guidance: Guidance, scales=None) -> dict:
         """The guided velocity of one step from ONE batched call of the step function.
 
         Args:
@@ -321,19 +216,20 @@ class Sampler:
           scales: scale pytree overriding ``guidance.scales`` (e.g. scheduled, traced).
 
         Returns:
-          ``{generated s: float32 [B, S_s, C]}`` = ``flow.combine_cfg`` of the ``[P·B]`` evaluation.
+          ``{generated s: float32 [B, S_s, C]}`` = ``guidance.combine_cfg`` of the ``[P·B]`` evaluation.
         """
         plan = guidance.plan()
         batch = next(iter(x_tokens.values())).shape[0]
-        rep = lambda tree: flow.repeat_for_cfg(tree, plan)  # noqa: E731
-        flags = flow.cfg_keep_flags(plan, batch)
+        rep = lambda tree: guidance_lib.repeat_for_cfg(tree, plan)  # noqa: E731
+        flags = guidance_lib.cfg_keep_flags(plan, batch)
         keep = {}
         for c in _keep_names(self.model):
             present = jnp.asarray(masks.present.get(c, jnp.ones((batch,), bool)), bool)
             keep[c] = rep(present) & flags[c] if c in flags else rep(present)
-        v = self.step_fn(params, rep(x_tokens), rep(sigma_tokens), rep(raw_conds), keep,
-                         rep(dict(masks.known)), rep(dict(masks.valid)))
-        return flow.combine_cfg(v, plan, dict(guidance.scales) if scales is None else scales)
+        v = self.step_fn(
+            params, rep(x_tokens), rep(sigma_tokens), rep(raw_conds), keep, rep(dict(masks.known)), rep(dict(masks.valid))
+        )
+        return guidance_lib.combine_cfg(v, plan, dict(guidance.scales) if scales is None else scales)
 
     # -- the loop ----------------------------------------------------------------------------------
 
@@ -350,16 +246,20 @@ class Sampler:
             masks = tasks_lib.TaskMasks(m["known"], m["valid"], m["present"], None)
 
             def velocity(x, sigma_tokens, i):
-                s = flow.guidance_scale(scales, flow.step_progress(i, steps), guidance.schedule)
-                return self.guided_velocity(params, {**x, **cond_tokens}, sigma_tokens, raw, masks,
-                                            guidance, s)
+                s = guidance_lib.guidance_scale(scales, guidance_lib.step_progress(i, steps), guidance.schedule)
+                return self.guided_velocity(params, {**x, **cond_tokens}, sigma_tokens, raw, masks, guidance, s)
 
             def report(i, x_next, x0_hat):  # host-side tick of the tqdm bar, in step order
                 jax.debug.callback(self._on_step, i, ordered=True)
 
-            x = flow.euler_sample(velocity, self.noise(k_noise, batch), sigmas,
-                                  known={n: masks.known[n] for n in gen}, known_values=held,
-                                  callback=report if progress else None)
+            x = ode.euler_sample(
+                velocity,
+                self.noise(k_noise, batch),
+                sigmas,
+                known={n: masks.known[n] for n in gen},
+                known_values=held,
+                callback=report if progress else None,
+            )
             return {n: jnp.where(masks.valid[n][..., None], x[n], 0.0) for n in gen}
 
         return jax.jit(run)
@@ -377,18 +277,32 @@ class Sampler:
     def schedules(self, steps: int, shift: float, stream_shift: Mapping[str, float] | None = None) -> dict:
         """``{generated stream: float32 [steps + 1]}`` σ schedules: ``shift`` for every stream unless
         ``stream_shift`` (default ``cfg.sample.stream_shift``) names it."""
-        per = dict(self.cfg.get("sample", {}).get("stream_shift", None) or {}) if stream_shift is None else dict(stream_shift)
+        per = dict(self.defaults.stream_shift if stream_shift is None else stream_shift)
         bad = sorted(set(per) - set(self.generated))
         if bad:
-            raise ValueError(f"stream_shift names {bad}, which are not generated streams {list(self.generated)} "
-                             "(fix sample.stream_shift or --stream-shift)")
-        return {n: flow.sampling_sigmas(steps, float(per.get(n, shift))) for n in self.generated}
+            raise ValueError(
+                f"stream_shift names {bad}, which are not generated streams {list(self.generated)} "
+                "(fix sample.stream_shift or --stream-shift)"
+            )
+        return {n: ode.sampling_sigmas(steps, float(per.get(n, shift))) for n in self.generated}
 
-    def sample(self, params, rng, *, task: str, batch: int, known_latents: Mapping | None = None,
-               raw_conds: Mapping, steps: int | None = None, shift: float | None = None,
-               stream_shift: Mapping[str, float] | None = None, guidance=None,
-               guidance_mode: str | None = None, guidance_schedule: str | None = None,
-               progress: bool | None = None) -> dict:
+    def sample(
+        self,
+        params,
+        rng,
+        *,
+        task: str,
+        batch: int,
+        known_latents: Mapping | None = None,
+        raw_conds: Mapping,
+        steps: int | None = None,
+        shift: float | None = None,
+        stream_shift: Mapping[str, float] | None = None,
+        guidance=None,
+        guidance_mode: str | None = None,
+        guidance_schedule: str | None = None,
+        progress: bool | None = None,
+    ) -> dict:
         """Samples ``batch`` examples of ``task``.
 
         Args:
@@ -412,21 +326,19 @@ class Sampler:
           ``{generated stream: float32 [B, *latent_shape]}``; known tokens equal the given latents
           exactly; streams the task marks invalid (absent) are zeros.
         """
-        sample_cfg = self.cfg.get("sample", {})
-        steps = int(steps if steps is not None else sample_cfg.get("steps", 30))
-        shift = float(shift if shift is not None else sample_cfg.get("shift", 1.0))
+        steps = int(steps if steps is not None else self.defaults.steps)
+        shift = float(shift if shift is not None else self.defaults.shift)
         progress = self.progress if progress is None else progress
         if batch < 1:
             raise ValueError(f"batch must be >= 1, got {batch}")
         k_noise, k_task = jax.random.split(rng)
         masks = self.task_masks(task, k_task, batch)
         g = self.resolve_guidance(guidance, guidance_mode, guidance_schedule, present=masks.present)
-        held, cond_tokens = self._known_tokens(task, masks, known_latents, batch)
+        held, cond_tokens = known_tokens(self.spec, task, masks.known, known_latents, batch)
         raw = canonical_raw_conds(self.model, raw_conds, batch)
         m = {"known": dict(masks.known), "valid": dict(masks.valid), "present": dict(masks.present)}
         sigmas = self.schedules(steps, shift, stream_shift)
-        args = (nn.meta.unbox(params), k_noise, sigmas, g.scale_arrays(),
-                m, held, cond_tokens, raw)
+        args = (nn.meta.unbox(params), k_noise, sigmas, g.scale_arrays(), m, held, cond_tokens, raw)
         if progress:
             from tqdm.auto import tqdm
 

@@ -51,8 +51,8 @@ import ml_collections as mlc
 import numpy as np
 
 from mmdit import config_lib
-from mmdit.data.records import file_sha256
 from mmdit.sample.sampler import denoise_step_fn, step_example_inputs
+from mmdit.util.files import file_sha256
 
 BUNDLE_FORMAT = "mmdit.bundle"
 BUNDLE_VERSION = 1
@@ -105,8 +105,11 @@ def _mismatches(want: dict, have: dict, limit: int = 5) -> list[str]:
     """Differences between two ``_describe`` dicts (missing, extra, shape/dtype), first ``limit``."""
     out = [f"missing {k}" for k in want if k not in have]
     out += [f"unexpected {k}" for k in have if k not in want]
-    out += [f"{k}: {have[k]['shape']} {have[k]['dtype']} vs expected {want[k]['shape']} {want[k]['dtype']}"
-            for k in want if k in have and want[k] != have[k]]
+    out += [
+        f"{k}: {have[k]['shape']} {have[k]['dtype']} vs expected {want[k]['shape']} {want[k]['dtype']}"
+        for k in want
+        if k in have and want[k] != have[k]
+    ]
     return out[:limit] + ([f"... {len(out) - limit} more"] if len(out) > limit else [])
 
 
@@ -137,8 +140,10 @@ def _export_platforms(model, args, platforms: Sequence[str]):
         return exp, batching, {}
     except Exception as e:  # noqa: BLE001 -- find which platform fails, keep the others
         if len(platforms) == 1:
-            raise ValueError(f"cannot export the step for platform {platforms[0]!r}: {type(e).__name__}: {e}; "
-                             "check model.attention.impl (use 'xla' for a portable bundle)") from e
+            raise ValueError(
+                f"cannot export the step for platform {platforms[0]!r}: {type(e).__name__}: {e}; "
+                "check model.attention.impl (use 'xla' for a portable bundle)"
+            ) from e
     ok, skipped = [], {}
     for p in platforms:
         try:
@@ -147,8 +152,10 @@ def _export_platforms(model, args, platforms: Sequence[str]):
         except Exception as e:  # noqa: BLE001
             skipped[p] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
     if not ok:
-        raise ValueError(f"the step lowers for none of {list(platforms)}: {skipped}; check "
-                         "model.attention.impl (use 'xla' for a portable bundle)")
+        raise ValueError(
+            f"the step lowers for none of {list(platforms)}: {skipped}; check "
+            "model.attention.impl (use 'xla' for a portable bundle)"
+        )
     exp, batching = _export(model, args, ok)
     return exp, batching, skipped
 
@@ -159,11 +166,11 @@ def _check_out_dir(out_dir: str) -> bool:
         return False
     if os.path.isdir(out_dir) and not os.listdir(out_dir):
         return False
-    if os.path.isdir(out_dir) and (os.path.isfile(os.path.join(out_dir, MANIFEST))
-                                   or os.path.isdir(os.path.join(out_dir, PARAMS))):
+    if os.path.isdir(out_dir) and (
+        os.path.isfile(os.path.join(out_dir, MANIFEST)) or os.path.isdir(os.path.join(out_dir, PARAMS))
+    ):
         return True
-    raise ValueError(f"{out_dir} exists and is not a serving bundle (no {MANIFEST}); choose another --out "
-                     "path or remove it")
+    raise ValueError(f"{out_dir} exists and is not a serving bundle (no {MANIFEST}); choose another --out path or remove it")
 
 
 def _replace_dir(tmp: str, out_dir: str) -> None:
@@ -181,8 +188,9 @@ def _replace_dir(tmp: str, out_dir: str) -> None:
     os.replace(tmp, out_dir)
 
 
-def export_bundle(cfg, params, out_dir: str, *, step: int | None = None, batch_symbolic: bool = True,
-                  platforms: Sequence[str] | None = None) -> str:
+def export_bundle(
+    cfg, params, out_dir: str, *, step: int | None = None, batch_symbolic: bool = True, platforms: Sequence[str] | None = None
+) -> str:
     """Writes a serving bundle (module docstring) for ``cfg`` + ``params`` to ``out_dir``, atomically.
 
     Args:
@@ -207,8 +215,10 @@ def export_bundle(cfg, params, out_dir: str, *, step: int | None = None, batch_s
     want = _describe(jax.eval_shape(lambda k: nn.meta.unbox(model.init(k)), jax.random.key(0)))
     have = _describe(_abstract(params))
     if want != have:
-        raise ValueError(f"params do not match cfg.model ({'; '.join(_mismatches(want, have))}); export the "
-                         "params with the config they were trained with")
+        raise ValueError(
+            f"params do not match cfg.model ({'; '.join(_mismatches(want, have))}); export the "
+            "params with the config they were trained with"
+        )
     args = _example_args(model, _abstract(params), batch_symbolic)
     exported, batching, skipped = _export_platforms(model, args, list(platforms or DEFAULT_PLATFORMS))
 
@@ -235,9 +245,12 @@ def export_bundle(cfg, params, out_dir: str, *, step: int | None = None, batch_s
             "batching": batching,
             "files": {"config": CONFIG, "step": STEP, "params": PARAMS},
             "sha256": {CONFIG: file_sha256(os.path.join(tmp, CONFIG)), STEP: file_sha256(os.path.join(tmp, STEP))},
-            "params": {"format": "orbax.StandardCheckpointer", "count": int(sum(np.size(a) for a in leaves)),
-                       "bytes": int(sum(np.size(a) * np.dtype(a.dtype).itemsize for a in leaves)),
-                       "tree": {k: [v["shape"], v["dtype"]] for k, v in have.items()}},
+            "params": {
+                "format": "orbax.StandardCheckpointer",
+                "count": int(sum(np.size(a) for a in leaves)),
+                "bytes": int(sum(np.size(a) * np.dtype(a.dtype).itemsize for a in leaves)),
+                "tree": {k: [v["shape"], v["dtype"]] for k, v in have.items()},
+            },
             "inputs": {n: _describe(a) for n, a in zip(_ARG_NAMES[1:], args[1:])},
             "outputs": _describe(jax.tree.unflatten(exported.out_tree, exported.out_avals)),
             "in_tree": str(exported.in_tree),
@@ -278,8 +291,11 @@ def _read_manifest(path: str) -> dict:
     if manifest.get("format") != BUNDLE_FORMAT:
         raise _fail(file, f"format is {manifest.get('format')!r}, not {BUNDLE_FORMAT!r}: not a serving bundle")
     if manifest.get("format_version") != BUNDLE_VERSION:
-        raise _fail(file, f"format_version {manifest.get('format_version')} is not the supported "
-                          f"{BUNDLE_VERSION}", "re-export it with this version of mmdit")
+        raise _fail(
+            file,
+            f"format_version {manifest.get('format_version')} is not the supported {BUNDLE_VERSION}",
+            "re-export it with this version of mmdit",
+        )
     return manifest
 
 
@@ -309,16 +325,20 @@ def _read_export(path: str):
     try:
         return jax.export.deserialize(bytearray(data))
     except Exception as e:  # noqa: BLE001 -- flatbuffer errors come in many types
-        raise _fail(file, f"cannot be deserialised ({type(e).__name__}: {e}): the file is corrupt or "
-                          "was written by an incompatible jax") from None
+        raise _fail(
+            file, f"cannot be deserialised ({type(e).__name__}: {e}): the file is corrupt or was written by an incompatible jax"
+        ) from None
 
 
 def _check_platform(file: str, exported) -> None:
     backend = jax.default_backend()
     names = {"gpu": ("cuda", "rocm")}.get(backend, (backend,))
     if not any(p in exported.platforms for p in names):
-        raise _fail(file, f"was exported for {list(exported.platforms)}, but this process runs on {backend!r}",
-                    f"re-export with platforms including {names[0]!r}")
+        raise _fail(
+            file,
+            f"was exported for {list(exported.platforms)}, but this process runs on {backend!r}",
+            f"re-export with platforms including {names[0]!r}",
+        )
 
 
 def load_bundle(path: str) -> Bundle:
@@ -351,14 +371,19 @@ def load_bundle(path: str) -> Bundle:
     for name, want, have in zip(_ARG_NAMES, expected, got[0]):
         diff = _mismatches(_describe(want), _describe(have))
         if diff:
-            raise _fail(step_file, f"and {CONFIG} come from different models: the exported step's {name} "
-                                   f"differ from what {CONFIG} builds ({'; '.join(diff)})",
-                        "keep the files of one bundle together, or re-export it with mmdit-export")
+            raise _fail(
+                step_file,
+                f"and {CONFIG} come from different models: the exported step's {name} "
+                f"differ from what {CONFIG} builds ({'; '.join(diff)})",
+                "keep the files of one bundle together, or re-export it with mmdit-export",
+            )
     for name in (CONFIG, STEP):
         digest = manifest.get("sha256", {}).get(name)
         if digest != file_sha256(os.path.join(path, name)):
-            raise _fail(os.path.join(path, name), f"does not match its sha256 in {MANIFEST}: the file was "
-                                                  "modified, truncated or comes from another bundle")
+            raise _fail(
+                os.path.join(path, name),
+                f"does not match its sha256 in {MANIFEST}: the file was modified, truncated or comes from another bundle",
+            )
     _check_platform(step_file, exported)
 
     params_dir = os.path.join(path, PARAMS)
@@ -373,8 +398,11 @@ def load_bundle(path: str) -> Bundle:
     stored_desc = _describe(jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), stored))
     diff = _mismatches(_describe(want), stored_desc)
     if diff:
-        raise _fail(params_dir, f"holds weights of a different model than {STEP} ({'; '.join(diff)})",
-                    "keep the files of one bundle together, or re-export it with mmdit-export")
+        raise _fail(
+            params_dir,
+            f"holds weights of a different model than {STEP} ({'; '.join(diff)})",
+            "keep the files of one bundle together, or re-export it with mmdit-export",
+        )
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), want)
     try:
@@ -388,8 +416,10 @@ def load_bundle(path: str) -> Bundle:
     def step_fn(params, x_tokens, sigma_tokens, raw_conds, cond_keep, known, valid):
         rows = next(iter(jax.tree.leaves(x_tokens))).shape[0]
         if fixed is not None and rows != fixed:
-            raise ValueError(f"{step_file} was exported for a fixed batch of {fixed} rows (--fixed-batch) but is "
-                             f"called with {rows} (samples x CFG patterns); re-export without --fixed-batch")
+            raise ValueError(
+                f"{step_file} was exported for a fixed batch of {fixed} rows (--fixed-batch) but is "
+                f"called with {rows} (samples x CFG patterns); re-export without --fixed-batch"
+            )
         return exported.call(params, x_tokens, sigma_tokens, raw_conds, cond_keep, known, valid)
 
     return Bundle(cfg, params, step_fn, manifest, path)

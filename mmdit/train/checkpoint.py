@@ -24,11 +24,12 @@ def checkpoint_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
-def make_manager(workdir: str, train_cfg=None, *, read_only: bool = False) -> ocp.CheckpointManager:
-    keep = int(train_cfg.get("keep_checkpoints", 2)) if train_cfg is not None else None
+def make_manager(workdir: str, train=None, *, read_only: bool = False) -> ocp.CheckpointManager:
+    """``train``: the validated ``config.train`` (:class:`mmdit.config_spec.TrainSpec`) when writing;
+    None for a reader (keeps everything, synchronous)."""
     opts = ocp.CheckpointManagerOptions(
-        max_to_keep=keep,
-        enable_async_checkpointing=bool(train_cfg.get("async_checkpoint", True)) if train_cfg is not None else False,
+        max_to_keep=train.keep_checkpoints if train is not None else None,
+        enable_async_checkpointing=train.async_checkpoint if train is not None else False,
         create=not read_only,
         read_only=read_only,
     )
@@ -74,8 +75,10 @@ def check_config_matches(workdir: str, cfg) -> None:
     diffs = _diff(saved.get("model", {}), now.get("model", {}), "model")
     if diffs:
         raise ValueError(
-            f"{workdir} holds checkpoints of a different model: " + "; ".join(diffs[:5]) +
-            ". Use a new --workdir, or the config in " + path
+            f"{workdir} holds checkpoints of a different model: "
+            + "; ".join(diffs[:5])
+            + ". Use a new --workdir, or the config in "
+            + path
         )
 
 
@@ -114,10 +117,11 @@ def restore_inference_params(workdir: str, step: int | None = None, which: str =
     """``(config, params)`` from a training workdir: the EMA (default) or raw params of ``step``."""
     from mmdit.model.diffusion import DiffusionModel
     from mmdit.train.state import init_state, make_optimizer
+    from mmdit import config_spec
 
     cfg = load_config(workdir)
     model = DiffusionModel.from_config(cfg)
-    tx = make_optimizer(cfg.train)
+    tx = make_optimizer(config_spec.train_spec(cfg))
     abstract = jax.eval_shape(lambda: init_state(model, tx, jax.random.key(0)))
     manager = make_manager(workdir, read_only=True)
     state = restore(manager, abstract, step=step)

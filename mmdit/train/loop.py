@@ -4,7 +4,8 @@ checkpoint, sample, profile) -> final checkpoint.
 
 Sharding lives in :mod:`mmdit.train.sharding` (``cfg.mesh``, ``cfg.mesh.rules``; one device is a
 1-device mesh), multi-host in :mod:`mmdit.parallel.distributed` (``cfg.distributed`` or the
-``MMDIT_*`` environment; every process runs this same function).
+``MMDIT_*`` environment; every process runs this same function), each process's slice of the data
+in :mod:`mmdit.data.sharded_iterator`.
 
 Resuming is automatic: rerunning the same command with the same ``--workdir`` continues from the
 latest complete checkpoint, restoring params, optimizer, EMA, step, RNG and the data iterator, so
@@ -20,47 +21,54 @@ import time
 import jax
 
 from mmdit import config_lib
+from mmdit.data.sharded_iterator import data_iterator
 from mmdit.model.diffusion import DiffusionModel
 from mmdit.parallel import distributed
 from mmdit.train import checkpoint, sharding
 from mmdit.train.metrics import MetricWriter
 from mmdit.train.state import make_optimizer
+from mmdit import config_spec
 
 input_keys = sharding.input_keys  # record fields the train step consumes (kept for callers)
 
 
 def default_data_dir(cfg, workdir: str) -> str:
-    return cfg.data.get("dir", None) or os.path.join(workdir, "data", "train")
+    return config_spec.data_spec(cfg).dir or os.path.join(workdir, "data", "train")
 
 
-def train(cfg, workdir: str, *, data_dir: str | None = None, stop_after: int | None = None, progress: bool = True, sample_hook=None) -> dict:
+def train(
+    cfg, workdir: str, *, data_dir: str | None = None, stop_after: int | None = None, progress: bool = True, sample_hook=None
+) -> dict:
     """Trains ``cfg`` in ``workdir``; returns the last logged metrics. ``stop_after`` ends the run
     early after that many *new* steps (tests; a killed run resumes the same way).
 
-    ``sample_hook(step, state, writer)`` receives the sharded state (on several hosts its arrays
-    are not fully addressable: gather inside jit, or use ``jax.experimental.multihost_utils``)."""
+    ``sample_hook(step, state, writer)`` (called every ``train.sample_every`` steps) receives the
+    sharded state (on several hosts its arrays are not fully addressable: gather inside jit, or use
+    ``jax.experimental.multihost_utils``). Training imports no sampling or evaluation: the caller
+    builds the hook (``mmdit-train``: ``mmdit.eval.train_samples.sample_hook_for_workdir``)."""
+    spec = config_spec.build_run_spec(cfg)  # every section validated before anything compiles
     distributed.maybe_initialize(cfg)
     workdir = os.path.abspath(workdir)
     checkpoint.check_config_matches(workdir, cfg)
     if jax.process_index() == 0:
         config_lib.write_resolved(cfg, workdir)
     model = DiffusionModel.from_config(cfg)
-    tx = make_optimizer(cfg.train)
+    tx = make_optimizer(spec.train)
     run = sharding.setup(cfg, model, tx)  # validates mesh/rules/batch before anything compiles
-    data_iter = distributed.data_iterator(cfg, data_dir or default_data_dir(cfg, workdir), run.batch_block())
-    manager = checkpoint.make_manager(workdir, cfg.train)
+    data_iter = data_iterator(cfg, data_dir or default_data_dir(cfg, workdir), run.batch_block())
+    manager = checkpoint.make_manager(workdir, spec.train)
     state = checkpoint.restore(manager, run.abstract_state, data_iter)
     if state is None:
         state = run.init(jax.random.key(int(cfg.seed)))
     start = int(state.step)
-    total = int(cfg.train.steps)
+    total = spec.train.steps
     writer = MetricWriter(workdir)
-    tokens_per_step = int(cfg.train.global_batch_size) * model.spec.num_tokens
-    prof = cfg.get("profile", {})
-    prof_start, prof_steps = int(prof.get("start_step", -1)), int(prof.get("num_steps", 0))
+    tokens_per_step = spec.train.global_batch_size * model.spec.num_tokens
+    prof = config_spec.complete(cfg).profile
+    prof_start, prof_steps = int(prof.start_step), int(prof.num_steps)
     prof_dir = os.path.join(workdir, "profile", *([f"process_{jax.process_index()}"] if jax.process_count() > 1 else []))
-    log_every, ckpt_every = int(cfg.train.log_every), int(cfg.train.checkpoint_every)
-    sample_every = int(cfg.train.get("sample_every", 0))
+    log_every, ckpt_every = spec.train.log_every, spec.train.checkpoint_every
+    sample_every = spec.train.sample_every
     bar = _progress(progress, start, total)
     last = {}
     t_last, n_last = time.perf_counter(), start
@@ -101,7 +109,7 @@ def train(cfg, workdir: str, *, data_dir: str | None = None, stop_after: int | N
 def _lr(cfg, step):
     from mmdit.train.state import learning_rate_schedule
 
-    return learning_rate_schedule(cfg.train)(step)
+    return learning_rate_schedule(config_spec.train_spec(cfg))(step)
 
 
 def _progress(enabled: bool, start: int, total: int):

@@ -53,7 +53,9 @@ class MetricWriter:
     def audio(self, step: int, tag: str, wave: np.ndarray, sample_rate: int) -> None:
         if not self.enabled:
             return
-        self._tb.add_audio(tag, np.clip(np.asarray(wave, np.float32), -1, 1)[:, None], step, sample_rate=sample_rate)  # [T, channels]
+        self._tb.add_audio(
+            tag, np.clip(np.asarray(wave, np.float32), -1, 1)[:, None], step, sample_rate=sample_rate
+        )  # [T, channels]
 
     def flush(self):
         if self.enabled:

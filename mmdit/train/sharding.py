@@ -25,14 +25,10 @@ each process holding a distinct 1/N slice of the batch; then ``check_not_replica
 run whose large params would be replicated on an fsdp/tensor mesh. Every message names the config
 field and the fix.
 
-**Gradient accumulation** (``train.grad_accum = k > 1``): the step splits the global batch ``[B]``
-into ``k`` microbatches ``[B/k]`` *strided* (row ``i`` goes to microbatch ``i mod k``), so every
-device keeps its own rows and no microbatch is resharded; a ``lax.scan`` sums the gradients
-(constrained to the params' shardings: FSDP reduce-scatters per microbatch) and one AdamW update
-follows. Microbatch ``j`` draws its noise from ``fold_in(step_key, j)``; loss and metrics are the
-microbatch means. Peak activation memory is that of a ``B/k`` batch; nothing persists between
-steps (unlike ``optax.MultiSteps``, which keeps an fp32 gradient copy in the state and updates EMA
-and the step counter per microbatch).
+**The step** is :func:`mmdit.train.step.make_step`: the plain step, or (``train.grad_accum`` > 1)
+the gradient-accumulating one over strided microbatches (see ``mmdit/train/step.py``), given the
+params' shardings and the batch mesh axes; it is jitted here with the state / batch shardings and
+a donated state.
 """
 
 from __future__ import annotations
@@ -44,7 +40,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -74,13 +69,6 @@ def rules_of(cfg) -> parallel.rules.Rules:
     return parallel.rules_from_config(m.get("rules", None) if m is not None else None)
 
 
-def grad_accum(cfg) -> int:
-    k = cfg.train.get("grad_accum", 1)
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"train.grad_accum={k!r} must be a positive integer (microbatches per update)")
-    return k
-
-
 def batch_axes(rules) -> tuple[str, ...]:
     """Mesh axes the logical ``batch`` dimension is sharded over (e.g. ``("data", "fsdp")``)."""
     entry = parallel.logical_to_spec(("batch",), rules)[0]
@@ -88,56 +76,13 @@ def batch_axes(rules) -> tuple[str, ...]:
 
 
 def input_keys(model) -> list[str]:
-    """Record fields the train step consumes."""
-    keys = [a.name + step_lib.LATENT_SUFFIX for a in model.spec.streams]
-    for c in model.spec.conditions:
-        keys.append("text_tokens" if c.name == "text" and model.text_encoder is not None else c.name)
-    return keys
+    """Record fields the train step consumes (``model.input_spec()``'s required fields)."""
+    return model.input_spec().record_keys()
 
 
 def batch_shapes(model, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
     """Global shapes of one train batch (what the records hold, stacked ``[B, ...]``)."""
-    out = {}
-    for a in model.spec.streams:
-        out[a.name + step_lib.LATENT_SUFFIX] = jax.ShapeDtypeStruct((batch_size, *a.spec.latent_shape), jnp.float32)
-    for c in model.spec.conditions:
-        if c.name == "text" and model.text_encoder is not None:
-            out["text_tokens"] = jax.ShapeDtypeStruct((batch_size, c.length), jnp.int32)
-        else:
-            out[c.name] = jax.ShapeDtypeStruct((batch_size, c.length, c.dim), jnp.float32)
-    return out
-
-
-class _WithoutLogicalRules:
-    """Proxy running a flax module's ``init`` / ``apply`` with no logical rules active.
-
-    Workaround for :class:`mmdit.codecs.text.ByteTextEncoder`: flax's ``DenseGeneral`` (its ``qkv``
-    and ``out``) applies the kernel's 4 logical names to the *flat* 2-D initialiser output, and flax
-    re-runs initialisers (under ``eval_shape``) on every ``apply``, so any active rules make it raise.
-    Inside the encoder activations are left to XLA's propagation; its params are still sharded by
-    their names. Drop this once the encoder boxes flat-shaped kernels (or uses ``nn.Einsum``).
-    """
-
-    def __init__(self, module):
-        self.module = module
-
-    def init(self, *args, **kwargs):
-        with nn.logical_axis_rules(()):
-            return self.module.init(*args, **kwargs)
-
-    def apply(self, *args, **kwargs):
-        with nn.logical_axis_rules(()):
-            return self.module.apply(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self.module, name)
-
-
-def scoped_model(model):
-    """``model`` with its text encoder (if any) shielded from the logical rules (see above)."""
-    if getattr(model, "text_encoder", None) is None or isinstance(model.text_encoder, _WithoutLogicalRules):
-        return model
-    return dataclasses.replace(model, text_encoder=_WithoutLogicalRules(model.text_encoder))
+    return model.input_spec().batch_shapes(batch_size)
 
 
 def strip_boxes(tree):
@@ -161,11 +106,17 @@ def activate(mesh, rules):
 
 def validate(cfg, model, mesh, rules, boxed_params, *, min_replicated_bytes: int = 1 << 20) -> None:
     """All sharding checks, before anything compiles (see module docstring). Raises ``ValueError``."""
-    B, k = int(cfg.train.global_batch_size), grad_accum(cfg)
+    B, k = int(cfg.train.global_batch_size), step_lib.grad_accum(cfg)
     spec = model.spec
     parallel.validate_rules(
-        rules, mesh, params_shapes=boxed_params, batch_size=B, num_heads=spec.heads, seq_len=spec.num_tokens,
-        sequence_strategy=spec.sequence_parallel, logical_names=ACTIVATION_NAMES,
+        rules,
+        mesh,
+        params_shapes=boxed_params,
+        batch_size=B,
+        num_heads=spec.heads,
+        seq_len=spec.num_tokens,
+        sequence_strategy=spec.sequence_parallel,
+        logical_names=ACTIVATION_NAMES,
     )
     dp = math.prod(mesh.shape[a] for a in batch_axes(rules))
     if k > 1 and B % (k * dp):
@@ -175,8 +126,10 @@ def validate(cfg, model, mesh, rules, boxed_params, *, min_replicated_bytes: int
             f"of {k * dp}, or lower train.grad_accum"
         )
     if B % jax.process_count():
-        raise ValueError(f"train.global_batch_size={B} is not divisible by the {jax.process_count()} processes; "
-                         f"use a multiple of {jax.process_count()}")
+        raise ValueError(
+            f"train.global_batch_size={B} is not divisible by the {jax.process_count()} processes; "
+            f"use a multiple of {jax.process_count()}"
+        )
     shardings = parallel.logical_to_sharding(boxed_params, mesh, rules)
     parallel.check_not_replicated(boxed_params, shardings, min_bytes=min_replicated_bytes)
 
@@ -200,47 +153,6 @@ def process_batch_block(sharding: NamedSharding, batch_size: int) -> tuple[int, 
             f"mesh.fsdp span the processes, e.g. mesh.dcn.data={n}) or map 'batch' to them in mesh.rules"
         )
     return lo // per, n
-
-
-# ------------------------------------------------------------------------------------------------
-# the step
-
-
-def _split_microbatches(x, k: int, axes):
-    """``[B, ...] -> [k, B/k, ...]`` with microbatch ``j`` = rows ``j, j+k, ...`` (device-local)."""
-    y = x.reshape((x.shape[0] // k, k) + x.shape[1:]).swapaxes(0, 1)
-    return jax.lax.with_sharding_constraint(y, PartitionSpec(None, axes or None))
-
-
-def make_step(model, cfg, tx, param_shardings, axes):
-    """``step(state, batch) -> (state, metrics)``: :func:`mmdit.train.step.make_train_step` when
-    ``train.grad_accum == 1``, else the microbatch-accumulating step (module docstring)."""
-    k = grad_accum(cfg)
-    if k == 1:
-        return step_lib.make_train_step(model, cfg, tx)
-    ema_decay = float(cfg.train.get("ema_decay", 0.999))
-    grad_fn = jax.value_and_grad(step_lib.loss_fn, has_aux=True)
-
-    def step(state: TrainState, batch):
-        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        micro = {n: _split_microbatches(x, k, axes) for n, x in batch.items()}
-
-        def one(j, mb):
-            (loss, metrics), g = grad_fn(state.params, model, cfg, mb, jax.random.fold_in(rng, j))
-            return jax.lax.with_sharding_constraint(g, param_shardings), dict(metrics, loss=loss)
-
-        def body(carry, xs):
-            g, m = one(*xs)
-            return jax.tree.map(jnp.add, carry, (g, m)), None
-
-        shapes = jax.eval_shape(one, 0, jax.tree.map(lambda x: x[0], micro))
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-        (gsum, msum), _ = jax.lax.scan(body, zeros, (jnp.arange(k), micro))
-        grads = jax.tree.map(lambda g: g / k, gsum)
-        metrics = jax.tree.map(lambda m: m / k, msum)
-        return step_lib.apply_gradients(state, grads, metrics, tx, ema_decay)
-
-    return step
 
 
 # ------------------------------------------------------------------------------------------------
@@ -269,12 +181,15 @@ class ShardedTrain:
     @property
     def abstract_state(self) -> TrainState:
         """``ShapeDtypeStruct`` s carrying the target shardings (orbax restore onto this mesh, AOT)."""
-        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            strip_boxes(self.boxed_state), self.state_shardings)
+        return jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), strip_boxes(self.boxed_state), self.state_shardings
+        )
 
     def abstract_batch(self) -> dict:
-        return {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.batch_shardings[k])
-                for k, s in batch_shapes(self.model, self.batch_size).items()}
+        return {
+            k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.batch_shardings[k])
+            for k, s in batch_shapes(self.model, self.batch_size).items()
+        }
 
     def context(self):
         return activate(self.mesh, self.rules)
@@ -289,7 +204,7 @@ class ShardedTrain:
     def jitted_step(self):
         if self._step is None:
             param_sh = self.state_shardings.params
-            fn = make_step(self.model, self.cfg, self.tx, param_sh, batch_axes(self.rules))
+            fn = step_lib.make_step(self.model, self.cfg, self.tx, param_sh, batch_axes(self.rules))
             self._step = jax.jit(
                 fn,
                 in_shardings=(self.state_shardings, self.batch_shardings),
@@ -316,16 +231,20 @@ class ShardedTrain:
         """Per-host numpy batch (``[B / processes, ...]`` per field) -> global sharded arrays."""
         missing = [k for k in self.batch_shardings if k not in local]
         if missing:
-            raise ValueError(f"training records lack field(s) {missing} the model needs (have {sorted(local)}); "
-                             f"re-create the data for this config")
+            raise ValueError(
+                f"training records lack field(s) {missing} the model needs (have {sorted(local)}); "
+                f"re-create the data for this config"
+            )
         out = {}
         for k, sh in self.batch_shardings.items():
             x = np.asarray(local[k])
             shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
             if shape[0] != self.batch_size:
-                raise ValueError(f"batch field {k!r} has {x.shape[0]} rows per process; train.global_batch_size="
-                                 f"{self.batch_size} over {jax.process_count()} processes needs "
-                                 f"{self.batch_size // jax.process_count()}")
+                raise ValueError(
+                    f"batch field {k!r} has {x.shape[0]} rows per process; train.global_batch_size="
+                    f"{self.batch_size} over {jax.process_count()} processes needs "
+                    f"{self.batch_size // jax.process_count()}"
+                )
             out[k] = jax.make_array_from_process_local_data(sh, x, shape)
         return out
 
@@ -337,7 +256,6 @@ def setup(cfg, model, tx, *, devices=None, min_replicated_bytes: int = 1 << 20) 
     devices (e.g. from a TPU topology) to compile for hardware that is not attached. Raises
     ``ValueError`` naming the config field on any misconfiguration, before compiling.
     """
-    model = scoped_model(model)
     mesh = parallel.make_mesh(mesh_config(cfg), devices)
     rules = rules_of(cfg)
     boxed = abstract_state(model, tx, boxed=True)
@@ -346,4 +264,3 @@ def setup(cfg, model, tx, *, devices=None, min_replicated_bytes: int = 1 << 20) 
     axes = batch_axes(rules)
     batch_sh = {k: NamedSharding(mesh, PartitionSpec(axes or None)) for k in input_keys(model)}
     return ShardedTrain(cfg, model, tx, mesh, rules, boxed, state_sh, batch_sh)
-

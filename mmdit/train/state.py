@@ -6,10 +6,10 @@ use) and ``rng`` (base key; the key of step ``n`` is ``fold_in(rng, n)``, so a r
 exactly the same noise as an uninterrupted one).
 
 ``step`` counts *optimizer updates*. Gradient accumulation (``train.grad_accum``) is not an optimizer
-wrapper: the sharded train step (:mod:`mmdit.train.sharding`) splits each global batch into
-microbatches and sums their gradients before one AdamW update, so there is no persistent
-accumulator in the state, EMA and LR schedule advance once per update, and one loader batch is one
-update.
+wrapper: the train step (:func:`mmdit.train.step.make_step`, jitted by :mod:`mmdit.train.sharding`)
+splits each global batch into microbatches and sums their gradients before one AdamW update, so
+there is no persistent accumulator in the state, EMA and LR schedule advance once per update, and
+one loader batch is one update.
 
 Shardings come from the *boxed* state: :func:`abstract_state` keeps the params' logical axis names
 (``nn.Partitioned``), and optax builds Adam's moments with ``tree_map`` over those boxes, so the
@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mmdit.config_spec import TrainSpec
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -36,39 +38,28 @@ class TrainState:
     rng: jax.Array  # raw uint32 key data (``jax.random.key_data``): checkpointable
 
 
-def learning_rate_schedule(train_cfg) -> optax.Schedule:
+def learning_rate_schedule(train: TrainSpec) -> optax.Schedule:
     """Linear warmup to ``train.lr`` over ``train.warmup_steps``, then ``train.schedule``
     (``cosine`` to 0 at ``train.steps``, or ``constant``)."""
-    lr, warmup, steps = float(train_cfg.lr), int(train_cfg.get("warmup_steps", 0)), int(train_cfg.steps)
-    kind = train_cfg.get("schedule", "cosine")
-    if kind == "cosine":
+    lr, warmup, steps = train.lr, train.warmup_steps, train.steps
+    if train.schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(steps, warmup + 1), end_value=0.0)
-    if kind == "constant":
-        return optax.join_schedules([optax.linear_schedule(0.0, lr, max(warmup, 1)), optax.constant_schedule(lr)], [max(warmup, 1)])
-    raise ValueError(f"train.schedule={kind!r}: choose 'cosine' or 'constant'")
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, max(warmup, 1)), optax.constant_schedule(lr)], [max(warmup, 1)])
 
 
-def make_optimizer(train_cfg) -> optax.GradientTransformation:
-    """Global-norm clipping + AdamW (decoupled weight decay on matrices only).
+def make_optimizer(train: TrainSpec) -> optax.GradientTransformation:
+    """Global-norm clipping + AdamW (decoupled weight decay on matrices only) from the validated
+    ``config.train`` (:func:`mmdit.config_spec.train_spec`).
 
     ``train.grad_accum`` is handled by the train step (microbatches within one update), not here.
     """
     decay_mask = lambda params: jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
-    tx = optax.chain(
-        optax.clip_by_global_norm(float(train_cfg.get("grad_clip", 1.0))),
+    return optax.chain(
+        optax.clip_by_global_norm(train.grad_clip),
         optax.adamw(
-            learning_rate_schedule(train_cfg),
-            b1=float(train_cfg.get("b1", 0.9)),
-            b2=float(train_cfg.get("b2", 0.999)),
-            eps=1e-8,
-            weight_decay=float(train_cfg.get("weight_decay", 0.0)),
-            mask=decay_mask,
+            learning_rate_schedule(train), b1=train.b1, b2=train.b2, eps=1e-8, weight_decay=train.weight_decay, mask=decay_mask
         ),
     )
-    accum = train_cfg.get("grad_accum", 1)
-    if isinstance(accum, bool) or not isinstance(accum, int) or accum < 1:
-        raise ValueError(f"train.grad_accum={accum!r} must be a positive integer (microbatches per update)")
-    return tx
 
 
 def init_state(model, tx, rng, params=None, *, unbox: bool = True) -> TrainState:

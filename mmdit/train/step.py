@@ -1,8 +1,21 @@
 """The training step: multitask masks -> condition dropout -> per-token σ -> flow loss -> AdamW + EMA.
 
 ``batch`` (per step, global) holds ``<stream>_latents`` ``[B, *latent_shape]`` for every stream and
-the raw conditions the model needs (``text_tokens`` or ``text`` features, ``ref_audio``...). Pure
+the raw conditions the model needs (``model.input_spec()``: ``text_tokens`` or ``text`` features, ``ref_audio``...). Pure
 function of (state, batch): the step's randomness is ``fold_in(state.rng, state.step)``.
+
+:func:`make_step` picks the plain step (:func:`make_train_step`) or the gradient-accumulating one
+(:func:`make_accumulating_train_step`); neither is jitted here: ``mmdit/train/sharding.py`` jits it
+with the state / batch shardings and passes the params' shardings and the batch mesh axes in.
+
+**Gradient accumulation** (``train.grad_accum = k > 1``): the step splits the global batch ``[B]``
+into ``k`` microbatches ``[B/k]`` *strided* (row ``i`` goes to microbatch ``i mod k``), so every
+device keeps its own rows and no microbatch is resharded; a ``lax.scan`` sums the gradients
+(constrained to the params' shardings: FSDP reduce-scatters per microbatch) and one AdamW update
+follows. Microbatch ``j`` draws its noise from ``fold_in(step_key, j)``; loss and metrics are the
+microbatch means. Peak activation memory is that of a ``B/k`` batch; nothing persists between
+steps (unlike ``optax.MultiSteps``, which keeps an fp32 gradient copy in the state and updates EMA
+and the step counter per microbatch).
 """
 
 from __future__ import annotations
@@ -10,18 +23,20 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec
 
-from mmdit import flow, tasks
+from mmdit import config_spec, flow, tasks
 from mmdit.train.state import TrainState, ema_update
-
-LATENT_SUFFIX = "_latents"
 
 
 def split_batch(model, batch):
-    """(latents per stream, raw conditions) from a record batch."""
-    latents = {a.name: batch[a.name + LATENT_SUFFIX] for a in model.spec.streams}
-    raw = {k: v for k, v in batch.items() if not k.endswith(LATENT_SUFFIX)}
-    return latents, raw
+    """(latents per stream, raw conditions) from a record batch (``model.input_spec()``'s fields)."""
+    schema = model.input_spec()
+    latents = schema.latents_of(batch)
+    missing = [f.name for f in schema.latent_fields if f.source not in latents]
+    if missing:
+        raise KeyError(f"train batch lacks {missing}; it holds {sorted(batch)}")
+    return latents, schema.conditions_of(batch)
 
 
 def loss_fn(params, model, cfg, batch, rng):
@@ -29,23 +44,36 @@ def loss_fn(params, model, cfg, batch, rng):
     latents, raw = split_batch(model, batch)
     tokens = model.tokens({k: v.astype(jnp.float32) for k, v in latents.items()})
     B = next(iter(tokens.values())).shape[0]
+    fl, task_weights = config_spec.flow_spec(cfg, spec), config_spec.task_weights(cfg)  # at trace time
     k_task, k_drop, k_sigma, k_noise = jax.random.split(rng, 4)
-    tm = tasks.sample_tasks(k_task, spec, B, dict(cfg.tasks), cfg.model)
-    keep = flow.drop_conditions(k_drop, B, dict(cfg.flow.get("condition_dropout", {})), present=tm.present)
+    tm = tasks.sample_tasks(k_task, spec, B, task_weights, cfg.model)
+    keep = flow.drop_conditions(k_drop, B, dict(fl.condition_dropout), present=tm.present)
     gen = {n: tm.known[n] for n in spec.generated}
     sigma = flow.sample_token_sigmas(
-        k_sigma, gen, independent_streams=float(cfg.flow.independent_streams), dist=cfg.flow.sigma_dist,
-        mean=float(cfg.flow.sigma_mean), std=float(cfg.flow.sigma_std), shift=float(cfg.flow.shift),
+        k_sigma,
+        gen,
+        independent_streams=fl.independent_streams,
+        dist=fl.sigma_dist,
+        mean=fl.sigma_mean,
+        std=fl.sigma_std,
+        shift=fl.shift,
     )
     x_sigma, _, target = flow.noisy_inputs(k_noise, {n: tokens[n] for n in spec.generated}, sigma)
     inputs = {**tokens, **x_sigma}
     pred = model.velocity(params, inputs, sigma, raw, cond_keep=keep, known=tm.known, valid=tm.valid)
-    weights = dict(cfg.flow.get("stream_weights", {}))
+    weights = dict(fl.stream_weights)
     loss, metrics = flow.flow_loss(pred, target, gen, stream_weights=weights, valid={n: tm.valid[n] for n in spec.generated})
-    task_names = list(cfg.tasks)
+    task_names = list(task_weights)
     for i, name in enumerate(task_names):  # per-task loss (diagnostic, not differentiated)
         w = (tm.task == i).astype(jnp.float32)
-        per_task, _ = flow.flow_loss(jax.lax.stop_gradient(pred), target, gen, stream_weights=weights, valid={n: tm.valid[n] for n in spec.generated}, sample_weights=w)
+        per_task, _ = flow.flow_loss(
+            jax.lax.stop_gradient(pred),
+            target,
+            gen,
+            stream_weights=weights,
+            valid={n: tm.valid[n] for n in spec.generated},
+            sample_weights=w,
+        )
         metrics[f"loss_task/{name}"] = per_task * B / jnp.maximum(w.sum(), 1.0)
         metrics[f"task_fraction/{name}"] = w.mean()
     return loss, metrics
@@ -53,7 +81,7 @@ def loss_fn(params, model, cfg, batch, rng):
 
 def apply_gradients(state: TrainState, grads, metrics: dict, tx, ema_decay: float):
     """One AdamW update + EMA (with warmup) from ``grads``; shared by the plain and the
-    gradient-accumulating step (``mmdit.train.sharding``)."""
+    gradient-accumulating step."""
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # EMA warmup: with a fixed 0.999 a 1k-step run would still be ~37% random init.
@@ -65,7 +93,7 @@ def apply_gradients(state: TrainState, grads, metrics: dict, tx, ema_decay: floa
 
 def make_train_step(model, cfg, tx):
     """Returns ``step(state, batch) -> (state, metrics)`` (not jitted: the caller jits with shardings)."""
-    ema_decay = float(cfg.train.get("ema_decay", 0.999))
+    ema_decay = config_spec.train_spec(cfg).ema_decay
 
     def step(state: TrainState, batch):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -73,3 +101,59 @@ def make_train_step(model, cfg, tx):
         return apply_gradients(state, grads, dict(metrics, loss=loss), tx, ema_decay)
 
     return step
+
+
+def grad_accum(cfg) -> int:
+    """``train.grad_accum``: microbatches per optimizer update (validated by ``config_spec``)."""
+    return config_spec.train_spec(cfg).grad_accum
+
+
+def _split_microbatches(x, k: int, axes):
+    """``[B, ...] -> [k, B/k, ...]`` with microbatch ``j`` = rows ``j, j+k, ...`` (device-local)."""
+    y = x.reshape((x.shape[0] // k, k) + x.shape[1:]).swapaxes(0, 1)
+    return jax.lax.with_sharding_constraint(y, PartitionSpec(None, axes or None))
+
+
+def make_accumulating_train_step(model, cfg, tx, k: int, param_shardings, axes):
+    """Returns the gradient-accumulating ``step(state, batch) -> (state, metrics)`` over ``k``
+    strided microbatches (module docstring; not jitted).
+
+    Args:
+      k: microbatches per update (``train.grad_accum``); the global batch ``B`` must divide by ``k``.
+      param_shardings: the params' shardings (a pytree like ``state.params``); each microbatch's
+        gradients are constrained to them.
+      axes: mesh axes the batch dimension is sharded over (``()`` = replicated); each microbatch
+        ``[B/k, ...]`` keeps that sharding.
+    """
+    ema_decay = config_spec.train_spec(cfg).ema_decay
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(state: TrainState, batch):
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        micro = {n: _split_microbatches(x, k, axes) for n, x in batch.items()}
+
+        def one(j, mb):
+            (loss, metrics), g = grad_fn(state.params, model, cfg, mb, jax.random.fold_in(rng, j))
+            return jax.lax.with_sharding_constraint(g, param_shardings), dict(metrics, loss=loss)
+
+        def body(carry, xs):
+            g, m = one(*xs)
+            return jax.tree.map(jnp.add, carry, (g, m)), None
+
+        shapes = jax.eval_shape(one, 0, jax.tree.map(lambda x: x[0], micro))
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        (gsum, msum), _ = jax.lax.scan(body, zeros, (jnp.arange(k), micro))
+        grads = jax.tree.map(lambda g: g / k, gsum)
+        metrics = jax.tree.map(lambda m: m / k, msum)
+        return apply_gradients(state, grads, metrics, tx, ema_decay)
+
+    return step
+
+
+def make_step(model, cfg, tx, param_shardings, axes):
+    """``step(state, batch) -> (state, metrics)``: :func:`make_train_step` when
+    ``train.grad_accum == 1``, else :func:`make_accumulating_train_step` (module docstring)."""
+    k = grad_accum(cfg)
+    if k == 1:
+        return make_train_step(model, cfg, tx)
+    return make_accumulating_train_step(model, cfg, tx, k, param_shardings, axes)

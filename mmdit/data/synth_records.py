@@ -50,8 +50,13 @@ def write_split(cfg, out_dir: str, indices, *, progress: bool = True) -> dict:
         from tqdm import tqdm
 
         bar = tqdm(total=len(indices), desc=f"synth {os.path.basename(out_dir)}", unit="clip", dynamic_ncols=True)
-    with ShardWriter(out_dir, prefix="synth", examples_per_shard=int(cfg.data.get("examples_per_shard", 128)), overwrite=True,
-                     producer="mmdit-data synth") as writer:
+    with ShardWriter(
+        out_dir,
+        prefix="synth",
+        examples_per_shard=int(cfg.data.get("examples_per_shard", 128)),
+        overwrite=True,
+        producer="mmdit-data synth",
+    ) as writer:
         for i in indices:
             ex = encode_clip(world.clip(i), vc, ac, text_len)
             ex["clip_index"] = int(i)
@@ -70,5 +75,7 @@ def synth(cfg, out_dir: str, num: int | None = None, num_eval: int | None = None
     num_eval = int(cfg.data.get("num_eval", 0) if num_eval is None else num_eval)
     out = {"train": write_split(cfg, os.path.join(out_dir, "train"), range(num), progress=progress)}
     if num_eval:
-        out["eval"] = write_split(cfg, os.path.join(out_dir, "eval"), range(EVAL_INDEX_OFFSET, EVAL_INDEX_OFFSET + num_eval), progress=progress)
+        out["eval"] = write_split(
+            cfg, os.path.join(out_dir, "eval"), range(EVAL_INDEX_OFFSET, EVAL_INDEX_OFFSET + num_eval), progress=progress
+        )
     return out

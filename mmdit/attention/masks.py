@@ -13,6 +13,10 @@ One predicate feeds every consumer:
 * :func:`block_map` -- per (q-block, k-block): ``EMPTY`` / ``PARTIAL`` / ``FULL`` (block-sparse kernels);
 * kernels evaluate the same predicate in-kernel on partial blocks (:meth:`MaskSpec.kernel_mask_fn`).
 
+The first two are ``mmdit_kernels``' own (``reference.dense_mask``, ``block_map.block_map_from_mask_fn``,
+the ``EMPTY``/``PARTIAL``/``FULL`` constants) applied to :func:`mask_fn` of the predicate, so mmdit and
+the kernels cannot disagree on what a mask or a tile class is.
+
 Shapes: metadata fields are ``[B, S]`` (``B`` may be 1 to broadcast over the batch).
 """
 
@@ -24,8 +28,8 @@ from typing import Callable, NamedTuple, Sequence
 
 import jax.numpy as jnp
 import numpy as np
-
-EMPTY, PARTIAL, FULL = 0, 1, 2
+from mmdit_kernels.block_map import EMPTY, FULL, PARTIAL, block_map_from_mask_fn  # noqa: F401  (masks.EMPTY ...)
+from mmdit_kernels.reference import dense_mask as kernel_dense_mask
 
 
 def _batch_dim(fields):
@@ -68,12 +72,12 @@ class TokenMeta(NamedTuple):
             return self
         widths = ((0, 0), (0, pad))
         return TokenMeta(
-            xp.pad(self.stream, widths, constant_values=-1),
-            xp.pad(self.time, widths),
-            xp.pad(self.chunk, widths),
-            xp.pad(self.known, widths),
-            xp.pad(self.valid, widths),
-            xp.pad(self.group, widths, constant_values=-1),
+            stream=xp.pad(self.stream, widths, constant_values=-1),
+            time=xp.pad(self.time, widths),
+            chunk=xp.pad(self.chunk, widths),
+            known=xp.pad(self.known, widths),
+            valid=xp.pad(self.valid, widths),
+            group=xp.pad(self.group, widths, constant_values=-1),
         )
 
     def slice(self, start: int, stop: int) -> "TokenMeta":
@@ -107,6 +111,8 @@ class Rule:
         return ()
 
     def uses_known(self) -> bool:
+        """Whether the rule restricts pairs by the ``known`` flags (plain ``no_peek`` somewhere in it):
+        tasks that give a modality (tv2a, a2v) require it. Composite rules ask their parts."""
         return False
 
     def validate(self, stream_names: Sequence[str], field: str = "model.mask") -> None:
@@ -295,8 +301,7 @@ def parse_rule(text: str | Rule, field: str = "model.mask") -> Rule:
             args = [a.value for a in node.args]
         else:
             raise ValueError(
-                f"{field}: unsupported syntax in mask rule {text!r}; use rule names "
-                f"{sorted(_RULES)} joined by & and |"
+                f"{field}: unsupported syntax in mask rule {text!r}; use rule names {sorted(_RULES)} joined by & and |"
             )
         if name not in _RULES:
             raise ValueError(f"{field}: unknown mask rule {name!r} in {text!r}; known: {sorted(_RULES)}")
@@ -312,42 +317,36 @@ def parse_rule(text: str | Rule, field: str = "model.mask") -> Rule:
 # Consumers of a bound predicate.
 
 
+def mask_fn(pred: Predicate) -> Callable[[tuple, tuple], object]:
+    """``(q_fields, k_fields) -> bool`` over metadata tuples, the form ``mmdit_kernels`` takes: ``pred``,
+    the key is valid, and query and key share a group. Fields arrive as ``[.., Sq, 1]`` / ``[.., 1, Sk]``
+    (``[bq, 1]`` / ``[1, bk]`` tiles inside a kernel)."""
+
+    def fn(qf, kf):
+        q, k = TokenMeta(*qf), TokenMeta(*kf)
+        return _universal(pred, q, k)
+
+    return fn
+
+
 def dense_mask(pred: Predicate, q: TokenMeta, k: TokenMeta) -> jnp.ndarray:
     """Boolean ``[B, Sq, Sk]``: ``pred``, the key is valid, and query and key share a group."""
-    m = _universal(pred, q.rows(), k.cols())
+    sq, sk = q.stream.shape[1], k.stream.shape[1]
+    m = kernel_dense_mask(mask_fn(pred), tuple(q), tuple(k), sq, sk)  # [1 | B, Sq, Sk]
     batch = _batch_dim(tuple(q) + tuple(k))
-    return jnp.broadcast_to(m, (batch, q.stream.shape[1], k.stream.shape[1]))
+    return jnp.broadcast_to(m, (batch, sq, sk))
 
 
 def block_map(pred: Predicate, q: TokenMeta, k: TokenMeta, block_q: int, block_k: int) -> jnp.ndarray:
     """``int8 [B, ceil(Sq/bq), ceil(Sk/bk)]`` with EMPTY/PARTIAL/FULL per block pair.
 
-    Sequences are padded with invalid tokens to block multiples: padded keys are masked (so a block
-    holding them is never FULL), padded query rows (index >= Sq) are "don't care"; real rows -- even
-    of invalid tokens -- follow the dense mask exactly. Computed one q-block row at a
-    time (``lax.map``), so memory is ``O(B * block_q * Sk)`` rather than ``O(S^2)``.
+    Sequences are padded to block multiples: padded keys are masked (so a block holding them is never
+    FULL), padded query rows (index >= Sq) are "don't care"; real rows -- even of invalid tokens --
+    follow the dense mask exactly. Computed one q-block row at a time (``lax.map``), so memory is
+    ``O(B * block_q * Sk)`` rather than ``O(S^2)`` (``mmdit_kernels.block_map_from_mask_fn``).
     """
-    import jax
-
     sq, sk = q.stream.shape[1], k.stream.shape[1]
-    nq, nk = -(-sq // block_q), -(-sk // block_k)
-    qp, kp = q.pad_to(nq * block_q), k.pad_to(nk * block_k)
-    batch = _batch_dim(tuple(qp) + tuple(kp))
-    kc = kp.cols()
-
-    def classify_row(args):
-        qb_fields, row_start = args
-        qr = TokenMeta(*qb_fields).rows()
-        m = _universal(pred, qr, kc)  # [B, bq, Sk_p]
-        m = jnp.broadcast_to(m, (batch, block_q, nk * block_k)).reshape(batch, block_q, nk, block_k)
-        real = (row_start + jnp.arange(block_q) < sq)[None, :, None, None]  # padded rows: don't care
-        any_b = (m & real).any(axis=(1, 3))
-        all_b = (m | ~real).all(axis=(1, 3))
-        return jnp.where(all_b & any_b, FULL, jnp.where(any_b, PARTIAL, EMPTY)).astype(jnp.int8)
-
-    rows = tuple(jnp.asarray(f).reshape(f.shape[0], nq, block_q).swapaxes(0, 1) for f in qp)
-    starts = jnp.arange(nq) * block_q
-    return jax.lax.map(classify_row, (rows, starts)).swapaxes(0, 1)  # [B, nq, nk]
+    return block_map_from_mask_fn(mask_fn(pred), tuple(q), tuple(k), sq, sk, block_q, block_k)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -376,14 +375,8 @@ class MaskSpec:
 
     def kernel_mask_fn(self):
         """``(q_fields, k_fields) -> bool[bq, bk]`` over metadata tuples, for in-kernel evaluation
-        (fields ``[bq, 1]`` / ``[1, bk]``); includes key validity and group equality."""
-        pred = self.predicate
-
-        def fn(qf, kf):
-            q, k = TokenMeta(*qf), TokenMeta(*kf)
-            return _universal(pred, q, k)
-
-        return fn
+        (fields ``[bq, 1]`` / ``[1, bk]``); includes key validity and group equality (:func:`mask_fn`)."""
+        return mask_fn(self.predicate)
 
 
 def make_mask_spec(rule: Rule | str, stream_names: Sequence[str], q: TokenMeta, k: TokenMeta | None = None) -> MaskSpec:

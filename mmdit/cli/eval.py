@@ -10,6 +10,9 @@ import argparse
 import os
 import sys
 
+from mmdit import config_spec
+from mmdit.model.spec import build_spec
+
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="mmdit-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -29,20 +32,21 @@ def main(argv=None):
     probe = None
     try:
         cfg, params = restore_inference_params(args.workdir)
-        res = evaluate(cfg, params, data, out, num=args.num, seed=args.seed,
-                       tasks=tuple(args.tasks.split(",")) if args.tasks else None)
+        res = evaluate(
+            cfg, params, data, out, num=args.num, seed=args.seed, tasks=tuple(args.tasks.split(",")) if args.tasks else None
+        )
         if args.probe:
             from mmdit.eval.cross_stream import probe_eval_split
             from mmdit.model.diffusion import DiffusionModel
 
-            num = int(args.num or cfg.sample.get("num_per_task", 4))
+            num = int(args.num if args.num is not None else config_spec.sample_spec(cfg, build_spec(cfg.model)).num_per_task)
             probe = probe_eval_split(DiffusionModel.from_config(cfg), params, data, num)
     except (ValueError, FileNotFoundError) as e:
         print(f"mmdit-eval: {e}", file=sys.stderr)
         return 2
     print(format_table(res))
     if probe is not None:
-        from mmdit.data.records import write_json_atomic
+        from mmdit.util.files import write_json_atomic
         from mmdit.eval.cross_stream import format_probe
 
         path = os.path.join(out, "cross_stream_probe.json")

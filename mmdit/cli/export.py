@@ -20,13 +20,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True, help="training workdir (checkpoints + config.json)")
     p.add_argument("--out", required=True, help="bundle directory to write (replaced atomically if it is a bundle)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    p.add_argument("--platforms", default=None,
-                   help="comma-separated lowering platforms (default: cpu,cuda,tpu, skipping those that fail)")
+    p.add_argument(
+        "--platforms", default=None, help="comma-separated lowering platforms (default: cpu,cuda,tpu, skipping those that fail)"
+    )
     p.add_argument("--fixed-batch", action="store_true", help="export for batch 1 instead of a symbolic batch")
     return p
 
 
-def export_main(argv=None) -> int:
+def main(argv=None) -> int:
     """Console entry point ``mmdit-export`` (see the module docstring)."""
     parser = _parser()
     args = parser.parse_args(argv)
@@ -39,8 +40,7 @@ def export_main(argv=None) -> int:
 
         cfg, params = restore_inference_params(args.workdir, step=args.step)
         platforms = [p.strip() for p in args.platforms.split(",") if p.strip()] if args.platforms else None
-        path = export_bundle(cfg, params, args.out, step=args.step, batch_symbolic=not args.fixed_batch,
-                             platforms=platforms)
+        path = export_bundle(cfg, params, args.out, step=args.step, batch_symbolic=not args.fixed_batch, platforms=platforms)
     except (ValueError, FileNotFoundError, KeyError) as e:
         parser.exit(2, f"mmdit-export: error: {e}\n")
     print(path)
@@ -48,4 +48,4 @@ def export_main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(export_main())
+    sys.exit(main())

@@ -1,7 +1,7 @@
 """Attention implementations, chosen by one config string (``model.attention.impl``).
 
 An implementation is a function ``fn(q, k, v, mask, opts) -> out`` with ``q: [B, Sq, H, Dh]``,
-``k, v: [B, Sk, H, Dh]``, ``mask`` a :class:`~mmdit.model.masks.MaskSpec` and ``opts`` an
+``k, v: [B, Sk, H, Dh]``, ``mask`` a :class:`~mmdit.attention.masks.MaskSpec` and ``opts`` an
 :class:`AttentionOptions`; it returns ``[B, Sq, H, Dh]`` in ``q``'s dtype. Rows with no attended key
 return zeros. A kernel that cannot honour a mask or shape raises :class:`UnsupportedAttention`;
 :func:`attend` then falls back to ``opts.fallback`` if the config names one, else re-raises.
@@ -19,7 +19,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from mmdit.model.masks import MaskSpec
+from mmdit.attention.masks import MaskSpec
 
 
 class UnsupportedAttention(ValueError):
@@ -70,8 +70,7 @@ def get(name: str) -> AttentionFn:
         importlib.import_module(_LAZY[name][0])
     if name not in _IMPLS:
         raise ValueError(
-            f"model.attention.impl={name!r} is not a registered attention implementation; "
-            f"choose one of {available()}"
+            f"model.attention.impl={name!r} is not a registered attention implementation; choose one of {available()}"
         )
     return _IMPLS[name]
 
@@ -92,7 +91,9 @@ def xla_attention(q, k, v, mask: MaskSpec, opts: AttentionOptions):
     kernels are tested against, ``mmdit_kernels.reference_attention``)."""
     from mmdit_kernels import reference_attention
 
-    return reference_attention(q, k, v, mask_fn=mask.kernel_mask_fn(), q_meta=tuple(mask.q), k_meta=tuple(mask.k), scale=opts.scale)
+    return reference_attention(
+        q, k, v, mask_fn=mask.kernel_mask_fn(), q_meta=tuple(mask.q), k_meta=tuple(mask.k), scale=opts.scale
+    )
 
 
 def cudnn_attention(q, k, v, mask: MaskSpec, opts: AttentionOptions):
@@ -109,5 +110,5 @@ def cudnn_attention(q, k, v, mask: MaskSpec, opts: AttentionOptions):
 
 register("xla", xla_attention)
 register("cudnn", cudnn_attention)
-register_lazy("pallas", "mmdit.model.attention_pallas", needs_block_map=True)
-register_lazy("splash", "mmdit.model.attention_pallas")
+register_lazy("pallas", "mmdit.attention.pallas", needs_block_map=True)
+register_lazy("splash", "mmdit.attention.pallas")

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import jax
 
-from mmdit.model.attention_registry import AttentionOptions, UnsupportedAttention, register
-from mmdit.model.masks import MaskSpec
+from mmdit.attention.masks import MaskSpec
+from mmdit.attention.registry import AttentionOptions, UnsupportedAttention, register
 
 MAX_HEAD_DIM = 256
 
@@ -48,9 +48,18 @@ def pallas_attention(q, k, v, mask: MaskSpec, opts: AttentionOptions):
     # A FULL tile costs no mask arithmetic, so a `full` rule over all-valid tokens runs mask-free;
     # the predicate is still needed for padding and attention groups.
     return mk.flash_attention(
-        q, k, v, mask_fn=mask.kernel_mask_fn(), q_meta=tuple(mask.q), k_meta=tuple(mask.k),
-        block_map=mask.block_map(opts.block_q, opts.block_k), scale=opts.scale,
-        block_q=opts.block_q, block_k=opts.block_k, backend="gpu", interpret=opts.interpret,
+        q,
+        k,
+        v,
+        mask_fn=mask.kernel_mask_fn(),
+        q_meta=tuple(mask.q),
+        k_meta=tuple(mask.k),
+        block_map=mask.block_map(opts.block_q, opts.block_k),
+        scale=opts.scale,
+        block_q=opts.block_q,
+        block_k=opts.block_k,
+        backend="gpu",
+        interpret=opts.interpret,
     )
 
 
@@ -59,8 +68,16 @@ def _splash(q, k, v, mask: MaskSpec, opts: AttentionOptions):
 
     try:
         return flash_attention_tpu(
-            q, k, v, mask_fn=mask.kernel_mask_fn(), q_meta=tuple(mask.q), k_meta=tuple(mask.k),
-            scale=opts.scale, block_q=opts.block_q, block_k=opts.block_k, interpret=opts.interpret,
+            q,
+            k,
+            v,
+            mask_fn=mask.kernel_mask_fn(),
+            q_meta=tuple(mask.q),
+            k_meta=tuple(mask.k),
+            scale=opts.scale,
+            block_q=opts.block_q,
+            block_k=opts.block_k,
+            interpret=opts.interpret,
         )
     except TracedMetadataError as e:
         raise UnsupportedAttention(f"splash: {e}") from None

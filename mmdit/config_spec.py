@@ -1,0 +1,329 @@
+"""Every config section validated once into a frozen spec (as ``build_spec`` does for ``model``).
+
+:func:`build_run_spec` reads a whole experiment config (``configs/base.py`` declares every field
+and its default) and returns a :class:`RunSpec`: ``model`` (:class:`mmdit.model.spec.ModelSpec`),
+``flow``, ``tasks``, ``sample``, ``train``, ``data``, ``mesh``. Each check raises ``ValueError``
+naming the field and the fix, so a bad value stops a run before anything compiles; code reads values
+from these specs, never with its own ``.get(key, default)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import ml_collections as mlc
+
+from mmdit import tasks as tasks_lib
+from mmdit.model.spec import ModelSpec, build_spec
+
+SIGMA_DISTS = ("logit_normal", "uniform")
+LR_SCHEDULES = ("cosine", "constant")
+GUIDANCE_MODES = ("nested", "independent")
+GUIDANCE_SCHEDULES = ("constant", "cosine")
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")
+
+
+def plain(value: Any) -> Any:
+    """A config value as plain Python: ConfigDicts -> dicts (recursively), lists -> tuples."""
+    if hasattr(value, "to_dict"):
+        value = value.to_dict()
+    if isinstance(value, Mapping):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return tuple(plain(v) for v in value)
+    return value
+
+
+_BASE = None
+
+
+def complete(cfg):
+    """``cfg`` with every field ``configs/base.py`` declares and ``cfg`` lacks filled in from base
+    (a copy; ``cfg`` is not changed): base is the one place defaults live."""
+    global _BASE
+    if _BASE is None:
+        from mmdit import config_lib
+
+        _BASE = config_lib.load("base").to_dict()
+
+    def fill(node: dict, base: dict) -> dict:
+        out = dict(node)
+        for k, v in base.items():
+            if k not in out:
+                out[k] = v
+            elif isinstance(v, dict) and v and isinstance(out[k], Mapping):
+                out[k] = fill(dict(out[k]), v)
+        return out
+
+    return mlc.ConfigDict(fill(plain_dict(cfg), _BASE))
+
+
+def plain_dict(cfg) -> dict:
+    return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+
+
+def _number(section: str, name: str, value, *, lo=None, hi=None, lo_open=False, hi_open=False, integer=False):
+    field = f"{section}.{name}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not float(value).is_integer()):
+        kind = "an integer" if integer else "a number"
+        raise ValueError(f"{field}={value!r} must be {kind}; fix {field}")
+    v = int(value) if integer else float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{field}={value!r} must be finite; fix {field}")
+    if lo is not None and (v <= lo if lo_open else v < lo):
+        raise ValueError(f"{field}={value!r} must be {'>' if lo_open else '>='} {lo}; fix {field}")
+    if hi is not None and (v >= hi if hi_open else v > hi):
+        raise ValueError(f"{field}={value!r} must be {'<' if hi_open else '<='} {hi}; fix {field}")
+    return v
+
+
+def _choice(section: str, name: str, value, choices) -> str:
+    if value not in choices:
+        raise ValueError(f"{section}.{name}={value!r}: choose one of {list(choices)}")
+    return value
+
+
+def _names(section: str, mapping, allowed, what: str) -> dict:
+    out = dict(plain(mapping) or {})
+    bad = [k for k in out if k not in allowed]
+    if bad:
+        raise ValueError(
+            f"{section} names {bad}, which are not {what} of this model ({list(allowed)}); remove them or fix the names"
+        )
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowSpec:
+    """Training noise and loss (``config.flow``)."""
+
+    sigma_dist: str
+    sigma_mean: float
+    sigma_std: float
+    shift: float
+    independent_streams: float
+    stream_weights: Mapping[str, float]
+    condition_dropout: Mapping[str, float]
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleSpec:
+    """Sampler defaults (``config.sample``); ``guidance`` is plain (condition -> scale or
+    condition -> {stream: scale})."""
+
+    steps: int
+    shift: float
+    stream_shift: Mapping[str, float]
+    guidance: Mapping[str, Any]
+    guidance_mode: str
+    guidance_schedule: str
+    tasks: tuple[str, ...]
+    num_per_task: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSpec:
+    """The training loop and optimizer (``config.train``)."""
+
+    steps: int
+    global_batch_size: int
+    lr: float
+    warmup_steps: int
+    schedule: str
+    weight_decay: float
+    grad_clip: float
+    b1: float
+    b2: float
+    ema_decay: float
+    grad_accum: int
+    log_every: int
+    checkpoint_every: int
+    keep_checkpoints: int
+    sample_every: int
+    async_checkpoint: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    """Record data (``config.data``): ``dir`` None means ``WORKDIR/data``."""
+
+    dir: str | None
+    num_workers: int
+    num_shards: int | None
+    num_train: int
+    num_eval: int
+    examples_per_shard: int
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSpec:
+    """Mesh axis sizes (``-1``: fill the devices), DCN split and logical rules (``config.mesh``)."""
+
+    axes: Mapping[str, int]
+    dcn: Mapping[str, int] | None
+    rules: tuple | None
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    model: ModelSpec
+    flow: FlowSpec
+    tasks: tuple[tuple[str, float], ...]  # (task, weight as configured; tasks.sample_tasks normalises)
+    sample: SampleSpec
+    train: TrainSpec
+    data: DataSpec
+    mesh: MeshSpec
+
+
+def flow_spec(cfg, model: ModelSpec) -> FlowSpec:
+    cfg = complete(cfg)
+    f = cfg.flow
+    keep_names = [c.name for c in model.conditions] + [a.name for a in model.streams if a.geometry.condition]
+    weights = _names("flow.stream_weights", f.stream_weights, model.names, "streams")
+    drops = _names("flow.condition_dropout", f.condition_dropout, keep_names, "conditions or condition streams")
+    for k, v in weights.items():
+        _number("flow.stream_weights", k, v, lo=0)
+    for k, v in drops.items():
+        _number("flow.condition_dropout", k, v, lo=0, hi=1)
+    return FlowSpec(
+        sigma_dist=_choice("flow", "sigma_dist", f.sigma_dist, SIGMA_DISTS),
+        sigma_mean=_number("flow", "sigma_mean", f.sigma_mean),
+        sigma_std=_number("flow", "sigma_std", f.sigma_std, lo=0, lo_open=True),
+        shift=_number("flow", "shift", f.shift, lo=0, lo_open=True),
+        independent_streams=_number("flow", "independent_streams", float(f.independent_streams), lo=0, hi=1),
+        stream_weights=weights,
+        condition_dropout=drops,
+    )
+
+
+def sample_spec(cfg, model: ModelSpec, *, check_tasks: bool = True) -> SampleSpec:
+    """``config.sample`` validated; ``check_tasks=False`` skips checking ``sample.tasks`` against the
+    model (a sampler is told its task per call)."""
+    cfg = complete(cfg)
+    s = cfg.sample
+    keep_names = [c.name for c in model.conditions] + [a.name for a in model.streams if a.geometry.condition]
+    stream_shift = _names("sample.stream_shift", s.stream_shift, model.generated, "generated streams")
+    for k, v in stream_shift.items():
+        _number("sample.stream_shift", k, v, lo=0, lo_open=True)
+    guidance = _names("sample.guidance", s.guidance, keep_names, "conditions or condition streams")
+    for c, scale in guidance.items():
+        per_stream = scale if isinstance(scale, Mapping) else {"": scale}
+        _names(f"sample.guidance.{c}", {k: v for k, v in per_stream.items() if k}, model.generated, "generated streams")
+        for k, v in per_stream.items():
+            _number(f"sample.guidance.{c}" if not k else f"sample.guidance.{c}", k or "scale", v)
+    task_names = tuple(plain(s.tasks)) if not isinstance(s.tasks, str) else (s.tasks,)
+    if not task_names:
+        raise ValueError("sample.tasks is empty: name at least one task, e.g. ('t2av',)")
+    unknown = [t for t in task_names if t not in tasks_lib.TASKS]
+    if unknown:
+        raise ValueError(f"sample.tasks names unknown task(s) {unknown}; known tasks: {sorted(tasks_lib.TASKS)}")
+    try:
+        if check_tasks:
+            tasks_lib.validate_tasks({t: 1.0 for t in task_names}, model, cfg.model)
+    except ValueError as e:
+        raise ValueError(f"sample.tasks={task_names}: {str(e).replace('config.tasks', 'task')}") from None
+    return SampleSpec(
+        steps=_number("sample", "steps", s.steps, lo=1, integer=True),
+        shift=_number("sample", "shift", s.shift, lo=0, lo_open=True),
+        stream_shift=stream_shift,
+        guidance=guidance,
+        guidance_mode=_choice("sample", "guidance_mode", s.guidance_mode, GUIDANCE_MODES),
+        guidance_schedule=_choice("sample", "guidance_schedule", s.guidance_schedule, GUIDANCE_SCHEDULES),
+        tasks=task_names,
+        num_per_task=_number("sample", "num_per_task", s.num_per_task, lo=1, integer=True),
+    )
+
+
+def train_spec(cfg) -> TrainSpec:
+    cfg = complete(cfg)
+    t = cfg.train
+    n = lambda name, **kw: _number("train", name, t[name], **kw)  # noqa: E731
+    spec = TrainSpec(
+        steps=n("steps", lo=1, integer=True),
+        global_batch_size=n("global_batch_size", lo=1, integer=True),
+        lr=n("lr", lo=0, lo_open=True),
+        warmup_steps=n("warmup_steps", lo=0, integer=True),
+        schedule=_choice("train", "schedule", t.schedule, LR_SCHEDULES),
+        weight_decay=n("weight_decay", lo=0),
+        grad_clip=n("grad_clip", lo=0, lo_open=True),
+        b1=n("b1", lo=0, hi=1, hi_open=True),
+        b2=n("b2", lo=0, hi=1, hi_open=True),
+        ema_decay=n("ema_decay", lo=0, hi=1, hi_open=True),
+        grad_accum=n("grad_accum", lo=1, integer=True),
+        log_every=n("log_every", lo=1, integer=True),
+        checkpoint_every=n("checkpoint_every", lo=1, integer=True),
+        keep_checkpoints=n("keep_checkpoints", lo=1, integer=True),
+        sample_every=n("sample_every", lo=0, integer=True),
+        async_checkpoint=bool(t.async_checkpoint),
+    )
+    if spec.global_batch_size % spec.grad_accum:
+        raise ValueError(
+            f"train.global_batch_size={spec.global_batch_size} is not divisible by train.grad_accum="
+            f"{spec.grad_accum}; pick a grad_accum that divides the batch"
+        )
+    return spec
+
+
+def data_spec(cfg) -> DataSpec:
+    cfg = complete(cfg)
+    d = cfg.data
+    n = lambda name, **kw: _number("data", name, d[name], **kw)  # noqa: E731
+    return DataSpec(
+        dir=d.dir,
+        num_workers=n("num_workers", lo=0, integer=True),
+        num_shards=None if d.num_shards is None else n("num_shards", lo=1, integer=True),
+        num_train=n("num_train", lo=1, integer=True),
+        num_eval=n("num_eval", lo=0, integer=True),
+        examples_per_shard=n("examples_per_shard", lo=1, integer=True),
+    )
+
+
+def mesh_spec(cfg) -> MeshSpec:
+    cfg = complete(cfg)
+    m = plain(cfg.mesh)
+    unknown = [k for k in m if k not in MESH_AXES + ("dcn", "rules")]
+    if unknown:
+        raise ValueError(f"mesh has unknown key(s) {unknown}; axes are {list(MESH_AXES)} (plus 'dcn', 'rules')")
+    axes = {}
+    for a in MESH_AXES:
+        size = m.get(a, 1)
+        if isinstance(size, bool) or not isinstance(size, int) or (size < 1 and size != -1):
+            raise ValueError(f"mesh.{a}={size!r} must be a positive integer or -1 (fill the devices); fix mesh.{a}")
+        axes[a] = size
+    if sum(v == -1 for v in axes.values()) > 1:
+        raise ValueError(f"mesh {axes}: at most one axis may be -1 (fill the devices)")
+    return MeshSpec(axes=axes, dcn=m.get("dcn"), rules=m.get("rules"))
+
+
+def task_weights(cfg) -> dict[str, float]:
+    """``config.tasks`` as ``{task: weight}`` in config order (checked by :func:`build_run_spec`)."""
+    return dict(plain(cfg.tasks))
+
+
+def build_run_spec(cfg) -> RunSpec:
+    """Validates every section of ``cfg`` (see the module docstring); raises ValueError on the
+    first bad field."""
+    cfg = complete(cfg)
+    model = build_spec(cfg.model)
+    tasks_lib.validate_tasks(task_weights(cfg), model, cfg.model)
+    return RunSpec(
+        model=model,
+        flow=flow_spec(cfg, model),
+        tasks=tuple(task_weights(cfg).items()),
+        sample=sample_spec(cfg, model),
+        train=train_spec(cfg),
+        data=data_spec(cfg),
+        mesh=mesh_spec(cfg),
+    )
+
+
+def load(spec: str, overrides=()):
+    """``config_lib.load(spec)`` + ``--set`` overrides, every section validated (the entry points'
+    one way in). Raises FileNotFoundError / KeyError / ValueError naming the file or field."""
+    from mmdit import config_lib
+
+    cfg = config_lib.override(config_lib.load(spec), list(overrides or ()))
+    build_run_spec(cfg)
+    return cfg

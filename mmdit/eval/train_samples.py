@@ -1,0 +1,58 @@
+"""Periodic samples during training: every ``train.sample_every`` steps, one clip per task in
+``cfg.sample.tasks`` from the EMA params, logged to TensorBoard as an animated GIF plus its audio.
+
+Training does not import this module: the caller (``mmdit-train``, ``mmdit demo``) builds the hook
+with :func:`sample_hook_for_workdir` and passes it to ``mmdit.train.loop.train(..., sample_hook=)``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+from mmdit.eval.run import decode, eval_batch
+
+__all__ = ["make_sample_hook", "sample_hook_for_workdir"]
+
+
+def make_sample_hook(cfg, model, eval_dir: str, num_tasks: int = 2):
+    """Returns ``hook(step, state, writer)`` for :func:`mmdit.train.loop.train`.
+
+    The first ``num_tasks`` tasks of ``cfg.sample.tasks`` are sampled from ``state.ema`` on the first
+    example of ``eval_dir`` (batch 1, key ``fold_in(key(step), task index)``) and logged as
+    ``samples/<task>`` (frames ``[N, H, W, 3]`` at the codec fps) and ``samples/<task>_audio``.
+    """
+    from mmdit.sample.sampler import Sampler
+
+    sampler = Sampler(model, cfg)
+    batch = eval_batch(eval_dir, 1)
+    schema = model.input_spec()
+    known, raw = schema.latents_of(batch), schema.conditions_of(batch)
+    tasks = tuple(cfg.sample.get("tasks", ("t2av",)))[:num_tasks]
+    fps = float(cfg.codecs.video.get("fps", 25.0))
+    sr = int(cfg.codecs.audio.get("sample_rate", 16000))
+
+    def hook(step, state, writer):
+        for i, task in enumerate(tasks):
+            lat = sampler.sample(
+                state.ema, jax.random.fold_in(jax.random.key(step), i), task=task, batch=1, known_latents=known, raw_conds=raw
+            )
+            frames, waves = decode(cfg, lat)
+            writer.video(step, f"samples/{task}", frames[0], fps)
+            writer.audio(step, f"samples/{task}_audio", waves[0], sr)
+        writer.flush()
+
+    return hook
+
+
+def sample_hook_for_workdir(cfg, workdir: str):
+    """The TensorBoard sample hook of a run in ``workdir``, or None when there is nothing to sample:
+    ``train.sample_every`` unset or 0, no ``codecs`` section, or no eval records to condition on
+    (``WORKDIR/data/eval``, written by ``mmdit-data synth``)."""
+    eval_dir = os.path.join(workdir, "data", "eval")
+    if not cfg.train.get("sample_every", 0) or "codecs" not in cfg or not os.path.exists(os.path.join(eval_dir, "manifest.json")):
+        return None
+    from mmdit.model.diffusion import DiffusionModel
+
+    return make_sample_hook(cfg, DiffusionModel.from_config(cfg), eval_dir)

@@ -1,0 +1,184 @@
+"""Sample talking-portrait clips to files: config + params (+ an exported step) -> H.264/AAC MP4s
+and ``samples.json``.
+
+:func:`sample_to_files` is what ``mmdit-sample`` runs (:mod:`mmdit.cli.sample`); it takes plain
+arguments and a model already loaded by the caller -- a workdir's EMA params
+(``mmdit.train.checkpoint.restore_inference_params``) or a serving bundle
+(``mmdit.serve.export.load_bundle``: config, params and the exported step). Inputs are gathered
+with :mod:`mmdit.sample.inputs` for every task before anything is sampled.
+
+Outputs: ``OUT/<task>_<i>.mp4`` (decoded video at the codec's fps + decoded audio at its rate) and
+``OUT/samples.json`` (files, task, text, seed, sampler settings, input sources), both written
+atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from mmdit import config_spec
+from mmdit.sample import inputs as inputs_lib
+
+__all__ = ["with_overrides", "sample_to_files"]
+
+
+def with_overrides(cfg, overrides: Sequence[str] = (), *, fixed_model: bool = False):
+    """A resolved copy of ``cfg`` with ``KEY=VALUE`` overrides applied (``cfg`` itself is not edited).
+
+    ``fixed_model``: the params come with an exported step (a serving bundle), so an override that
+    changes ``model.*`` is refused (ValueError).
+    """
+    from mmdit import config_lib
+
+    cfg = cfg.copy_and_resolve_references()
+    model_before = json.dumps(cfg.model.to_dict(), sort_keys=True, default=str)
+    config_lib.override(cfg, list(overrides))
+    if fixed_model and json.dumps(cfg.model.to_dict(), sort_keys=True, default=str) != model_before:
+        raise ValueError(
+            f"--set {list(overrides)} changes model.*, but the bundle's exported step is fixed; drop the "
+            "model override or re-export the bundle with mmdit-export"
+        )
+    return cfg
+
+
+def sample_to_files(
+    cfg,
+    params,
+    out_dir: str,
+    *,
+    step_fn=None,
+    source: str = "",
+    overrides: Sequence[str] = (),
+    tasks: Sequence[str] | None = None,
+    num: int | None = None,
+    seed: int | None = None,
+    text: str | None = None,
+    image: str | None = None,
+    audio: str | None = None,
+    video: str | None = None,
+    eval_dir: str | None = None,
+    steps: int | None = None,
+    shift: float | None = None,
+    stream_shift: Mapping[str, float] | None = None,
+    guidance=None,
+    guidance_mode: str | None = None,
+    guidance_schedule: str | None = None,
+    progress: bool = True,
+    on_file: Callable[[str], None] | None = None,
+    note: Callable[[str], None] | None = None,
+) -> list[str]:
+    """Samples ``num`` clips of every task and writes them to ``out_dir``; returns the MP4 paths.
+
+    Args:
+      cfg, params: the model's config (with ``codecs.video`` / ``codecs.audio``) and its inference params.
+      out_dir: output directory (created).
+      step_fn: an exported step function (``load_bundle(path).step_fn``); None: the in-process step.
+        With it, ``overrides`` may not change ``model.*``.
+      source: where the model came from (``samples.json``'s ``model``).
+      overrides: ``KEY=VALUE`` config overrides (:func:`with_overrides`).
+      tasks: task names (default ``cfg.sample.tasks``); num: clips per task (default
+        ``cfg.sample.num_per_task``); seed: default ``cfg.seed``.
+      text, image, audio, video: input files / transcript (:func:`mmdit.sample.inputs.gather_known_latents`).
+      eval_dir: record directory whose examples fill inputs not given (a workdir's ``W/data/eval``).
+      steps, shift, stream_shift, guidance, guidance_mode, guidance_schedule: ``Sampler.sample``
+        settings (None: ``cfg.sample``); parse strings with ``mmdit.sample.inputs.parse_*``.
+      progress: tqdm bars on stderr.
+      on_file: called with each MP4 path once it is written.
+      note: receives one-line notes about adjusted inputs (default: stderr).
+
+    Every task is validated and its inputs gathered before anything is sampled. Raises ValueError
+    (FileNotFoundError for missing files) on a bad config, task or input.
+    """
+    from mmdit.data import media
+    from mmdit.util.files import write_json_atomic
+    from mmdit.model.diffusion import DiffusionModel
+    from mmdit.sample.sampler import Sampler
+    from mmdit.tasks import roles as task_roles
+
+    cfg = with_overrides(cfg, overrides, fixed_model=step_fn is not None)
+    if "codecs" not in cfg:
+        raise ValueError(
+            "the config has no codecs section (codecs.video / codecs.audio); mmdit-sample needs them to decode latents"
+        )
+
+    model = DiffusionModel.from_config(cfg)
+    spec = model.spec
+    roles = task_roles(spec, cfg.model)
+    if spec.stream(roles.visual).geometry.kind != "grid" or roles.audio is None:
+        raise ValueError(
+            f"mmdit-sample writes video + audio MP4s, but this model's streams are {list(spec.names)} "
+            f"(visual {roles.visual!r}, audio {roles.audio!r}); use the Sampler API"
+        )
+    media_io = inputs_lib.MediaEncoder.from_config(cfg, spec, roles, note=note)
+    sampler = Sampler(model, cfg, step_fn=step_fn, progress=progress)
+    defaults = sampler.defaults  # the validated config.sample
+    tasks = [t.strip() for t in (defaults.tasks if tasks is None else tasks)]
+    tasks = [t for t in tasks if t]
+    num = int(num if num is not None else defaults.num_per_task)
+    seed = int(seed if seed is not None else config_spec.complete(cfg).seed)
+    if num < 1:
+        raise ValueError(f"--num must be >= 1, got {num}")
+    evals = inputs_lib.EvalRecords(eval_dir)
+
+    # Validate every task and gather its inputs before sampling anything.
+    plans = [
+        inputs_lib.prepare_task_inputs(
+            sampler, task, num, seed, media_io, roles, evals, text=text, image=image, audio=audio, video=video
+        )
+        for task in tasks
+    ]
+
+    os.makedirs(out_dir, exist_ok=True)
+    stream_shift = dict(stream_shift) if stream_shift is not None else None
+    settings = dict(
+        steps=steps,
+        shift=shift,
+        stream_shift=stream_shift,
+        guidance=guidance,
+        guidance_mode=guidance_mode,
+        guidance_schedule=guidance_schedule,
+    )
+    paths, entries = [], []
+    for p in plans:
+        latents = sampler.sample(params, p.rng, task=p.task, batch=num, known_latents=p.known, raw_conds=p.raw, **settings)
+        frames = np.asarray(media_io.video_codec.decode(np.asarray(latents[roles.visual])), np.float32)
+        frames = np.clip(np.round((frames + 1.0) * 127.5), 0, 255).astype(np.uint8)
+        waves = np.asarray(media_io.audio_codec.decode(np.asarray(latents[roles.audio])), np.float32)
+        for i in range(num):
+            path = os.path.join(out_dir, f"{p.task}_{i}.mp4")
+            media.write_mp4(path, frames[i], media_io.video_codec.fps, waves[i], media_io.audio_codec.sample_rate)
+            paths.append(path)
+            entries.append(
+                {
+                    "file": os.path.basename(path),
+                    "task": p.task,
+                    "index": i,
+                    "text": p.texts[i],
+                    "seed": seed,
+                    "inputs": p.sources,
+                }
+            )
+            if on_file is not None:
+                on_file(path)
+    g = sampler.resolve_guidance(guidance, guidance_mode, guidance_schedule)
+    write_json_atomic(
+        os.path.join(out_dir, "samples.json"),
+        {
+            "model": source,
+            "seed": seed,
+            "steps": int(steps if steps is not None else defaults.steps),
+            "shift": float(shift if shift is not None else defaults.shift),
+            "stream_shift": stream_shift or dict(defaults.stream_shift),
+            "guidance": dict(g.scales),
+            "guidance_mode": g.mode,
+            "guidance_schedule": g.schedule,
+            "fps": media_io.video_codec.fps,
+            "sample_rate": media_io.audio_codec.sample_rate,
+            "samples": entries,
+        },
+    )
+    return paths
