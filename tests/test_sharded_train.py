@@ -252,7 +252,7 @@ def misconfig():
         ("product", ["multiply to 3", "8 devices", "-1"]),
         ("ulysses_heads", ["heads=4", "mesh.sequence=8", "ring"]),
         ("batch", ["global batch size 6", "multiple of 8"]),
-        ("accum", ["train.grad_accum=3", "multiple of 12"]),
+        ("accum", ["train.grad_accum=3", "not divisible by train.grad_accum=3"]),  # config_spec, before the mesh check
         ("replicated", ["fully replicated", "mesh.rules"]),
     ],
 )
