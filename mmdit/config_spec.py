@@ -11,29 +11,21 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any, Mapping
 
 import ml_collections as mlc
 
+from mmdit import config_lib
 from mmdit import tasks as tasks_lib
 from mmdit.model.spec import ModelSpec, build_spec
+from mmdit.parallel import axis_sizes
+from mmdit.util.plain import plain
 
 SIGMA_DISTS = ("logit_normal", "uniform")
 LR_SCHEDULES = ("cosine", "constant")
 GUIDANCE_MODES = ("nested", "independent")
 GUIDANCE_SCHEDULES = ("constant", "cosine")
-MESH_AXES = ("data", "fsdp", "sequence", "tensor")
-
-
-def plain(value: Any) -> Any:
-    """A config value as plain Python: ConfigDicts -> dicts (recursively), lists -> tuples."""
-    if hasattr(value, "to_dict"):
-        value = value.to_dict()
-    if isinstance(value, Mapping):
-        return {k: plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return tuple(plain(v) for v in value)
-    return value
 
 
 _BASE = None
@@ -44,8 +36,6 @@ def complete(cfg):
     (a copy; ``cfg`` is not changed): base is the one place defaults live."""
     global _BASE
     if _BASE is None:
-        from mmdit import config_lib
-
         _BASE = config_lib.load("base").to_dict()
 
     def fill(node: dict, base: dict) -> dict:
@@ -57,16 +47,12 @@ def complete(cfg):
                 out[k] = fill(dict(out[k]), v)
         return out
 
-    return mlc.ConfigDict(fill(plain_dict(cfg), _BASE))
-
-
-def plain_dict(cfg) -> dict:
-    return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    return mlc.ConfigDict(fill(plain(cfg), _BASE))
 
 
 def _number(section: str, name: str, value, *, lo=None, hi=None, lo_open=False, hi_open=False, integer=False):
     field = f"{section}.{name}"
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not float(value).is_integer()):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or (integer and not float(value).is_integer()):
         kind = "an integer" if integer else "a number"
         raise ValueError(f"{field}={value!r} must be {kind}; fix {field}")
     v = int(value) if integer else float(value)
@@ -92,6 +78,27 @@ def _names(section: str, mapping, allowed, what: str) -> dict:
         raise ValueError(
             f"{section} names {bad}, which are not {what} of this model ({list(allowed)}); remove them or fix the names"
         )
+    return out
+
+
+def check_stream_shift(stream_shift, generated) -> dict[str, float]:
+    """``{stream: shift}`` with every name a generated stream and every shift > 0 (``sample.stream_shift``
+    or ``--stream-shift``)."""
+    out = _names("sample.stream_shift (or --stream-shift)", stream_shift, generated, "generated streams")
+    return {k: _number("sample.stream_shift", k, v, lo=0, lo_open=True) for k, v in out.items()}
+
+
+def normalize_guidance(scales, conditions, generated) -> dict[str, Any]:
+    """``{cond: s}`` / ``{cond: {stream: s}}`` (``sample.guidance`` or ``--guidance``; order kept =
+    nested order) checked against the model's guidable ``conditions`` and ``generated`` streams;
+    per-stream dicts are completed with 1.0 for unnamed generated streams, scales become floats."""
+    out = {}
+    for c, s in _names("sample.guidance (or --guidance)", scales, conditions, "conditions or condition streams").items():
+        if isinstance(s, Mapping):
+            _names(f"sample.guidance.{c} (or --guidance)", s, generated, "generated streams")
+            out[c] = {n: _number(f"sample.guidance.{c}", n, s.get(n, 1.0)) for n in generated}
+        else:
+            out[c] = _number("sample.guidance", c, s)
     return out
 
 
@@ -180,9 +187,8 @@ class RunSpec:
 def flow_spec(cfg, model: ModelSpec) -> FlowSpec:
     cfg = complete(cfg)
     f = cfg.flow
-    keep_names = [c.name for c in model.conditions] + [a.name for a in model.streams if a.geometry.condition]
     weights = _names("flow.stream_weights", f.stream_weights, model.names, "streams")
-    drops = _names("flow.condition_dropout", f.condition_dropout, keep_names, "conditions or condition streams")
+    drops = _names("flow.condition_dropout", f.condition_dropout, model.keep_names, "conditions or condition streams")
     for k, v in weights.items():
         _number("flow.stream_weights", k, v, lo=0)
     for k, v in drops.items():
@@ -203,17 +209,9 @@ def sample_spec(cfg, model: ModelSpec, *, check_tasks: bool = True) -> SampleSpe
     model (a sampler is told its task per call)."""
     cfg = complete(cfg)
     s = cfg.sample
-    keep_names = [c.name for c in model.conditions] + [a.name for a in model.streams if a.geometry.condition]
-    stream_shift = _names("sample.stream_shift", s.stream_shift, model.generated, "generated streams")
-    for k, v in stream_shift.items():
-        _number("sample.stream_shift", k, v, lo=0, lo_open=True)
-    guidance = _names("sample.guidance", s.guidance, keep_names, "conditions or condition streams")
-    for c, scale in guidance.items():
-        per_stream = scale if isinstance(scale, Mapping) else {"": scale}
-        _names(f"sample.guidance.{c}", {k: v for k, v in per_stream.items() if k}, model.generated, "generated streams")
-        for k, v in per_stream.items():
-            _number(f"sample.guidance.{c}" if not k else f"sample.guidance.{c}", k or "scale", v)
-    task_names = tuple(plain(s.tasks)) if not isinstance(s.tasks, str) else (s.tasks,)
+    stream_shift = check_stream_shift(s.stream_shift, model.generated)
+    guidance = normalize_guidance(s.guidance, model.keep_names, model.generated)
+    task_names = tuple(s.tasks) if not isinstance(s.tasks, str) else (s.tasks,)
     if not task_names:
         raise ValueError("sample.tasks is empty: name at least one task, e.g. ('t2av',)")
     unknown = [t for t in task_names if t not in tasks_lib.TASKS]
@@ -283,18 +281,14 @@ def data_spec(cfg) -> DataSpec:
 def mesh_spec(cfg) -> MeshSpec:
     cfg = complete(cfg)
     m = plain(cfg.mesh)
-    unknown = [k for k in m if k not in MESH_AXES + ("dcn", "rules")]
-    if unknown:
-        raise ValueError(f"mesh has unknown key(s) {unknown}; axes are {list(MESH_AXES)} (plus 'dcn', 'rules')")
-    axes = {}
-    for a in MESH_AXES:
-        size = m.get(a, 1)
-        if isinstance(size, bool) or not isinstance(size, int) or (size < 1 and size != -1):
-            raise ValueError(f"mesh.{a}={size!r} must be a positive integer or -1 (fill the devices); fix mesh.{a}")
-        axes[a] = size
-    if sum(v == -1 for v in axes.values()) > 1:
-        raise ValueError(f"mesh {axes}: at most one axis may be -1 (fill the devices)")
-    return MeshSpec(axes=axes, dcn=m.get("dcn"), rules=m.get("rules"))
+    return MeshSpec(axes=axis_sizes(m), dcn=m.get("dcn"), rules=m.get("rules"))
+
+
+def has_codecs(cfg) -> bool:
+    """Whether ``config.codecs`` names a video and an audio codec (what making data, sampling to MP4
+    and the training sample hook need)."""
+    codecs = plain(complete(cfg).codecs) or {}
+    return "video" in codecs and "audio" in codecs
 
 
 def task_weights(cfg) -> dict[str, float]:
@@ -322,8 +316,6 @@ def build_run_spec(cfg) -> RunSpec:
 def load(spec: str, overrides=()):
     """``config_lib.load(spec)`` + ``--set`` overrides, every section validated (the entry points'
     one way in). Raises FileNotFoundError / KeyError / ValueError naming the file or field."""
-    from mmdit import config_lib
-
     cfg = config_lib.override(config_lib.load(spec), list(overrides or ()))
     build_run_spec(cfg)
     return cfg

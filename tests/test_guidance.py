@@ -1,12 +1,14 @@
 """Tests for mmdit.sample.guidance: multi-condition CFG algebra, the batched plan layout, scale
 schedules and guidance resolution."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
-import ml_collections as mlc
 import numpy as np
 import pytest
 
+from mmdit import config_spec
 from mmdit.sample import guidance
 
 
@@ -106,8 +108,17 @@ def test_guidance_schedule():
 
 def test_resolve_guidance_plain_arguments():
     """resolve_guidance needs no model: defaults from the sample section, validation by name."""
-    sample_cfg = mlc.ConfigDict(dict(guidance=dict(text=4.0), guidance_mode="independent"))
-    kw = dict(sample_cfg=sample_cfg, conditions=["text", "ref_audio"], generated=["audio", "video"])
+    defaults = config_spec.SampleSpec(
+        steps=4,
+        shift=1.0,
+        stream_shift={},
+        guidance={"text": 4.0},
+        guidance_mode="independent",
+        guidance_schedule="constant",
+        tasks=("t2av",),
+        num_per_task=1,
+    )
+    kw = dict(defaults=defaults, conditions=["text", "ref_audio"], generated=["audio", "video"])
     g = guidance.resolve_guidance(**kw)
     assert g == guidance.Guidance({"text": 4.0}, "independent", "constant")
     g = guidance.resolve_guidance({"ref_audio": 2, "text": {"video": 3}}, None, "cosine", **kw)
@@ -117,7 +128,8 @@ def test_resolve_guidance_plain_arguments():
     # A condition absent from every sample is dropped; unguided settings share one structure.
     g = guidance.resolve_guidance({"text": 2.0}, "nested", None, present={"text": np.zeros(3, bool)}, **kw)
     assert g.scales == {} and g.structure() == ((), "nested", "constant")
-    assert guidance.resolve_guidance(sample_cfg={}, conditions=[], generated=["audio"]).scales == {}
+    unguided = dataclasses.replace(defaults, guidance={})
+    assert guidance.resolve_guidance(defaults=unguided, conditions=[], generated=["audio"]).scales == {}
     for bad, field in (({"audio": 1.0}, "sample.guidance"), ({"text": {"motion": 1.0}}, "sample.guidance")):
         with pytest.raises(ValueError, match=field):
             guidance.resolve_guidance(bad, **kw)

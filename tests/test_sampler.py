@@ -127,13 +127,13 @@ def test_clear_errors(setup, sampler):
         sampler.sample(params, rng, task="tr2av", batch=B, raw_conds=raw)
     with pytest.raises(ValueError, match="unknown task"):
         sampler.sample(params, rng, task="nope", batch=B, raw_conds=raw)
-    with pytest.raises(ValueError, match="condition 'ref_audio'.*--guidance"):
+    with pytest.raises(ValueError, match=r"sample.guidance \(or --guidance\) names \['ref_audio'\]"):
         sampler.sample(params, rng, task="t2av", batch=B, raw_conds=raw, guidance={"ref_audio": 2.0})
-    with pytest.raises(ValueError, match=r"stream\(s\) \['motion'\]"):
+    with pytest.raises(ValueError, match=r"sample.guidance.text \(or --guidance\) names \['motion'\]"):
         sampler.sample(params, rng, task="t2av", batch=B, raw_conds=raw, guidance={"text": {"motion": 2.0}})
     with pytest.raises(ValueError, match="text_tokens"):
         sampler.sample(params, rng, task="t2av", batch=B, raw_conds={})
-    with pytest.raises(ValueError, match=r"stream_shift names \['motion'\]"):
+    with pytest.raises(ValueError, match=r"stream_shift \(or --stream-shift\) names \[.motion.\]"):
         sampler.sample(params, rng, task="t2av", batch=B, raw_conds=raw, stream_shift={"motion": 1.0})
 
 

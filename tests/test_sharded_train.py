@@ -103,7 +103,7 @@ p0 = flat(state.params)
 new, m = run.step(state, run.global_batch(batch_np))
 g_acc = p0 - flat(new.params)
 rng = jax.random.fold_in(jax.random.wrap_key_data(ref_state.rng), 0)
-grad_fn = jax.jit(lambda p, b, r: jax.value_and_grad(step_lib.loss_fn, has_aux=True)(p, model, cfg0, b, r))
+grad_fn = jax.jit(lambda p, b, r: jax.value_and_grad(step_lib.make_loss_fn(model, cfg0), has_aux=True)(p, b, r))
 gs, ls = [], []
 for j in range(2):
     mb = {k: v[j::2] for k, v in batch_np.items()}

@@ -27,8 +27,9 @@ def model_info(cfg, batch: int = 1) -> dict:
     bd = accounting.param_breakdown(spec)
     rho = accounting.attended_fraction(spec)
     fwd = accounting.forward_flops(spec, bd, rho, batch=batch)
-    guided = [c for c in cfg.sample.get("guidance", {}).keys()]
-    evals = len(cfg_batch_plan(guided, cfg.sample.get("guidance_mode", "nested"))) if guided else 1
+    sample = config_spec.sample_spec(cfg, spec, check_tasks=False)
+    guided = list(sample.guidance)
+    evals = len(cfg_batch_plan(guided, sample.guidance_mode)) if guided else 1
     return {
         "streams": {
             a.name: {

@@ -68,8 +68,10 @@ def data_iterator(cfg, data_dir: str, block: tuple[int, int] = (0, 1)) -> Any:
 
     from mmdit.data import pipeline
 
-    B = int(cfg.train.global_batch_size)
-    num_shards = cfg.data.get("num_shards", None) if cfg.get("data", None) is not None else None
+    from mmdit import config_spec
+
+    B, data = config_spec.train_spec(cfg).global_batch_size, config_spec.data_spec(cfg)
+    num_shards = data.num_shards
     shards = shard_range(block[0], block[1], num_shards)
     v = block[1] * len(shards)
     if B % v:
@@ -81,7 +83,7 @@ def data_iterator(cfg, data_dir: str, block: tuple[int, int] = (0, 1)) -> Any:
             data_dir,
             global_batch_size=B,
             seed=int(cfg.seed),
-            num_workers=int(cfg.data.get("num_workers", 0)),
+            num_workers=data.num_workers,
             shard_options=grain.sharding.ShardOptions(shard_index=s, shard_count=v, drop_remainder=True),
         )
         for s in shards

@@ -13,6 +13,7 @@ import os
 
 import numpy as np
 
+from mmdit import config_spec
 from mmdit.codecs.registry import make_audio_codec, make_video_codec
 from mmdit.codecs.text import ByteTokenizer
 from mmdit.data.records import ShardWriter
@@ -53,7 +54,7 @@ def write_split(cfg, out_dir: str, indices, *, progress: bool = True) -> dict:
     with ShardWriter(
         out_dir,
         prefix="synth",
-        examples_per_shard=int(cfg.data.get("examples_per_shard", 128)),
+        examples_per_shard=config_spec.data_spec(cfg).examples_per_shard,
         overwrite=True,
         producer="mmdit-data synth",
     ) as writer:
@@ -71,8 +72,9 @@ def write_split(cfg, out_dir: str, indices, *, progress: bool = True) -> dict:
 
 def synth(cfg, out_dir: str, num: int | None = None, num_eval: int | None = None, progress: bool = True) -> dict:
     """Writes ``out_dir/train`` and ``out_dir/eval``; returns their manifests."""
-    num = int(cfg.data.num_train if num is None else num)
-    num_eval = int(cfg.data.get("num_eval", 0) if num_eval is None else num_eval)
+    data = config_spec.data_spec(cfg)
+    num = int(data.num_train if num is None else num)
+    num_eval = int(data.num_eval if num_eval is None else num_eval)
     out = {"train": write_split(cfg, os.path.join(out_dir, "train"), range(num), progress=progress)}
     if num_eval:
         out["eval"] = write_split(

@@ -16,12 +16,11 @@ import os
 import jax
 import numpy as np
 
-from mmdit.codecs.registry import make_audio_codec, make_video_codec
+from mmdit.codecs.clip import ClipDecoder
 from mmdit.data import media
 from mmdit.data.records import open_dataset
 from mmdit.eval.lipsync import evaluate_clip
 from mmdit import tasks as tasks_lib
-from mmdit.model.spec import build_spec
 from mmdit.util.files import write_json_atomic
 
 
@@ -33,17 +32,6 @@ def eval_batch(data_dir: str, num: int) -> dict:
         )
     rows = [ds[i] for i in range(num)]
     return {k: np.stack([r[k] for r in rows]) if isinstance(rows[0][k], np.ndarray) else [r[k] for r in rows] for k in rows[0]}
-
-
-def decode(cfg, latents: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Latents ``{stream: [B, ...]}`` of the visual and audio streams (``tasks.roles``) -> (uint8
-    frames ``[B, N, H, W, 3]``, waves ``[B, T]``) through ``cfg.codecs.video`` / ``cfg.codecs.audio``."""
-    r = tasks_lib.roles(build_spec(cfg.model), cfg.model)
-    vc, ac = make_video_codec(cfg.codecs.video), make_audio_codec(cfg.codecs.audio)
-    frames = np.asarray(vc.decode(np.asarray(latents[r.visual], np.float32)))
-    frames = np.clip((frames + 1.0) * 127.5, 0, 255).round().astype(np.uint8)
-    waves = np.asarray(ac.decode(np.asarray(latents[r.audio], np.float32)))
-    return frames, waves
 
 
 def summarize(per_clip: list[dict]) -> dict:
@@ -89,10 +77,9 @@ def evaluate(
     batch = eval_batch(data_dir, num)
     schema = model.input_spec()
     known, raw = schema.latents_of(batch), schema.conditions_of(batch)
-    fps = float(cfg.codecs.video.get("fps", 25.0))
-    sr = int(cfg.codecs.audio.get("sample_rate", 16000))
+    decode, r = ClipDecoder.from_config(cfg.codecs), tasks_lib.roles(model.spec, cfg.model)
     results, files = {}, []
-    gt_frames, gt_waves = decode(cfg, known)
+    gt_frames, gt_waves = decode(known[r.visual], known[r.audio])
     # ±8 frames (SyncNet's window) where the clip is long enough for it, else ±4 (short test clips).
     max_offset = 8 if gt_frames.shape[1] >= 40 else 4
     results["ground_truth"] = summarize([evaluate_clip(f, w, max_offset=max_offset) for f, w in zip(gt_frames, gt_waves)])
@@ -100,14 +87,14 @@ def evaluate(
         lat = sampler.sample(
             params, jax.random.fold_in(jax.random.key(seed), i), task=task, batch=num, known_latents=known, raw_conds=raw
         )
-        frames, waves = decode(cfg, lat)
+        frames, waves = decode(lat[r.visual], lat[r.audio])
         per_clip = [evaluate_clip(f, w, max_offset=max_offset) for f, w in zip(frames, waves)]
         results[task] = summarize(per_clip)
         if out_dir and write_videos:
             os.makedirs(out_dir, exist_ok=True)
             for j, (f, w) in enumerate(zip(frames, waves)):
                 path = os.path.join(out_dir, f"{task}_{j}.mp4")
-                media.write_mp4(path, f, fps, w, sr)
+                media.write_mp4(path, f, decode.fps, w, decode.sample_rate)
                 files.append({"task": task, "file": path, "text": batch["text"][j], **per_clip[j]})
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)

@@ -11,7 +11,10 @@ import os
 
 import jax
 
-from mmdit.eval.run import decode, eval_batch
+from mmdit import config_spec
+from mmdit import tasks as tasks_lib
+from mmdit.codecs.clip import ClipDecoder
+from mmdit.eval.run import eval_batch
 
 __all__ = ["make_sample_hook", "sample_hook_for_workdir"]
 
@@ -29,18 +32,17 @@ def make_sample_hook(cfg, model, eval_dir: str, num_tasks: int = 2):
     batch = eval_batch(eval_dir, 1)
     schema = model.input_spec()
     known, raw = schema.latents_of(batch), schema.conditions_of(batch)
-    tasks = tuple(cfg.sample.get("tasks", ("t2av",)))[:num_tasks]
-    fps = float(cfg.codecs.video.get("fps", 25.0))
-    sr = int(cfg.codecs.audio.get("sample_rate", 16000))
+    tasks = sampler.defaults.tasks[:num_tasks]
+    decode, r = ClipDecoder.from_config(cfg.codecs), tasks_lib.roles(model.spec, cfg.model)
 
     def hook(step, state, writer):
         for i, task in enumerate(tasks):
             lat = sampler.sample(
                 state.ema, jax.random.fold_in(jax.random.key(step), i), task=task, batch=1, known_latents=known, raw_conds=raw
             )
-            frames, waves = decode(cfg, lat)
-            writer.video(step, f"samples/{task}", frames[0], fps)
-            writer.audio(step, f"samples/{task}_audio", waves[0], sr)
+            frames, waves = decode(lat[r.visual], lat[r.audio])
+            writer.video(step, f"samples/{task}", frames[0], decode.fps)
+            writer.audio(step, f"samples/{task}_audio", waves[0], decode.sample_rate)
         writer.flush()
 
     return hook
@@ -51,7 +53,11 @@ def sample_hook_for_workdir(cfg, workdir: str):
     ``train.sample_every`` unset or 0, no ``codecs`` section, or no eval records to condition on
     (``WORKDIR/data/eval``, written by ``mmdit-data synth``)."""
     eval_dir = os.path.join(workdir, "data", "eval")
-    if not cfg.train.get("sample_every", 0) or "codecs" not in cfg or not os.path.exists(os.path.join(eval_dir, "manifest.json")):
+    if (
+        not config_spec.train_spec(cfg).sample_every
+        or not config_spec.has_codecs(cfg)
+        or not os.path.exists(os.path.join(eval_dir, "manifest.json"))
+    ):
         return None
     from mmdit.model.diffusion import DiffusionModel
 

@@ -13,6 +13,7 @@ DiT and returns velocities in token space ``[B, S, C * prod(patch)]``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +53,11 @@ class DiffusionModel:
     # -- inputs ------------------------------------------------------------------------------
 
     def input_spec(self) -> inputs.InputSpec:
-        """Every input array of this model: names, per-example shapes, dtypes, roles."""
+        """Every input array of this model: names, per-example shapes, dtypes, roles (built once)."""
+        return self._input_spec
+
+    @functools.cached_property
+    def _input_spec(self) -> inputs.InputSpec:
         return inputs.input_spec(self.spec, ("text",) if self.text_encoder is not None else ())
 
     def tokens(self, latents: dict) -> dict:

@@ -29,13 +29,11 @@ LATENT_SUFFIX = "_latents"
 MASK_SUFFIX = "_mask"
 TOKENS_SUFFIX = "_tokens"
 
-ROLES = ("latents", "tokens", "features", "mask")
-
 
 @dataclasses.dataclass(frozen=True)
 class InputField:
     """One input array. ``name``: batch / record key; ``source``: the stream or condition it belongs
-    to; ``role``: one of :data:`ROLES`; ``shape``: per example; ``optional``: may be left out (a mask
+    to; ``role``: ``latents`` | ``tokens`` | ``features`` | ``mask``; ``shape``: per example; ``optional``: may be left out (a mask
     then defaults to all True)."""
 
     name: str
@@ -99,10 +97,9 @@ class InputSpec:
 
     # -- conditions --------------------------------------------------------------------------
 
-    def zero_conditions(self, batch: int, *, with_optional: bool = True) -> dict:
+    def zero_conditions(self, batch: int) -> dict:
         """Zero inputs (masks all True) of every condition field: init's and export's examples."""
-        fields = self.condition_fields if with_optional else tuple(f for f in self.condition_fields if not f.optional)
-        return {f.name: f.default(batch) if f.role == "mask" else jnp.zeros((batch, *f.shape), f.dtype) for f in fields}
+        return {f.name: f.default(batch) for f in self.condition_fields}
 
     def conditions_of(self, batch: Mapping[str, Any]) -> dict:
         """The raw conditions held in a batch / record dict (other keys ignored)."""

@@ -78,6 +78,12 @@ class ModelSpec:
     def generated(self) -> tuple[str, ...]:
         return tuple(s.name for s in self.streams if not s.geometry.condition)
 
+    @property
+    def keep_names(self) -> tuple[str, ...]:
+        """What condition dropout and CFG can drop (the step's ``cond_keep`` keys): the conditions,
+        then the condition streams."""
+        return tuple(c.name for c in self.conditions) + tuple(s.name for s in self.streams if s.geometry.condition)
+
     def stream(self, name: str) -> StreamArch:
         for s in self.streams:
             if s.name == name:

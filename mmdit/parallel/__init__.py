@@ -14,7 +14,7 @@ from __future__ import annotations
 from mmdit.attention import registry as attention_registry
 from mmdit.attention.masks import MaskSpec
 from mmdit.attention.registry import AttentionOptions
-from mmdit.parallel.mesh import AXES, describe, device_grid, make_mesh, resolve_mesh_shape
+from mmdit.parallel.mesh import AXES, axis_sizes, describe, device_grid, make_mesh, resolve_mesh_shape
 from mmdit.parallel.ring import ring_attention
 from mmdit.parallel.rules import (
     DEFAULT_RULES,
@@ -62,6 +62,7 @@ __all__ = [
     "logical_to_spec",
     "make_mesh",
     "resolve_mesh_shape",
+    "axis_sizes",
     "ring_attention",
     "rules_from_config",
     "sequence_parallel_attention",

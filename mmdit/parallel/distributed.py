@@ -28,6 +28,8 @@ import os
 
 import jax
 
+from mmdit.util.plain import plain
+
 ENV_COORDINATOR = "MMDIT_COORDINATOR"
 ENV_NUM_PROCESSES = "MMDIT_NUM_PROCESSES"
 ENV_PROCESS_ID = "MMDIT_PROCESS_ID"
@@ -37,7 +39,7 @@ ENV_MODE = "MMDIT_DISTRIBUTED"
 
 def _section(cfg) -> dict:
     d = cfg.get("distributed", None) if cfg is not None else None
-    return dict(d.to_dict() if hasattr(d, "to_dict") else (d or {}))
+    return plain(d) or {}
 
 
 def _int(value, field: str) -> int | None:

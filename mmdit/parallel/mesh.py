@@ -31,17 +31,18 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
+from mmdit.util.plain import plain
+
 AXES: tuple[str, ...] = ("data", "fsdp", "sequence", "tensor")
 _OTHER_KEYS = ("dcn", "rules")
 
 
 def _as_dict(cfg: Any) -> dict:
+    cfg = plain(cfg)
     if cfg is None:
         return {}
-    if hasattr(cfg, "to_dict"):  # ml_collections ConfigDict / FrozenConfigDict
-        return dict(cfg.to_dict())
-    if isinstance(cfg, Mapping):
-        return dict(cfg)
+    if isinstance(cfg, dict):
+        return cfg
     raise TypeError(f"mesh config must be a ConfigDict or a mapping, got {type(cfg).__name__}")
 
 
@@ -51,11 +52,9 @@ def _int_field(value: Any, field: str) -> int:
     return int(value)
 
 
-def resolve_mesh_shape(mesh_cfg: Any, num_devices: int, *, field: str = "mesh") -> dict[str, int]:
-    """Total axis sizes ``{axis: size}`` (ordered as :data:`AXES`) for ``num_devices`` devices.
-
-    Missing axes default to 1; one axis may be -1 and is filled so the product is ``num_devices``.
-    """
+def axis_sizes(mesh_cfg: Any, *, field: str = "mesh") -> dict[str, int]:
+    """Configured axis sizes ``{axis: size or -1}`` (ordered as :data:`AXES`; missing axes 1),
+    checked without knowing the devices: known keys, integers, sizes >= 1 or one -1."""
     cfg = _as_dict(mesh_cfg)
     unknown = sorted(set(cfg) - set(AXES) - set(_OTHER_KEYS))
     if unknown:
@@ -77,6 +76,16 @@ def resolve_mesh_shape(mesh_cfg: Any, num_devices: int, *, field: str = "mesh") 
             f"{field}.{a}={sizes[a]} is not a valid mesh axis size; use a positive size "
             f"(1 to leave the axis unsharded) or -1 to fill from the device count"
         )
+    return sizes
+
+
+def resolve_mesh_shape(mesh_cfg: Any, num_devices: int, *, field: str = "mesh") -> dict[str, int]:
+    """Total axis sizes ``{axis: size}`` (ordered as :data:`AXES`) for ``num_devices`` devices.
+
+    Missing axes default to 1; one axis may be -1 and is filled so the product is ``num_devices``.
+    """
+    sizes = axis_sizes(mesh_cfg, field=field)
+    fill = [a for a, n in sizes.items() if n == -1]
     known = math.prod(n for n in sizes.values() if n != -1)
     desc = " × ".join(f"{a}={n}" for a, n in sizes.items())
     if fill:

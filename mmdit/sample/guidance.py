@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmdit.config_spec import GUIDANCE_MODES, GUIDANCE_SCHEDULES
+from mmdit.config_spec import GUIDANCE_MODES, GUIDANCE_SCHEDULES, SampleSpec, normalize_guidance
 from mmdit.flow import Array, Streams, _f32
 
 __all__ = [
@@ -36,7 +36,6 @@ __all__ = [
     "guidance_scale",
     "step_progress",
     "Guidance",
-    "plain_dict",
     "resolve_guidance",
 ]
 
@@ -215,21 +214,12 @@ class Guidance:
         return jax.tree.map(lambda s: jnp.asarray(s, jnp.float32), dict(self.scales))
 
 
-def plain_dict(value):
-    """ConfigDict / mapping -> plain (ordered) dict, recursively; other values unchanged."""
-    if hasattr(value, "to_dict"):
-        value = value.to_dict()
-    if isinstance(value, Mapping):
-        return {k: plain_dict(v) for k, v in value.items()}
-    return value
-
-
 def resolve_guidance(
     guidance=None,
     mode: str | None = None,
     schedule: str | None = None,
     *,
-    sample_cfg: Mapping[str, Any],
+    defaults: SampleSpec,
     conditions: Sequence[str],
     generated: Sequence[str],
     present: Mapping[str, Any] | None = None,
@@ -237,50 +227,28 @@ def resolve_guidance(
     """Validates and normalises a guidance setting into a :class:`Guidance`.
 
     Args:
-      guidance: ``{cond: s}`` / ``{cond: {stream: s}}`` in nested order (None: ``sample_cfg``'s
-        ``guidance``; ``{}``: unguided). Per-stream dicts are completed with 1.0 for unnamed
-        generated streams; scales become Python floats.
+      guidance: ``{cond: s}`` / ``{cond: {stream: s}}`` in nested order (None: ``defaults.guidance``;
+        ``{}``: unguided), normalised by :func:`mmdit.config_spec.normalize_guidance` (per-stream
+        dicts completed with 1.0, Python floats).
       mode, schedule: CFG mode (``nested`` | ``independent``) and scale schedule (``constant`` |
-        ``cosine``); None (or empty): ``sample_cfg``'s ``guidance_mode`` / ``guidance_schedule``,
-        else ``nested`` / ``constant``.
-      sample_cfg: the config's ``sample`` section (a ConfigDict or mapping; ``{}`` for none), read
-        only for the defaults above.
+        ``cosine``); None (or empty): ``defaults.guidance_mode`` / ``defaults.guidance_schedule``.
+      defaults: the validated ``config.sample`` (:func:`mmdit.config_spec.sample_spec`).
       conditions: names a guidance entry may use: the model's conditions and condition streams
-        (what the step's ``cond_keep`` covers).
+        (``ModelSpec.keep_names``, what the step's ``cond_keep`` covers).
       generated: the model's generated stream names (keys of per-stream scale dicts).
       present: optional ``{cond: bool[B]}`` of the task; a condition absent from every sample (all
         False) is dropped, since its guidance term is identically zero.
 
-    Raises ValueError naming the config field (``sample.guidance*``) on an unknown mode, schedule,
+    Raises ValueError naming the field (``sample.guidance*``) on an unknown mode, schedule,
     condition or stream.
     """
-    scales = plain_dict(sample_cfg.get("guidance", {}) if guidance is None else guidance) or {}
-    mode = mode or sample_cfg.get("guidance_mode", "nested")
-    schedule = schedule or sample_cfg.get("guidance_schedule", "constant")
+    scales = normalize_guidance(defaults.guidance if guidance is None else guidance, conditions, generated)
+    mode = mode or defaults.guidance_mode
+    schedule = schedule or defaults.guidance_schedule
     if mode not in GUIDANCE_MODES:
         raise ValueError(f"guidance mode {mode!r}: use 'nested' or 'independent' (sample.guidance_mode)")
     if schedule not in GUIDANCE_SCHEDULES:
         raise ValueError(f"guidance schedule {schedule!r}: use 'constant' or 'cosine' (sample.guidance_schedule)")
-    known_conds = list(conditions)
-    generated = list(generated)
-    out = {}
-    for c, s in scales.items():
-        if c not in known_conds:
-            raise ValueError(
-                f"guidance names condition {c!r}, which this model lacks; conditions: "
-                f"{known_conds} (fix sample.guidance or --guidance)"
-            )
-        if isinstance(s, Mapping):
-            bad = sorted(set(s) - set(generated))
-            if bad:
-                raise ValueError(
-                    f"guidance for {c!r} names stream(s) {bad}; generated streams are "
-                    f"{generated} (fix sample.guidance or --guidance)"
-                )
-            s = {n: float(s.get(n, 1.0)) for n in generated}
-        else:
-            s = float(s)
-        if present is not None and c in present and not np.any(np.asarray(present[c])):
-            continue
-        out[c] = s
-    return Guidance(out, mode, schedule)
+    if present is not None:
+        scales = {c: s for c, s in scales.items() if c not in present or np.any(np.asarray(present[c]))}
+    return Guidance(scales, mode, schedule)

@@ -18,9 +18,9 @@ import json
 import os
 from typing import Callable, Mapping, Sequence
 
-import numpy as np
 
 from mmdit import config_spec
+from mmdit.codecs.clip import ClipDecoder
 from mmdit.sample import inputs as inputs_lib
 
 __all__ = ["with_overrides", "sample_to_files"]
@@ -100,7 +100,7 @@ def sample_to_files(
     from mmdit.tasks import roles as task_roles
 
     cfg = with_overrides(cfg, overrides, fixed_model=step_fn is not None)
-    if "codecs" not in cfg:
+    if not config_spec.has_codecs(cfg):
         raise ValueError(
             "the config has no codecs section (codecs.video / codecs.audio); mmdit-sample needs them to decode latents"
         )
@@ -142,12 +142,11 @@ def sample_to_files(
         guidance_mode=guidance_mode,
         guidance_schedule=guidance_schedule,
     )
+    decode = ClipDecoder(media_io.video_codec, media_io.audio_codec)
     paths, entries = [], []
     for p in plans:
         latents = sampler.sample(params, p.rng, task=p.task, batch=num, known_latents=p.known, raw_conds=p.raw, **settings)
-        frames = np.asarray(media_io.video_codec.decode(np.asarray(latents[roles.visual])), np.float32)
-        frames = np.clip(np.round((frames + 1.0) * 127.5), 0, 255).astype(np.uint8)
-        waves = np.asarray(media_io.audio_codec.decode(np.asarray(latents[roles.audio])), np.float32)
+        frames, waves = decode(latents[roles.visual], latents[roles.audio])
         for i in range(num):
             path = os.path.join(out_dir, f"{p.task}_{i}.mp4")
             media.write_mp4(path, frames[i], media_io.video_codec.fps, waves[i], media_io.audio_codec.sample_rate)

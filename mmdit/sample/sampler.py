@@ -101,16 +101,11 @@ def canonical_raw_conds(model, raw_conds: Mapping[str, Any], batch: int) -> dict
     return model.input_spec().canonical_conditions(raw_conds, batch)
 
 
-def _keep_names(model) -> list[str]:
-    """Names the step's ``cond_keep`` covers: conditions, then condition streams."""
-    return [c.name for c in model.spec.conditions] + [a.name for a in model.spec.streams if a.geometry.condition]
-
-
 def step_example_inputs(model, batch: int = 1) -> tuple:
     """Zero-filled step inputs ``(x_tokens, sigma_tokens, raw_conds, cond_keep, known, valid)`` of
     batch ``batch``: the canonical tree structure, shapes and dtypes of :func:`denoise_step_fn`."""
     tokens, sigma, raw = model.dummy_inputs(batch)
-    keep = {n: jnp.ones((batch,), bool) for n in _keep_names(model)}
+    keep = {n: jnp.ones((batch,), bool) for n in model.spec.keep_names}
     masks = {a.name: jnp.zeros((batch, a.geometry.num_tokens), bool) for a in model.spec.streams}
     return tokens, sigma, raw, keep, masks, jax.tree.map(jnp.logical_not, masks)
 
@@ -188,14 +183,12 @@ class Sampler:
         Conditions absent from every sample of the task (``present`` all False) are dropped: their
         guidance term is identically zero.
         """
-        d = self.defaults
-        sample_cfg = {"guidance": d.guidance, "guidance_mode": d.guidance_mode, "guidance_schedule": d.guidance_schedule}
         return guidance_lib.resolve_guidance(
             guidance,
             mode,
             schedule,
-            sample_cfg=sample_cfg,
-            conditions=_keep_names(self.model),
+            defaults=self.defaults,
+            conditions=self.spec.keep_names,
             generated=self.generated,
             present=present,
         )
@@ -223,7 +216,7 @@ class Sampler:
         rep = lambda tree: guidance_lib.repeat_for_cfg(tree, plan)  # noqa: E731
         flags = guidance_lib.cfg_keep_flags(plan, batch)
         keep = {}
-        for c in _keep_names(self.model):
+        for c in self.spec.keep_names:
             present = jnp.asarray(masks.present.get(c, jnp.ones((batch,), bool)), bool)
             keep[c] = rep(present) & flags[c] if c in flags else rep(present)
         v = self.step_fn(
@@ -277,13 +270,7 @@ class Sampler:
     def schedules(self, steps: int, shift: float, stream_shift: Mapping[str, float] | None = None) -> dict:
         """``{generated stream: float32 [steps + 1]}`` σ schedules: ``shift`` for every stream unless
         ``stream_shift`` (default ``cfg.sample.stream_shift``) names it."""
-        per = dict(self.defaults.stream_shift if stream_shift is None else stream_shift)
-        bad = sorted(set(per) - set(self.generated))
-        if bad:
-            raise ValueError(
-                f"stream_shift names {bad}, which are not generated streams {list(self.generated)} "
-                "(fix sample.stream_shift or --stream-shift)"
-            )
+        per = self.defaults.stream_shift if stream_shift is None else config_spec.check_stream_shift(stream_shift, self.generated)
         return {n: ode.sampling_sigmas(steps, float(per.get(n, shift))) for n in self.generated}
 
     def sample(

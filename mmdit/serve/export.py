@@ -50,7 +50,7 @@ import jax
 import ml_collections as mlc
 import numpy as np
 
-from mmdit import config_lib
+from mmdit import config_lib, config_spec
 from mmdit.sample.sampler import denoise_step_fn, step_example_inputs
 from mmdit.util.files import file_sha256
 
@@ -255,7 +255,7 @@ def export_bundle(
             "outputs": _describe(jax.tree.unflatten(exported.out_tree, exported.out_avals)),
             "in_tree": str(exported.in_tree),
             "out_tree": str(exported.out_tree),
-            "guidance_order": list(cfg.get("sample", {}).get("guidance", {}) or {}),
+            "guidance_order": list(config_spec.sample_spec(cfg, model.spec, check_tasks=False).guidance),
         }
         _write_synced(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=2).encode())  # last
         umask = os.umask(0)

@@ -42,6 +42,8 @@ import itertools
 import math
 import re
 
+from mmdit import config_spec
+
 GB = 2**30  # sizes are reported in GiB ("GB" below)
 HEADROOM = 0.1  # fraction of HBM kept free for XLA workspace, fragmentation and the runtime
 # kind: (platform, HBM GB per device, dense bf16 peak FLOP/s per device)
@@ -219,7 +221,8 @@ def estimate(cfg, model, boxed_state, mesh_shape: dict, rules, *, remat: str | N
     remat = remat or spec.remat
     impl = impl or spec.attention.impl
     size = lambda names: math.prod(mesh_shape.get(a, 1) for n in names for a in _axes(logical_to_spec((n,), rules)[0]))
-    B, k = int(cfg.train.global_batch_size), int(cfg.train.get("grad_accum", 1))
+    train = config_spec.train_spec(cfg)
+    B, k = train.global_batch_size, train.grad_accum
     b_local = B / size(["batch"]) / k
     seq = size(["length"])
     tensor = size(["heads"])
@@ -308,7 +311,6 @@ def compiled_memory(cfg, devices) -> dict:
     from mmdit.model.diffusion import DiffusionModel
     from mmdit.train import sharding
     from mmdit.train.state import make_optimizer
-    from mmdit import config_spec
 
     model = DiffusionModel.from_config(cfg)
     run = sharding.setup(cfg, model, make_optimizer(config_spec.train_spec(cfg)), devices=devices)
@@ -401,7 +403,6 @@ def plan(
     from mmdit.parallel import resolve_mesh_shape
     from mmdit.train import sharding
     from mmdit.train.state import abstract_state, make_optimizer
-    from mmdit import config_spec
 
     # The analytic side needs shapes only: build the model with the reference attention, so a TPU
     # kernel (splash) can be planned on a host that cannot run it; `impl` is what gets estimated.

@@ -7,7 +7,7 @@
     batch = run.global_batch(local)      # per-host numpy [B / processes, ...] -> global arrays
     state, metrics = run.step(state, batch)
 
-**Mesh and rules.** ``cfg.mesh`` (default :data:`DEFAULT_MESH`: pure data parallelism) is built by
+**Mesh and rules.** ``cfg.mesh`` (``configs/base.py``'s default: pure data parallelism) is built by
 :func:`mmdit.parallel.make_mesh`; ``cfg.mesh.rules`` (default ``DEFAULT_RULES``) maps logical axis
 names to mesh axes. Tracing and compiling run under ``jax.set_mesh(mesh)`` +
 ``nn.logical_axis_rules(rules)`` (:meth:`ShardedTrain.context`), which activates the model's
@@ -43,11 +43,11 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from mmdit import config_spec
 from mmdit import parallel
 from mmdit.train import step as step_lib
 from mmdit.train.state import TrainState, abstract_state, init_state
 
-DEFAULT_MESH = {"data": -1}
 # Logical names the model's activation constraints use (checked to be mapped by the rules).
 ACTIVATION_NAMES = ("batch", "length", "embed", "heads", "kv", "mlp")
 
@@ -57,16 +57,13 @@ ACTIVATION_NAMES = ("batch", "length", "embed", "heads", "kv", "mlp")
 
 
 def mesh_config(cfg) -> dict:
-    """``cfg.mesh`` without its ``rules`` entry (default :data:`DEFAULT_MESH`)."""
-    m = cfg.get("mesh", None)
-    m = dict(m.to_dict() if hasattr(m, "to_dict") else (m or DEFAULT_MESH))
-    m.pop("rules", None)
-    return m
+    """The validated ``cfg.mesh`` axis sizes (+ ``dcn``), without its ``rules``."""
+    m = config_spec.mesh_spec(cfg)
+    return {**m.axes, **({"dcn": m.dcn} if m.dcn else {})}
 
 
 def rules_of(cfg) -> parallel.rules.Rules:
-    m = cfg.get("mesh", None)
-    return parallel.rules_from_config(m.get("rules", None) if m is not None else None)
+    return parallel.rules_from_config(config_spec.mesh_spec(cfg).rules)
 
 
 def batch_axes(rules) -> tuple[str, ...]:

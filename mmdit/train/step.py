@@ -39,14 +39,26 @@ def split_batch(model, batch):
     return latents, schema.conditions_of(batch)
 
 
-def loss_fn(params, model, cfg, batch, rng):
+def make_loss_fn(model, cfg):
+    """``loss_fn(params, batch, rng) -> (loss, metrics)`` of ``model`` under ``cfg``'s flow and task
+    sections (validated here, once, not in the traced step)."""
+    spec = model.spec
+    fl, task_weights, model_cfg = config_spec.flow_spec(cfg, spec), config_spec.task_weights(cfg), cfg.model
+
+    def loss_fn(params, batch, rng):
+        return _loss(params, model, fl, task_weights, model_cfg, batch, rng)
+
+    return loss_fn
+
+
+def _loss(params, model, fl, task_weights, model_cfg, batch, rng):
+    """The multitask flow-matching loss of one batch (module docstring) and its metrics."""
     spec = model.spec
     latents, raw = split_batch(model, batch)
     tokens = model.tokens({k: v.astype(jnp.float32) for k, v in latents.items()})
     B = next(iter(tokens.values())).shape[0]
-    fl, task_weights = config_spec.flow_spec(cfg, spec), config_spec.task_weights(cfg)  # at trace time
     k_task, k_drop, k_sigma, k_noise = jax.random.split(rng, 4)
-    tm = tasks.sample_tasks(k_task, spec, B, task_weights, cfg.model)
+    tm = tasks.sample_tasks(k_task, spec, B, task_weights, model_cfg)
     keep = flow.drop_conditions(k_drop, B, dict(fl.condition_dropout), present=tm.present)
     gen = {n: tm.known[n] for n in spec.generated}
     sigma = flow.sample_token_sigmas(
@@ -94,10 +106,11 @@ def apply_gradients(state: TrainState, grads, metrics: dict, tx, ema_decay: floa
 def make_train_step(model, cfg, tx):
     """Returns ``step(state, batch) -> (state, metrics)`` (not jitted: the caller jits with shardings)."""
     ema_decay = config_spec.train_spec(cfg).ema_decay
+    grad_fn = jax.value_and_grad(make_loss_fn(model, cfg), has_aux=True)
 
     def step(state: TrainState, batch):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, model, cfg, batch, rng)
+        (loss, metrics), grads = grad_fn(state.params, batch, rng)
         return apply_gradients(state, grads, dict(metrics, loss=loss), tx, ema_decay)
 
     return step
@@ -126,14 +139,14 @@ def make_accumulating_train_step(model, cfg, tx, k: int, param_shardings, axes):
         ``[B/k, ...]`` keeps that sharding.
     """
     ema_decay = config_spec.train_spec(cfg).ema_decay
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    grad_fn = jax.value_and_grad(make_loss_fn(model, cfg), has_aux=True)
 
     def step(state: TrainState, batch):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         micro = {n: _split_microbatches(x, k, axes) for n, x in batch.items()}
 
         def one(j, mb):
-            (loss, metrics), g = grad_fn(state.params, model, cfg, mb, jax.random.fold_in(rng, j))
+            (loss, metrics), g = grad_fn(state.params, mb, jax.random.fold_in(rng, j))
             return jax.lax.with_sharding_constraint(g, param_shardings), dict(metrics, loss=loss)
 
         def body(carry, xs):
