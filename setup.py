@@ -47,6 +47,7 @@ setup(
             "mmdit-export=mmdit.cli.export:main",
             "mmdit-eval=mmdit.cli.eval:main",
             "mmdit-plan=mmdit.cli.plan:main",
+            "mmdit-convert=mmdit.cli.convert:main",
         ]
     },
 )

@@ -21,7 +21,7 @@ Examples::
 
     # UniTalking on 8 GPUs (FSDP, full remat, cuDNN attention)
     python bench/train_step.py --config configs/unitalking.py --mesh fsdp=8 --batch 8 \\
-        --set model.attention.impl=cudnn --set "model.mask=full & no_peek"
+        --set model.attention.impl=auto --set "model.mask=full & no_peek"
 
     # ~1B twin of UniTalking (dim 1024, ffn 4096, 24 layers, 8 x 128 heads: 0.93B params, same 15,161
     # tokens) on one H100/H200 -- the GPU-sized stand-in for the 11B preset:
@@ -29,7 +29,7 @@ Examples::
         --set model.streams.video.dim=1024 --set model.streams.audio.dim=1024 \\
         --set model.streams.video.ffn=4096 --set model.streams.audio.ffn=4096 \\
         --set model.num_layers=24 --set model.heads=8 --set model.remat=full \\
-        --set model.attention.impl=cudnn --set "model.mask=full & no_peek" --tag unitalking-1b
+        --set model.attention.impl=auto --set "model.mask=full & no_peek" --tag unitalking-1b
 """
 
 from __future__ import annotations

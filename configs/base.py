@@ -20,8 +20,12 @@ def get_config(arg=None):
     c.seed = 0
 
     c.model = mlc.ConfigDict()
-    c.model.streams = mlc.ConfigDict()  # name -> stream (config_lib.video_stream / sequence_stream)
-    c.model.conditions = mlc.ConfigDict()  # name -> dict(dim, length[, rate, window])
+    # name -> stream (config_lib.video_stream / sequence_stream); optional `concat`: per-token conditions joined to
+    # the stream's tokens before the patch embedding (Wan I2V's mask + image latents; mmdit/convert/wan_dit.py)
+    c.model.streams = mlc.ConfigDict()
+    # name -> dict(dim, length[, rate, window, embedding, added_to]); embedding "mlp" (Wan's text embedder, default)
+    # or "norm_mlp" (Wan's image embedder); added_to: attended inside that condition's cross-attention (Wan I2V CLIP)
+    c.model.conditions = mlc.ConfigDict()
     c.model.text_encoder = None  # None: text features precomputed; dict(kind="byte", layers, heads): trained with the DiT
     c.model.roles = mlc.ConfigDict(dict(visual=None, audio=None))  # task roles; None: first grid stream / "audio"
     c.model.num_layers = 2
@@ -40,7 +44,9 @@ def get_config(arg=None):
     c.model.scan = True
     c.model.sequence_parallel = "none"  # none | ulysses | ring
     c.model.attention = mlc.ConfigDict(
-        dict(impl="xla", fallback=None, cross_impl="xla", block_q=128, block_k=128, interpret=False)
+        # impl / cross_impl: xla | cudnn | pallas | splash | auto (per backend and mask, resolved and logged
+        # when the model is built: GPU cudnn for `full` in bf16 else pallas, TPU pallas, CPU xla)
+        dict(impl="auto", fallback=None, cross_impl="auto", block_q=128, block_k=128, interpret=False)
     )
 
     c.flow = mlc.ConfigDict()
@@ -67,6 +73,13 @@ def get_config(arg=None):
     c.clip = mlc.ConfigDict(dict(seconds=2.0))
     c.codecs = mlc.ConfigDict()  # video / audio codec settings (mmdit/codecs/registry.py); needed to make data
     c.world = mlc.ConfigDict()  # synthetic talking world (mmdit/data/synthetic.py WorldConfig fields)
+    # Frozen pretrained condition encoders (mmdit/encoders/registry.py), each None or a dict with `kind` and
+    # `checkpoint` (a folder `mmdit convert` wrote); validated by config_spec.encoders_spec:
+    #   text = dict(kind="umt5", checkpoint, tokenizer=None, max_length=None)  -> model.conditions.text, at
+    #     ingest and at sample time (a --text prompt is encoded; needs model.text_encoder=None);
+    #   audio_features = dict(kind="wav2vec2", checkpoint, layer=None, condition="audio_features") and
+    #   image = dict(kind="clip_vision", checkpoint, layer=-2, condition="image") -> precomputed at ingest.
+    c.encoders = mlc.ConfigDict(dict(text=None, audio_features=None, image=None))
 
     c.train = mlc.ConfigDict(
         dict(
@@ -86,6 +99,10 @@ def get_config(arg=None):
             keep_checkpoints=2,
             sample_every=0,
             async_checkpoint=True,
+            # pretrained start (mmdit/train/init_from.py): a converted checkpoint / workdir / bundle, and
+            # fnmatch patterns of source params allowed to stay unused (unmatched or of another shape)
+            init_from=mlc.FieldReference(None, field_type=str),
+            init_from_ignore=(),
         )
     )
     c.data = mlc.ConfigDict(dict(dir=None, num_workers=0, num_shards=None, num_train=512, num_eval=16, examples_per_shard=128))

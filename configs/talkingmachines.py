@@ -6,6 +6,12 @@ Video: Wan2.1 VAE (8x spatial, 4x temporal, 16 ch), 25 fps, 81 frames -> 21 x 64
 21,504 tokens. The first latent frame is the reference image (TI2V-style known token).
 Audio features: wav2vec2-base (768-d, 50 Hz), each video token attends those within +-1 latent frame.
 The ~4.2B of audio cross-attention sit on top of Wan2.1-14B's 14B (paper: 18B).
+Proven (tests/test_parity_wan_dit.py): without its audio cross-attention the video stream is
+Wan2.1-T2V-14B's DiT weight for weight (the param tree of a converted checkpoint, 14,288,491,584
+params), a layout that reproduces diffusers' forward to 1e-5 in f32. Wan2.1-I2V-14B itself would add
+the opt-in CLIP ``image`` condition (``added_to="text"``) and the ``image_latents`` channel concat
+(``model.streams.video.concat``), see mmdit/convert/wan_dit.py; here the reference image is the known
+first latent frame instead, so those are not declared.
 """
 
 from mmdit import config_lib

@@ -5,6 +5,10 @@ Video: Wan2.2 VAE (16x spatial, 4x temporal, 48 channels) at 24 fps, 704x704, 5 
 tokens, RoPE'd on the temporal band only at 6/31.25 = 0.192 video latent frames per audio latent.
 Text (UMT5-XXL, 4096-d, 512 tokens) cross-attention in both streams; the audio stream also
 cross-attends a reference-audio clip (TR2AV), summed with its text cross-attention.
+Proven (tests/test_parity_wan_dit.py): the video stream is Wan2.2-TI2V-5B's DiT weight for weight --
+the same param tree as a converted checkpoint (``mmdit convert``, family ``wan_dit``; 4,999,787,712
+params) -- and that layout reproduces diffusers' forward (per-token timesteps included) to 1e-5 in f32.
+The audio twin shares the block layout, not the weights' shapes (20-channel patches, ref_audio).
 Variants (combine with commas, e.g. ``unitalking.py:tiny,ovi``): ``tiny`` shrinks widths/depth for tests
 (same structure); ``ovi`` uses Ovi's fixed audio time factor.
 """

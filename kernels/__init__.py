@@ -4,8 +4,13 @@ Installed from the repository's top-level ``kernels/`` folder as ``mmdit_kernels
 ``kernels`` belongs to another project). It does not import ``mmdit``: masks arrive as a predicate
 over metadata tuples plus an optional block map (``mmdit.attention.masks`` builds both).
 
-* :func:`flash_attention` -- dispatches to the GPU kernel (:mod:`.flash_gpu`, Pallas/Triton; on
-  CPU in interpret mode) or the TPU kernel (:mod:`.flash_tpu`, Splash attention on Mosaic);
+* :func:`flash_attention` -- dispatches to the GPU kernel (:mod:`.flash_gpu`, Pallas/Triton) or
+  the TPU kernel (:mod:`.flash_tpu`, Pallas/Mosaic; block map as scalar-prefetch operands); on CPU
+  either runs in its Pallas interpreter (``interpret=True``);
+* ``flash_attention_{gpu,tpu}_fwd_lse`` / ``flash_attention_{gpu,tpu}_bwd`` -- one key block's
+  ``(out, lse)`` and its gradient share given the merged ``out``/``lse`` (ring attention);
+* :mod:`.splash_tpu` -- JAX's Splash attention driven by our predicates over *concrete* metadata
+  (static masks only);
 * :func:`reference_attention` -- dense pure-JAX reference (:mod:`.reference`);
 * :mod:`.block_map` -- EMPTY/PARTIAL/FULL tile maps and helpers.
 """
@@ -34,8 +39,9 @@ __all__ = [
 def resolve_backend(backend: str = "auto", interpret: bool = False) -> str:
     """``"gpu"`` or ``"tpu"``: the kernel family for ``backend`` on this machine.
 
-    ``auto`` follows ``jax.default_backend()``; on CPU only the GPU-style kernel in interpret mode
-    runs, so ``auto`` on CPU requires ``interpret=True``.
+    ``auto`` follows ``jax.default_backend()``; on CPU ``auto`` requires ``interpret=True`` and picks
+    the GPU kernel in the Pallas interpreter (``"tpu"`` explicitly runs the TPU kernel in the TPU
+    interpreter).
     """
     if backend not in ("auto", "gpu", "tpu"):
         raise ValueError(f"backend={backend!r}: choose 'auto', 'gpu' or 'tpu'")
@@ -78,11 +84,11 @@ def flash_attention(
         (``[.., Sq, 1]`` / ``[.., 1, Sk]`` in the reference). Must fold in key validity. ``None``
         attends every key.
       q_meta, k_meta: tuples of ``[B, S]`` or ``[1, S]`` arrays (bool, integer or float).
-      block_map: ``int8 [B | 1, ceil(Sq/block_q), ceil(Sk/block_k)]`` EMPTY/PARTIAL/FULL. GPU: if
-        ``None`` it is computed densely from ``mask_fn``. TPU: ignored (Splash derives its own map
-        from the mask evaluated on the host).
+      block_map: ``int8 [B | 1, ceil(Sq/block_q), ceil(Sk/block_k)]`` EMPTY/PARTIAL/FULL (may be
+        traced); if ``None`` it is computed densely from ``mask_fn``.
       scale: softmax scale, default ``Dh ** -0.5``.
-      block_q, block_k: tile sizes (powers of two; the block map's granularity).
+      block_q, block_k: tile sizes, the block map's granularity (GPU: powers of two >= 16; TPU:
+        multiples of 128).
       backend: ``"auto"`` (from ``jax.default_backend()``), ``"gpu"`` or ``"tpu"``.
       interpret: run the Pallas kernels in interpret mode (required on CPU).
       **options: GPU kernel knobs (``block_q_bwd``, ``block_k_bwd``, ``num_warps``, ``num_stages``,
@@ -103,6 +109,7 @@ def flash_attention(
             mask_fn=mask_fn,
             q_meta=q_meta,
             k_meta=k_meta,
+            block_map=block_map,
             scale=scale,
             block_q=block_q,
             block_k=block_k,

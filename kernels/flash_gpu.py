@@ -20,6 +20,11 @@ their output and every gradient through them exactly 0 (no NaN). Lengths that ar
 multiples are padded here (padded keys are masked by position) and sliced back; head dims that are
 not powers of two are zero-padded (any ``Dh <= 256``). Element offsets are 32-bit: a batch whose
 operands exceed ``2**31`` elements runs in batch slices (one batch element must fit).
+
+Entry points: :func:`flash_attention_gpu` (differentiable, ``custom_vjp``) and, for ring attention,
+:func:`flash_attention_gpu_fwd_lse` / :func:`flash_attention_gpu_bwd`: one key block's ``(out, lse)``
+(natural log, ``-inf`` for rows with no attended key) and its gradient share given the merged
+``out``/``lse`` (converted to and from the kernels' base-2, ``+inf``-for-empty convention).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from mmdit_kernels import block_map as bm
 from mmdit_kernels import metadata as md
+from mmdit_kernels.vma import out_struct
 
 LOG2E = math.log2(math.e)
 MAX_HEAD_DIM = 256
@@ -212,14 +218,6 @@ def _dkv_kernel(qidx_ref, qcnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_
 # pallas_call wrappers (all operands already padded to tile multiples).
 
 
-def _struct(shape, dtype, operands) -> jax.ShapeDtypeStruct:
-    """Output type of a pallas_call; inside a ``shard_map`` it varies over the union of the mesh
-    axes its operands vary over (needed when the shard_map checks varying manual axes)."""
-    mats = [jax.typeof(x).manual_axis_type for x in jax.tree.leaves(operands)]
-    varying = frozenset().union(*(m.varying for m in mats))
-    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mats[0].update(varying=varying))
-
-
 def _compiler_params(cfg: _Config, warps: int, stages: int):
     return plgpu.CompilerParams(num_warps=cfg.num_warps or warps, num_stages=stages)
 
@@ -267,7 +265,7 @@ def _forward(cfg: _Config, q, k, v, q_meta, k_meta, fwd_lists):
         grid=(sqp // bq, b, h),
         in_specs=_list_specs(idx, cnt) + [tile, whole, whole] + _meta_specs(cfg, bq, skp, True),
         out_specs=[tile, pl.BlockSpec((None, None, bq), lambda i, b_, h_: (b_, h_, i))],
-        out_shape=[_struct(q.shape, q.dtype, operands), _struct((b, h, sqp), jnp.float32, operands)],
+        out_shape=[out_struct(q.shape, q.dtype, operands), out_struct((b, h, sqp), jnp.float32, operands)],
         compiler_params=_compiler_params(cfg, 4 if d <= 64 else 8, cfg.num_stages),
         interpret=cfg.interpret,
         name="mmdit_flash_fwd",
@@ -296,7 +294,7 @@ def _backward(cfg: _Config, res, do):
         grid=(sqp // bq, b, h),
         in_specs=_list_specs(idx, cnt) + [qt, k_whole, k_whole, qt, row_tile, row_tile] + _meta_specs(cfg, bq, skp, True),
         out_specs=qt,
-        out_shape=_struct(q.shape, q.dtype, operands),
+        out_shape=out_struct(q.shape, q.dtype, operands),
         compiler_params=params,
         interpret=cfg.interpret,
         name="mmdit_flash_bwd_dq",
@@ -312,7 +310,7 @@ def _backward(cfg: _Config, res, do):
         grid=(skp // bk, b, h),
         in_specs=_list_specs(idx, cnt) + [q_whole, kt, kt, q_whole, row_whole, row_whole] + _meta_specs(cfg, sqp, bk, False),
         out_specs=[kt, kt],
-        out_shape=[_struct(k.shape, k.dtype, operands), _struct(v.shape, v.dtype, operands)],
+        out_shape=[out_struct(k.shape, k.dtype, operands), out_struct(v.shape, v.dtype, operands)],
         compiler_params=params,
         interpret=cfg.interpret,
         name="mmdit_flash_bwd_dkv",
@@ -339,12 +337,129 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 # ----------------------------------------------------------------------------------------------
-# Public entry point.
+# Public entry points: flash_attention_gpu (differentiable) and the blockwise pair for ring
+# attention, flash_attention_gpu_fwd_lse / flash_attention_gpu_bwd.
 
 
 def _check_block(name: str, value: int) -> None:
     if value < 16 or value & (value - 1):
         raise ValueError(f"{name}={value}: tile sizes must be powers of two >= 16 (Triton)")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Prepared:
+    cfg: _Config
+    q: jax.Array  # [B, Sq_pad, H, D_pad]
+    k: jax.Array
+    v: jax.Array
+    q_meta: tuple  # encoded [Bm, Sq_pad]
+    k_meta: tuple
+    fwd_lists: tuple
+    dq_lists: tuple
+    dkv_lists: tuple
+    dims: tuple  # (Sq, Sk, Dh, Sq_pad, Sk_pad, D_pad)
+
+
+def _batch_step(q, k, block_q, block_k) -> int | None:
+    """Batch elements per kernel call when the operands exceed 32-bit offsets (None: one call)."""
+    b, sq, h, d = q.shape
+    sqp, skp = bm.cdiv(sq, block_q) * block_q, bm.cdiv(k.shape[1], block_k) * block_k
+    per_batch = max(sqp, skp) * h * max(16, pl.next_power_of_2(d))
+    if per_batch > MAX_ELEMENTS:
+        raise ValueError(
+            f"one batch element of q/k/v holds {per_batch} elements (padded); the Triton kernels "
+            f"address operands with 32-bit offsets (< {MAX_ELEMENTS}): shard the heads or sequence"
+        )
+    return MAX_ELEMENTS // per_batch if b * per_batch > MAX_ELEMENTS else None
+
+
+def _in_batch_slices(fn, step: int, arrays, q_meta, k_meta, block_map, **kwargs):
+    """``fn`` on batch slices of ``step`` elements (``arrays`` and per-batch metadata/maps sliced),
+    outputs concatenated along the batch."""
+    pick = lambda x, i: x if x is None or x.shape[0] == 1 else x[i : i + step]
+    outs = [
+        fn(
+            *(a[i : i + step] for a in arrays),
+            q_meta=tuple(pick(jnp.asarray(f), i) for f in q_meta),
+            k_meta=tuple(pick(jnp.asarray(f), i) for f in k_meta),
+            block_map=pick(block_map, i),
+            **kwargs,
+        )
+        for i in range(0, arrays[0].shape[0], step)
+    ]
+    if isinstance(outs[0], tuple):
+        return tuple(jnp.concatenate(parts) for parts in zip(*outs))
+    return jnp.concatenate(outs)
+
+
+def _prepare(
+    q, k, v, mask_fn, q_meta, k_meta, block_map, scale, block_q, block_k, block_q_bwd, block_k_bwd, interpret, **knobs
+) -> _Prepared:
+    """Validates the arguments, pads the operands to tile multiples and builds the visit lists."""
+    if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
+        raise ValueError(f"expected q [B, Sq, H, Dh] and k, v [B, Sk, H, Dh]; got {q.shape}, {k.shape}, {v.shape}")
+    b, sq, h, d = q.shape
+    sk = k.shape[1]
+    if k.shape[0] != b or k.shape[2] != h or k.shape[3] != d:
+        raise ValueError(f"q {q.shape} and k {k.shape} disagree on batch, heads or head dim")
+    if d > MAX_HEAD_DIM:
+        raise ValueError(f"head dim {d} > {MAX_HEAD_DIM} is not supported by the GPU kernel")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    block_q_bwd = block_q_bwd or min(32, block_q)
+    block_k_bwd = block_k_bwd or min(32, block_k)
+    for name, val in (("block_q", block_q), ("block_k", block_k), ("block_q_bwd", block_q_bwd), ("block_k_bwd", block_k_bwd)):
+        _check_block(name, val)
+    if block_q % block_q_bwd or block_k % block_k_bwd:
+        raise ValueError("backward tiles must divide the forward tiles")
+    scale = d**-0.5 if scale is None else float(scale)
+    q_meta = md.check(q_meta, b, sq, "q_meta")
+    k_meta = md.check(k_meta, b, sk, "k_meta")
+    nq, nk = bm.cdiv(sq, block_q), bm.cdiv(sk, block_k)
+    sqp, skp = nq * block_q, nk * block_k
+    if block_map is None:
+        block_map = bm.block_map_from_mask_fn(mask_fn, q_meta, k_meta, sq, sk, block_q, block_k)
+    elif block_map.ndim != 3 or block_map.shape[1:] != (nq, nk) or block_map.shape[0] not in (1, b):
+        raise ValueError(
+            f"block_map has shape {block_map.shape}; expected [{b} or 1, {nq}, {nk}] for "
+            f"Sq={sq}, Sk={sk}, block_q={block_q}, block_k={block_k}"
+        )
+    fwd_map = bm.clip_to_lengths(block_map, sq, sk, block_q, block_k)
+    dq_map = bm.clip_to_lengths(bm.refine(block_map, 1, block_k // block_k_bwd), sq, sk, block_q, block_k_bwd)
+    dkv_map = bm.clip_to_lengths(bm.refine(block_map, block_q // block_q_bwd, 1), sq, sk, block_q_bwd, block_k)
+
+    cfg = _Config(
+        mask_fn=mask_fn,
+        q_flags=md.bool_flags(q_meta),
+        k_flags=md.bool_flags(k_meta),
+        bm_q=tuple(int(f.shape[0]) for f in q_meta),
+        bm_k=tuple(int(f.shape[0]) for f in k_meta),
+        scale=scale,
+        seq_q=sq,
+        seq_k=sk,
+        block_q=block_q,
+        block_k=block_k,
+        block_q_bwd=block_q_bwd,
+        block_k_bwd=block_k_bwd,
+        interpret=interpret,
+        num_warps=knobs.get("num_warps"),
+        num_stages=knobs.get("num_stages", 2),
+        num_stages_bwd=knobs.get("num_stages_bwd", 3),
+    )
+    dp = max(16, pl.next_power_of_2(d))
+    pad = lambda x, s: jnp.pad(x, ((0, 0), (0, s - x.shape[1]), (0, 0), (0, dp - d)))
+    return _Prepared(
+        cfg=cfg,
+        q=pad(q, sqp),
+        k=pad(k, skp),
+        v=pad(v, skp),
+        q_meta=md.pad(md.encode(q_meta), sqp),
+        k_meta=md.pad(md.encode(k_meta), skp),
+        fwd_lists=bm.compact(fwd_map),
+        dq_lists=bm.compact(dq_map),
+        dkv_lists=bm.compact(jnp.swapaxes(dkv_map, -1, -2)),
+        dims=(sq, sk, d, sqp, skp, dp),
+    )
 
 
 def flash_attention_gpu(
@@ -376,83 +491,9 @@ def flash_attention_gpu(
     attended key output 0 and get zero gradients. ``interpret=True`` runs the kernels through the
     Pallas interpreter (any backend, slow).
     """
-    if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
-        raise ValueError(f"expected q [B, Sq, H, Dh] and k, v [B, Sk, H, Dh]; got {q.shape}, {k.shape}, {v.shape}")
-    b, sq, h, d = q.shape
-    sk = k.shape[1]
-    if k.shape[0] != b or k.shape[2] != h or k.shape[3] != d:
-        raise ValueError(f"q {q.shape} and k {k.shape} disagree on batch, heads or head dim")
-    if d > MAX_HEAD_DIM:
-        raise ValueError(f"head dim {d} > {MAX_HEAD_DIM} is not supported by the GPU kernel")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
-    block_q_bwd = block_q_bwd or min(32, block_q)
-    block_k_bwd = block_k_bwd or min(32, block_k)
-    for name, val in (("block_q", block_q), ("block_k", block_k), ("block_q_bwd", block_q_bwd), ("block_k_bwd", block_k_bwd)):
-        _check_block(name, val)
-    if block_q % block_q_bwd or block_k % block_k_bwd:
-        raise ValueError("backward tiles must divide the forward tiles")
-    scale = d**-0.5 if scale is None else float(scale)
-    q_meta = md.check(q_meta, b, sq, "q_meta")
-    k_meta = md.check(k_meta, b, sk, "k_meta")
-    nq, nk = bm.cdiv(sq, block_q), bm.cdiv(sk, block_k)
-    sqp, skp = nq * block_q, nk * block_k
-    per_batch = max(sqp, skp) * h * max(16, pl.next_power_of_2(d))
-    if per_batch > MAX_ELEMENTS:
-        raise ValueError(
-            f"one batch element of q/k/v holds {per_batch} elements (padded); the Triton kernels "
-            f"address operands with 32-bit offsets (< {MAX_ELEMENTS}): shard the heads or sequence"
-        )
-    if b * per_batch > MAX_ELEMENTS:  # run batch slices that fit 32-bit offsets, one call each
-        step = MAX_ELEMENTS // per_batch
-        kwargs = dict(
-            mask_fn=mask_fn,
-            scale=scale,
-            block_q=block_q,
-            block_k=block_k,
-            block_q_bwd=block_q_bwd,
-            block_k_bwd=block_k_bwd,
-            interpret=interpret,
-            num_warps=num_warps,
-            num_stages=num_stages,
-            num_stages_bwd=num_stages_bwd,
-        )
-        pick = lambda x, i: x if x is None or x.shape[0] == 1 else x[i : i + step]
-        return jnp.concatenate(
-            [
-                flash_attention_gpu(
-                    q[i : i + step],
-                    k[i : i + step],
-                    v[i : i + step],
-                    q_meta=tuple(pick(f, i) for f in q_meta),
-                    k_meta=tuple(pick(f, i) for f in k_meta),
-                    block_map=pick(block_map, i),
-                    **kwargs,
-                )
-                for i in range(0, b, step)
-            ]
-        )
-
-    if block_map is None:
-        block_map = bm.block_map_from_mask_fn(mask_fn, q_meta, k_meta, sq, sk, block_q, block_k)
-    elif block_map.ndim != 3 or block_map.shape[1:] != (nq, nk) or block_map.shape[0] not in (1, b):
-        raise ValueError(
-            f"block_map has shape {block_map.shape}; expected [{b} or 1, {nq}, {nk}] for "
-            f"Sq={sq}, Sk={sk}, block_q={block_q}, block_k={block_k}"
-        )
-    fwd_map = bm.clip_to_lengths(block_map, sq, sk, block_q, block_k)
-    dq_map = bm.clip_to_lengths(bm.refine(block_map, 1, block_k // block_k_bwd), sq, sk, block_q, block_k_bwd)
-    dkv_map = bm.clip_to_lengths(bm.refine(block_map, block_q // block_q_bwd, 1), sq, sk, block_q_bwd, block_k)
-
-    cfg = _Config(
+    kwargs = dict(
         mask_fn=mask_fn,
-        q_flags=md.bool_flags(q_meta),
-        k_flags=md.bool_flags(k_meta),
-        bm_q=tuple(int(f.shape[0]) for f in q_meta),
-        bm_k=tuple(int(f.shape[0]) for f in k_meta),
         scale=scale,
-        seq_q=sq,
-        seq_k=sk,
         block_q=block_q,
         block_k=block_k,
         block_q_bwd=block_q_bwd,
@@ -462,19 +503,92 @@ def flash_attention_gpu(
         num_stages=num_stages,
         num_stages_bwd=num_stages_bwd,
     )
-    dp = max(16, pl.next_power_of_2(d)) - d
-    qp = jnp.pad(q, ((0, 0), (0, sqp - sq), (0, 0), (0, dp)))
-    kp = jnp.pad(k, ((0, 0), (0, skp - sk), (0, 0), (0, dp)))
-    vp = jnp.pad(v, ((0, 0), (0, skp - sk), (0, 0), (0, dp)))
-    out = _flash(
-        cfg,
-        qp,
-        kp,
-        vp,
-        md.pad(md.encode(q_meta), sqp),
-        md.pad(md.encode(k_meta), skp),
-        bm.compact(fwd_map),
-        bm.compact(dq_map),
-        bm.compact(jnp.swapaxes(dkv_map, -1, -2)),
-    )
+    step = _batch_step(q, k, block_q, block_k)
+    if step is not None:  # run batch slices that fit 32-bit offsets, one call each
+        return _in_batch_slices(flash_attention_gpu, step, (q, k, v), q_meta, k_meta, block_map, **kwargs)
+    p = _prepare(q, k, v, q_meta=q_meta, k_meta=k_meta, block_map=block_map, **kwargs)
+    sq, _, d = p.dims[:3]
+    out = _flash(p.cfg, p.q, p.k, p.v, p.q_meta, p.k_meta, p.fwd_lists, p.dq_lists, p.dkv_lists)
     return out[:, :sq, :, :d]
+
+
+def flash_attention_gpu_fwd_lse(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    mask_fn: Callable | None = None,
+    q_meta: Sequence[jax.Array] = (),
+    k_meta: Sequence[jax.Array] = (),
+    block_map: jax.Array | None = None,
+    scale: float | None = None,
+    block_q: int = 128,
+    block_k: int = 128,
+    interpret: bool = False,
+    **knobs,
+) -> tuple[jax.Array, jax.Array]:
+    """``(out [B, Sq, H, Dh] in q.dtype, lse float32 [B, H, Sq])`` for one key block (ring attention).
+
+    ``lse`` is the natural-log log-sum-exp of the row's scaled scores over its attended keys; rows with
+    no attended key give ``out = 0`` and ``lse = -inf``. Not differentiable (ring attention wraps it
+    in its own ``custom_vjp`` and calls :func:`flash_attention_gpu_bwd`). Arguments as
+    :func:`flash_attention_gpu` (``knobs``: its tile/warp/stage options).
+    """
+    kwargs = dict(mask_fn=mask_fn, scale=scale, block_q=block_q, block_k=block_k, interpret=interpret, **knobs)
+    step = _batch_step(q, k, block_q, block_k)
+    if step is not None:
+        return _in_batch_slices(flash_attention_gpu_fwd_lse, step, (q, k, v), q_meta, k_meta, block_map, **kwargs)
+    p = _prepare(q, k, v, q_meta=q_meta, k_meta=k_meta, block_map=block_map, **_with_bwd_tiles(kwargs))
+    sq, _, d = p.dims[:3]
+    o, lse2 = _forward(p.cfg, p.q, p.k, p.v, p.q_meta, p.k_meta, p.fwd_lists)
+    lse2 = lse2[:, :, :sq]
+    lse = jnp.where(lse2 == jnp.inf, -jnp.inf, lse2 / LOG2E)  # base 2 (+inf: no key) -> natural (-inf)
+    return o[:, :sq, :, :d], lse
+
+
+def flash_attention_gpu_bwd(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    out: jax.Array,
+    lse: jax.Array,
+    dout: jax.Array,
+    *,
+    mask_fn: Callable | None = None,
+    q_meta: Sequence[jax.Array] = (),
+    k_meta: Sequence[jax.Array] = (),
+    block_map: jax.Array | None = None,
+    scale: float | None = None,
+    block_q: int = 128,
+    block_k: int = 128,
+    interpret: bool = False,
+    **knobs,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """This key block's share ``(dq, dk, dv)`` of the attention gradient (ring attention).
+
+    ``out [B, Sq, H, Dh]`` and ``lse float32 [B, H, Sq]`` (natural log) are the *global* output and
+    log-sum-exp merged over every key block, ``dout`` the output cotangent: ``delta =
+    rowsum(dout * out)`` and probabilities are recomputed as ``exp(s - lse)``, so summing ``dq`` over
+    the key blocks (and taking each block's ``dk``/``dv``) gives the full gradient. Rows with
+    ``lse = -inf`` get zero gradients. Returns arrays in the dtypes of ``q``, ``k``, ``v``.
+    """
+    b, sq, h, _ = q.shape
+    if out.shape != q.shape or dout.shape != q.shape or lse.shape != (b, h, sq):
+        raise ValueError(f"out {out.shape} / dout {dout.shape} must match q {q.shape}; lse {lse.shape} must be {(b, h, sq)}")
+    kwargs = dict(mask_fn=mask_fn, scale=scale, block_q=block_q, block_k=block_k, interpret=interpret, **knobs)
+    step = _batch_step(q, k, block_q, block_k)
+    if step is not None:
+        return _in_batch_slices(flash_attention_gpu_bwd, step, (q, k, v, out, lse, dout), q_meta, k_meta, block_map, **kwargs)
+    p = _prepare(q, k, v, q_meta=q_meta, k_meta=k_meta, block_map=block_map, **_with_bwd_tiles(kwargs))
+    sq, sk, d, sqp, _, dp = p.dims
+    lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse.astype(jnp.float32) * LOG2E)  # natural -> base 2, +inf: no key
+    lse2 = jnp.pad(lse2, ((0, 0), (0, 0), (0, sqp - sq)), constant_values=jnp.inf)
+    pad = lambda x: jnp.pad(x.astype(q.dtype), ((0, 0), (0, sqp - sq), (0, 0), (0, dp - d)))
+    res = (p.q, p.k, p.v, p.q_meta, p.k_meta, p.fwd_lists, p.dq_lists, p.dkv_lists, pad(out), lse2)
+    dq, dk, dv = _backward(p.cfg, res, pad(dout))
+    return dq[:, :sq, :, :d], dk[:, :sk, :, :d], dv[:, :sk, :, :d]
+
+
+def _with_bwd_tiles(kwargs: dict) -> dict:
+    """Fills the backward-tile options ``_prepare`` needs when a caller passed none."""
+    return {"block_q_bwd": None, "block_k_bwd": None, **kwargs}

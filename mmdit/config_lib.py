@@ -29,18 +29,39 @@ def _configs_dir() -> str:
         return os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
 
 
+def _presets() -> list[str]:
+    return sorted(f[:-3] for f in os.listdir(_configs_dir()) if f.endswith(".py") and not f.startswith("_"))
+
+
 def resolve_path(spec: str) -> tuple[str, str | None]:
+    """``path/to/config.py[:arg]`` or a bare preset name (``demo``, ``demo.py``) -> (file, arg).
+
+    Only a bare name (no directory part) falls back to the presets shipped with the package; a path
+    that does not exist is an error, never a silent substitute. The file must be a ``.py`` file."""
     path, _, arg = spec.partition(":")
+    if not path:
+        raise ValueError(f"config {spec!r}: empty path; pass configs/X.py[:variant] or a preset name ({_presets()})")
     if not os.path.exists(path):
-        name = os.path.basename(path)
-        candidate = os.path.join(_configs_dir(), name if name.endswith(".py") else name + ".py")
-        if os.path.exists(candidate):
+        bare = os.sep not in path and "/" not in path
+        name = path if path.endswith(".py") else path + ".py"
+        candidate = os.path.join(_configs_dir(), name)
+        if bare and os.path.exists(candidate):
             path = candidate
+        elif bare:
+            raise FileNotFoundError(
+                f"config {spec!r}: no file {path!r} and no shipped preset of that name (presets: {_presets()})"
+            )
         else:
             raise FileNotFoundError(
-                f"config {spec!r}: no file {path!r} and no shipped preset named {os.path.basename(path)!r} "
-                f"(presets: {sorted(f[:-3] for f in os.listdir(_configs_dir()) if f.endswith('.py') and not f.startswith('_'))})"
+                f"config {spec!r}: no file {path!r}; check the path (or pass a bare preset name; presets: {_presets()})"
             )
+    if os.path.isdir(path):
+        raise ValueError(f"config {spec!r}: {path!r} is a directory; pass a config file, e.g. configs/demo.py")
+    if not path.endswith(".py"):
+        raise ValueError(
+            f"config {spec!r}: {path!r} is not a Python config (a .py file with get_config(arg=None)); "
+            "a run's config.json is not a config file: pass the .py it was made from"
+        )
     return path, (arg or None)
 
 

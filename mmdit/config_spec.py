@@ -150,6 +150,8 @@ class TrainSpec:
     keep_checkpoints: int
     sample_every: int
     async_checkpoint: bool
+    init_from: str | None = None  # pretrained start: converted checkpoint / workdir / bundle (mmdit.train.init_from)
+    init_from_ignore: tuple[str, ...] = ()  # fnmatch patterns of source params allowed to stay unused
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +184,7 @@ class RunSpec:
     train: TrainSpec
     data: DataSpec
     mesh: MeshSpec
+    encoders: Mapping[str, dict] = dataclasses.field(default_factory=dict)  # encoders_spec(): configured slots only
 
 
 def flow_spec(cfg, model: ModelSpec) -> FlowSpec:
@@ -255,6 +258,8 @@ def train_spec(cfg) -> TrainSpec:
         keep_checkpoints=n("keep_checkpoints", lo=1, integer=True),
         sample_every=n("sample_every", lo=0, integer=True),
         async_checkpoint=bool(t.async_checkpoint),
+        init_from=_init_from(t.get("init_from")),
+        init_from_ignore=_patterns("train.init_from_ignore", t.get("init_from_ignore", ())),
     )
     if spec.global_batch_size % spec.grad_accum:
         raise ValueError(
@@ -262,6 +267,22 @@ def train_spec(cfg) -> TrainSpec:
             f"{spec.grad_accum}; pick a grad_accum that divides the batch"
         )
     return spec
+
+
+def _init_from(value) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"train.init_from={value!r}: expected a path (converted checkpoint, workdir or bundle) or None")
+    return value
+
+
+def _patterns(field: str, value) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = (value,)
+    if not isinstance(value, (tuple, list)) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{field}={value!r}: expected a tuple of fnmatch patterns, e.g. ('dit/params/blocks/video/*',)")
+    return tuple(value)
 
 
 def data_spec(cfg) -> DataSpec:
@@ -282,6 +303,68 @@ def mesh_spec(cfg) -> MeshSpec:
     cfg = complete(cfg)
     m = plain(cfg.mesh)
     return MeshSpec(axes=axis_sizes(m), dcn=m.get("dcn"), rules=m.get("rules"))
+
+
+ENCODER_SLOTS = {"text": ("umt5", "text"), "audio_features": ("wav2vec2", "audio_features"), "image": ("clip_vision", "image")}
+
+
+def encoders_spec(cfg, model: ModelSpec) -> dict[str, dict]:
+    """``config.encoders`` validated against the model: ``{slot: dict(kind, checkpoint, ..., condition,
+    key, mask_key, length, rate, dim)}`` for each configured slot (``text`` / ``audio_features`` /
+    ``image``). ``condition`` (default: the slot name) must be a model condition (record ``key`` = its
+    name, ``mask_key`` = name + ``_mask``) or a condition stream (``key`` = name + ``_latents``, no
+    mask); ``length`` / ``rate`` / ``dim`` are what the model reads there. The feature width of the
+    checkpoint is checked against ``dim`` when the encoder is built (mmdit.encoders.registry)."""
+    cfg = complete(cfg)
+    enc = plain(cfg.encoders) or {}
+    unknown = sorted(set(enc) - set(ENCODER_SLOTS))
+    if unknown:
+        raise ValueError(f"encoders.{unknown[0]}: unknown slot; the slots are {', '.join(ENCODER_SLOTS)}")
+    conditions = {c.name: c for c in model.conditions}
+    streams = {a.name: a for a in model.streams if a.geometry.condition}
+    out = {}
+    for slot, s in enc.items():
+        field = f"encoders.{slot}"
+        if s is None:
+            continue
+        if not isinstance(s, Mapping):
+            raise ValueError(f"{field}={s!r}: expected None or a dict(kind=..., checkpoint=...)")
+        s = dict(s)
+        kind, default = ENCODER_SLOTS[slot]
+        if s.get("kind") == "byte" and slot == "text":
+            raise ValueError(
+                "encoders.text.kind='byte': the byte text encoder trains inside the model; set model.text_encoder instead"
+            )
+        if s.get("kind") != kind:
+            raise ValueError(f"{field}.kind={s.get('kind')!r}: the {slot} slot takes kind={kind!r}")
+        if not isinstance(s.get("checkpoint"), str) or not s["checkpoint"]:
+            raise ValueError(
+                f"{field}.checkpoint={s.get('checkpoint')!r}: set it to a folder written by `mmdit convert --family {kind}`"
+            )
+        name = s.pop("condition", None) or default
+        if name in conditions:
+            c = conditions[name]
+            s.update(condition=name, key=name, mask_key=name + "_mask", length=c.length, rate=c.rate, dim=c.dim)
+        elif name in streams:
+            g = streams[name].geometry
+            s.update(condition=name, key=name + "_latents", mask_key=None, length=g.shape[0], rate=g.rate, dim=g.channels)
+        else:
+            raise ValueError(
+                f"{field}.condition={name!r} is not a model condition ({sorted(conditions)}) or condition stream "
+                f"({sorted(streams)}); set {field}.condition or add model.conditions.{name}"
+            )
+        if slot == "text":
+            if cfg.model.get("text_encoder") is not None:
+                raise ValueError(
+                    "encoders.text and model.text_encoder are both set: text features come either from the trainable "
+                    "in-model encoder or from a frozen pretrained one; set one of them to None"
+                )
+            if s.get("max_length") not in (None, s["length"]):
+                raise ValueError(f"encoders.text.max_length={s['max_length']} != model.conditions.{name}.length={s['length']}")
+        if slot == "audio_features" and not s["rate"]:
+            raise ValueError(f"{field}: model.conditions.{name}.rate is not set; the features are resampled to it (Hz)")
+        out[slot] = s
+    return out
 
 
 def has_codecs(cfg) -> bool:
@@ -310,6 +393,7 @@ def build_run_spec(cfg) -> RunSpec:
         train=train_spec(cfg),
         data=data_spec(cfg),
         mesh=mesh_spec(cfg),
+        encoders=encoders_spec(cfg, model),
     )
 
 

@@ -1,5 +1,6 @@
 """Every preset initialises under eval_shape; parameter counts match the published models."""
 
+import os
 import subprocess
 import sys
 
@@ -60,6 +61,21 @@ def test_config_overrides_and_missing_files():
         config_lib.override(cfg, ["model.nope=1"])
     with pytest.raises(FileNotFoundError, match="presets"):
         config_lib.load("configs/does_not_exist.py")
+
+
+def test_config_paths_fall_back_to_presets_only_for_bare_names(tmp_path):
+    assert config_lib.resolve_path("demo:tiny") == (os.path.join(config_lib._configs_dir(), "demo.py"), "tiny")
+    assert config_lib.resolve_path("demo.py")[0] == os.path.join(config_lib._configs_dir(), "demo.py")
+    with pytest.raises(FileNotFoundError, match="no file '/nonexistent/dir/demo.py'"):
+        config_lib.resolve_path("/nonexistent/dir/demo.py:tiny")  # never silently the shipped demo.py
+    (tmp_path / "run.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a Python config"):
+        config_lib.load(str(tmp_path / "run.json"))
+    with pytest.raises(ValueError, match="is a directory"):
+        config_lib.load(str(tmp_path))
+    for name in ("demo", "jamflow", "mirage", "talkingmachines", "unitalking"):  # --set data.dir= works on every preset
+        cfg = config_lib.override(config_lib.load(f"{name}:tiny"), ["data.dir=/data/x"])
+        assert cfg.data.dir == "/data/x"
 
 
 def test_unknown_override_names_the_nearest_field():

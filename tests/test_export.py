@@ -7,6 +7,7 @@ Tiny demo config, random-init params (shared with test_sampler.py when both run 
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -37,17 +38,18 @@ def bundle_path(tmp_path_factory):
     cfg, _, params = tiny_setup()
     root = tmp_path_factory.mktemp("export")
     fake = types.ModuleType("mmdit.train.checkpoint")
-    fake.restore_inference_params = lambda workdir, step=None: (cfg, params)
+    fake.restore_inference = lambda workdir, step=None, verify=True: (cfg, params, 3)
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(sys.modules, "mmdit.train.checkpoint", fake)
-        assert export_cli.main(["--workdir", str(root / "run"), "--out", str(root / "bundle"), "--step", "3"]) == 0
+        assert export_cli.main(["--workdir", str(root / "run"), "--out", str(root / "bundle")]) == 0  # step from the restore
     return str(root / "bundle")
 
 
 def test_bundle_layout_and_manifest(bundle_path):
     cfg, _, params = tiny_setup()
     assert sorted(os.listdir(bundle_path)) == ["bundle.json", "config.json", "denoise_step.jaxexport", "params"]
-    assert [p for p in os.listdir(os.path.dirname(bundle_path)) if p.startswith(".")] == []  # no temp leftovers
+    leftovers = [p for p in os.listdir(os.path.dirname(bundle_path)) if p.startswith(".") and not p.endswith(".lock")]
+    assert leftovers == []  # no temp directories (the export's lock file stays, empty)
     with open(os.path.join(bundle_path, "bundle.json")) as f:
         man = json.load(f)
     assert man["format"] == "mmdit.bundle" and man["format_version"] == 1 and man["step"] == 3
@@ -56,6 +58,8 @@ def test_bundle_layout_and_manifest(bundle_path):
     assert man["params"]["format"] == "orbax.StandardCheckpointer"
     assert man["params"]["count"] == sum(np.size(a) for a in jax.tree.leaves(params))
     assert man["guidance_order"] == ["text"]
+    hashed = [k for k in man["sha256"] if k.startswith("params/")]
+    assert hashed and all(os.path.isfile(os.path.join(bundle_path, k)) for k in hashed)
     with open(os.path.join(bundle_path, "config.json")) as f:
         assert f.read() == config_lib.to_json(cfg)
 
@@ -160,7 +164,10 @@ def test_sample_cli_from_bundle_writes_h264_aac_mp4s(bundle_path, tmp_path, monk
     assert [s["task"] for s in info["samples"]] == tasks and info["seed"] == 4 and info["steps"] == 2
     assert info["guidance"] == {"text": {"video": 4.0, "audio": 3.0}} and info["stream_shift"] == {"audio": 1.0}
     assert info["samples"][1]["inputs"] == {"video": f"--image {png}"} and info["samples"][0]["text"] == "ba mia lobo"
+    umask = os.umask(0)
+    os.umask(umask)
     for path in printed:
+        assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask  # outputs respect the umask (not mkstemp's 0600)
         p = media.probe(path)
         kinds = sorted((s["type"], s["codec"]) for s in p["streams"])
         assert kinds == [("audio", "aac"), ("video", "h264")], p
@@ -226,15 +233,35 @@ def test_bundles_from_another_model_corrupt_or_incomplete_are_rejected(bundle_pa
         load_bundle(str(corrupt))
 
     # The CLI reports the same, and refuses a --set that would change the exported architecture.
-    with pytest.raises(SystemExit) as e:
-        sample_cli.main(["--bundle", str(tmp_path / "mixed_params"), "--task", "t2av", "--text", "x", "--out", "o"])
-    assert e.value.code == 2 and "holds weights of a different model" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        sample_cli.main(["--bundle", bundle_path, "--set", "model.num_layers=3", "--text", "x", "--out", "o"])
-    assert "changes model.*" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        sample_cli.main(["--bundle", bundle_path, "--task", "a2v", "--text", "x", "--out", str(tmp_path / "o")])
-    assert "pass --audio or --video" in capsys.readouterr().err
+    rc = sample_cli.main(["--bundle", str(tmp_path / "mixed_params"), "--task", "t2av", "--text", "x", "--out", "o"])
+    assert rc == 2 and "holds weights of a different model" in capsys.readouterr().err
+    rc = sample_cli.main(["--bundle", bundle_path, "--set", "model.num_layers=3", "--text", "x", "--out", "o"])
+    assert rc == 2 and "changes model.*" in capsys.readouterr().err
+    rc = sample_cli.main(["--bundle", bundle_path, "--task", "a2v", "--text", "x", "--out", str(tmp_path / "o")])
+    assert rc == 2 and "pass --audio or --video" in capsys.readouterr().err
+
+
+def test_bundle_params_corruption_is_detected_before_sampling(bundle_path, tmp_path, capsys):
+    man = json.loads(open(os.path.join(bundle_path, "bundle.json")).read())
+    biggest = max(
+        (k for k in man["sha256"] if k.startswith("params/")), key=lambda k: os.path.getsize(os.path.join(bundle_path, k))
+    )
+    flipped = tmp_path / "flipped"
+    shutil.copytree(bundle_path, flipped)
+    data = bytearray((flipped / biggest).read_bytes())
+    data[len(data) // 2] ^= 0x04  # one bit of one weight
+    (flipped / biggest).write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"{re.escape(biggest)}: does not match its sha256.*--no-verify"):
+        load_bundle(str(flipped))
+    load_bundle(str(flipped), verify=False)  # the opt-out skips exactly this check
+
+    deleted = tmp_path / "deleted"
+    shutil.copytree(bundle_path, deleted)
+    (deleted / biggest).unlink()
+    rc = sample_cli.main(["--bundle", str(deleted), "--task", "t2av", "--text", "x", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and f"{biggest}: is missing" in err, err
+    assert not os.path.exists(tmp_path / "o")
 
 
 def test_sample_inputs_from_files_and_eval_records(tmp_path):

@@ -167,3 +167,56 @@ def test_ingest_input_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"no \*\.mp4 files"):
         ingest.ingest_mp4_dir(str(tmp_path / "empty"), str(tmp_path / "o"), FakeVideoCodec(), FakeAudioCodec())
+
+
+KILL_INGEST = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[3])
+from test_ingest import FakeAudioCodec, FakeVideoCodec
+from mmdit.data import ingest, records
+def die(*a, **k):
+    os.kill(os.getpid(), signal.SIGKILL)
+if sys.argv[4] == "commit":  # new shards renamed into place, the manifest not yet replaced
+    records.write_json_atomic = die
+else:  # mid-write: the first tmp shard written, not yet closed
+    records.ShardWriter._finish_shard = die
+ingest.ingest_mp4_dir(sys.argv[1], sys.argv[2], FakeVideoCodec(), FakeAudioCodec(), examples_per_shard=1, overwrite=True,
+                      text_from="filename")
+"""
+
+
+@pytest.mark.parametrize("where", ["commit", "write"])
+def test_sigkill_during_ingest_keeps_the_previous_dataset_and_the_next_run_cleans_up(clip_dir, tmp_path, where):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "r"
+    first = ingest.ingest_mp4_dir(str(clip_dir), str(out), FakeVideoCodec(), FakeAudioCodec(), examples_per_shard=2)
+    before = (out / "manifest.json").read_text()
+    res = subprocess.run(
+        [sys.executable, "-c", KILL_INGEST, str(clip_dir), str(out), os.path.dirname(__file__), where],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == -signal.SIGKILL, res.stderr[-3000:]
+    assert (out / "manifest.json").read_text() == before
+    ds = open_dataset(str(out), verify_checksums=True)  # the previous dataset, whole
+    assert len(ds) == first["num_examples"] == 2 and ds[0]["text"] == "hello there"
+    listed = {s["file"] for s in first["shards"]}
+    assert [n for n in os.listdir(out) if n.startswith("train-") and n not in listed]  # leftovers, never read
+    m = ingest.ingest_mp4_dir(str(clip_dir), str(out), FakeVideoCodec(), FakeAudioCodec(), examples_per_shard=1, overwrite=True)
+    assert sorted(n for n in os.listdir(out) if n.startswith("train-")) == sorted(s["file"] for s in m["shards"])
+
+
+def test_a_second_ingest_into_the_same_directory_is_refused(clip_dir, tmp_path):
+    import os
+
+    from mmdit.util.lock import DirLock, LockHeld
+
+    with DirLock(str(tmp_path / "r"), command="another ingest"):
+        with pytest.raises(LockHeld, match=rf"in use by pid {os.getpid()} .*another ingest"):
+            ingest.ingest_mp4_dir(str(clip_dir), str(tmp_path / "r"), FakeVideoCodec(), FakeAudioCodec())
+    assert not (tmp_path / "r" / "manifest.json").exists()

@@ -302,7 +302,7 @@ def test_block_map_helpers():
 
 
 def test_metadata_mask_matches_dense_and_fingerprints():
-    from mmdit_kernels.flash_tpu import MetadataMask, fingerprint
+    from mmdit_kernels.splash_tpu import MetadataMask, fingerprint
 
     sq, sk = 200, 150
     cq, ck = np.arange(sq) // 50, np.arange(sk) // 50
@@ -327,7 +327,7 @@ def test_metadata_mask_matches_dense_and_fingerprints():
 
 
 def test_splash_interpret_matches_reference():
-    from mmdit_kernels.flash_tpu import flash_attention_tpu
+    from mmdit_kernels.splash_tpu import splash_attention as flash_attention_tpu
 
     b, sq, sk, h, d = 2, 160, 130, 2, 64
     q, k, v, do = qkv(b, sq, sk, h, d, jnp.float32, seed=7)

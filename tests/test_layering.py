@@ -22,12 +22,12 @@ from pathlib import Path
 # The allowed order, lowest first. A module may import its own layer (acyclically) and lower ones.
 LAYERS: list[list[str]] = [
     ["mmdit_kernels", "mmdit.util"],
-    ["mmdit.codecs", "mmdit.flow", "mmdit.attention"],
+    ["mmdit.codecs", "mmdit.encoders", "mmdit.flow", "mmdit.attention"],
     ["mmdit.parallel"],
     ["mmdit.model"],
     ["mmdit.tasks"],
     ["mmdit.config_lib", "mmdit.config_spec"],
-    ["mmdit.data"],
+    ["mmdit.data", "mmdit.convert"],
     ["mmdit.train", "mmdit.sample"],
     ["mmdit.eval", "mmdit.serve"],
     ["mmdit.cli"],

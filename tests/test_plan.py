@@ -131,3 +131,50 @@ def test_estimate_within_tolerance_of_compiled_memory(extra):
     # the state part is exact: arguments = sharded state + batch
     state = sum(est["parts_gb"][k] for k in ("params", "optimizer", "ema", "batch"))
     assert state == pytest.approx(comp["train_step"]["arguments"], rel=0.02)
+
+
+# ------------------------------------------------------------------------------------------------
+# attention: only implementations whose train step lowers for the target are recommended
+
+
+@pytest.mark.slow  # trace checks (3 lowerings) + one train step with the interpreted kernel (~40 s CPU)
+@pytest.mark.parametrize("topology, kernel", [("v5p-64", "pallas_tpu"), ("8xH100", "pallas_gpu")])
+def test_recommended_attention_lowers_and_trains(topology, kernel, capsys):
+    import jax
+    import numpy as np
+
+    from mmdit import config_lib, config_spec
+    from mmdit.model.diffusion import DiffusionModel
+    from mmdit.train import sharding
+    from mmdit.train import step as step_lib
+    from mmdit.train.state import init_state, make_optimizer
+
+    r = run_plan(["--config", "configs/unitalking.py:tiny", "--topology", topology, "--search", "--no-compile"], capsys)
+    checks = r["attention_checks"]
+    lowers = {impl for impl, result in checks.items() if result == "lowers"}
+    assert r["search"]["best"] is not None
+    assert {row["attention"] for row in r["search"]["top"]} <= lowers, (r["search"]["top"], checks)
+    best = r["search"]["best"]["attention"]
+    assert best == "pallas", checks  # the fused kernel before dense XLA
+    if topology == "v5p-64":  # splash builds static masks: the model's traced metadata cannot run it
+        assert "traced" in checks["splash"], checks
+    else:  # unitalking's `full & no_peek` is no cuDNN mask
+        assert "UnsupportedAttention" in checks["cudnn"] and "pallas" in checks["cudnn"], checks
+
+    # the recommendation trains: one step of unitalking:tiny with the target's kernel, interpreted on CPU
+    cfg = config_lib.override(
+        plan_lib.default_train(config_lib.load("configs/unitalking.py:tiny"), 2),
+        [f"model.attention.impl={kernel!r}", "model.attention.interpret=True"],
+    )
+    model = DiffusionModel.from_config(cfg)
+    tx = make_optimizer(config_spec.train_spec(cfg))
+    state = init_state(model, tx, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    batch = {
+        k: rng.random(s.shape) > 0.2 if s.dtype == bool else rng.standard_normal(s.shape).astype(s.dtype)
+        for k, s in sharding.batch_shapes(model, 2).items()
+    }
+    fast = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+    new, metrics = jax.jit(step_lib.make_train_step(model, cfg, tx), compiler_options=fast)(state, batch)
+    assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
+    assert int(new.step) == 1 and float(metrics["grad_norm"]) > 0

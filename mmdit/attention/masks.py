@@ -26,6 +26,7 @@ import ast
 import dataclasses
 from typing import Callable, NamedTuple, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from mmdit_kernels.block_map import EMPTY, FULL, PARTIAL, block_map_from_mask_fn  # noqa: F401  (masks.EMPTY ...)
@@ -355,6 +356,9 @@ class MaskSpec:
 
     ``rule`` is the (name-level) rule, ``predicate`` the bound predicate, ``q``/``k`` the metadata.
     ``is_full`` is a static promise that every valid pair is attended (lets mask-free kernels run).
+    ``num_groups`` is a static bound on the attention group ids: every query or key whose ``group``
+    is outside ``[0, num_groups)`` has no attended key (the model sets it to its stream count; group ids
+    are traced inside the layer scan, so kernels that split by group need the bound). ``None``: unknown.
     """
 
     rule: Rule
@@ -364,6 +368,13 @@ class MaskSpec:
     is_full: bool = False
     # Optional ((block_q, block_k), int8 [B, nq, nk]) computed once outside a layer scan.
     precomputed_block_map: tuple | None = None
+    num_groups: int | None = None
+
+    @property
+    def rule_is_full(self) -> bool:
+        """The rule attends every pair: only key validity and group equality restrict it (cuDNN with
+        sequence lengths can run it, :func:`mmdit.attention.registry.cudnn_attention`)."""
+        return isinstance(self.rule, Full)
 
     def dense(self) -> jnp.ndarray:
         return dense_mask(self.predicate, self.q, self.k)
@@ -383,4 +394,14 @@ def make_mask_spec(rule: Rule | str, stream_names: Sequence[str], q: TokenMeta, 
     rule = parse_rule(rule)
     rule.validate(stream_names)
     k = q if k is None else k
-    return MaskSpec(rule, rule.bind(tuple(stream_names)), q, k, is_full=isinstance(rule, Full))
+    return MaskSpec(rule, rule.bind(tuple(stream_names)), q, k, is_full=isinstance(rule, Full) and _attends_every_pair(q, k))
+
+
+def _attends_every_pair(q: TokenMeta, k: TokenMeta) -> bool:
+    """Concrete metadata with every key valid and one attention group (``is_full`` may then be set);
+    traced metadata cannot promise it."""
+    fields = (k.valid, q.group, k.group)
+    if any(isinstance(f, jax.core.Tracer) for f in fields):
+        return False
+    groups = np.concatenate([np.asarray(q.group).ravel(), np.asarray(k.group).ravel()])
+    return bool(np.all(np.asarray(k.valid))) and bool(np.all(groups == groups[0]))

@@ -17,20 +17,26 @@ import sys
 import time
 
 from mmdit import config_spec
+from mmdit.cli.errors import entry_point
 
 
+@entry_point("mmdit demo")
 def main(argv=None):
     p = argparse.ArgumentParser(prog="mmdit demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="runs/demo", help="where data, checkpoints, logs and samples go (default runs/demo)")
     p.add_argument("--config", default="configs/demo.py", help="config (default: the embedded demo)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--debug", action="store_true", help="full tracebacks instead of one-line errors (or MMDIT_DEBUG=1)")
     args = p.parse_args(argv)
-    try:
-        cfg = config_spec.load(args.config, args.set)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        print(f"mmdit demo: {args.config}: {e}", file=sys.stderr)
-        return 2
+    cfg = config_spec.load(args.config, args.set)
+    from mmdit.util.lock import DirLock
+
+    with DirLock(args.workdir, command=f"mmdit demo --workdir {os.path.abspath(args.workdir)}"):
+        return _demo(cfg, args)
+
+
+def _demo(cfg, args) -> int:
     wd = os.path.abspath(args.workdir)
     data = os.path.join(wd, "data")
     times = {}
@@ -53,17 +59,14 @@ def main(argv=None):
     from mmdit.eval.train_samples import sample_hook_for_workdir
     from mmdit.train.loop import train
 
-    try:
-        train(
-            cfg,
-            wd,
-            data_dir=os.path.join(data, "train"),
-            progress=not args.no_progress,
-            sample_hook=sample_hook_for_workdir(cfg, wd),
-        )
-    except (ValueError, FileNotFoundError) as e:
-        print(f"mmdit demo: {e}", file=sys.stderr)
-        return 2
+    train(
+        cfg,
+        wd,
+        data_dir=os.path.join(data, "train"),
+        progress=not args.no_progress,
+        sample_hook=sample_hook_for_workdir(cfg, wd),
+        lock=False,  # this command holds the workdir lock
+    )
     times["train"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -9,6 +9,7 @@ import json
 import sys
 
 from mmdit import config_spec
+from mmdit.cli.errors import entry_point
 
 
 def human(n: float) -> str:
@@ -83,19 +84,19 @@ def format_info(info: dict) -> str:
     return "\n".join(lines)
 
 
+@entry_point("mmdit-info")
 def main(argv=None):
     p = argparse.ArgumentParser(prog="mmdit-info", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="config file (configs/X.py[:arg]) or preset name")
     p.add_argument("--batch", type=int, default=1, help="per-step batch size for the FLOP figures")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--debug", action="store_true", help="full tracebacks instead of one-line errors (or MMDIT_DEBUG=1)")
     args = p.parse_args(argv)
-    try:
-        cfg = config_spec.load(args.config, args.set)
-        info = model_info(cfg, args.batch)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        print(f"mmdit-info: {args.config}: {e}", file=sys.stderr)
-        return 2
+    if args.batch < 1:
+        raise ValueError(f"--batch {args.batch}: the per-step batch size must be >= 1")
+    cfg = config_spec.load(args.config, args.set)
+    info = model_info(cfg, args.batch)
     print(json.dumps(info, indent=2) if args.json else format_info(info))
     return 0
 

@@ -1,7 +1,7 @@
 """``mmdit <command> ...``: one entry point for every program.
 
 Commands: ``demo`` (the embedded default end to end), ``info``, ``data``, ``train``, ``sample``,
-``export``, ``eval``, ``plan``. ``mmdit <command> --help`` shows each one's flags; each is also
+``export``, ``eval``, ``plan``, ``convert``. ``mmdit <command> --help`` shows each one's flags; each is also
 installed as ``mmdit-<command>``.
 """
 
@@ -19,6 +19,7 @@ COMMANDS = {
     "export": ("mmdit.cli.export", "main", "export a serving bundle (params + jax.export'd step)"),
     "eval": ("mmdit.cli.eval", "main", "lip-sync and identity metrics of a run's samples"),
     "plan": ("mmdit.cli.plan", "main", "ahead-of-time memory/FLOP plan for a topology"),
+    "convert": ("mmdit.cli.convert", "main", "pretrained Hugging Face checkpoint (Wan, MMAudio, UMT5...) -> mmdit params"),
 }
 
 
@@ -29,6 +30,7 @@ def usage() -> str:
 
 
 def main(argv=None):
+    as_program = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
@@ -38,7 +40,12 @@ def main(argv=None):
         print(f"mmdit: unknown command {cmd!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module, fn, _ = COMMANDS[cmd]
-    return getattr(importlib.import_module(module), fn)(rest)
+    rc = getattr(importlib.import_module(module), fn)(rest)
+    if rc and as_program:  # a failed command ends without orbax's shutdown noise
+        from mmdit.cli.errors import exit_quietly
+
+        exit_quietly(rc)
+    return rc
 
 
 if __name__ == "__main__":

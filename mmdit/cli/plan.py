@@ -17,6 +17,7 @@ import json
 import sys
 
 from mmdit import config_spec
+from mmdit.cli.errors import entry_point
 from mmdit.train import plan as plan_lib
 
 
@@ -46,6 +47,8 @@ def format_plan(r: dict) -> str:
         f"FLOPs per train step {r['flops_train_step']:.3e} ({r['flops_per_device']:.3e} per device)"
         + (f"; at 40% MFU {r['step_time_at_40pct_mfu_s']:.2f} s/step" if "step_time_at_40pct_mfu_s" in r else "")
     )
+    for impl, result in r.get("attention_checks", {}).items():
+        lines.append(f"attention {impl}: {result}")
     s = r.get("search")
     if s:
         lines.append(f"search: {s['considered']} candidates, {s['valid']} pass the sharding checks, {s['fitting']} fit")
@@ -66,6 +69,7 @@ def format_plan(r: dict) -> str:
     return "\n".join(lines)
 
 
+@entry_point("mmdit-plan")
 def main(argv=None):
     p = argparse.ArgumentParser(prog="mmdit-plan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="config file (configs/X.py[:arg]) or preset name")
@@ -76,6 +80,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=None, help="global batch (default train.global_batch_size, else 8)")
     p.add_argument("--search", action="store_true", help="rank mesh shapes x remat x attention that fit")
     p.add_argument("--no-compile", action="store_true", help="analytic estimate only")
+    p.add_argument("--no-check", action="store_true", help="skip lowering the step per attention impl for the target")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--json", action="store_true", help="print JSON")
     args = p.parse_args(argv)
@@ -88,7 +93,13 @@ def main(argv=None):
         cfg = config_spec.load(args.config, args.set)
         cfg = plan_lib.default_train(plan_lib.apply_mesh(cfg, plan_lib.parse_mesh(args.mesh)), args.batch)
         res = plan_lib.plan(
-            cfg, topo, hbm_gb=args.hbm_gb, headroom=args.headroom, search=args.search, compile_=not args.no_compile
+            cfg,
+            topo,
+            hbm_gb=args.hbm_gb,
+            headroom=args.headroom,
+            search=args.search,
+            compile_=not args.no_compile,
+            check=not args.no_check,
         )
     except (ValueError, KeyError, FileNotFoundError) as e:
         print(f"mmdit-plan: {e}", file=sys.stderr)

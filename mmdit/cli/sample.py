@@ -32,6 +32,8 @@ import argparse
 import os
 import sys
 
+from mmdit.cli.errors import entry_point
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -65,6 +67,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default: WORKDIR/samples; required with --bundle)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--no-verify", action="store_true", help="skip the sha256 check of the checkpoint / bundle params (huge models)"
+    )
+    p.add_argument("--debug", action="store_true", help="full tracebacks instead of one-line errors (or MMDIT_DEBUG=1)")
     return p
 
 
@@ -73,13 +79,13 @@ def _load(args):
     if args.bundle:
         from mmdit.serve.export import load_bundle
 
-        b = load_bundle(args.bundle)
+        b = load_bundle(args.bundle, verify=not args.no_verify)
         return b.config, b.params, b.step_fn, f"bundle {b.path}"
     try:
         from mmdit.train.checkpoint import restore_inference_params
     except ImportError as e:
         raise ValueError(f"--workdir needs mmdit.train.checkpoint ({e}); use --bundle instead") from None
-    cfg, params = restore_inference_params(args.workdir, step=args.step)
+    cfg, params = restore_inference_params(args.workdir, step=args.step, verify=not args.no_verify)
     return cfg, params, None, f"workdir {os.path.abspath(args.workdir)}"
 
 
@@ -92,10 +98,24 @@ def run(args) -> list[str]:
     from mmdit.sample.inputs import parse_guidance, parse_stream_shift
     from mmdit.sample.run import sample_to_files
 
+    from mmdit.sample.run import check_sampling_flags
+
     guidance = parse_guidance(args.guidance)
     stream_shift = parse_stream_shift(args.stream_shift)
     if args.bundle and not args.out:
         raise ValueError("--out is required with --bundle")
+    check_sampling_flags(num=args.num, steps=args.steps, shift=args.shift, stream_shift=stream_shift)  # before loading
+    if args.step is not None and args.bundle:
+        raise ValueError("--step selects a checkpoint of --workdir; a bundle holds one step (re-export for another)")
+    if args.text is not None:
+        try:
+            args.text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("--text is not valid UTF-8 (check the terminal's locale or the file it came from)") from None
+    for flag in ("image", "audio", "video"):
+        path = getattr(args, flag)
+        if path is not None and not os.path.isfile(path):
+            raise FileNotFoundError(f"--{flag} {path}: no such file")
     cfg, params, step_fn, source = _load(args)
     tasks = [t for v in args.task for t in v.split(",")] if args.task else None
     return sample_to_files(
@@ -125,14 +145,16 @@ def run(args) -> list[str]:
     )
 
 
+@entry_point("mmdit-sample")
 def main(argv=None) -> int:
     """Console entry point ``mmdit-sample`` (see the module docstring)."""
-    parser = _parser()
-    args = parser.parse_args(argv)
+    args = _parser().parse_args(argv)
     try:
         run(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        parser.exit(2, f"mmdit-sample: error: {e}\n")
+    except Exception as e:  # noqa: BLE001 -- name the input flag when PIL refuses an image
+        if type(e).__name__ == "DecompressionBombError" and args.image:
+            raise ValueError(f"--image {args.image}: too large to decode safely ({e}); pass a smaller image") from None
+        raise
     return 0
 
 

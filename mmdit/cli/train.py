@@ -1,7 +1,11 @@
 """``mmdit-train --config configs/demo.py --workdir W``: trains (or resumes) a run.
 
 Data: ``--data DIR`` (records written by ``mmdit-data``), default ``config.data.dir`` or
-``W/data/train``. Rerunning the same command resumes from the latest checkpoint in ``W``.
+``W/data/train``. Rerunning the same command resumes from the latest good checkpoint in ``W``
+("resuming from step N"; a corrupt latest step is reported, moved to ``W/checkpoints_corrupt/`` and
+the previous one used). One run per workdir: a second ``mmdit-train`` on ``W`` refuses, naming the
+running one (``W/.mmdit.lock``). Failures print one ``mmdit-train: error: ...`` line (``--debug``
+for the traceback).
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import argparse
 import sys
 
 from mmdit import config_spec
+from mmdit.cli.errors import entry_point
 
 
 def build_parser():
@@ -19,22 +24,49 @@ def build_parser():
     p.add_argument("--data", default=None, help="record directory (default: config.data.dir or WORKDIR/data/train)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--init-from",
+        default=None,
+        metavar="PATH",
+        help="start a fresh run from pretrained params: a converted checkpoint (mmdit convert), a training workdir "
+        "or a serving bundle (same as --set train.init_from=PATH; matching params loaded, the rest fresh)",
+    )
+    p.add_argument(
+        "--verify-data",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="check every data shard's sha256 against the manifest before training (default: when the shards "
+        "total at most 2 GiB; --no-verify-data skips it)",
+    )
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="restore the checkpoint without checking its sha256.json (for huge checkpoints; a corrupt "
+        "array then surfaces only as NaNs)",
+    )
+    p.add_argument("--debug", action="store_true", help="full tracebacks instead of one-line errors (or MMDIT_DEBUG=1)")
     return p
 
 
+@entry_point("mmdit-train")
 def main(argv=None):
     args = build_parser().parse_args(argv)
     from mmdit.eval.train_samples import sample_hook_for_workdir
     from mmdit.train.loop import train
 
-    try:
-        cfg = config_spec.load(args.config, args.set)  # every section checked before anything compiles
-        # TensorBoard samples every train.sample_every steps when WORKDIR/data/eval holds records.
-        hook = sample_hook_for_workdir(cfg, args.workdir)
-        last = train(cfg, args.workdir, data_dir=args.data, progress=not args.no_progress, sample_hook=hook)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        print(f"mmdit-train: {e}", file=sys.stderr)
-        return 2
+    overrides = args.set + ([f"train.init_from={args.init_from}"] if args.init_from else [])
+    cfg = config_spec.load(args.config, overrides)  # every section checked before anything compiles
+    # TensorBoard samples every train.sample_every steps when WORKDIR/data/eval holds records.
+    hook = sample_hook_for_workdir(cfg, args.workdir)
+    last = train(
+        cfg,
+        args.workdir,
+        data_dir=args.data,
+        progress=not args.no_progress,
+        sample_hook=hook,
+        verify_data=args.verify_data,
+        verify_checkpoint=not args.no_verify,
+    )
     if last:
         print(f"done: step loss {last.get('loss', float('nan')):.4f}; logs: {args.workdir}/tensorboard")
     return 0

@@ -1,12 +1,22 @@
 """Codec construction from config: ``config.codecs.video`` / ``config.codecs.audio`` name a kind and
-its arguments. Today only the weight-free kinds exist (``pixels``, ``mel``); a new codec is one entry here."""
+its arguments: the weight-free kinds (``pixels``, ``mel``) and the converted pretrained ones (``wan_vae``,
+``mmaudio``, built from ``mmdit convert`` checkpoints). A new codec is one entry here."""
 
 from __future__ import annotations
 
 import importlib
 
-_VIDEO = {"pixels": ("mmdit.codecs.pixels", "PixelCodec")}
-_AUDIO = {"mel": ("mmdit.codecs.mel", "MelCodec")}
+_VIDEO = {
+    "pixels": ("mmdit.codecs.pixels", "PixelCodec"),
+    # Wan2.1 / Wan2.2 VAE from a converted checkpoint: kind=wan_vae, checkpoint=DIR, fps, optional tile/tile_stride (px)
+    "wan_vae": ("mmdit.codecs.wan_vae", "WanVAECodec"),
+}
+_AUDIO = {
+    "mel": ("mmdit.codecs.mel", "MelCodec"),
+    # MMAudio VAE + BigVGAN vocoder from converted checkpoints: kind=mmaudio, vae=DIR, vocoder=DIR,
+    # optional scaling_factor, dtype, left_context / lookahead (chunked decode, latents)
+    "mmaudio": ("mmdit.codecs.mmaudio", "MMAudioCodec"),
+}
 
 
 def _make(table, cfg, field):

@@ -42,6 +42,7 @@ import av
 import numpy as np
 
 from mmdit.data import media
+from mmdit.util.lock import DirLock
 from mmdit.data.records import (
     SKIP_CORRUPT,
     SKIP_NO_AUDIO,
@@ -200,6 +201,7 @@ def ingest_mp4_dir(
     prefix: str = "train",
     examples_per_shard: int = 64,
     overwrite: bool = False,
+    encoders=None,
 ) -> dict[str, Any]:
     """Ingests every ``*.mp4`` under ``in_dir`` into a records dataset in ``out_dir``.
 
@@ -215,9 +217,15 @@ def ingest_mp4_dir(
       min_seconds / max_seconds: skip shorter clips / truncate longer ones.
       latent_dtype: storage dtype of the latents (float16 halves the size of float32).
       prefix / examples_per_shard / overwrite: passed to ``ShardWriter``.
+      encoders: frozen pretrained condition encoders (``mmdit.encoders.registry.ConditionEncoders``,
+        e.g. ``mmdit.sample.inputs.condition_encoders(cfg, spec)``): their fields (UMT5 text features,
+        wav2vec2 audio features, CLIP features of the first frame) are added to every example, floats
+        in ``latent_dtype``; when they fill ``text``, the transcript is kept as ``transcript``.
 
     Returns:
       The committed manifest (``num_examples``, ``skipped``, ``skipped_sources``, ...).
+
+    Holds ``out_dir``'s lock (:mod:`mmdit.util.lock`) while it writes: a second writer fails at once.
     """
     schema = schema or ExampleSchema()
     paths = _find_mp4s(in_dir)
@@ -231,14 +239,17 @@ def ingest_mp4_dir(
         "frame_size": list(frame_size) if frame_size else None,
         "latent_dtype": np.dtype(latent_dtype).name,
     }
-    with ShardWriter(
-        out_dir,
-        prefix,
-        examples_per_shard,
-        overwrite=overwrite,
-        producer=f"mmdit.data.ingest.ingest_mp4_dir({in_dir!r}, {out_dir!r}, ...)",
-        metadata=metadata,
-    ) as writer:
+    with (
+        DirLock(out_dir, command=f"mmdit.data.ingest.ingest_mp4_dir -> {os.path.abspath(out_dir)}"),
+        ShardWriter(
+            out_dir,
+            prefix,
+            examples_per_shard,
+            overwrite=overwrite,
+            producer=f"mmdit.data.ingest.ingest_mp4_dir({in_dir!r}, {out_dir!r}, ...)",
+            metadata=metadata,
+        ) as writer,
+    ):
         for i, path in enumerate(paths):
             rel = os.path.relpath(path, in_dir)
             try:
@@ -261,6 +272,13 @@ def ingest_mp4_dir(
                 }
                 if identity_from is not None:
                     example["identity"] = int(identity_from(path))
+                if encoders:
+                    extra = encoders.example_fields(
+                        text=example["text"], wave=wave, sample_rate=int(audio_codec.sample_rate), frame=frames[0]
+                    )
+                    if "text" in extra:
+                        example["transcript"] = example["text"]
+                    example.update({k: v.astype(latent_dtype) if v.dtype.kind == "f" else v for k, v in extra.items()})
                 validate_example(example, schema)
             except SkipExample as e:
                 log.warning("skipping %s: %s", path, e)

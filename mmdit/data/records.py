@@ -26,11 +26,13 @@ array|str|int|float|bool, dtype, shape (None = varies), optional}}), ``skipped``
 ``skipped_sources`` ([{source, reason, detail}]), ``producer``, ``metadata``, ``created``.
 
 **Atomicity.** Shards are written as ``*.tmp`` and fsynced; :meth:`ShardWriter.close` commits:
-remove an old manifest (overwrite only), rename tmp → final, fsync the directory, write the
-manifest via tmp + fsync + ``os.replace``, then delete shards of the old dataset that the new one
-does not list. A writer killed before ``close`` leaves the previous dataset (if any) intact and
-only ``.tmp`` files, which the reader never opens; a crash inside the commit leaves no manifest,
-which the reader reports. One writer per directory.
+rename tmp → final names that no shard of the old dataset uses (``{prefix}-r1-00000-of-...`` when
+the plain names are taken), fsync the directory, write the manifest via tmp + fsync +
+``os.replace`` (the commit point), then delete the old dataset's shards that the new one does not
+list. A writer killed at any point leaves either the previous dataset (if any) or the new one
+complete and readable; its leftovers (``.tmp`` shards, final-named shards no manifest lists) are
+never opened by the reader and are removed by the next writer of the directory. One writer per
+directory (``mmdit-data synth`` and ingest hold :mod:`mmdit.util.lock`).
 """
 
 from __future__ import annotations
@@ -271,6 +273,7 @@ class ShardWriter:
                 f"{out_dir} already holds a dataset ({MANIFEST_NAME}); pass "
                 "overwrite=True to replace it or write to an empty directory"
             )
+        self._remove_leftovers()
         self._schema: Schema = {}
         self._key_counts: dict[str, int] = {}
         self._shards: list[dict[str, Any]] = []  # finished tmp shards
@@ -279,6 +282,13 @@ class ShardWriter:
         self.skipped: dict[str, int] = {}
         self._skip_list: list[dict[str, str]] = []
         self._closed = False
+
+    def _remove_leftovers(self) -> None:
+        """Deletes the ``.tmp`` shards of a killed writer with this prefix (the caller is the
+        directory's one writer), so they do not pile up."""
+        for name in os.listdir(self.out_dir):
+            if name.startswith(f"{self.prefix}-") and name.endswith(SHARD_SUFFIX + TMP_SUFFIX):
+                os.remove(os.path.join(self.out_dir, name))
 
     # -- adding examples
     def write(self, example: Mapping[str, Any]) -> None:
@@ -318,15 +328,22 @@ class ShardWriter:
         self._closed = True
         old = None
         if os.path.exists(self._manifest_path):
-            try:  # only to delete the old dataset's shards afterwards
+            try:  # the old dataset stays readable until the new manifest replaces it
                 old = json.loads(pathlib.Path(self._manifest_path).read_text())
             except (OSError, ValueError):
                 pass
-            os.remove(self._manifest_path)  # invalidate before any final name changes
-        n = len(self._shards)
-        for i, shard in enumerate(self._shards):
-            shard["file"] = f"{self.prefix}-{i:05d}-of-{n:05d}{SHARD_SUFFIX}"
-            os.replace(shard.pop("tmp"), os.path.join(self.out_dir, shard["file"]))
+        old_files = {s.get("file") for s in (old or {}).get("shards", [])}
+        n, tag, k = len(self._shards), "", 0
+
+        def names(tag: str) -> list[str]:
+            return [f"{self.prefix}{tag}-{i:05d}-of-{n:05d}{SHARD_SUFFIX}" for i in range(n)]
+
+        while old_files & set(names(tag)):
+            k += 1
+            tag = f"-r{k}"
+        for shard, name in zip(self._shards, names(tag)):
+            shard["file"] = name
+            os.replace(shard.pop("tmp"), os.path.join(self.out_dir, name))
         fsync_path(self.out_dir)
         manifest = {
             "format": MANIFEST_FORMAT,
@@ -341,8 +358,11 @@ class ShardWriter:
             "skipped_sources": self._skip_list,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         }
-        write_json_atomic(self._manifest_path, manifest)
+        write_json_atomic(self._manifest_path, manifest)  # the commit point
         kept = {s["file"] for s in self._shards}
+        for name in os.listdir(self.out_dir):  # the old dataset's shards and a killed writer's final-named ones
+            if name.startswith(f"{self.prefix}-") and name.endswith(SHARD_SUFFIX) and name not in kept:
+                os.remove(os.path.join(self.out_dir, name))
         for s in (old or {}).get("shards", []):
             path = os.path.join(self.out_dir, s["file"])
             if s["file"] not in kept and os.path.exists(path):

@@ -18,6 +18,7 @@ from mmdit.codecs.registry import make_audio_codec, make_video_codec
 from mmdit.codecs.text import ByteTokenizer
 from mmdit.data.records import ShardWriter
 from mmdit.data.synthetic import SyntheticWorld, WorldConfig
+from mmdit.util.lock import DirLock
 
 EVAL_INDEX_OFFSET = 10**6
 
@@ -71,13 +72,19 @@ def write_split(cfg, out_dir: str, indices, *, progress: bool = True) -> dict:
 
 
 def synth(cfg, out_dir: str, num: int | None = None, num_eval: int | None = None, progress: bool = True) -> dict:
-    """Writes ``out_dir/train`` and ``out_dir/eval``; returns their manifests."""
+    """Writes ``out_dir/train`` and ``out_dir/eval``; returns their manifests. Holds ``out_dir``'s lock
+    (:mod:`mmdit.util.lock`) meanwhile; each split is committed atomically (:class:`ShardWriter`)."""
     data = config_spec.data_spec(cfg)
     num = int(data.num_train if num is None else num)
     num_eval = int(data.num_eval if num_eval is None else num_eval)
-    out = {"train": write_split(cfg, os.path.join(out_dir, "train"), range(num), progress=progress)}
-    if num_eval:
-        out["eval"] = write_split(
-            cfg, os.path.join(out_dir, "eval"), range(EVAL_INDEX_OFFSET, EVAL_INDEX_OFFSET + num_eval), progress=progress
-        )
+    if num < 1 or num_eval < 0:
+        raise ValueError(f"synth: num={num} (--num) must be >= 1 and num_eval={num_eval} (--num-eval) >= 0")
+    if not config_spec.has_codecs(cfg):
+        raise ValueError("the config has no codecs section (codecs.video / codecs.audio): it cannot make data")
+    with DirLock(out_dir, command=f"mmdit-data synth --out {os.path.abspath(out_dir)}"):
+        out = {"train": write_split(cfg, os.path.join(out_dir, "train"), range(num), progress=progress)}
+        if num_eval:
+            out["eval"] = write_split(
+                cfg, os.path.join(out_dir, "eval"), range(EVAL_INDEX_OFFSET, EVAL_INDEX_OFFSET + num_eval), progress=progress
+            )
     return out

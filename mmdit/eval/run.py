@@ -21,7 +21,10 @@ from mmdit.data import media
 from mmdit.data.records import open_dataset
 from mmdit.eval.lipsync import evaluate_clip
 from mmdit import tasks as tasks_lib
-from mmdit.util.files import write_json_atomic
+from mmdit.util import preflight
+from mmdit.util.files import chmod_as_umask, write_json_atomic
+
+MP4_BYTES_ESTIMATE = 4 << 20  # free space asked per clip (the demo's clips are ~100 KiB)
 
 
 def eval_batch(data_dir: str, num: int) -> dict:
@@ -74,7 +77,12 @@ def evaluate(
     tasks = tuple(tasks if tasks is not None else sampler.defaults.tasks)
     if num < 1:
         raise ValueError(f"num={num}: evaluate at least one clip per task (--num >= 1)")
+    unknown = [t for t in tasks if t not in tasks_lib.TASKS]
+    if unknown:
+        raise ValueError(f"--tasks {','.join(tasks)}: unknown task(s) {unknown}; known tasks: {sorted(tasks_lib.TASKS)}")
     batch = eval_batch(data_dir, num)
+    if out_dir:  # before sampling: a read-only or full output directory fails now, not after the work
+        preflight.check_output_dir(out_dir, len(tasks) * num * MP4_BYTES_ESTIMATE, f"{len(tasks) * num} MP4(s)")
     schema = model.input_spec()
     known, raw = schema.latents_of(batch), schema.conditions_of(batch)
     decode, r = ClipDecoder.from_config(cfg.codecs), tasks_lib.roles(model.spec, cfg.model)
@@ -95,6 +103,7 @@ def evaluate(
             for j, (f, w) in enumerate(zip(frames, waves)):
                 path = os.path.join(out_dir, f"{task}_{j}.mp4")
                 media.write_mp4(path, f, decode.fps, w, decode.sample_rate)
+                chmod_as_umask(path)  # media.write_mp4 goes through mkstemp (0600)
                 files.append({"task": task, "file": path, "text": batch["text"][j], **per_clip[j]})
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)

@@ -65,14 +65,17 @@ def param_breakdown(spec: ModelSpec, params=None) -> dict[str, StreamParams]:
             n = int(np.prod(leaf.shape))
             c = next((c for c in a.cross if path.startswith(f"cross_{c}/")), None)
             if c is not None:
+                added = spec.added_condition(c)  # Wan I2V: its k/v projections sit in the host's module
+                if added is not None and any(f"/{m}/" in path for m in ("add_k_proj", "add_v_proj", "norm_added_k")):
+                    c = added
                 cross[c] = cross.get(c, 0) + n
-                if "/to_k/kernel" in path or "/to_v/kernel" in path:
+                if any(f"/{m}/kernel" in path for m in ("to_k", "to_v", "add_k_proj", "add_v_proj")):
                     cross_kv[c] = cross_kv.get(c, 0) + n
                     continue
             if path.endswith("kernel"):
                 matmul += n
-        for c in a.cross:
-            cross[c] += _size(top["cond_embedding_" + c]) if ("cond_embedding_" + c) in top else 0
+        for c in spec.attended(a):
+            cross[c] = cross.get(c, 0) + (_size(top["cond_embedding_" + c]) if ("cond_embedding_" + c) in top else 0)
         out[a.name] = StreamParams(_size(top) + _size(blk), _size(blk), _size(top), cross, matmul, cross_kv)
     return out
 

@@ -14,6 +14,8 @@ cross-attention) through the same mask machinery (``local(window)`` between diff
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -60,6 +62,8 @@ def joint_attention(qs, ks, vs, mask: masks.MaskSpec, opts, sequence_parallel: s
     q = jnp.concatenate([qs[n] for n in names], axis=1)
     k = jnp.concatenate([ks[n] for n in names], axis=1)
     v = jnp.concatenate([vs[n] for n in names], axis=1)
+    if mask.num_groups is None:  # groups are 0 (joint layers) or the stream index (per-stream layers)
+        mask = dataclasses.replace(mask, num_groups=len(names))
     if sequence_parallel != "none":
         mesh = jax.sharding.get_abstract_mesh()
         out = sequence_parallel_attention(q, k, v, mask, opts, mesh=mesh, strategy=sequence_parallel)
@@ -72,7 +76,12 @@ def joint_attention(qs, ks, vs, mask: masks.MaskSpec, opts, sequence_parallel: s
 
 class CrossAttention(nn.Module):
     """Queries from a stream ``x [B, S, D]`` attend a condition ``c [B, L, D]``; ``mask`` is a
-    :class:`MaskSpec` over (stream tokens, condition tokens). Output ``[B, S, D]``."""
+    :class:`MaskSpec` over (stream tokens, condition tokens). Output ``[B, S, D]``.
+
+    ``added=True`` (Wan I2V): a second condition ``added = (c2 [B, L2, D], mask2, keep2 [B])`` is
+    attended with the same queries through its own key/value projections (``add_k_proj`` with
+    RMSNorm ``norm_added_k``, ``add_v_proj``); its output, times ``keep2``, is summed with the first
+    one's before the shared output projection."""
 
     dim: int
     heads: int
@@ -80,10 +89,19 @@ class CrossAttention(nn.Module):
     eps: float = 1e-6
     dtype: object = jnp.float32
     param_dtype: object = jnp.float32
+    added: bool = False
 
     @nn.compact
-    def __call__(self, x, c, mask: masks.MaskSpec, opts):
+    def __call__(self, x, c, mask: masks.MaskSpec, opts, added=None):
         q, k, v = QKV(self.heads, self.head_dim, self.eps, self.dtype, self.param_dtype, name="qkv")(x, None, kv_input=c)
         o = attention_registry.attend(q, k, v, mask, opts)
+        if self.added:
+            c2, mask2, keep2 = added
+            inner, split = self.heads * self.head_dim, lambda t: t.reshape(t.shape[:2] + (self.heads, self.head_dim))
+            k2 = dense(inner, ("embed", "heads"), self.dtype, self.param_dtype, name="add_k_proj")(c2)
+            k2 = RMSNorm(self.eps, param_dtype=self.param_dtype, name="norm_added_k")(k2)
+            v2 = dense(inner, ("embed", "heads"), self.dtype, self.param_dtype, name="add_v_proj")(c2)
+            o2 = attention_registry.attend(q, split(k2), split(v2), mask2, opts)
+            o = o + o2 * keep2[:, None, None, None].astype(o2.dtype)
         o = o.reshape(o.shape[:2] + (self.heads * self.head_dim,))
         return dense(self.dim, ("heads", "embed"), self.dtype, self.param_dtype, name="to_out")(o)

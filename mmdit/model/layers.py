@@ -1,5 +1,6 @@
 """Building blocks shared by every stream, in Wan 2.1/2.2's layer layout (adaLN modulation, RMS q/k norm,
-FP32 LayerNorm); no Wan checkpoint converter exists yet, so weight-for-weight parity is unproven.
+FP32 LayerNorm). Weight-for-weight parity with diffusers' WanTransformer3DModel is proven by
+tests/test_parity_wan_dit.py (converter: mmdit/convert/wan_dit.py).
 
 Shapes: activations ``[B, S, D]``; per-token timestep embeddings ``[B, S, D]``; modulation
 ``[B, S, K, D]`` (K = 6 per block, 2 for the output head). Every param carries logical axis names.
@@ -169,6 +170,25 @@ class ConditionEmbedding(nn.Module):
         return dense(self.dim, ("embed", "embed_out"), self.dtype, self.param_dtype, name="linear_2")(
             nn.gelu(h, approximate=True)
         )
+
+
+IMAGE_EMBEDDING_EPS = 1e-5  # Wan's image_embedder uses FP32LayerNorm's default eps, not the model's eps
+
+
+class ImageEmbedding(nn.Module):
+    """Wan I2V's image_embedder for CLIP vision features ``[B, L, C_img]`` -> ``[B, L, D]``:
+    LayerNorm -> Linear -> GELU (erf) -> Linear -> LayerNorm, both norms affine in f32 (eps 1e-5)."""
+
+    dim: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, c):
+        h = LayerNorm(IMAGE_EMBEDDING_EPS, affine=True, param_dtype=self.param_dtype, name="norm1")(c)
+        h = dense(c.shape[-1], ("cond", "mlp"), self.dtype, self.param_dtype, name="linear_1")(h.astype(self.dtype))
+        h = dense(self.dim, ("mlp", "embed"), self.dtype, self.param_dtype, name="linear_2")(nn.gelu(h, approximate=False))
+        return LayerNorm(IMAGE_EMBEDDING_EPS, affine=True, param_dtype=self.param_dtype, name="norm2")(h).astype(self.dtype)
 
 
 class OutputHead(nn.Module):

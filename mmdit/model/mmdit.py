@@ -9,6 +9,8 @@ Call signature (all dicts keyed by stream / condition name)::
 * ``sigma[s]``: per-token noise level ``[B, S_s]`` in [0, 1] (timestep input is ``1000 * sigma``);
 * ``conds[c]``: condition features ``[B, L_c, C_c]``; ``cond_masks[c]`` ``[B, L_c]`` valid flags;
   ``cond_keep[c]`` ``[B]`` -- False drops the condition for that sample (classifier-free guidance);
+  a condition in ``model.streams.<s>.concat`` is per token, ``[B, S_s, C_c]``, joined to the stream's tokens
+  before its patch embedding; one with ``added_to=h`` is attended inside ``h``'s cross-attention (Wan I2V);
 * ``known[s]`` ``[B, S_s]`` clean tokens (default ``sigma == 0``); ``valid[s]`` ``[B, S_s]`` (False:
   absent stream / padding, never attended);
 * returns the predicted velocity ``{s: [B, S_s, C_s * prod(patch_s)]}`` for generated streams.
@@ -30,6 +32,7 @@ from mmdit.model.attention import QKV, CrossAttention, joint_attention
 from mmdit.model.layers import (
     MLP,
     ConditionEmbedding,
+    ImageEmbedding,
     LayerNorm,
     ModulationTable,
     OutputHead,
@@ -63,7 +66,12 @@ class StreamBlock(nn.Module):
         self.attn_out = dense(a.dim, ("heads", "embed"), sp.dtype, sp.param_dtype)
         if a.cross:
             self.norm2 = LayerNorm(sp.eps, affine=True, param_dtype=sp.param_dtype)
-            self.cross = {c: CrossAttention(a.dim, sp.heads, sp.head_dim, sp.eps, sp.dtype, sp.param_dtype) for c in a.cross}
+            self.cross = {
+                c: CrossAttention(
+                    a.dim, sp.heads, sp.head_dim, sp.eps, sp.dtype, sp.param_dtype, added=sp.added_condition(c) is not None
+                )
+                for c in a.cross
+            }
         self.norm3 = LayerNorm(sp.eps)
         self.ffn = MLP(a.dim, a.ffn, sp.dtype, sp.param_dtype)
 
@@ -78,7 +86,9 @@ class StreamBlock(nn.Module):
         if self.arch.cross:
             h = self.norm2(x).astype(self.spec.dtype)
             for c in self.arch.cross:
-                y = self.cross[c](h, conds[c], cross_masks[c], self.spec.cross_attention).astype(jnp.float32)
+                g = self.spec.added_condition(c)
+                added = None if g is None else (conds[g], cross_masks[g], cond_keep[g])
+                y = self.cross[c](h, conds[c], cross_masks[c], self.spec.cross_attention, added).astype(jnp.float32)
                 x = x + y * cond_keep[c][:, None, None]
         y = self.ffn(modulate(self.norm3(x), m[3], m[4]))
         x = x + y.astype(jnp.float32) * m[5]
@@ -93,7 +103,7 @@ def _rebuild_mask(spec: ModelSpec, meta: masks.TokenMeta, block_map=None, is_ful
 
 def _cross_mask(window, q_meta, k_meta):
     rule = masks.Full() if window is None else masks.Local(float(window))
-    return masks.MaskSpec(rule, rule.bind(("stream", "condition")), q_meta, k_meta, is_full=False)
+    return masks.MaskSpec(rule, rule.bind(("stream", "condition")), q_meta, k_meta, is_full=False, num_groups=1)
 
 
 class Block(nn.Module):
@@ -120,7 +130,7 @@ class Block(nn.Module):
         new = {}
         for name, part in parts.items():
             a = sp.stream(name)
-            cross_masks = {c: _cross_mask(sp.condition(c).window, *ctx["cross_meta"][name][c]) for c in a.cross}
+            cross_masks = {c: _cross_mask(sp.condition(c).window, *ctx["cross_meta"][name][c]) for c in sp.attended(a)}
             new[name] = part.finish(xs[name], outs[name], mods[name], ctx["conds"].get(name, {}), cross_masks, ctx["cond_keep"])
         return new, None
 
@@ -135,14 +145,15 @@ class StreamIO(nn.Module):
         sp, a = self.spec, self.arch
         self.patch_embedding = TokenEmbedding(a.dim, sp.dtype, sp.param_dtype)
         self.time_embedding = TimestepEmbedding(a.dim, sp.freq_dim, 6, sp.dtype, sp.param_dtype)
-        self.cond_embedding = {c: ConditionEmbedding(a.dim, sp.dtype, sp.param_dtype) for c in a.cross}
+        embedding = lambda c: ImageEmbedding if sp.condition(c).embedding == "norm_mlp" else ConditionEmbedding  # noqa: E731
+        self.cond_embedding = {c: embedding(c)(a.dim, sp.dtype, sp.param_dtype) for c in sp.attended(a)}
         if not a.geometry.condition:
             self.head = OutputHead(a.dim, a.geometry.token_dim, sp.eps, sp.dtype, sp.param_dtype)
 
     def embed(self, tokens, sigma, conds):
         x = self.patch_embedding(tokens).astype(jnp.float32)
         temb, mod = self.time_embedding(sigma)
-        c = {name: self.cond_embedding[name](conds[name]) for name in self.arch.cross}
+        c = {name: self.cond_embedding[name](conds[name]) for name in self.spec.attended(self.arch)}
         return x, temb, mod, c
 
     def output(self, x, temb):
@@ -193,6 +204,9 @@ class MMDiT(nn.Module):
             tok = tokens[a.name]
             if a.geometry.condition and a.name in cond_keep:
                 tok = tok * cond_keep[a.name][:, None, None].astype(tok.dtype)  # in-sequence condition dropout
+            if a.concat:  # Wan I2V: per-token condition channels joined to the tokens (= channel concat before patchify)
+                extra = [conds[c] * cond_keep[c][:, None, None].astype(conds[c].dtype) for c in a.concat]
+                tok = jnp.concatenate([tok] + [e.astype(tok.dtype) for e in extra], axis=-1)
             xs[a.name], temb[a.name], mod[a.name], cemb[a.name] = io[a.name].embed(tok, sig, conds)
             xs[a.name] = nn.with_logical_constraint(xs[a.name], ("batch", "length", "embed"))
         meta = self.token_meta(batch, known, valid)
@@ -244,9 +258,11 @@ class MMDiT(nn.Module):
                 )
             if not a.geometry.condition and a.name not in sigma:
                 raise ValueError(f"missing sigma for generated stream {a.name!r}")
-        for c in {c for a in sp.streams for c in a.cross}:
+        for c in {c for a in sp.streams for c in sp.attended(a) + a.concat}:
             if c not in conds:
-                raise ValueError(f"condition {c!r} is cross-attended (model.streams.*.cross) but not given")
+                raise ValueError(
+                    f"condition {c!r} is cross-attended or concatenated (model.streams.*.cross / concat) but not given"
+                )
 
     def _cross_meta(self, batch, cond_masks, valid):
         """Per (stream, condition): (query meta, key meta) for the cross-attention mask."""
@@ -264,7 +280,7 @@ class MMDiT(nn.Module):
                 valid=qv,
                 group=jnp.zeros((1, n), jnp.int32),
             )
-            for c in a.cross:
+            for c in sp.attended(a):
                 arch = sp.condition(c)
                 L = arch.length
                 if arch.rate is not None:

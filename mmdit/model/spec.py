@@ -29,6 +29,8 @@ class ConditionArch:
     length: int  # tokens per sample (for shapes / FLOPs)
     rate: float | None = None  # tokens per second, needed by windowed cross-attention
     window: float | None = None  # aligned-time window (reference latent frames); None = full
+    embedding: str = "mlp"  # "mlp": Linear-GELU(tanh)-Linear (Wan's text_embedder); "norm_mlp": Wan's image_embedder
+    added_to: str | None = None  # attended inside that condition's cross-attention (Wan I2V's add_k_proj/add_v_proj)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +43,7 @@ class StreamArch:
     ffn: int
     cross: tuple[str, ...]  # conditions this stream cross-attends (outputs summed)
     time_factor: float | None = None
+    concat: tuple[str, ...] = ()  # per-token conditions concatenated to the tokens before the patch embedding
 
     @property
     def name(self) -> str:
@@ -84,6 +87,15 @@ class ModelSpec:
         then the condition streams."""
         return tuple(c.name for c in self.conditions) + tuple(s.name for s in self.streams if s.geometry.condition)
 
+    def added_condition(self, host: str) -> str | None:
+        """The condition attended inside ``host``'s cross-attention (``model.conditions.*.added_to``), or None."""
+        return next((c.name for c in self.conditions if c.added_to == host), None)
+
+    def attended(self, arch: StreamArch) -> tuple[str, ...]:
+        """Every condition a stream attends: its ``cross`` conditions, then the ones added to them."""
+        extra = tuple(g for g in (self.added_condition(c) for c in arch.cross) if g is not None)
+        return arch.cross + extra
+
     def stream(self, name: str) -> StreamArch:
         for s in self.streams:
             if s.name == name:
@@ -121,7 +133,65 @@ def _joint_layers(value, num_layers: int) -> tuple[int, ...]:
     return tuple(sorted(set(layers)))
 
 
-def build_spec(model_cfg) -> ModelSpec:
+EMBEDDINGS = ("mlp", "norm_mlp")
+
+
+def _check_condition_roles(model_cfg, conditions, streams) -> None:
+    """Validates the opt-in Wan I2V roles: ``embedding``, ``added_to`` (a condition attended inside another's
+    cross-attention) and ``model.streams.*.concat`` (per-token conditions concatenated to a stream's tokens)."""
+    by_name = {c.name: c for c in conditions}
+    concat = {n: tuple(model_cfg.streams[n].get("concat", ())) for n in streams}
+    cross = {c for n in streams for c in model_cfg.streams[n].get("cross", ())}
+    for c in conditions:
+        field = f"model.conditions.{c.name}"
+        if c.embedding not in EMBEDDINGS:
+            raise ValueError(f"{field}.embedding={c.embedding!r}: choose one of {EMBEDDINGS}")
+        if c.added_to is None:
+            continue
+        host = by_name.get(c.added_to)
+        if host is None or host.added_to is not None or c.added_to == c.name:
+            raise ValueError(
+                f"{field}.added_to={c.added_to!r} must name another cross-attended condition of model.conditions "
+                f"({sorted(n for n in by_name if n != c.name)}) that is not itself added to one"
+            )
+        if [o.name for o in conditions if o.added_to == c.added_to] != [c.name]:
+            raise ValueError(f"{field}.added_to: condition {c.added_to!r} takes at most one added condition")
+        if c.name in cross or any(c.name in v for v in concat.values()):
+            raise ValueError(f"{field} is added_to {c.added_to!r}: remove it from model.streams.*.cross / concat")
+        if c.window is not None:
+            raise ValueError(f"{field}: an added condition attends in full; remove `window`")
+        if c.added_to not in cross:
+            raise ValueError(f"{field}.added_to={c.added_to!r}: no stream cross-attends it; add it to model.streams.*.cross")
+    for name, names in concat.items():
+        for c in names:
+            field = f"model.streams.{name}.concat"
+            if c not in by_name:
+                raise ValueError(f"{field} names condition {c!r}, which is not in model.conditions ({sorted(by_name)})")
+            if c in cross or by_name[c].added_to is not None:
+                raise ValueError(f"{field}: condition {c!r} is concatenated, so it cannot also be cross-attended / added_to")
+            if by_name[c].length != streams[name].num_tokens:
+                raise ValueError(
+                    f"model.conditions.{c}.length={by_name[c].length}: a condition concatenated to stream {name!r} has one "
+                    f"feature vector per token, so its length must be the stream's {streams[name].num_tokens} tokens"
+                )
+
+
+def _resolve_impl(impl: str, fallback, rule, platform: str, dtype: str, field: str) -> tuple[str, str | None]:
+    """``model.attention.<field>`` -> (impl, fallback); ``"auto"`` picks per platform, mask rule and dtype
+    (:func:`mmdit.attention.registry.resolve_auto`), announced once per process."""
+    if impl != "auto":
+        return impl, fallback
+    chosen, auto_fallback = attention_registry.resolve_auto(rule, platform, dtype)
+    fallback = fallback if fallback is not None else auto_fallback
+    attention_registry.announce(
+        f"model.attention.{field}='auto' -> {chosen!r} (fallback {fallback!r}) for platform {platform!r}, mask {rule}, dtype {dtype}"
+    )
+    return chosen, fallback
+
+
+def build_spec(model_cfg, platform: str | None = None) -> ModelSpec:
+    """``platform``: the backend ``model.attention.impl="auto"`` resolves for (default:
+    :func:`mmdit.attention.registry.platform`; ``mmdit-plan`` passes its target's)."""
     streams = build_streams(model_cfg)
     heads = int(model_cfg.heads)
     head_dim = model_cfg.get("head_dim", None)
@@ -134,11 +204,14 @@ def build_spec(model_cfg) -> ModelSpec:
                 length=int(c.length),
                 rate=c.get("rate", None),
                 window=c.get("window", None),
+                embedding=c.get("embedding", "mlp"),
+                added_to=c.get("added_to", None),
             )
         )
         if c.get("window", None) is not None and c.get("rate", None) is None:
             raise ValueError(f"model.conditions.{name}: a windowed condition needs `rate` (tokens/second)")
     cond_names = [c.name for c in conditions]
+    _check_condition_roles(model_cfg, conditions, streams)
     archs = []
     for name, spec in streams.items():
         if name == "blocks" or name in cond_names:
@@ -159,7 +232,7 @@ def build_spec(model_cfg) -> ModelSpec:
                     f"model.streams.{name}.cross names condition {c!r}, which is not in "
                     f"model.conditions ({cond_names}); add it there or remove it from the stream"
                 )
-        archs.append(StreamArch(spec, dim, int(s.ffn), cross, s.get("time_factor", None)))
+        archs.append(StreamArch(spec, dim, int(s.ffn), cross, s.get("time_factor", None), tuple(s.get("concat", ()))))
     if head_dim is None:
         dims = {a.dim for a in archs}
         if len(dims) > 1:
@@ -178,15 +251,22 @@ def build_spec(model_cfg) -> ModelSpec:
     if remat not in REMAT_POLICIES:
         raise ValueError(f"model.remat={remat!r}: choose one of {REMAT_POLICIES}")
     att = model_cfg.get("attention", {})
+    platform = platform or attention_registry.platform()  # never starts the backend (multi-host init order)
+    dtype_name = model_cfg.get("dtype", "float32")
+    impl, fallback = _resolve_impl(att.get("impl", "xla"), att.get("fallback", None), rule, platform, dtype_name, "impl")
     opts = AttentionOptions(
-        impl=att.get("impl", "xla"),
-        fallback=att.get("fallback", None),
+        impl=impl,
+        fallback=fallback,
         block_q=int(att.get("block_q", 128)),
         block_k=int(att.get("block_k", 128)),
         interpret=bool(att.get("interpret", False)),
     )
     attention_registry.get(opts.impl)  # unknown impl -> error naming the field
-    cross_opts = dataclasses.replace(opts, impl=att.get("cross_impl", "xla"), fallback=None)
+    cross_impl, cross_fallback = _resolve_impl(
+        att.get("cross_impl", "xla"), None, masks.Full(), platform, dtype_name, "cross_impl"
+    )
+    attention_registry.get(cross_impl)
+    cross_opts = dataclasses.replace(opts, impl=cross_impl, fallback=cross_fallback)
     for field, name in (("dtype", model_cfg.get("dtype", "float32")), ("param_dtype", model_cfg.get("param_dtype", "float32"))):
         if name not in _DTYPES:
             raise ValueError(f"model.{field}={name!r}: choose one of {list(_DTYPES)}")

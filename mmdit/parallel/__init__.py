@@ -5,7 +5,8 @@
 * :mod:`~mmdit.parallel.rules` -- logical axis rules, ``validate_rules``, ``logical_to_sharding``,
   ``check_not_replicated``, ``with_logical_constraint``.
 * :mod:`~mmdit.parallel.ulysses` / :mod:`~mmdit.parallel.ring` -- sequence-parallel attention
-  wrapping any attention implementation (Ulysses) or running its own ring (ring);
+  wrapping any attention implementation (Ulysses) or running the implementation's blockwise
+  ``(fwd_lse, bwd)`` pair per ring step, merged by log-sum-exp (ring);
   :mod:`~mmdit.parallel.sequence_split` holds their shared padding policy and partition specs.
 """
 

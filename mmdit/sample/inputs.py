@@ -13,7 +13,8 @@ caller name its own field instead).
   transcripts fill the inputs a caller did not give.
 * :func:`gather_known_latents` / :func:`gather_texts` -- one task's known latents ``{stream:
   [num, ...]}`` (with where each came from) and its ``num`` transcripts.
-* :func:`prepare_task_inputs` -- both, plus the task's RNG and the byte-tokenized text, validated
+* :func:`prepare_task_inputs` -- both, plus the task's RNG and the byte-tokenized text (or the
+  configured ``encoders.text``'s features, :func:`condition_encoders`), validated
   against the masks the sampler will draw: a :class:`TaskInputs` ready for ``Sampler.sample``.
 * :func:`parse_guidance` / :func:`parse_stream_shift` -- ``"text=video:4,audio:3"`` and
   ``"audio=1"`` strings -> the ``guidance`` / ``stream_shift`` arguments of ``Sampler.sample``.
@@ -40,6 +41,7 @@ __all__ = [
     "gather_texts",
     "TaskInputs",
     "prepare_task_inputs",
+    "condition_encoders",
     "task_rng",
 ]
 
@@ -235,8 +237,8 @@ class MediaEncoder:
         return wave.astype(np.float32)
 
     def audio_latents(self, wave: np.ndarray, name: str) -> np.ndarray:
-        """Mono wave ``[T]`` -> audio latents ``[L, C]`` (cut, or zero-padded with a note naming ``name``,
-        to the clip length)."""
+        """Mono wave ``[T]`` -> audio latents ``[L, C]`` (cut or zero-padded to the clip length, with a
+        note naming ``name``)."""
         t = self.num_samples
         if len(wave) < t:
             self.note(
@@ -244,6 +246,11 @@ class MediaEncoder:
                 f"silence to {t / self.audio_codec.sample_rate:.2f} s"
             )
             wave = np.pad(wave, (0, t - len(wave)))
+        elif len(wave) > t:
+            self.note(
+                f"{name} is {len(wave) / self.audio_codec.sample_rate:.2f} s; using its first "
+                f"{t / self.audio_codec.sample_rate:.2f} s (the clip length), the rest is ignored"
+            )
         lat = self.audio_codec.encode(np.asarray(wave[:t], np.float32)[None], sample_rate=self.audio_codec.sample_rate)
         return np.asarray(lat, np.float32)[0]
 
@@ -300,8 +307,14 @@ class EvalRecords:
         return np.stack(out)
 
     def texts(self, num: int) -> list[str]:
-        """The transcripts of examples ``0..num-1`` (``""`` where a record has none)."""
-        return [str(self.get(i).get("text", "")) for i in range(num)]
+        """The transcripts of examples ``0..num-1`` (``""`` where a record has none; records whose ``text``
+        holds precomputed features keep the transcript as ``transcript``)."""
+        out = []
+        for i in range(num):
+            rec = self.get(i)
+            t = rec.get("transcript", rec.get("text", ""))
+            out.append(t if isinstance(t, str) else "")
+        return out
 
 
 def _suffix(evals: EvalRecords) -> str:
@@ -385,7 +398,9 @@ class TaskInputs:
     Fields: ``task``; ``rng`` (the key passed to ``sample``); ``known`` ``{stream: float32 [num,
     *latent_shape]}`` for condition streams and the task's given streams; ``sources`` ``{stream: where
     its content came from}``; ``raw`` (``text_tokens`` int32 ``[num, L]`` when the model has a byte
-    text encoder, else empty); ``texts`` (the ``num`` transcripts, ``""`` when unconditioned).
+    text encoder; ``text`` float32 ``[num, L, C]`` + ``text_mask`` bool ``[num, L]`` from the configured
+    ``encoders.text`` when it takes precomputed features; else empty); ``texts`` (the ``num``
+    transcripts, ``""`` when unconditioned).
     """
 
     task: str
@@ -394,6 +409,15 @@ class TaskInputs:
     sources: dict[str, str]
     raw: dict[str, np.ndarray]
     texts: list[str]
+
+
+def condition_encoders(cfg, spec):
+    """The frozen pretrained encoders ``cfg.encoders`` configures for the model ``spec``
+    (``mmdit.encoders.registry.ConditionEncoders``, built lazily on first use; empty when none)."""
+    from mmdit import config_spec
+    from mmdit.encoders.registry import ConditionEncoders
+
+    return ConditionEncoders(config_spec.encoders_spec(cfg, spec))
 
 
 def task_rng(seed: int, task: str):
@@ -416,14 +440,17 @@ def prepare_task_inputs(
     image: str | None = None,
     audio: str | None = None,
     video: str | None = None,
+    encoders=None,
 ) -> TaskInputs:
     """Validates ``task`` for media-file sampling and gathers its inputs (nothing is sampled).
 
     ``sampler`` is the ``mmdit.sample.sampler.Sampler`` that will sample: its task masks (the ones
     ``sample`` draws from the same key) decide which streams need known content and whether the text
     is present. Streams come from :func:`gather_known_latents`, transcripts from :func:`gather_texts`,
-    byte-tokenized to ``model.conditions.text.length``. Raises ValueError when the task needs a
-    condition other than text and media streams, or an input that neither the files nor ``evals`` give.
+    byte-tokenized to ``model.conditions.text.length`` -- or, for a model that takes precomputed text
+    features, encoded by the configured ``encoders.text`` (``encoders``: a :func:`condition_encoders`
+    object, built from ``sampler.cfg`` when None). Raises ValueError when the task needs a condition
+    other than text and media streams, or an input that neither the files nor ``evals`` give.
     """
     import jax
 
@@ -448,13 +475,21 @@ def prepare_task_inputs(
     known, sources = gather_known_latents(task, needed, media, roles, evals, num, image=image, audio=audio, video=video)
     raw, texts = {}, [""] * num
     if text_cfg is not None and bool(np.any(np.asarray(masks.present.get("text", True)))):
-        if model.text_encoder is None:
-            raise ValueError(
-                "this model takes precomputed text features (model.conditions.text without "
-                "model.text_encoder); mmdit-sample supports only the byte text path"
-            )
-        texts = gather_texts(task, num, evals, text=text)
-        raw["text_tokens"] = ByteTokenizer().encode_batch(texts, text_cfg.length)
+        if model.text_encoder is not None:
+            texts = gather_texts(task, num, evals, text=text)
+            raw["text_tokens"] = ByteTokenizer().encode_batch(texts, text_cfg.length)
+        else:
+            encoders = encoders if encoders is not None else condition_encoders(sampler.cfg, spec)
+            if encoders.get("text") is None:
+                raise ValueError(
+                    "this model takes precomputed text features (model.conditions.text without model.text_encoder); "
+                    "set encoders.text=dict(kind='umt5', checkpoint=...) to encode --text, or use the Sampler API with raw_conds"
+                )
+            texts = gather_texts(task, num, evals, text=text)
+            feats, mask = encoders.get("text").encode(texts)
+            raw["text"], raw["text_mask"] = np.asarray(feats, np.float32), np.asarray(mask, bool)
     elif text_cfg is not None and model.text_encoder is not None:
         raw["text_tokens"] = np.zeros((num, text_cfg.length), np.int32)
+    elif text_cfg is not None:  # features path, text dropped by the task: the schema's defaults
+        raw["text"] = np.zeros((num, text_cfg.length, text_cfg.dim), np.float32)
     return TaskInputs(task, rng, known, sources, raw, texts)

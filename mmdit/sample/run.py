@@ -15,13 +15,17 @@ atomically.
 from __future__ import annotations
 
 import json
+import math
 import os
+import sys
 from typing import Callable, Mapping, Sequence
 
 
 from mmdit import config_spec
 from mmdit.codecs.clip import ClipDecoder
 from mmdit.sample import inputs as inputs_lib
+from mmdit.util import preflight
+from mmdit.util.files import chmod_as_umask
 
 __all__ = ["with_overrides", "sample_to_files"]
 
@@ -43,6 +47,21 @@ def with_overrides(cfg, overrides: Sequence[str] = (), *, fixed_model: bool = Fa
             "model override or re-export the bundle with mmdit-export"
         )
     return cfg
+
+
+MP4_BYTES_ESTIMATE = 4 << 20  # free space asked per clip (the demo's clips are ~100 KiB)
+
+
+def check_sampling_flags(*, num=None, steps=None, shift=None, stream_shift=None) -> None:
+    """ValueError naming the flag for a sampler setting out of range (None: the config's, checked by
+    config_spec): ``--num`` >= 1, ``--steps`` >= 1, ``--shift`` > 0 and finite."""
+    if num is not None and (isinstance(num, bool) or int(num) != num or num < 1):
+        raise ValueError(f"--num {num}: sample at least one clip per task (--num >= 1)")
+    if steps is not None and (isinstance(steps, bool) or int(steps) != steps or steps < 1):
+        raise ValueError(f"--steps {steps}: the sampler needs at least one Euler step (--steps >= 1)")
+    if shift is not None and not (math.isfinite(shift) and shift > 0):
+        raise ValueError(f"--shift {shift}: the sigma schedule shift must be > 0 (1 = unshifted, 3..5 typical)")
+    config_spec.check_stream_shift(stream_shift or {}, list((stream_shift or {}).keys()))
 
 
 def sample_to_files(
@@ -118,21 +137,35 @@ def sample_to_files(
     defaults = sampler.defaults  # the validated config.sample
     tasks = [t.strip() for t in (defaults.tasks if tasks is None else tasks)]
     tasks = [t for t in tasks if t]
+    check_sampling_flags(num=num, steps=steps, shift=shift)
     num = int(num if num is not None else defaults.num_per_task)
     seed = int(seed if seed is not None else config_spec.complete(cfg).seed)
-    if num < 1:
-        raise ValueError(f"--num must be >= 1, got {num}")
     evals = inputs_lib.EvalRecords(eval_dir)
+    note = note or (lambda m: print(f"note: {m}", file=sys.stderr))
+    if text is not None:
+        text.encode("utf-8")  # UnicodeEncodeError for undecodable command-line bytes, before any work
+        # Byte tokens (the in-model text encoder): one token per byte plus BOS/EOS. A frozen text encoder
+        # (encoders.text) tokenizes itself and reports its own truncation.
+        byte_text = "text" in cfg.model.conditions and cfg.model.get("text_encoder") is not None
+        limit = int(cfg.model.conditions.text.length) - 2 if byte_text else None
+        if limit is not None and len(text.encode("utf-8")) > limit:
+            note(
+                f"--text is {len(text.encode('utf-8'))} bytes; the model reads only the first {limit} "
+                f"(model.conditions.text.length={limit + 2} tokens incl. BOS/EOS), the rest is dropped"
+            )
 
     # Validate every task and gather its inputs before sampling anything.
+    encoders = inputs_lib.condition_encoders(cfg, spec)  # frozen text encoder (encoders.text), built on first use
     plans = [
         inputs_lib.prepare_task_inputs(
-            sampler, task, num, seed, media_io, roles, evals, text=text, image=image, audio=audio, video=video
+            sampler, task, num, seed, media_io, roles, evals, text=text, image=image, audio=audio, video=video, encoders=encoders
         )
         for task in tasks
     ]
 
-    os.makedirs(out_dir, exist_ok=True)
+    if text is None and evals.available() and any(any(p.texts) for p in plans):
+        note(f"no --text: the transcripts come from the eval records in {evals.path}")
+    preflight.check_output_dir(out_dir, len(plans) * num * MP4_BYTES_ESTIMATE, f"{len(plans) * num} MP4(s)")
     stream_shift = dict(stream_shift) if stream_shift is not None else None
     settings = dict(
         steps=steps,
@@ -150,6 +183,7 @@ def sample_to_files(
         for i in range(num):
             path = os.path.join(out_dir, f"{p.task}_{i}.mp4")
             media.write_mp4(path, frames[i], media_io.video_codec.fps, waves[i], media_io.audio_codec.sample_rate)
+            chmod_as_umask(path)  # media.write_mp4 goes through mkstemp (0600)
             paths.append(path)
             entries.append(
                 {

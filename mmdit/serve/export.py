@@ -26,13 +26,16 @@ of a batch-of-one call); ``bundle.json`` records which (``batching``). Platforms
 **bundle.json**: ``format`` ("mmdit.bundle"), ``format_version``, ``created``, ``jax_version``,
 ``jaxlib_version``, ``step`` (training step or null), ``platforms``, ``skipped_platforms``
 (``{platform: reason}``), ``batch`` ("b" or an int), ``batching`` ("native" | "per_sample"),
-``files``, ``sha256`` of config.json and the export, ``params`` (``format``, ``count``, ``bytes``,
+``files``, ``sha256`` of config.json, the export and every file under ``params/`` (``params/<path>``;
+checked on load unless ``verify=False``, so a flipped bit in the weights fails before sampling), ``params`` (``format``, ``count``, ``bytes``,
 ``tree``: ``{path: [shape, dtype]}``), ``inputs`` / ``outputs`` (``{arg: {path: {shape, dtype}}}``,
 shapes with "b"), ``in_tree`` / ``out_tree`` (pytree strings), ``guidance_order`` (the config's
 guidance condition order, which the sorted JSON config loses).
 
 Writes are atomic: the bundle is built in a sibling temp directory and ``os.replace``-d into place
-(an existing bundle at the path is swapped out and deleted only afterwards).
+(an existing bundle at the path is swapped out and deleted only afterwards). A killed export leaves
+only ``.NAME.tmp-*`` siblings, removed by the next export to that path; one killed between the two
+renames leaves the previous bundle in ``.NAME.old-*/bundle``, which the next export puts back first.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import datetime
 import json
 import os
 import shutil
+import sys
 import tempfile
 from typing import Any, Callable, Sequence
 
@@ -61,6 +65,7 @@ CONFIG = "config.json"
 STEP = "denoise_step.jaxexport"
 PARAMS = "params"
 DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
+KNOWN_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # jax.export lowering platforms
 _ARG_NAMES = ("params", "x_tokens", "sigma_tokens", "raw_conds", "cond_keep", "known", "valid")
 
 __all__ = ["Bundle", "export_bundle", "load_bundle", "BUNDLE_FORMAT", "BUNDLE_VERSION"]
@@ -188,8 +193,47 @@ def _replace_dir(tmp: str, out_dir: str) -> None:
     os.replace(tmp, out_dir)
 
 
+def _recover_and_clean(out_dir: str) -> list[str]:
+    """Before writing ``out_dir``: puts back a previous bundle a killed export left swapped out
+    (``.NAME.old-*/bundle`` while ``out_dir`` is missing) and removes the temp directories of killed
+    exports. Returns notes on what it did. The caller holds the path's lock."""
+    parent, name = os.path.dirname(out_dir), os.path.basename(out_dir)
+    if not os.path.isdir(parent):
+        return []
+    notes = []
+    for entry in sorted(os.listdir(parent)):
+        path = os.path.join(parent, entry)
+        if entry.startswith(f".{name}.old-") and os.path.isdir(path):
+            kept = os.path.join(path, "bundle")
+            if not os.path.lexists(out_dir) and os.path.isfile(os.path.join(kept, MANIFEST)):
+                os.replace(kept, out_dir)
+                notes.append(f"restored the previous bundle {out_dir} that an interrupted export had moved aside")
+            shutil.rmtree(path, ignore_errors=True)
+        elif entry.startswith(f".{name}.tmp-") and os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+            notes.append(f"removed {path}, left by an interrupted export")
+    return notes
+
+
+def params_checksums(params_dir: str) -> dict[str, str]:
+    """``{"params/<relative path>": sha256}`` of every file under a bundle's ``params/``."""
+    out = {}
+    for root, _, names in os.walk(params_dir):
+        for n in sorted(names):
+            path = os.path.join(root, n)
+            out[os.path.join(PARAMS, os.path.relpath(path, params_dir))] = file_sha256(path)
+    return out
+
+
 def export_bundle(
-    cfg, params, out_dir: str, *, step: int | None = None, batch_symbolic: bool = True, platforms: Sequence[str] | None = None
+    cfg,
+    params,
+    out_dir: str,
+    *,
+    step: int | None = None,
+    batch_symbolic: bool = True,
+    platforms: Sequence[str] | None = None,
+    note=None,
 ) -> str:
     """Writes a serving bundle (module docstring) for ``cfg`` + ``params`` to ``out_dir``, atomically.
 
@@ -201,6 +245,7 @@ def export_bundle(
       batch_symbolic: export with a symbolic batch ``b`` (default) instead of a fixed batch of 1.
       platforms: lowering platforms (default ``cpu``, ``cuda``, ``tpu``; those that fail to lower
         are skipped and listed in ``skipped_platforms``; an explicit single platform must lower).
+      note: receives one-line notes (a recovered previous bundle, removed leftovers); default stderr.
 
     Returns:
       ``out_dir`` (absolute).
@@ -209,6 +254,11 @@ def export_bundle(
     import orbax.checkpoint as ocp
 
     out_dir = os.path.abspath(out_dir)
+    bad = sorted(set(platforms or ()) - set(KNOWN_PLATFORMS))
+    if bad or (platforms is not None and not list(platforms)):
+        raise ValueError(f"--platforms {list(platforms or [])}: unknown platform(s) {bad}; choose from {list(KNOWN_PLATFORMS)}")
+    for line in _recover_and_clean(out_dir):
+        (note or (lambda m: print(f"note: {m}", file=sys.stderr)))(line)
     _check_out_dir(out_dir)  # fail before the expensive part
     model = DiffusionModel.from_config(cfg)
     params = nn.meta.unbox(params)
@@ -244,7 +294,11 @@ def export_bundle(
             "batch": "b" if batch_symbolic else 1,
             "batching": batching,
             "files": {"config": CONFIG, "step": STEP, "params": PARAMS},
-            "sha256": {CONFIG: file_sha256(os.path.join(tmp, CONFIG)), STEP: file_sha256(os.path.join(tmp, STEP))},
+            "sha256": {
+                CONFIG: file_sha256(os.path.join(tmp, CONFIG)),
+                STEP: file_sha256(os.path.join(tmp, STEP)),
+                **params_checksums(os.path.join(tmp, PARAMS)),
+            },
             "params": {
                 "format": "orbax.StandardCheckpointer",
                 "count": int(sum(np.size(a) for a in leaves)),
@@ -271,6 +325,12 @@ def export_bundle(
 # ----------------------------------------------------------------------------------------------
 # Loading
 # ----------------------------------------------------------------------------------------------
+
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    """The start of an exception's message (TensorStore errors carry a 70-line spec)."""
+    text = str(e).strip().splitlines()
+    return (text[0] if text else "")[:limit]
 
 
 def _fail(path: str, what: str, fix: str = "re-export it with mmdit-export") -> ValueError:
@@ -341,14 +401,32 @@ def _check_platform(file: str, exported) -> None:
         )
 
 
-def load_bundle(path: str) -> Bundle:
+def _verify_params(path: str, manifest: dict) -> None:
+    """Every ``params/...`` file bundle.json lists exists and matches its sha256 (bundles written
+    before params were hashed list none: nothing to check)."""
+    listed = {k: v for k, v in manifest.get("sha256", {}).items() if k.startswith(PARAMS + "/")}
+    for rel, digest in sorted(listed.items()):
+        file = os.path.join(path, rel)
+        if not os.path.isfile(file):
+            raise _fail(file, f"is missing (listed in {MANIFEST}): the bundle is incomplete")
+        if file_sha256(file) != digest:
+            raise _fail(
+                file,
+                f"does not match its sha256 in {MANIFEST}: the weights were modified or corrupted "
+                "(pass --no-verify to skip this check)",
+            )
+
+
+def load_bundle(path: str, *, verify: bool = True) -> Bundle:
     """Loads and checks a bundle written by :func:`export_bundle`.
 
     Checks, each a ValueError naming the file and the fix: the manifest (present, format, version);
     config.json and the export (present, parse); the model that config.json describes has exactly
     the exported step's input tree and shapes (a config or export from another model fails here);
     both files match their sha256 in bundle.json; the exported platforms include this backend;
-    params/ holds exactly the exported param tree (shapes and dtypes) before anything is restored.
+    params/ holds exactly the exported param tree (shapes and dtypes) before anything is restored;
+    with ``verify`` (default), every params file matches its sha256 in bundle.json (reads every byte;
+    ``verify=False`` skips only this check, for huge bundles).
     """
     from mmdit.model.diffusion import DiffusionModel
     import orbax.checkpoint as ocp
@@ -394,7 +472,9 @@ def load_bundle(path: str) -> Bundle:
         with ocp.StandardCheckpointer() as ckptr:
             stored = ckptr.metadata(params_dir).item_metadata.tree
     except Exception as e:  # noqa: BLE001
-        raise _fail(params_dir, f"is not a readable orbax checkpoint ({type(e).__name__}: {e})") from None
+        if verify:
+            _verify_params(path, manifest)  # names the missing/damaged file when that is the cause
+        raise _fail(params_dir, f"is not a readable orbax checkpoint ({type(e).__name__}: {_first_line(e)})") from None
     stored_desc = _describe(jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), stored))
     diff = _mismatches(_describe(want), stored_desc)
     if diff:
@@ -403,13 +483,15 @@ def load_bundle(path: str) -> Bundle:
             f"holds weights of a different model than {STEP} ({'; '.join(diff)})",
             "keep the files of one bundle together, or re-export it with mmdit-export",
         )
+    if verify:
+        _verify_params(path, manifest)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), want)
     try:
         with ocp.StandardCheckpointer() as ckptr:
             params = ckptr.restore(params_dir, target)
     except Exception as e:  # noqa: BLE001
-        raise _fail(params_dir, f"cannot be restored ({type(e).__name__}: {e}): the checkpoint is corrupt") from None
+        raise _fail(params_dir, f"cannot be restored ({type(e).__name__}: {_first_line(e)}): the checkpoint is corrupt") from None
 
     fixed = manifest.get("batch") if isinstance(manifest.get("batch"), int) else None
 

@@ -15,7 +15,10 @@ mesh shape (orbax reads into the abstract state carrying this run's shardings).
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import sys
 import time
 
 import jax
@@ -28,6 +31,9 @@ from mmdit.train import checkpoint, sharding
 from mmdit.train.metrics import MetricWriter
 from mmdit.train.state import make_optimizer
 from mmdit import config_spec
+from mmdit.data import records
+from mmdit.util import preflight
+from mmdit.util.lock import DirLock
 
 input_keys = sharding.input_keys  # record fields the train step consumes (kept for callers)
 
@@ -37,7 +43,17 @@ def default_data_dir(cfg, workdir: str) -> str:
 
 
 def train(
-    cfg, workdir: str, *, data_dir: str | None = None, stop_after: int | None = None, progress: bool = True, sample_hook=None
+    cfg,
+    workdir: str,
+    *,
+    data_dir: str | None = None,
+    stop_after: int | None = None,
+    progress: bool = True,
+    sample_hook=None,
+    verify_data: bool | None = None,
+    verify_checkpoint: bool = True,
+    lock: bool = True,
+    log=None,
 ) -> dict:
     """Trains ``cfg`` in ``workdir``; returns the last logged metrics. ``stop_after`` ends the run
     early after that many *new* steps (tests; a killed run resumes the same way).
@@ -45,23 +61,80 @@ def train(
     ``sample_hook(step, state, writer)`` (called every ``train.sample_every`` steps) receives the
     sharded state (on several hosts its arrays are not fully addressable: gather inside jit, or use
     ``jax.experimental.multihost_utils``). Training imports no sampling or evaluation: the caller
-    builds the hook (``mmdit-train``: ``mmdit.eval.train_samples.sample_hook_for_workdir``)."""
+    builds the hook (``mmdit-train``: ``mmdit.eval.train_samples.sample_hook_for_workdir``).
+
+    Before anything compiles: every config section is validated, the workdir lock is taken
+    (``lock``; process 0; :mod:`mmdit.util.lock`), the data manifest is read and, with
+    ``verify_data`` (None: when the shards total at most :data:`VERIFY_DATA_MAX_BYTES`), every
+    shard's sha256 checked; the workdir must be writable with room for ``train.keep_checkpoints``
+    checkpoints. ``config.json`` is written only then. ``verify_checkpoint``: check the restored
+    checkpoint's sha256 (:mod:`mmdit.train.checkpoint`); a corrupt latest step falls back to the
+    previous one. ``log`` receives one-line notes ("resuming from step N"; default: stdout, process 0)."""
     spec = config_spec.build_run_spec(cfg)  # every section validated before anything compiles
     distributed.maybe_initialize(cfg)
     workdir = os.path.abspath(workdir)
-    checkpoint.check_config_matches(workdir, cfg)
+    log = log or _print_on_process_0
+    with contextlib.ExitStack() as stack:
+        if lock and jax.process_index() == 0:
+            stack.enter_context(DirLock(workdir, command=f"mmdit-train --workdir {workdir}"))
+        return _train_locked(cfg, spec, workdir, data_dir, stop_after, progress, sample_hook, verify_data, verify_checkpoint, log)
+
+
+VERIFY_DATA_MAX_BYTES = 2 << 30  # verify_data=None checks the data sha256 up to this many bytes of shards
+
+
+def _print_on_process_0(message: str) -> None:
     if jax.process_index() == 0:
-        config_lib.write_resolved(cfg, workdir)
+        print(message, flush=True)
+
+
+def _warn_on_process_0(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _train_locked(cfg, spec, workdir, data_dir, stop_after, progress, sample_hook, verify_data, verify_checkpoint, log) -> dict:
+    checkpoint.check_config_matches(workdir, cfg)
     model = DiffusionModel.from_config(cfg)
     tx = make_optimizer(spec.train)
     run = sharding.setup(cfg, model, tx)  # validates mesh/rules/batch before anything compiles
-    data_iter = data_iterator(cfg, data_dir or default_data_dir(cfg, workdir), run.batch_block())
+    data_dir = data_dir or default_data_dir(cfg, workdir)
+    _check_data(data_dir, verify_data, log)
+    data_iter = data_iterator(cfg, data_dir, run.batch_block())
+    if jax.process_index() == 0:
+        state_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(run.abstract_state))
+        existing = len(os.listdir(checkpoint.checkpoint_dir(workdir))) if os.path.isdir(checkpoint.checkpoint_dir(workdir)) else 0
+        preflight.check_output_dir(
+            workdir,
+            state_bytes * max(1, spec.train.keep_checkpoints + 1 - existing),
+            f"{spec.train.keep_checkpoints} checkpoint(s) of {preflight.human_bytes(state_bytes)} (train.keep_checkpoints)",
+        )
+        config_lib.write_resolved(cfg, workdir)  # only once the config and the data are known good
     manager = checkpoint.make_manager(workdir, spec.train)
-    state = checkpoint.restore(manager, run.abstract_state, data_iter)
+    state, restored_step = checkpoint.restore_step(
+        manager,
+        run.abstract_state,
+        data_iter,
+        verify=verify_checkpoint,
+        quarantine=jax.process_index() == 0,
+        warn=_warn_on_process_0,
+    )
+    total = spec.train.steps
     if state is None:
         state = run.init(jax.random.key(int(cfg.seed)))
+        if spec.train.init_from:  # pretrained start of a fresh run (a resumed run keeps its checkpoint)
+            from mmdit.train.init_from import init_state_from
+
+            state = init_state_from(state, spec.train.init_from, spec.train.init_from_ignore, run.state_shardings.params, log=log)
+    else:
+        log(f"resuming from step {restored_step} ({checkpoint.step_dir(manager, restored_step)})")
+        if restored_step >= total:
+            log(f"already at step {restored_step} >= train.steps={total}, nothing to do (raise train.steps to train further)")
+            manager.close()
+            return {}
+        if jax.process_index() == 0:
+            trim_metrics(os.path.join(workdir, "metrics.jsonl"), restored_step)
     start = int(state.step)
-    total = spec.train.steps
     writer = MetricWriter(workdir)
     tokens_per_step = spec.train.global_batch_size * model.spec.num_tokens
     prof = config_spec.complete(cfg).profile
@@ -98,12 +171,51 @@ def train(
             sample_hook(done, state, writer)
         if bar is not None:
             bar.update(1)
-    manager.wait_until_finished()
-    manager.close()
+    checkpoint.finish(manager)
     writer.close()
     if bar is not None:
         bar.close()
     return last
+
+
+def _check_data(data_dir: str, verify: bool | None, log) -> None:
+    """Reads the data manifest and checks every shard (size, record count; sha256 when ``verify``,
+    or when ``verify`` is None and the shards are small). ValueError naming the shard otherwise."""
+    manifest = records.read_manifest(data_dir)
+    size = sum(int(s.get("num_bytes", 0)) for s in manifest.get("shards", []))
+    if verify is None:
+        verify = size <= VERIFY_DATA_MAX_BYTES
+        if not verify:
+            log(
+                f"note: not checking the sha256 of {preflight.human_bytes(size)} of data in {data_dir} "
+                "(pass --verify-data to check it)"
+            )
+    records.open_dataset(data_dir, verify_checksums=verify)
+
+
+def trim_metrics(path: str, step: int) -> int:
+    """Drops the lines of ``metrics.jsonl`` logged after ``step`` (a killed run logged steps its last
+    checkpoint does not hold; the resumed run logs them again). Atomic; returns the lines dropped."""
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            if int(json.loads(line)["step"]) <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a torn last line of a killed run
+    if len(keep) == len(lines):
+        return 0
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return len(lines) - len(keep)
 
 
 def _lr(cfg, step):

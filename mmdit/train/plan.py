@@ -9,6 +9,14 @@ Plans the train step (and one sampling forward) for a target topology without th
 * ``v5p-64`` / ``v6e-16`` / ``v4-32``: compiles ahead of time for the TPU topology
   (``jax.experimental.topologies``) when libtpu is installed, otherwise an analytic estimate.
 
+**Attention that runs.** The configured ``model.attention.impl`` (``auto`` resolved for the target
+platform) and, with ``--search``, the platform's candidates (GPU: cudnn, pallas, xla; TPU: pallas,
+splash, xla) are trace-checked: the train step's loss and gradients are lowered for the target with
+``jax.export`` from this host (:func:`trace_check`; Triton / Mosaic kernels lower as on the device).
+Only implementations that lower are ranked and recommended; ``attention_checks`` says why the
+others do not (e.g. ``splash`` needs concrete mask metadata, ``cudnn`` runs the ``full`` rule only
+and needs the cuDNN library to lower).
+
 The analytic estimate (bytes per device) counts, from shapes only (``jax.eval_shape``):
 
 * state: fp32 master params, Adam ``mu`` / ``nu`` and the EMA, each leaf divided by the mesh
@@ -27,9 +35,9 @@ The analytic estimate (bytes per device) counts, from shapes only (``jax.eval_sh
 It is an estimate: XLA's fusion and buffer reuse move the real figure by tens of percent (the
 test holds it within 35% of the CPU compile of a small config). The search (``search=True``,
 ``mmdit-plan --search``) ranks every mesh (data × fsdp × sequence × tensor = devices) × remat policy
-× attention (the configured one and the platform's flash kernel) that passes the sharding checks,
-cheapest first (least recompute, then least tensor / sequence parallelism), and names the first
-that fits the HBM budget.
+× attention (the configured one and the platform's candidates that lower) that passes the sharding
+checks, cheapest first (least recompute, a fused kernel before dense XLA, then least tensor /
+sequence parallelism), and names the first that fits the HBM budget.
 
 :func:`plan` returns everything as a dict; ``mmdit-plan`` prints it.
 """
@@ -58,7 +66,10 @@ DEVICES = {
     "cpu": ("cpu", None, None),
 }
 REMAT_COST = {"none": 0.0, "dots_no_batch": 0.1, "offload": 0.15, "dots": 0.2, "full": 0.33}  # extra fwd fraction
-FLASH = {"gpu": "cudnn", "tpu": "splash", "cpu": "xla"}
+# Attention implementations the search considers per platform (besides the configured one); each must
+# pass :func:`trace_check` (the train step lowers for the platform) to be recommended.
+CANDIDATE_IMPLS = {"gpu": ("cudnn", "pallas", "xla"), "tpu": ("pallas", "splash", "xla"), "cpu": ("xla",)}
+EXPORT_PLATFORM = {"gpu": "cuda", "tpu": "tpu", "cpu": "cpu"}
 TPU_TOPOLOGY = {  # name -> (topology_name, chip_config, chips_per_host_bounds)
     "v5p-8": ("v5:2x2x1", "megacore", (2, 2, 1)),
     "v5p-16": ("v5:2x2x2", "megacore", (2, 2, 1)),
@@ -353,19 +364,82 @@ def mesh_shapes(n: int):
             yield dict(data=d, fsdp=f, sequence=s, tensor=n // (d * f * s))
 
 
-def candidates(cfg, model, boxed, topo: Topology, rules, impl: str):
-    """``[(Estimate, error or None)]`` over mesh shapes × remat × attention."""
+# ------------------------------------------------------------------------------------------------
+# attention trace checks: does the train step lower for the target platform with this impl?
+
+_CHECKS: dict = {}
+
+
+def resolve_impl(cfg, platform: str) -> str:
+    """``model.attention.impl`` for ``platform`` (``"auto"`` resolved as the model would there)."""
+    from mmdit.attention import masks, registry
+
+    impl = cfg.model.get("attention", {}).get("impl", "xla")
+    if impl != "auto":
+        return impl
+    rule = masks.parse_rule(cfg.model.get("mask", "full"), "model.mask")
+    return registry.resolve_auto(rule, platform, cfg.model.get("dtype", "float32"))[0]
+
+
+def trace_check(cfg, impl: str, platform: str) -> str | None:
+    """Lowers the train step's loss and gradients (batch 1, abstract shapes, no mesh) with
+    ``model.attention.impl=impl`` (no fallback, not interpreted) for ``platform`` (``gpu`` | ``tpu`` |
+    ``cpu``) from this host (and ``cross_impl=impl`` when cross_impl is ``auto``): ``jax.export`` with
+    ``platforms=(cuda|tpu|cpu,)`` inside
+    :func:`mmdit.attention.registry.target_platform`, so kernels lower to Triton / Mosaic as on the
+    device. Returns None when it lowers, else the reason (the first line of the error). Cached per
+    (model / flow / tasks sections, impl, platform) in this process."""
+    import jax
+    from jax import export
+
+    from mmdit.attention import registry
+    from mmdit.model.diffusion import DiffusionModel
+    from mmdit.train import sharding
+    from mmdit.train import step as step_lib
+
+    key = tuple(cfg.get(k).to_json_best_effort() if cfg.get(k) is not None else None for k in ("model", "flow", "tasks"))
+    key += (impl, platform)
+    if key in _CHECKS:
+        return _CHECKS[key]
+    c = cfg.copy_and_resolve_references()
+    with c.unlocked():
+        c.model.attention.impl = impl
+        c.model.attention.fallback = None
+        c.model.attention.interpret = False
+        if c.model.attention.get("cross_impl", "xla") == "auto":  # checked as the same impl (its auto choice
+            c.model.attention.cross_impl = impl  # on GPU, cudnn, needs the cuDNN library to lower)
+    reason = None
+    try:
+        with registry.target_platform(platform):
+            model = DiffusionModel.from_config(c)  # cross_impl "auto" resolves for the target here
+            params = jax.eval_shape(model.init, jax.random.key(0))
+            batch = sharding.batch_shapes(model, 1)
+            rng = jax.eval_shape(lambda: jax.random.key(0))
+            fn = jax.jit(jax.value_and_grad(step_lib.make_loss_fn(model, c), has_aux=True))
+            # Triton calls carry no serialisation guarantee; lowering them is what is checked here.
+            checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+            export.export(fn, platforms=(EXPORT_PLATFORM[platform],), disabled_checks=checks)(params, batch, rng)
+    except Exception as e:  # noqa: BLE001 -- any failure to trace or lower is the answer
+        lines = [ln for ln in str(e).splitlines() if ln.strip()]
+        reason = f"{type(e).__name__}: {lines[0] if lines else ''}"[:400]
+    _CHECKS[key] = reason
+    return reason
+
+
+def check_impls(cfg, platform: str, impls) -> dict:
+    """``{impl: None (lowers) or the reason it does not}`` for each impl, in order."""
+    return {impl: trace_check(cfg, impl, platform) for impl in dict.fromkeys(impls)}
+
+
+def candidates(cfg, model, boxed, topo: Topology, rules, impl: str, impls=None):
+    """``[(Estimate, error or None)]`` over mesh shapes × remat × attention (``impls``: default the
+    configured ``impl`` only)."""
     import jax
 
     from mmdit.parallel import validate_rules
 
     spec = model.spec
-    impls = [impl]
-    flash = FLASH[topo.platform]
-    if flash == "cudnn" and str(spec.rule) != "full":
-        flash = "pallas"  # cuDNN takes no mask: the block-sparse Pallas kernel
-    if flash not in impls:
-        impls.append(flash)
+    impls = list(impls) if impls is not None else [impl]
     out = []
     for shape in mesh_shapes(topo.devices):
         mesh = jax.sharding.AbstractMesh(tuple(shape.values()), tuple(shape))
@@ -389,13 +463,25 @@ def candidates(cfg, model, boxed, topo: Topology, rules, impl: str):
 
 def rank_key(e: Estimate):
     m = e.mesh
-    return (REMAT_COST[e.remat], e.attention != "xla", m["tensor"], m["sequence"], m["fsdp"], e.total)
+    # a fused kernel that lowers for the target beats dense XLA attention at equal recompute
+    return (REMAT_COST[e.remat], e.attention == "xla", m["tensor"], m["sequence"], m["fsdp"], e.total)
 
 
 def plan(
-    cfg, topo: Topology, *, hbm_gb: float | None = None, headroom: float = HEADROOM, search: bool = False, compile_: bool = True
+    cfg,
+    topo: Topology,
+    *,
+    hbm_gb: float | None = None,
+    headroom: float = HEADROOM,
+    search: bool = False,
+    compile_: bool = True,
+    check: bool = True,
 ) -> dict:
-    """Everything ``mmdit-plan`` prints, as a dict (``cfg`` with a ``train`` section: :func:`default_train`)."""
+    """Everything ``mmdit-plan`` prints, as a dict (``cfg`` with a ``train`` section: :func:`default_train`).
+
+    ``check``: trace-check the configured attention impl (and, with ``search``, the platform's
+    candidates :data:`CANDIDATE_IMPLS`) for the target platform (:func:`trace_check`); the search
+    only ranks impls that lower, and ``attention_checks`` reports each one's result."""
     import jax
 
     from mmdit.model import accounting
@@ -405,8 +491,8 @@ def plan(
     from mmdit.train.state import abstract_state, make_optimizer
 
     # The analytic side needs shapes only: build the model with the reference attention, so a TPU
-    # kernel (splash) can be planned on a host that cannot run it; `impl` is what gets estimated.
-    impl = cfg.model.get("attention", {}).get("impl", "xla")
+    # kernel can be planned on a host that cannot run it; `impl` is what gets estimated.
+    impl = resolve_impl(cfg, topo.platform)
     shapes_cfg = cfg.copy_and_resolve_references()
     with shapes_cfg.unlocked():
         shapes_cfg.model.attention.impl = "xla"
@@ -454,8 +540,15 @@ def plan(
                 res["compiled"]["fits"] = res["compiled"]["train_step"]["total"] <= hbm
             except ValueError as e:
                 res["compiled"] = {"error": str(e)}
+    # Only implementations whose train step lowers for the target are estimated and recommended.
+    considered = [impl] + (list(CANDIDATE_IMPLS[topo.platform]) if search else [])
+    checks = check_impls(cfg, topo.platform, considered) if check else {}
+    res["attention_checks"] = {k: ("lowers" if v is None else v) for k, v in checks.items()}
+    runnable = [i for i in dict.fromkeys(considered) if checks.get(i) is None]
+    if checks.get(impl) is not None:
+        res["config"]["attention_runs"] = False
     if search:
-        rows = candidates(cfg, model, boxed, topo, rules, impl)
+        rows = candidates(cfg, model, boxed, topo, rules, impl, runnable)
         ok = sorted((e for e, err in rows if err is None and e.total <= hbm * GB), key=rank_key)
         res["search"] = {
             "considered": len(rows),

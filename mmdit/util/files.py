@@ -43,3 +43,11 @@ def write_json_atomic(path: str, obj: Any) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_path(os.path.dirname(os.path.abspath(path)))
+
+
+def chmod_as_umask(path: str, mode: int = 0o666) -> None:
+    """Gives ``path`` the permissions ``open()`` would have (``mode`` minus the process umask); for
+    files made through ``tempfile.mkstemp`` (always 0600) and renamed into place."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, mode & ~umask)
