@@ -11,6 +11,11 @@ share of clips within +-1 frame; ``ground_truth`` is the metric's ceiling on thi
 also gets the cross-stream probe (``mmdit.eval.cross_stream``): the denoising loss of one stream
 with the true partner over that with another clip's / a time-shifted partner (below 1: the model
 reads the partner; ~1.000 for the time shift: it ignores the partner's timing).
+
+Each table also carries the strict figures of ``mmdit.eval.figures``: lag-0 and change correlation with
+their chance level (mismatched clips) and the ground-truth ceiling, the fraction of the way from chance
+to ceiling, Fréchet distances with their ground-truth floor, background flicker and TI2AV identity vs
+the given frame; the last table puts every run's fractions side by side.
 """
 
 from __future__ import annotations
@@ -49,6 +54,18 @@ def train_seconds(workdir: str) -> float | None:
                 total += (row["step"] - last) / row["steps_per_sec"]
             last = row["step"]
     return total
+
+
+def headline_table(runs: dict) -> str:
+    """One row per run, per task ``frac@0/fracΔ`` (see ``mmdit.eval.run.format_table``)."""
+    tasks = [t for t in next(iter(runs.values()))["eval"] if t != "ground_truth"]
+    fmt = lambda x: "  -  " if x is None else f"{x:+.2f}"  # noqa: E731
+    lines = [f"{'run':<18}" + "".join(f"{t:>14}" for t in tasks)]
+    for name, run in runs.items():
+        ev = run["eval"]
+        cells = [f"{fmt(ev[t].get('fraction_at_0'))}/{fmt(ev[t].get('fraction_change'))}" for t in tasks]
+        lines.append(f"{name:<18}" + "".join(f"{c:>14}" for c in cells))
+    return "\n".join(lines)
 
 
 def main(argv=None):
@@ -100,6 +117,8 @@ def main(argv=None):
             print("\n== untrained (init params)")
             print(format_table(res0))
             print(format_probe(probe0))
+    print("\n== fraction of the way from chance to the ground truth (lag-0 / change correlation)")
+    print(headline_table(report["runs"]))
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)

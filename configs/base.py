@@ -103,6 +103,13 @@ def get_config(arg=None):
             # fnmatch patterns of source params allowed to stay unused (unmatched or of another shape)
             init_from=mlc.FieldReference(None, field_type=str),
             init_from_ignore=(),
+            # training groups (mmdit/util/param_groups.py), fnmatch patterns over '/'-joined param paths
+            # (mmdit.config_spec.param_paths): a param trains iff it matches `trainable` and no `freeze`
+            # pattern (freeze wins); frozen params get no optimizer state. lr_groups: pattern -> lr multiplier,
+            # the last matching pattern wins, e.g. {"*": 0.1, "dit/params/blocks/audio/*": 1.0}
+            trainable=("*",),
+            freeze=(),
+            lr_groups=mlc.ConfigDict(),
         )
     )
     c.data = mlc.ConfigDict(dict(dir=None, num_workers=0, num_shards=None, num_train=512, num_eval=16, examples_per_shard=128))

@@ -20,6 +20,8 @@ from mmdit import config_lib
 from mmdit import tasks as tasks_lib
 from mmdit.model.spec import ModelSpec, build_spec
 from mmdit.parallel import axis_sizes
+from mmdit.util import param_groups
+from mmdit.util.param_groups import ParamGroups
 from mmdit.util.plain import plain
 
 SIGMA_DISTS = ("logit_normal", "uniform")
@@ -152,6 +154,14 @@ class TrainSpec:
     async_checkpoint: bool
     init_from: str | None = None  # pretrained start: converted checkpoint / workdir / bundle (mmdit.train.init_from)
     init_from_ignore: tuple[str, ...] = ()  # fnmatch patterns of source params allowed to stay unused
+    # training groups (mmdit/util/param_groups.py): param-path patterns; freeze wins over trainable
+    trainable: tuple[str, ...] = ("*",)
+    freeze: tuple[str, ...] = ()
+    lr_groups: tuple[tuple[str, float], ...] = ()  # (pattern, lr multiplier); the last matching pattern wins
+
+    @property
+    def param_groups(self) -> ParamGroups:
+        return ParamGroups(self.trainable, self.freeze, self.lr_groups)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,6 +270,9 @@ def train_spec(cfg) -> TrainSpec:
         async_checkpoint=bool(t.async_checkpoint),
         init_from=_init_from(t.get("init_from")),
         init_from_ignore=_patterns("train.init_from_ignore", t.get("init_from_ignore", ())),
+        trainable=_patterns("train.trainable", t.get("trainable", ("*",))),
+        freeze=_patterns("train.freeze", t.get("freeze", ())),
+        lr_groups=_lr_groups(t.get("lr_groups")),
     )
     if spec.global_batch_size % spec.grad_accum:
         raise ValueError(
@@ -283,6 +296,31 @@ def _patterns(field: str, value) -> tuple[str, ...]:
     if not isinstance(value, (tuple, list)) or not all(isinstance(v, str) for v in value):
         raise ValueError(f"{field}={value!r}: expected a tuple of fnmatch patterns, e.g. ('dit/params/blocks/video/*',)")
     return tuple(value)
+
+
+def _lr_groups(value) -> tuple[tuple[str, float], ...]:
+    groups = plain(value) or {}
+    if not isinstance(groups, Mapping):
+        raise ValueError(f"train.lr_groups={value!r}: expected a dict param-path pattern -> lr multiplier, e.g. {{'dit/*': 0.5}}")
+    return tuple((str(k), _number("train.lr_groups", str(k), v, lo=0, lo_open=True)) for k, v in groups.items())
+
+
+_PARAM_PATHS: dict[str, list[str]] = {}
+
+
+def param_paths(cfg) -> list[str]:
+    """The ``/``-joined param paths of ``cfg``'s model (what ``train.trainable`` / ``train.freeze`` /
+    ``train.lr_groups`` match; shapes only, nothing allocated; cached per model config)."""
+    import jax
+
+    from mmdit.model.diffusion import DiffusionModel
+
+    model_cfg = complete(cfg).model
+    key = model_cfg.to_json_best_effort(sort_keys=True)
+    if key not in _PARAM_PATHS:
+        model = DiffusionModel.from_config(complete(cfg))
+        _PARAM_PATHS[key] = param_groups.param_paths(jax.eval_shape(model.init, jax.random.key(0)))
+    return list(_PARAM_PATHS[key])
 
 
 def data_spec(cfg) -> DataSpec:
@@ -385,12 +423,15 @@ def build_run_spec(cfg) -> RunSpec:
     cfg = complete(cfg)
     model = build_spec(cfg.model)
     tasks_lib.validate_tasks(task_weights(cfg), model, cfg.model)
+    train = train_spec(cfg)
+    if not train.param_groups.is_default:  # patterns checked against the model's param paths
+        train.param_groups.check(param_paths(cfg))
     return RunSpec(
         model=model,
         flow=flow_spec(cfg, model),
         tasks=tuple(task_weights(cfg).items()),
         sample=sample_spec(cfg, model),
-        train=train_spec(cfg),
+        train=train,
         data=data_spec(cfg),
         mesh=mesh_spec(cfg),
         encoders=encoders_spec(cfg, model),

@@ -76,7 +76,21 @@ def _demo(cfg, args) -> int:
 
     cfg_run, params = restore_inference_params(wd)
     out = os.path.join(wd, "eval")
-    results = evaluate(cfg_run, params, os.path.join(data, "eval"), out, progress=not args.no_progress)
+    from mmdit.train.metrics import MetricWriter
+
+    writer = MetricWriter(wd)  # the per-task contact sheets go to TensorBoard beside the training curves
+    try:
+        results = evaluate(
+            cfg_run,
+            params,
+            os.path.join(data, "eval"),
+            out,
+            progress=not args.no_progress,
+            writer=writer,
+            step=int(cfg_run.train.steps),
+        )
+    finally:
+        writer.close()
     times["eval"] = time.perf_counter() - t
 
     print()

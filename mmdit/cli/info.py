@@ -91,11 +91,21 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=1, help="per-step batch size for the FLOP figures")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument(
+        "--params",
+        action="store_true",
+        help="list the param paths (what train.trainable / train.freeze / train.lr_groups match) with their training group",
+    )
     p.add_argument("--debug", action="store_true", help="full tracebacks instead of one-line errors (or MMDIT_DEBUG=1)")
     args = p.parse_args(argv)
     if args.batch < 1:
         raise ValueError(f"--batch {args.batch}: the per-step batch size must be >= 1")
     cfg = config_spec.load(args.config, args.set)
+    if args.params:
+        groups = config_spec.train_spec(cfg).param_groups
+        labels = {path: groups.label(path) for path in config_spec.param_paths(cfg)}
+        print(json.dumps(labels, indent=2) if args.json else "\n".join(f"{k}  {v}" for k, v in labels.items()))
+        return 0
     info = model_info(cfg, args.batch)
     print(json.dumps(info, indent=2) if args.json else format_info(info))
     return 0

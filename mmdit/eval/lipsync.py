@@ -137,18 +137,11 @@ def sync_confidence(mouth, envelope, max_offset: int = 8, detrend_frames: int = 
     return float(corr[order[0]]), int(offsets[order[0]])
 
 
-def evaluate_clip(frames, wave, fps: int = FPS, sample_rate: int = SAMPLE_RATE, max_offset: int = 8) -> dict:
-    """Every lip-sync and identity metric of one clip, as JSON-able floats.
-
-    ``frames``: uint8 ``[N, H, W, 3]`` or float in [-1, 1] at 25 fps; ``wave``: float ``[T]`` at 16 kHz
-    covering the same time (``T`` within two frames of ``N * 640``; the longer one is trimmed, so frames
-    trimmed to ``1 + 4k`` by a codec still match the full waveform).
-
-    Keys: ``sync_corr`` (best correlation), ``sync_offset`` (its lag in frames, + = audio leads),
-    ``sync_corr_at_0``, ``sync_conf`` (best minus median correlation over the lags, like SyncNet's
-    Sync-C), ``mouth_motion`` (std of the mouth track over its mean), ``speech_fraction`` (share of
-    frames within 30 dB of the loudest), ``num_frames``, plus :func:`identity_metrics`.
-    """
+def clip_tracks(frames, wave, fps: int = FPS, sample_rate: int = SAMPLE_RATE):
+    """``(x, mouth, envelope, layout)`` of one clip, as :func:`evaluate_clip` measures it: the frames as
+    float ``[n, H, W, 3]`` in [0, 1] trimmed to the ``n`` frames both streams cover, the mouth opening and
+    audio log-energy tracks (float32 ``[n]``) and the clip's :class:`PortraitLayout`. Arguments and errors
+    as :func:`evaluate_clip`."""
     if fps != FPS:
         raise ValueError(f"fps={fps}: the lip-sync metric is defined at {FPS} fps; resample the video first")
     if sample_rate != SAMPLE_RATE:
@@ -168,6 +161,23 @@ def evaluate_clip(frames, wave, fps: int = FPS, sample_rate: int = SAMPLE_RATE, 
     layout = locate_portrait(x)
     mouth = mouth_opening_track(x, layout)
     env = audio_envelope(w[: n * sample_rate // fps], n, fps, sample_rate)
+    return x, mouth, env, layout
+
+
+def evaluate_clip(frames, wave, fps: int = FPS, sample_rate: int = SAMPLE_RATE, max_offset: int = 8) -> dict:
+    """Every lip-sync and identity metric of one clip, as JSON-able floats.
+
+    ``frames``: uint8 ``[N, H, W, 3]`` or float in [-1, 1] at 25 fps; ``wave``: float ``[T]`` at 16 kHz
+    covering the same time (``T`` within two frames of ``N * 640``; the longer one is trimmed, so frames
+    trimmed to ``1 + 4k`` by a codec still match the full waveform).
+
+    Keys: ``sync_corr`` (best correlation), ``sync_offset`` (its lag in frames, + = audio leads),
+    ``sync_corr_at_0``, ``sync_conf`` (best minus median correlation over the lags, like SyncNet's
+    Sync-C), ``mouth_motion`` (std of the mouth track over its mean), ``speech_fraction`` (share of
+    frames within 30 dB of the loudest), ``num_frames``, plus :func:`identity_metrics`.
+    """
+    x, mouth, env, layout = clip_tracks(frames, wave, fps, sample_rate)
+    n = len(x)
     offsets, corr = sync_curve(mouth, env, max_offset)
     order = np.lexsort((np.abs(offsets), -corr))
     best, offset = float(corr[order[0]]), int(offsets[order[0]])

@@ -6,7 +6,10 @@ the config's codecs and scored with :func:`mmdit.eval.lipsync.evaluate_clip`. Th
 decoded from their *ground-truth* latents give the ceiling of this metric for the world.
 
 Results per task: mean/median of ``sync_corr`` (best correlation within ±8 frames), the share of
-samples whose best offset is within ±1 frame, the median offset, and identity consistency.
+samples whose best offset is within ±1 frame, the median offset, and identity consistency; and
+:func:`mmdit.eval.figures.task_figures`: the strict sync figures (lag-0 and change correlation) with
+their chance levels and ground-truth ceiling, the headline fraction of the way from chance to ceiling,
+a Fréchet distance with its ground-truth floor, background flicker, TI2AV identity vs the given frame.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ import numpy as np
 from mmdit.codecs.clip import ClipDecoder
 from mmdit.data import media
 from mmdit.data.records import open_dataset
+from mmdit.eval import contact_sheet
+from mmdit.eval.chance import sync_levels
+from mmdit.eval.figures import ClipSet, sheet, task_figures
 from mmdit.eval.lipsync import evaluate_clip
 from mmdit import tasks as tasks_lib
 from mmdit.util import preflight
@@ -65,9 +71,13 @@ def evaluate(
     tasks: tuple[str, ...] | None = None,
     progress: bool = False,
     write_videos: bool = True,
+    writer=None,
+    step: int = 0,
 ) -> dict:
     """Samples and scores every task; returns ``{task: summary, "ground_truth": summary}`` and, with
-    ``out_dir``, writes MP4s and ``eval.json`` there."""
+    ``out_dir``, writes MP4s, ``eval.json`` and a contact sheet ``contact_<task>.png`` per task there
+    (also logged as image ``contact/<task>`` at ``step`` when a :class:`mmdit.train.metrics.MetricWriter`
+    is passed as ``writer``). Each summary also holds :func:`mmdit.eval.figures.task_figures`."""
     from mmdit.model.diffusion import DiffusionModel
     from mmdit.sample.sampler import Sampler
 
@@ -90,7 +100,12 @@ def evaluate(
     gt_frames, gt_waves = decode(known[r.visual], known[r.audio])
     # ±8 frames (SyncNet's window) where the clip is long enough for it, else ±4 (short test clips).
     max_offset = 8 if gt_frames.shape[1] >= 40 else 4
-    results["ground_truth"] = summarize([evaluate_clip(f, w, max_offset=max_offset) for f, w in zip(gt_frames, gt_waves)])
+    gt_per_clip = [evaluate_clip(f, w, max_offset=max_offset) for f, w in zip(gt_frames, gt_waves)]
+    results["ground_truth"] = summarize(gt_per_clip)
+    truth = ClipSet.measure(gt_frames, gt_waves)
+    truth_levels = sync_levels(truth.mouths, truth.envelopes, max_offset)
+    results["ground_truth"].update(task_figures(truth, truth, truth_levels, None, max_offset))
+    sheets = {"ground_truth": sheet(truth, gt_per_clip, "ground truth", decode.sample_rate)}
     for i, task in enumerate(tasks):
         lat = sampler.sample(
             params, jax.random.fold_in(jax.random.key(seed), i), task=task, batch=num, known_latents=known, raw_conds=raw
@@ -98,6 +113,9 @@ def evaluate(
         frames, waves = decode(lat[r.visual], lat[r.audio])
         per_clip = [evaluate_clip(f, w, max_offset=max_offset) for f, w in zip(frames, waves)]
         results[task] = summarize(per_clip)
+        clips = ClipSet.measure(frames, waves)
+        results[task].update(task_figures(clips, truth, truth_levels, task, max_offset))
+        sheets[task] = sheet(clips, per_clip, task, decode.sample_rate)
         if out_dir and write_videos:
             os.makedirs(out_dir, exist_ok=True)
             for j, (f, w) in enumerate(zip(frames, waves)):
@@ -105,16 +123,62 @@ def evaluate(
                 media.write_mp4(path, f, decode.fps, w, decode.sample_rate)
                 chmod_as_umask(path)  # media.write_mp4 goes through mkstemp (0600)
                 files.append({"task": task, "file": path, "text": batch["text"][j], **per_clip[j]})
+    sheet_files = {}
+    for name, image in sheets.items():
+        if out_dir:
+            sheet_files[name] = contact_sheet.write_png(os.path.join(out_dir, f"contact_{name}.png"), image)
+        if writer is not None:
+            writer.video(step, f"contact/{name}", image[None], 1.0)  # a one-frame GIF: an image summary
+    if writer is not None:
+        writer.flush()
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
-        write_json_atomic(os.path.join(out_dir, "eval.json"), {"summary": results, "samples": files})
+        write_json_atomic(
+            os.path.join(out_dir, "eval.json"), {"summary": results, "samples": files, "contact_sheets": sheet_files}
+        )
     return results
 
 
+def _num(x, width: int, digits: int = 2) -> str:
+    return f"{'-':>{width}}" if x is None else f"{x:>{width}.{digits}f}"
+
+
+def _exp(x, width: int = 9) -> str:
+    return f"{'-':>{width}}" if x is None else f"{x:>{width}.1e}"
+
+
 def format_table(results: dict) -> str:
-    lines = [f"{'task':<14}{'sync corr':>10}{'offset':>8}{'|off|<=1':>10}{'n':>4}"]
+    """The table ``mmdit demo`` / ``mmdit-eval`` print: the headline (fraction of the way from chance to
+    the ground-truth ceiling, lag-0 and change correlations), each score with its chance level and
+    ceiling, the lenient best-lag figure, image quality, and TI2AV identity vs the given frame."""
+    head = (
+        f"{'task':<13}{'frac@0':>7}{'fracΔ':>7} |{'r@0':>6}{'chance':>7}{'ceil':>6} |{'rΔ':>6}{'chance':>7}{'ceil':>6} |"
+        f"{'best':>6}{'chance':>7}{'off':>5} |{'FD':>8}{'floor':>8}{'FDtex':>8}{'floor':>8} |{'flicker':>9}{'gt':>9}{'n':>4}"
+    )
+    lines = [head]
     for task, r in results.items():
+        sy = r.get("sync", {})
+        cell = lambda k: sy.get(k, {})  # noqa: E731
+        z, c, b = cell("sync_corr_at_0"), cell("change_corr"), cell("sync_corr")
         lines.append(
-            f"{task:<14}{r['sync_corr_mean']:>10.3f}{r['sync_offset_median']:>8.1f}{r['within_1_frame']:>10.2f}{r['num']:>4}"
+            f"{task:<13}{_num(r.get('fraction_at_0'), 7)}{_num(r.get('fraction_change'), 7)} |"
+            f"{_num(z.get('score'), 6)}{_num(z.get('chance_mismatched'), 7)}{_num(z.get('ceiling'), 6)} |"
+            f"{_num(c.get('score'), 6)}{_num(c.get('chance_mismatched'), 7)}{_num(c.get('ceiling'), 6)} |"
+            f"{_num(r['sync_corr_mean'], 6)}{_num(b.get('chance_mismatched'), 7)}{r['sync_offset_median']:>5.1f} |"
+            f"{_num(r.get('fd'), 8)}{_num(r.get('fd_floor'), 8)}{_num(r.get('fd_texture'), 8)}"
+            f"{_num(r.get('fd_texture_floor'), 8)} |{_exp(r.get('flicker'))}{_exp(r.get('flicker_gt'))}{r['num']:>4}"
         )
+    lines.append(
+        "frac = (score - chance) / (ceiling - chance); chance = mismatched clips (video i, audio j != i); "
+        "r@0 = lag-0 correlation, rΔ = correlation of frame-to-frame changes, best = max over lags (lenient); "
+        "FD = Fréchet distance to ground-truth frames (tex: gradient features only), floor = ground truth vs ground truth; "
+        "flicker = mean squared frame-to-frame change of the background"
+    )
+    for task, r in results.items():
+        if "identity_ref_hist_sim" in r:
+            lines.append(
+                f"{task} identity vs the given first frame: hist-sim {r['identity_ref_hist_sim']:.3f} "
+                f"(ground truth {r['identity_ref_hist_sim_gt']:.3f}), thumb-cos {r['identity_ref_thumb_cos']:.3f} "
+                f"(ground truth {r['identity_ref_thumb_cos_gt']:.3f})"
+            )
     return "\n".join(lines)

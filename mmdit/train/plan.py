@@ -20,8 +20,10 @@ and needs the cuDNN library to lower).
 The analytic estimate (bytes per device) counts, from shapes only (``jax.eval_shape``):
 
 * state: fp32 master params, Adam ``mu`` / ``nu`` and the EMA, each leaf divided by the mesh
-  axes its logical names map to (exact, given the rules); grads like params (+ an accumulator with
-  ``train.grad_accum > 1``); FSDP all-gathers of one layer's weights (×2: prefetch) + its grads;
+  axes its logical names map to (exact, given the rules); ``mu`` / ``nu`` and grads of trainable
+  params only (``train.freeze`` / ``train.trainable``: frozen params have no optimizer state and no
+  gradient), grads like those params (+ an accumulator with ``train.grad_accum > 1``); FSDP
+  all-gathers of one layer's weights (×2: prefetch) + its grads;
 * activations saved for the backward pass per layer and token under ``model.remat``
   (:func:`layer_bytes_per_token`): ``full``/``offload`` keep only the fp32 residual carried
   between layers; ``dots_no_batch`` also the weight-matmul outputs; ``dots`` also the attention
@@ -223,7 +225,10 @@ class Estimate:
 
 def estimate(cfg, model, boxed_state, mesh_shape: dict, rules, *, remat: str | None = None, impl: str | None = None) -> Estimate:
     """Per-device bytes of one training step (see the module docstring for the model)."""
+    import jax
     import jax.numpy as jnp
+
+    from mmdit.util import param_groups
 
     from mmdit.parallel.rules import logical_to_spec
     from mmdit.train.sharding import batch_shapes
@@ -244,11 +249,13 @@ def estimate(cfg, model, boxed_state, mesh_shape: dict, rules, *, remat: str | N
     sk_local = spec.num_tokens / seq if sp == "ring" else spec.num_tokens
     c = jnp.dtype(spec.dtype).itemsize
     params = sharded_bytes(boxed_state.params, mesh_shape, rules)
+    frozen = param_groups.frozen_mask(boxed_state.params, train.param_groups)
+    trainable = sharded_bytes(jax.tree.map(lambda f, x: None if f else x, frozen, boxed_state.params), mesh_shape, rules)
     parts = {
         "params": params,
-        "optimizer": sharded_bytes(boxed_state.opt_state, mesh_shape, rules),
+        "optimizer": sharded_bytes(boxed_state.opt_state, mesh_shape, rules),  # frozen params have none
         "ema": sharded_bytes(boxed_state.ema, mesh_shape, rules),
-        "grads": params * (2 if k > 1 else 1),
+        "grads": trainable * (2 if k > 1 else 1),
     }
     blocks = boxed_state.params["dit"]["params"]["blocks"]
     per_layer = sharded_bytes(blocks, {a: n for a, n in mesh_shape.items() if a != "fsdp"}, rules) / spec.num_layers

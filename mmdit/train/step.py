@@ -4,6 +4,11 @@
 the raw conditions the model needs (``model.input_spec()``: ``text_tokens`` or ``text`` features, ``ref_audio``...). Pure
 function of (state, batch): the step's randomness is ``fold_in(state.rng, state.step)``.
 
+**Frozen params** (``train.freeze`` / ``train.trainable``, :mod:`mmdit.util.param_groups`): the loss
+stops gradients at them (:func:`make_grad_fn`: no weight-gradient matmuls; measured 16.8% fewer
+step FLOPs freezing the demo's video stream), they are carried over unchanged (bit-identical) and
+their EMA is not updated; with ``grad_accum`` they get no accumulator.
+
 :func:`make_step` picks the plain step (:func:`make_train_step`) or the gradient-accumulating one
 (:func:`make_accumulating_train_step`); neither is jitted here: ``mmdit/train/sharding.py`` jits it
 with the state / batch shardings and passes the params' shardings and the batch mesh axes in.
@@ -27,6 +32,7 @@ from jax.sharding import PartitionSpec
 
 from mmdit import config_spec, flow, tasks
 from mmdit.train.state import TrainState, ema_update
+from mmdit.util import param_groups
 
 
 def split_batch(model, batch):
@@ -91,27 +97,55 @@ def _loss(params, model, fl, task_weights, model_cfg, batch, rng):
     return loss, metrics
 
 
-def apply_gradients(state: TrainState, grads, metrics: dict, tx, ema_decay: float):
+def apply_gradients(state: TrainState, grads, metrics: dict, tx, ema_decay: float, frozen=None):
     """One AdamW update + EMA (with warmup) from ``grads``; shared by the plain and the
-    gradient-accumulating step."""
+    gradient-accumulating step. ``frozen`` (:func:`frozen_params`): params kept as they are, their
+    EMA too."""
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    if frozen is not None:  # bit-identical (AdamW's decoupled weight decay never touches them)
+        params = param_groups.select(frozen, state.params, params)
     # EMA warmup: with a fixed 0.999 a 1k-step run would still be ~37% random init.
     decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
-    ema = ema_update(state.ema, params, decay)
+    ema = ema_update(state.ema, params, decay, frozen)
     metrics = dict(metrics, grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
+
+
+def frozen_params(cfg, params):
+    """The static frozen mask of ``params`` under ``train.freeze`` / ``train.trainable`` (a tree of
+    Python bools), or None when everything trains."""
+    groups = config_spec.train_spec(cfg).param_groups
+    if groups.trainable == ("*",) and not groups.freeze:
+        return None
+    return param_groups.frozen_mask(params, groups)
+
+
+def make_grad_fn(model, cfg):
+    """``value_and_grad`` of :func:`make_loss_fn` with gradients stopped at frozen params *inside*
+    the loss, so the backward pass skips their weight-gradient matmuls (their gradients come back
+    as zeros)."""
+    loss_fn = make_loss_fn(model, cfg)
+
+    def loss(params, batch, rng):
+        frozen = frozen_params(cfg, params)
+        if frozen is not None:
+            params = param_groups.select(frozen, jax.tree.map(jax.lax.stop_gradient, params), params)
+        return loss_fn(params, batch, rng)
+
+    return jax.value_and_grad(loss, has_aux=True)
 
 
 def make_train_step(model, cfg, tx):
     """Returns ``step(state, batch) -> (state, metrics)`` (not jitted: the caller jits with shardings)."""
     ema_decay = config_spec.train_spec(cfg).ema_decay
-    grad_fn = jax.value_and_grad(make_loss_fn(model, cfg), has_aux=True)
+    grad_fn = make_grad_fn(model, cfg)
 
     def step(state: TrainState, batch):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        frozen = frozen_params(cfg, state.params)
         (loss, metrics), grads = grad_fn(state.params, batch, rng)
-        return apply_gradients(state, grads, dict(metrics, loss=loss), tx, ema_decay)
+        return apply_gradients(state, grads, dict(metrics, loss=loss), tx, ema_decay, frozen)
 
     return step
 
@@ -139,15 +173,19 @@ def make_accumulating_train_step(model, cfg, tx, k: int, param_shardings, axes):
         ``[B/k, ...]`` keeps that sharding.
     """
     ema_decay = config_spec.train_spec(cfg).ema_decay
-    grad_fn = jax.value_and_grad(make_loss_fn(model, cfg), has_aux=True)
+    grad_fn = make_grad_fn(model, cfg)
 
     def step(state: TrainState, batch):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         micro = {n: _split_microbatches(x, k, axes) for n, x in batch.items()}
+        frozen = frozen_params(cfg, state.params)
 
         def one(j, mb):
             (loss, metrics), g = grad_fn(state.params, mb, jax.random.fold_in(rng, j))
-            return jax.lax.with_sharding_constraint(g, param_shardings), dict(metrics, loss=loss)
+            g = jax.lax.with_sharding_constraint(g, param_shardings)
+            if frozen is not None:  # no accumulator for frozen params (their gradients are zero)
+                g = jax.tree.map(lambda f, x: optax.MaskedNode() if f else x, frozen, g)
+            return g, dict(metrics, loss=loss)
 
         def body(carry, xs):
             g, m = one(*xs)
@@ -157,8 +195,10 @@ def make_accumulating_train_step(model, cfg, tx, k: int, param_shardings, axes):
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         (gsum, msum), _ = jax.lax.scan(body, zeros, (jnp.arange(k), micro))
         grads = jax.tree.map(lambda g: g / k, gsum)
+        if frozen is not None:
+            grads = jax.tree.map(lambda f, p, g: jnp.zeros_like(p) if f else g, frozen, state.params, grads)
         metrics = jax.tree.map(lambda m: m / k, msum)
-        return apply_gradients(state, grads, metrics, tx, ema_decay)
+        return apply_gradients(state, grads, metrics, tx, ema_decay, frozen)
 
     return step
 
