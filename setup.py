@@ -29,6 +29,7 @@ setup(
         "flatbuffers>=24",
         "numpy>=1.26",
         "pillow>=10",
+        "safetensors>=0.4",  # mmdit convert reads Hugging Face checkpoints tensor by tensor
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6"],

@@ -36,18 +36,18 @@ __all__ = [
 ]
 
 
-def resolve_backend(backend: str = "auto", interpret: bool = False) -> str:
-    """``"gpu"`` or ``"tpu"``: the kernel family for ``backend`` on this machine.
+def resolve_backend(backend: str = "auto", interpret: bool = False, platform: str | None = None) -> str:
+    """``"gpu"`` or ``"tpu"``: the kernel family for ``backend`` on ``platform`` (default: this machine's
+    ``jax.default_backend()``; a lowering check for another target passes the target).
 
-    ``auto`` follows ``jax.default_backend()``; on CPU ``auto`` requires ``interpret=True`` and picks
-    the GPU kernel in the Pallas interpreter (``"tpu"`` explicitly runs the TPU kernel in the TPU
-    interpreter).
+    ``auto`` follows the platform; on CPU ``auto`` requires ``interpret=True`` and picks the GPU kernel
+    in the Pallas interpreter (``"tpu"`` explicitly runs the TPU kernel in the TPU interpreter).
     """
     if backend not in ("auto", "gpu", "tpu"):
         raise ValueError(f"backend={backend!r}: choose 'auto', 'gpu' or 'tpu'")
     if backend != "auto":
         return backend
-    platform = jax.default_backend()
+    platform = jax.default_backend() if platform is None else platform
     if platform == "tpu":
         return "tpu"
     if platform in ("gpu", "cuda", "rocm"):
@@ -100,24 +100,10 @@ def flash_attention(
     if kind == "tpu":
         if options:
             raise ValueError(f"options {sorted(options)} apply to the GPU kernel only")
-        from mmdit_kernels.flash_tpu import flash_attention_tpu
-
-        return flash_attention_tpu(
-            q,
-            k,
-            v,
-            mask_fn=mask_fn,
-            q_meta=q_meta,
-            k_meta=k_meta,
-            block_map=block_map,
-            scale=scale,
-            block_q=block_q,
-            block_k=block_k,
-            interpret=interpret,
-        )
-    from mmdit_kernels.flash_gpu import flash_attention_gpu
-
-    return flash_attention_gpu(
+        from mmdit_kernels.flash_tpu import flash_attention_tpu as kernel
+    else:
+        from mmdit_kernels.flash_gpu import flash_attention_gpu as kernel
+    return kernel(
         q,
         k,
         v,

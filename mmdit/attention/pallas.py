@@ -69,18 +69,16 @@ def _kernel(name: str, kind: str, q, k, opts: AttentionOptions):
 
 
 def _pick(q, k, opts: AttentionOptions):
-    """``pallas``: the kernel family for this backend (CPU: the GPU kernel, interpreted)."""
-    here = platform()
-    if here == "tpu":
-        return "tpu"
-    if here in ("gpu", "cuda", "rocm"):
-        return "gpu"
-    if not opts.interpret:
+    """``pallas``: the kernel family for the target platform (CPU: the GPU kernel, interpreted)."""
+    import mmdit_kernels as mk
+
+    try:
+        return mk.resolve_backend("auto", opts.interpret, platform=platform())
+    except ValueError:
         raise UnsupportedAttention(
-            f"pallas: no compiled kernel for the {here!r} backend; set model.attention.interpret=True "
+            f"pallas: no compiled kernel for the {platform()!r} backend; set model.attention.interpret=True "
             "to run the GPU kernel in the Pallas interpreter (slow, for tests)"
-        )
-    return "gpu"
+        ) from None
 
 
 def _mask_args(mask: MaskSpec, opts: AttentionOptions) -> dict:

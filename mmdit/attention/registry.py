@@ -150,18 +150,13 @@ def platform() -> str:
 @contextlib.contextmanager
 def target_platform(name: str):
     """Traces attention for platform ``name`` (``tpu`` | ``cuda`` | ``gpu`` | ``cpu``) from any host, for
-    ``jax.export(..., platforms=(name,))`` lowering checks (``mmdit-plan``). Inside the context
-    :func:`platform` returns ``name``, and so does ``jax.default_backend()`` (patched, restored on
-    exit) for kernels that consult it directly."""
-    name = "gpu" if name == "cuda" else name
-    original = jax.default_backend
-    _TARGET.append(name)
-    jax.default_backend = lambda: name
+    ``jax.export(..., platforms=(name,))`` lowering checks (``mmdit-plan``): inside the context
+    :func:`platform` returns ``name``, so every implementation picks the kernel of the target."""
+    _TARGET.append("gpu" if name == "cuda" else name)
     try:
         yield
     finally:
         _TARGET.pop()
-        jax.default_backend = original if not _TARGET else (lambda: _TARGET[-1])
 
 
 _GPU_PLATFORMS = ("gpu", "cuda", "rocm")

@@ -27,7 +27,8 @@ import re
 
 import numpy as np
 
-from mmdit.convert.source import ConvertError, cast
+from mmdit.convert.param_tree import ParamTree, abstract_shapes
+from mmdit.convert.source import ConvertError
 
 NAME = "mmaudio_vae"
 DESCRIPTION = "MMAudio mel-spectrogram VAE (diffusers MMAudioVAE: Kandinsky 6 audio_vae, MMAudio 16 kHz / 44.1 kHz)"
@@ -162,38 +163,17 @@ def our_path(name: str, original: bool = False) -> tuple[str, ...] | None:
     return tuple(parts)
 
 
-def _set(tree: dict, path: tuple[str, ...], value) -> None:
-    for p in path[:-1]:
-        tree = tree.setdefault(p, {})
-    tree[path[-1]] = value
-
-
-def _flat(tree, prefix=()):
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            yield from _flat(v, prefix + (k,))
-        else:
-            yield prefix + (k,), v
-
-
 def expected_shapes(target: dict) -> dict[tuple[str, ...], tuple[int, ...]]:
     """``{param path: shape}`` of our module for ``target`` (abstract init: no compute)."""
     import jax
     import jax.numpy as jnp
 
-    model = build(target)
-    mel = jax.ShapeDtypeStruct((1, 8, target["mel_bins"]), jnp.float32)
-    shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), mel)
-    import flax.linen as nn
-
-    return {p: tuple(v.shape) for p, v in _flat(nn.unbox(shapes)["params"])}
+    return abstract_shapes(build(target), jax.ShapeDtypeStruct((1, 8, target["mel_bins"]), jnp.float32))
 
 
 def convert(src, hf_config: dict, dtype) -> dict:
     tgt = target(hf_config)
-    want = expected_shapes(tgt)
-    params: dict = {}
-    seen = set()
+    tree = ParamTree(expected_shapes(tgt), where=src.directory, what="MMAudio VAE", dtype=dtype)
     names = src.names()
     original = is_original_layout(names)
     for name in names:
@@ -209,22 +189,10 @@ def convert(src, hf_config: dict, dtype) -> dict:
             if original:
                 x = fold_mp_weight(x)
             x = np.ascontiguousarray(x.transpose(2, 1, 0))
-        if path not in want:
-            raise ConvertError(f"{src.directory}: tensor {name!r} maps to {'/'.join(path)}, which our MMAudio VAE does not have")
-        if tuple(x.shape) != want[path]:
-            raise ConvertError(
-                f"{src.directory}: tensor {name!r} has shape {x.shape} after conversion, ours {want[path]} "
-                "(config.json does not describe these weights)"
-            )
-        _set(params, path, cast(x, dtype))
-        seen.add(path)
-    missing = sorted(set(want) - seen)
-    if missing:
-        raise ConvertError(
-            f"{src.directory}: {len(missing)} weight(s) missing, e.g. {'/'.join(missing[0])}; the checkpoint is incomplete"
-        )
+        tree.put(name, path, x)
+    params = tree.finish()
     _check_front_end(src, tgt)
-    return {"params": params}
+    return params
 
 
 def _check_front_end(src, tgt: dict) -> None:

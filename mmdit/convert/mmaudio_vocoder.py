@@ -28,7 +28,8 @@ import re
 
 import numpy as np
 
-from mmdit.convert.source import ConvertError, cast
+from mmdit.convert.param_tree import ParamTree, abstract_shapes
+from mmdit.convert.source import ConvertError
 
 NAME = "mmaudio_vocoder"
 DESCRIPTION = "MMAudio BigVGAN vocoder (diffusers MMAudioVocoder: Kandinsky 6 vocoder, MMAudio 16 kHz / 44.1 kHz BigVGAN)"
@@ -124,23 +125,12 @@ def our_path(name: str) -> tuple[str, ...] | None:
     raise ConvertError(f"unexpected tensor {name!r} in an MMAudioVocoder checkpoint")
 
 
-def _flat(tree, prefix=()):
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            yield from _flat(v, prefix + (k,))
-        else:
-            yield prefix + (k,), v
-
-
 def expected_shapes(target: dict) -> dict[tuple[str, ...], tuple[int, ...]]:
-    import flax.linen as nn
+    """``{param path: shape}`` of our vocoder for ``target`` (abstract init: no compute)."""
     import jax
     import jax.numpy as jnp
 
-    model = build(target)
-    mel = jax.ShapeDtypeStruct((1, 4, target["num_mels"]), jnp.float32)
-    shapes = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), mel)
-    return {p: tuple(v.shape) for p, v in _flat(nn.unbox(shapes)["params"])}
+    return abstract_shapes(build(target), jax.ShapeDtypeStruct((1, 4, target["num_mels"]), jnp.float32))
 
 
 _WEIGHT_NORM = (  # (magnitude, direction) suffixes of a weight-normed ``X.weight``: old-style and parametrize-style
@@ -183,9 +173,7 @@ def convert(src, hf_config: dict, dtype) -> dict:
     if "conv_post.bias" in tensors and "use_bias_at_final" not in hf_config:
         hf_config = dict(hf_config, use_bias_at_final=True)
     tgt = target(hf_config)
-    want = expected_shapes(tgt)
-    params: dict = {}
-    seen = set()
+    tree = ParamTree(expected_shapes(tgt), where=src.directory, what="vocoder", dtype=dtype)
     for name in sorted(tensors):
         path = our_path(name)
         if path is None:
@@ -198,29 +186,11 @@ def convert(src, hf_config: dict, dtype) -> dict:
             # Conv1d [out, in, k] -> [k, in, out]; ConvTranspose1d [in, out, k] -> [k, in, out]
             x = x.transpose(2, 0, 1) if path[0].startswith("ups_") else x.transpose(2, 1, 0)
             x = np.ascontiguousarray(x)
-        if path not in want:
-            raise ConvertError(f"{src.directory}: tensor {name!r} maps to {'/'.join(path)}, which our vocoder does not have")
-        if tuple(x.shape) != want[path]:
-            raise ConvertError(
-                f"{src.directory}: tensor {name!r} has shape {x.shape} after conversion, ours {want[path]} "
-                "(config.json does not describe these weights)"
-            )
-        node = params
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-        node[path[-1]] = cast(x, dtype)
-        seen.add(path)
-    missing = sorted(set(want) - seen)
-    if missing:
-        raise ConvertError(
-            f"{src.directory}: {len(missing)} weight(s) missing, e.g. {'/'.join(missing[0])}"
-            + (
-                " (config.json use_bias_at_final is true but there is no conv_post.bias)"
-                if missing[0] == ("conv_post", "bias")
-                else ""
-            )
-        )
-    return {"params": params}
+        tree.put(name, path, x)
+    no_bias = tree.missing()[:1] == [("conv_post", "bias")]
+    return tree.finish(
+        "config.json use_bias_at_final is true but there is no conv_post.bias" if no_bias else "the checkpoint is incomplete"
+    )
 
 
 def _check_filter(src, name: str) -> None:
