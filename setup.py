@@ -30,6 +30,8 @@ setup(
         "numpy>=1.26",
         "pillow>=10",
         "safetensors>=0.4",  # mmdit convert reads Hugging Face checkpoints tensor by tensor
+        # mmdit data ingest's face boxes: the Haar cascade xml ships in the 4.x wheels only (cv2.data.haarcascades)
+        "opencv-python-headless>=4.8,<5",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6"],
@@ -44,7 +46,9 @@ setup(
             "mmdit-info=mmdit.cli.info:main",
             "mmdit-data=mmdit.cli.data:main",
             "mmdit-train=mmdit.cli.train:main",
+            "mmdit-distill=mmdit.cli.distill:main",
             "mmdit-sample=mmdit.cli.sample:main",
+            "mmdit-stream=mmdit.cli.stream:main",
             "mmdit-export=mmdit.cli.export:main",
             "mmdit-eval=mmdit.cli.eval:main",
             "mmdit-plan=mmdit.cli.plan:main",

@@ -19,7 +19,8 @@ pair ``--repeats`` times. In a child: ``--warmup`` untimed calls of each variant
 compiles), then ``--iters`` rounds calling every variant once in turn (interleaved); the median wall
 time per variant is reported, the process CPU time per call beside it, and the load average.
 
-mmdit runs with ``model.scan=True`` (the default) and ``scan=False``. Timesteps: one sigma per sample
+mmdit runs with ``model.scan=True`` (the default; on CPU the scan is unrolled, params stay stacked)
+and ``scan=False``. Timesteps: one sigma per sample
 for the peer (Wan 2.1 layout, ``timestep [B]``); mmdit always takes per-token sigmas ``[B, S]`` (its
 only input form), here constant per sample -- the same values.
 

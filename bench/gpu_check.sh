@@ -7,7 +7,8 @@
 #      mask (full, chunk_causal, local, nonjoint), fwd and fwd+bwd;
 #   3. the train-step benchmark on the ~1B twin of UniTalking (15,161 tokens) with impl=auto, once on
 #      its own mask (`full & no_peek` -> pallas) and once on `full` (-> cuDNN with lengths);
-#   4. bench/stream.py (streaming generation) if it exists.
+#   4. bench/stream.py: streaming generation, the demo_stream model and the Self-Forcing-sized
+#      configs/stream_1p3b.py (4,680-token chunks, 4 steps, bf16).
 #
 # Every figure lands in bench/results/ (JSON per step plus gpu_check-<stamp>.log with each step's exit
 # status). A failing step is recorded and the next one still runs; the script exits non-zero if any
@@ -62,11 +63,11 @@ step train_step_1b_pallas $PY bench/train_step.py "${ONE_B[@]}" --set "model.mas
 step train_step_1b_cudnn $PY bench/train_step.py "${ONE_B[@]}" --set "model.mask=full" \
   --tag unitalking-1b-auto-full --out "$RESULTS/train_step-1b-full-$STAMP.json"
 
-if [ -f bench/stream.py ]; then
-  step stream $PY bench/stream.py --out "$RESULTS/stream-$STAMP.json"
-else
-  echo "=== stream: bench/stream.py not present, skipped" | tee -a "$LOG"
-fi
+step stream_demo $PY bench/stream.py --chunks 220 --out "$RESULTS/stream-demo-$STAMP.json"
+# Self-Forcing's shape (1.3B video stream, 480x832, chunk 3 latent frames, 4 steps): DiT frames/s (anchor 17 FPS
+# with decode on one H100, goal 34); the Wan VAE decode is not in this figure.
+step stream_1p3b $PY bench/stream.py --config configs/stream_1p3b.py --chunks 40 --decode-chunks 0 --no-recompute \
+  --out "$RESULTS/stream-1p3b-$STAMP.json"
 
 if [ ${#FAILED[@]} -ne 0 ]; then
   echo "gpu_check: failed steps: ${FAILED[*]} (log $LOG)" | tee -a "$LOG"

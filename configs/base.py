@@ -55,8 +55,10 @@ def get_config(arg=None):
     c.flow.sigma_std = 1.0
     c.flow.shift = 1.0  # training-time schedule shift
     c.flow.independent_streams = 0.0  # fraction of samples whose streams draw independent sigmas (0: shared)
+    c.flow.chunk_noise = "shared"  # shared | independent | clean_context: sigma per causal chunk (mmdit/flow.py)
     c.flow.stream_weights = mlc.ConfigDict()  # stream -> loss weight (default 1)
     c.flow.condition_dropout = mlc.ConfigDict()  # condition -> drop probability (for CFG)
+    c.flow.silence_dropout = 0.0  # fraction of clips trained in silence mode (model.conditions.<c>.silence_embedding)
 
     c.tasks = mlc.ConfigDict(dict(t2av=1.0))  # task -> sampling weight (see mmdit/tasks.py)
 
@@ -69,6 +71,8 @@ def get_config(arg=None):
     c.sample.guidance_schedule = "constant"  # constant | cosine
     c.sample.tasks = ("t2av",)  # what mmdit-eval / mmdit-sample / the training sample hook sample
     c.sample.num_per_task = 4  # clips per task for mmdit-eval and mmdit-sample
+    c.sample.stream_cache = "per_step"  # streaming KV cache: per_step (TalkingMachines) | clean (Self-Forcing)
+    c.sample.stream_positions = "bounded"  # streaming RoPE positions: bounded (sink-relative window) | absolute
 
     c.clip = mlc.ConfigDict(dict(seconds=2.0))
     c.codecs = mlc.ConfigDict()  # video / audio codec settings (mmdit/codecs/registry.py); needed to make data
@@ -110,6 +114,10 @@ def get_config(arg=None):
             trainable=("*",),
             freeze=(),
             lr_groups=mlc.ConfigDict(),
+            # training stages run in sequence from one launch (mmdit/train/stages.py): a tuple of dicts, each a
+            # `name` plus overrides of this run (steps, tasks, trainable, freeze, lr, lr_groups, warmup_steps,
+            # init_from_ignore, data); stage k+1 starts from stage k's params; () = one plain run
+            stages=(),
         )
     )
     c.data = mlc.ConfigDict(dict(dir=None, num_workers=0, num_shards=None, num_train=512, num_eval=16, examples_per_shard=128))

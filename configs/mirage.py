@@ -5,6 +5,11 @@ look at noisy video tokens, ``no_peek``); per-modality CFG dropout and cosine CF
 Video: Wan2.1-style VAE (8x, 4x, 16 ch), 25 fps, 512x512, 4 s = 97 frames -> 25 x 64 x 64 latents
 -> 25,600 tokens (patch 1x2x2). Audio features: 1024-d at 50 Hz, patch 2 -> 100 tokens, with their
 own lighter weights (dim 1024) in the same 32 x 128 head space.
+
+Codecs: the Wan2.1 VAE (``wan_vae``; set ``codecs.video.checkpoint`` to an ``mmdit convert`` folder);
+the features from a converted wav2vec2-large (``encoders.audio_features``; set it). ``tiny`` runs on
+CPU with the demo codecs: ``pixels`` (8x/4x, 16 channels) and, in place of wav2vec2, a 16-band 50 Hz
+log-mel (``codecs.audio_features``, weight-free; it also gives the sampled MP4s their audio track).
 """
 
 from mmdit import config_lib
@@ -43,7 +48,18 @@ def get_config(arg=None):
     c.sample.guidance_schedule = "cosine"
     c.sample.tasks = ("a2v_features",)
 
-    if v.tiny:  # CPU tests: f32, no remat
+    c.codecs = dict(video=dict(kind="wan_vae", checkpoint=None, fps=25.0))  # Wan2.1 VAE: `mmdit convert --family wan_vae`
+
+    if v.tiny:  # CPU tests: f32, no remat, demo codecs and world
         c.model.dtype = "float32"
         c.model.remat = "none"
+        c.world = dict(video_size=side, fps=25, sample_rate=16000, min_seconds=secs, max_seconds=secs, num_identities=4)
+        c.codecs = dict(
+            video=dict(kind="pixels", spatial=8, temporal=4, fps=25.0, luma_coeffs=2, chroma_coeffs=1),
+            audio_features=dict(kind="mel", sample_rate=16000, hop_length=320, n_mels=feature_dim, stack=1),
+        )
+        c.sample.steps, c.sample.num_per_task = 2, 1
+        c.data.num_train, c.data.num_eval, c.data.examples_per_shard = 8, 2, 8
+        c.train.update(dict(steps=3, global_batch_size=2, warmup_steps=1, ema_decay=0.5, log_every=1, checkpoint_every=1))
+        c.train.update(dict(keep_checkpoints=1, async_checkpoint=False))
     return c

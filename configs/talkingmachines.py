@@ -12,6 +12,17 @@ params), a layout that reproduces diffusers' forward to 1e-5 in f32. Wan2.1-I2V-
 the opt-in CLIP ``image`` condition (``added_to="text"``) and the ``image_latents`` channel concat
 (``model.streams.video.concat``), see mmdit/convert/wan_dit.py; here the reference image is the known
 first latent frame instead, so those are not declared.
+
+Training recipe (``train.stages``, one ``mmdit train`` launch, mmdit/train/stages.py): stage ``warmup``
+trains everything (all params trainable), stage ``audio`` then trains only the new audio
+cross-attention layers (``cross_audio_features`` and its condition embedder), starting from the
+warm-up's params (``init_from``). Stage 3 of the paper, distillation to the 2-step student, is the
+distillation issue's ``mmdit distill`` run on this run's result, not a stage here.
+Codecs: the Wan2.1 VAE (``wan_vae``; set ``codecs.video.checkpoint`` to an ``mmdit convert`` folder);
+audio features from a converted wav2vec2 and text from a converted UMT5 (``encoders``; set them).
+``tiny`` runs on CPU with the demo codecs: ``pixels`` (8x/4x, 16 channels) and, in place of wav2vec2,
+a 16-band 50 Hz log-mel (``codecs.audio_features``, weight-free) as the audio features; the byte text
+encoder and the synthetic world.
 """
 
 from mmdit import config_lib
@@ -27,7 +38,7 @@ def get_config(arg=None):
     text_dim, text_len, feature_dim = 4096, 512, 768
     if v.tiny:
         dim, ffn, layers, heads = 64, 128, 2, 2
-        secs = 17 / 25
+        secs = 33 / 25  # 9 latent frames: whole chunks of 3
         side = 32
         text_dim, text_len, feature_dim = 32, 16, 16
 
@@ -58,7 +69,26 @@ def get_config(arg=None):
     c.sample.shift = 5.0
     c.sample.tasks = ("ti2av",)
 
-    if v.tiny:  # CPU tests: f32, no remat
+    c.codecs = dict(video=dict(kind="wan_vae", checkpoint=None, fps=25.0))  # Wan2.1 VAE: `mmdit convert --family wan_vae`
+    audio_layers = ("dit/params/blocks/video/cross_audio_features/*", "dit/params/video/cond_embedding_audio_features/*")
+    c.train.stages = (
+        dict(name="warmup", steps=10000),
+        dict(name="audio", steps=20000, trainable=audio_layers),
+        # stage 3, distillation to the 2-step student: `mmdit distill` on this run (the distillation issue)
+    )
+
+    if v.tiny:  # CPU tests: f32, no remat, demo codecs and world, byte text encoder
         c.model.dtype = "float32"
         c.model.remat = "none"
+        c.model.text_encoder = dict(kind="byte", layers=1, heads=2)
+        c.world = dict(video_size=side, fps=25, sample_rate=16000, min_seconds=secs, max_seconds=secs, num_identities=4)
+        c.codecs = dict(
+            video=dict(kind="pixels", spatial=8, temporal=4, fps=25.0, luma_coeffs=2, chroma_coeffs=1),
+            audio_features=dict(kind="mel", sample_rate=16000, hop_length=320, n_mels=feature_dim, stack=1),
+        )
+        c.sample.steps, c.sample.num_per_task = 2, 1
+        c.data.num_train, c.data.num_eval, c.data.examples_per_shard = 8, 2, 8
+        c.train.update(dict(global_batch_size=2, warmup_steps=1, ema_decay=0.5, log_every=1, checkpoint_every=1))
+        c.train.update(dict(keep_checkpoints=1, async_checkpoint=False))
+        c.train.stages = (dict(name="warmup", steps=2), dict(name="audio", steps=2, trainable=audio_layers))
     return c

@@ -16,8 +16,9 @@ from typing import Any, Mapping
 
 import ml_collections as mlc
 
-from mmdit import config_lib
+from mmdit import config_lib, flow
 from mmdit import tasks as tasks_lib
+from mmdit.model import chunks
 from mmdit.model.spec import ModelSpec, build_spec
 from mmdit.parallel import axis_sizes
 from mmdit.util import param_groups
@@ -115,6 +116,8 @@ class FlowSpec:
     independent_streams: float
     stream_weights: Mapping[str, float]
     condition_dropout: Mapping[str, float]
+    chunk_noise: str = "shared"  # flow.CHUNK_NOISE_MODES; other than "shared" only with model.chunk_frames
+    silence_dropout: float = 0.0  # fraction of clips put in silence mode (flow.silence_dropout)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,6 +209,13 @@ def flow_spec(cfg, model: ModelSpec) -> FlowSpec:
         _number("flow.stream_weights", k, v, lo=0)
     for k, v in drops.items():
         _number("flow.condition_dropout", k, v, lo=0, hi=1)
+    chunk_noise = _choice("flow", "chunk_noise", f.chunk_noise, flow.CHUNK_NOISE_MODES)
+    if chunk_noise != "shared" and model.chunk_frames is None:
+        raise ValueError(
+            f"flow.chunk_noise={chunk_noise!r} draws noise per causal chunk, but model.chunk_frames is not set; "
+            "set model.chunk_frames (reference latent frames per chunk) or use flow.chunk_noise='shared'"
+        )
+    chunks.check_chunking(model)
     return FlowSpec(
         sigma_dist=_choice("flow", "sigma_dist", f.sigma_dist, SIGMA_DISTS),
         sigma_mean=_number("flow", "sigma_mean", f.sigma_mean),
@@ -214,7 +224,19 @@ def flow_spec(cfg, model: ModelSpec) -> FlowSpec:
         independent_streams=_number("flow", "independent_streams", float(f.independent_streams), lo=0, hi=1),
         stream_weights=weights,
         condition_dropout=drops,
+        chunk_noise=chunk_noise,
+        silence_dropout=_silence_dropout(f.silence_dropout, model),
     )
+
+
+def _silence_dropout(rate, model: ModelSpec) -> float:
+    rate = _number("flow", "silence_dropout", rate, lo=0, hi=1)
+    if rate > 0 and not any(c.silence_embedding for c in model.conditions):
+        raise ValueError(
+            f"flow.silence_dropout={rate:g} trains a silence embedding, but no model.conditions.<c>.silence_embedding "
+            "is set; set it on the audio condition or set flow.silence_dropout=0"
+        )
+    return rate
 
 
 def sample_spec(cfg, model: ModelSpec, *, check_tasks: bool = True) -> SampleSpec:
@@ -422,6 +444,7 @@ def build_run_spec(cfg) -> RunSpec:
     first bad field."""
     cfg = complete(cfg)
     model = build_spec(cfg.model)
+    chunks.check_chunking(model)
     tasks_lib.validate_tasks(task_weights(cfg), model, cfg.model)
     train = train_spec(cfg)
     if not train.param_groups.is_default:  # patterns checked against the model's param paths

@@ -25,7 +25,7 @@ insertion order.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,11 +41,15 @@ __all__ = [
     "shift_sigma",
     "sample_sigma",
     "sample_token_sigmas",
+    "CHUNK_NOISE_MODES",
+    "ChunkNoise",
+    "chunk_token_sigmas",
     "interpolate",
     "velocity_target",
     "noisy_inputs",
     "flow_loss",
     "drop_conditions",
+    "silence_dropout",
 ]
 
 
@@ -102,6 +106,33 @@ def sample_sigma(rng, shape, *, dist: str = "logit_normal", mean: float = 0.0, s
     return shift_sigma(sigma, shift)
 
 
+def _batch_size(known: Mapping[str, Array]) -> int:
+    """The batch size ``B`` every ``[B, S]`` mask of ``known`` shares."""
+    batch = {int(jnp.shape(known[n])[0]) for n in known}
+    if len(batch) != 1:
+        shapes = {n: tuple(jnp.shape(known[n])) for n in sorted(known)}
+        raise ValueError(f"known masks disagree on the batch size: {shapes}")
+    return batch.pop()
+
+
+def _stream_draws(rng, names, shape, independent_streams, dist_kw) -> dict[str, Array]:
+    """``{stream: σ[shape]}`` (``shape[0]`` = B): one draw shared by every stream, except for the
+    fraction ``independent_streams`` of the samples, whose streams each draw their own (see
+    :func:`sample_token_sigmas`). Keys: ``(shared, pick, *streams) = split(rng, 2 + len(names))``."""
+    p = float(independent_streams)
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"flow.independent_streams={independent_streams!r}: use a bool or a fraction in [0, 1]")
+    draw = lambda key: sample_sigma(key, shape, **dist_kw)  # noqa: E731
+    k_shared, k_pick, *k_streams = jax.random.split(rng, 2 + len(names))
+    shared = draw(k_shared)
+    if p == 0.0:
+        return {n: shared for n in names}
+    b = shape[0]
+    pick = jax.random.bernoulli(k_pick, p, (b,)) if p < 1.0 else jnp.ones((b,), bool)
+    pick = pick.reshape((b,) + (1,) * (len(shape) - 1))
+    return {n: jnp.where(pick, draw(k), shared) for n, k in zip(names, k_streams)}
+
+
 def sample_token_sigmas(
     rng,
     known: Mapping[str, Array],
@@ -131,27 +162,113 @@ def sample_token_sigmas(
     names = sorted(known)
     if not names:
         return {}
-    batch = {int(jnp.shape(known[n])[0]) for n in names}
-    if len(batch) != 1:
-        shapes = {n: tuple(jnp.shape(known[n])) for n in names}
-        raise ValueError(f"known masks disagree on the batch size: {shapes}")
-    (b,) = batch
-    p = float(independent_streams)
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"flow.independent_streams={independent_streams!r}: use a bool or a fraction in [0, 1]")
-    draw = lambda key: sample_sigma(key, (b,), dist=dist, mean=mean, std=std, shift=shift)
-    k_shared, k_pick, *k_streams = jax.random.split(rng, 2 + len(names))
-    shared = draw(k_shared)
-    if p == 0.0:
-        per_stream = {n: shared for n in names}
-    else:
-        pick = jax.random.bernoulli(k_pick, p, (b,)) if p < 1.0 else jnp.ones((b,), bool)
-        per_stream = {n: jnp.where(pick, draw(k), shared) for n, k in zip(names, k_streams)}
+    b = _batch_size(known)
+    per_stream = _stream_draws(rng, names, (b,), independent_streams, dict(dist=dist, mean=mean, std=std, shift=shift))
     out = {}
     for n in names:
         k = jnp.asarray(known[n], bool)
         out[n] = jnp.where(k, 0.0, jnp.broadcast_to(per_stream[n][:, None], k.shape))
     return out
+
+
+CHUNK_NOISE_MODES = ("shared", "independent", "clean_context")
+
+
+class ChunkNoise(NamedTuple):
+    """Per-token training noise of a clip cut into causal chunks (:func:`chunk_token_sigmas`)."""
+
+    sigma: dict[str, Array]  # generated stream -> float32 [B, S]; exactly 0 on known tokens
+    known: dict[str, Array]  # generated stream -> bool [B, S]: the task's known tokens ∪ clean context chunks
+    valid: dict[str, Array]  # every stream of the ``valid`` argument -> bool [B, S]; False on excluded chunks
+    target: Array  # int32 [B]: the target chunk of "clean_context"; -1 in the other modes
+
+
+def chunk_token_sigmas(
+    rng,
+    known: Mapping[str, Array],
+    chunks: Mapping[str, Array],
+    num_chunks: int,
+    *,
+    mode: str = "shared",
+    valid: Mapping[str, Array] | None = None,
+    independent_streams: bool | float = False,
+    dist: str = "logit_normal",
+    mean: float = 0.0,
+    std: float = 1.0,
+    shift: float = 1.0,
+) -> ChunkNoise:
+    """Per-token training σ for causal-chunk training (``flow.chunk_noise``).
+
+    A chunk is a span of aligned time cut across all streams (``mmdit/model/chunks.py``); ``chunks``
+    gives every token's chunk index. The modes:
+
+    * ``"shared"``: one σ per sample over all of its chunks (TalkingMachines: a chunk attends its
+      context at its own noise level) -- exactly :func:`sample_token_sigmas`, same draws.
+    * ``"independent"``: an independent σ per (sample, chunk) (diffusion forcing / CausVid), equal
+      for every stream's tokens of one chunk unless ``independent_streams`` splits the streams too
+      (then per (sample, chunk, stream) for that fraction of the samples).
+    * ``"clean_context"`` (teacher forcing): per sample a target chunk ``c`` is drawn uniformly from
+      ``[0, num_chunks)``; chunks ``< c`` are clean context (σ = 0 and known, so their tokens are the
+      data and they are not scored); chunk ``c`` draws one σ (per stream with
+      ``independent_streams``); chunks ``> c`` are excluded: ``valid`` False in every stream (never
+      attended, never scored, whatever the mask) and σ = 1 (pure noise, no trace of the data). Only
+      chunk ``c``'s generated tokens are scored. This is the single-target form of the clean + noisy
+      doubled sequence of Self-Forcing / CausVid teacher forcing: one noisy chunk per sample, its
+      clean past in place instead of a second copy of the clip.
+
+    Tokens the task gives (``known`` True: a2v's audio, ti2av's first frame) stay known with σ = 0 in
+    every mode.
+
+    Args:
+      rng: PRNG key.
+      known: ``dict[stream, bool[B, S_s]]`` of the generated streams (the task's known tokens).
+      chunks: ``dict[stream, int[S_s]]`` chunk index per token, for every stream of ``known`` and ``valid``.
+      num_chunks: chunks per clip (static); chunk indices lie in ``[0, num_chunks)``.
+      mode: one of :data:`CHUNK_NOISE_MODES`.
+      valid: ``dict[stream, bool[B or 1, S_s]]`` (may include condition streams); None: every token
+        of the ``known`` streams valid.
+      independent_streams, dist, mean, std, shift: as in :func:`sample_token_sigmas`.
+
+    Returns:
+      :class:`ChunkNoise` (``valid`` broadcast to ``[B, S_s]``).
+    """
+    if mode not in CHUNK_NOISE_MODES:
+        raise ValueError(f"flow.chunk_noise={mode!r}: choose one of {list(CHUNK_NOISE_MODES)}")
+    names = sorted(known)
+    if not names:
+        raise ValueError("chunk_token_sigmas needs the known masks of at least one generated stream")
+    b = _batch_size(known)
+    valid = {n: jnp.ones(jnp.shape(known[n]), bool) for n in names} if valid is None else dict(valid)
+    valid = {n: jnp.broadcast_to(jnp.asarray(v, bool), (b, jnp.shape(v)[1])) for n, v in valid.items()}
+    ids = {}
+    for n in sorted(set(names) | set(valid)):
+        if n not in chunks:
+            raise ValueError(f"chunk_token_sigmas: no chunk indices for stream {n!r} (chunks has {sorted(chunks)})")
+        ids[n] = jnp.asarray(chunks[n], jnp.int32)
+        size = jnp.shape(known[n] if n in known else valid[n])[1]
+        if ids[n].shape != (size,):
+            raise ValueError(f"chunk indices of stream {n!r} have shape {ids[n].shape}, expected ({size},)")
+    known = {n: jnp.asarray(known[n], bool) for n in names}
+    dist_kw = dict(dist=dist, mean=mean, std=std, shift=shift)
+    no_target = jnp.full((b,), -1, jnp.int32)
+    if mode == "shared":
+        sigma = sample_token_sigmas(rng, known, independent_streams=independent_streams, **dist_kw)
+        return ChunkNoise(sigma, known, valid, no_target)
+    if mode == "independent":
+        per_chunk = _stream_draws(rng, names, (b, int(num_chunks)), independent_streams, dist_kw)  # [B, N]
+        sigma = {n: jnp.where(known[n], 0.0, jnp.take(per_chunk[n], ids[n], axis=1)) for n in names}
+        return ChunkNoise(sigma, known, valid, no_target)
+    k_target, k_sigma = jax.random.split(rng)
+    target = jax.random.randint(k_target, (b,), 0, int(num_chunks), jnp.int32)
+    per_sample = _stream_draws(k_sigma, names, (b,), independent_streams, dist_kw)
+    c = target[:, None]
+    sigma, context = {}, {}
+    for n in names:
+        context[n] = known[n] | (ids[n][None] < c)
+        noisy = jnp.where(ids[n][None] == c, per_sample[n][:, None], 1.0)
+        sigma[n] = jnp.where(context[n], 0.0, noisy)
+    valid = {n: v & (ids[n][None] <= c) for n, v in valid.items()}
+    return ChunkNoise(sigma, context, valid, target)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,6 +380,16 @@ def flow_loss(
 # ----------------------------------------------------------------------------------------------
 # Condition dropout
 # ----------------------------------------------------------------------------------------------
+
+
+def silence_dropout(rng, speaking, rate: float):
+    """Silence mode at train time without labels: each clip goes silent (every frame 0) with probability
+    ``rate``, so the silence embedding (``model.conditions.<c>.silence_embedding``) learns to stand in for
+    hidden audio; with ``silence_labels`` the records' labels teach the listening behaviour itself.
+    ``speaking`` int ``[B, F]`` -> int32 ``[B, F]`` (labelled silent frames stay silent)."""
+    speaking = jnp.asarray(speaking, jnp.int32)
+    silent = jax.random.uniform(rng, speaking.shape[:1]) < rate
+    return jnp.where(silent[:, None], 0, speaking)
 
 
 def drop_conditions(

@@ -16,7 +16,9 @@ a2v_features   generated streams other than visual absent; the         all but `
                in-sequence condition stream drives (Mirage)
 tts            the visual stream absent (audio-only pretraining)       all but ``ref_audio``
 inpaint        per generated stream one random span of 0-30% of its    all but ``ref_audio``
-               temporal tokens known (JAM-Flow / F5 infilling)
+               temporal tokens known (JAM-Flow / F5 infilling);
+               sampling may choose the regenerated spans instead
+               (:func:`region_known`, ``Sampler.sample(regions=)``)
 =============  ======================================================  ======================
 
 Every output is a jnp array with a leading batch axis; :func:`sample_tasks` draws a task per sample
@@ -26,7 +28,7 @@ from ``config.tasks`` weights and selects per sample, so it runs inside ``jit``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -136,6 +138,56 @@ def inpaint(rng, spec, r, batch):
         span = (idx >= start[:, None]) & (idx < (start + length)[:, None])
         known[name] = a.geometry.frame_values_to_tokens(span)
     return known, valid, present
+
+
+def stream_seconds(spec: ModelSpec, name: str) -> float:
+    """The clip length of stream ``name`` in seconds (latent length / latent rate)."""
+    g = spec.stream(name).geometry
+    return g.shape[0] / g.rate
+
+
+def region_known(
+    spec: ModelSpec, regions: Mapping[str, Sequence[tuple[float, float]]], batch: int, *, label: str = "regions"
+) -> dict:
+    """JAM-Flow inpainting of chosen regions: ``{generated stream: [(start_s, end_s), ...]}`` -> known
+    masks ``{stream: bool [B, S_s]}`` for every generated stream. A stream's temporal tokens whose time
+    interval ``[j*p/r, (j+1)*p/r)`` (patch ``p``, latent rate ``r``) overlaps a span are regenerated
+    (unknown); every other token -- and every token of a stream not named -- is known, held at its clean
+    value. Raises ValueError naming ``label`` (the API argument or CLI flag) for an unknown or condition
+    stream, an empty or reversed span, or a span outside the clip."""
+    known = {}
+    for name in regions:
+        if name not in spec.generated:
+            raise ValueError(
+                f"{label}: stream {name!r} is not a generated stream of this model ({list(spec.generated)}); name one of them"
+            )
+    for name in spec.generated:
+        g = spec.stream(name).geometry
+        seconds = stream_seconds(spec, name)
+        step = g.patch[0] / g.rate  # seconds per temporal token
+        start = np.arange(g.token_frames()) * step
+        regenerate = np.zeros(g.token_frames(), bool)
+        for span in regions.get(name, ()):
+            try:
+                t0, t1 = (float(x) for x in span)
+            except (TypeError, ValueError):
+                raise ValueError(f"{label}: {name} span {span!r} must be (start_s, end_s) numbers") from None
+            if not (0.0 <= t0 < t1 <= seconds + 1e-6):
+                raise ValueError(
+                    f"{label}: {name} span {t0:g}-{t1:g} s must satisfy 0 <= start < end <= {seconds:.3f} s "
+                    f"(the {name} stream's clip length)"
+                )
+            regenerate |= (start < t1) & (start + step > t0)
+        frame_known = jnp.asarray(np.broadcast_to(~regenerate, (batch, g.token_frames())))
+        known[name] = g.frame_values_to_tokens(frame_known)
+    return known
+
+
+def with_regions(masks: "TaskMasks", spec: ModelSpec, regions, *, label: str = "regions") -> "TaskMasks":
+    """``masks`` (the ``inpaint`` task's) with the generated streams' known masks from :func:`region_known`."""
+    batch = int(np.shape(masks.task)[0])
+    known = {**masks.known, **region_known(spec, regions, batch, label=label)}
+    return TaskMasks(known, masks.valid, masks.present, masks.task)
 
 
 @dataclasses.dataclass(frozen=True)

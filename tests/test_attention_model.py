@@ -207,7 +207,7 @@ def test_xla_blockwise_pair_matches_autodiff():
 
 def model_cfg(impl: str, rule: str):
     """``configs/demo.py:tiny`` shrunk: 2 layers (layer 0 joint, layer 1 per-stream), 9 frames (9 video
-    + 9 audio tokens), 64-wide, 2 heads of 32, chunks of 4 frames, precomputed text features."""
+    + 9 audio tokens), 64-wide, 2 heads of 32, chunks of 3 frames, precomputed text features."""
     b = BLOCKS.get(impl, 128)
     sets = [
         f"model.attention.impl={impl!r}",
@@ -218,7 +218,7 @@ def model_cfg(impl: str, rule: str):
         f"model.attention.block_k={b}",
         f"model.mask={rule!r}",
         "model.joint_layers=(0,)",
-        "model.chunk_frames=4.0",
+        "model.chunk_frames=3.0",
         "model.text_encoder=None",
     ]
     for s in ("video", "audio"):

@@ -29,7 +29,7 @@ LAYERS: list[list[str]] = [
     ["mmdit.config_lib", "mmdit.config_spec"],
     ["mmdit.data", "mmdit.convert"],
     ["mmdit.train", "mmdit.sample"],
-    ["mmdit.eval", "mmdit.serve"],
+    ["mmdit.eval", "mmdit.serve", "mmdit.distill"],
     ["mmdit.cli"],
 ]
 ROOT_PACKAGE = "mmdit"  # mmdit/__init__.py: the bottom layer (it must import nothing of the package)

@@ -194,3 +194,105 @@ def test_cudnn_impl_refuses_masks_and_falls_back_when_configured():
     np.testing.assert_allclose(
         MMDiT(spec_c).apply(params, *data)["video"], MMDiT(spec_r).apply(params, *data)["video"], atol=1e-5
     )
+
+
+# -- CPU fast paths: each equals the plain computation it replaces ------------------------------------
+
+
+def _per_token_embedding(params, sigma, freq_dim):
+    """The time embedding run on every token (the reference of the palette path)."""
+    from mmdit.model.layers import timestep_mlp
+
+    p = params["params"]
+    w = tuple((p[n]["kernel"], p[n]["bias"]) for n in ("linear_1", "linear_2", "time_proj"))
+    temb, mod = timestep_mlp(w, sigma, freq_dim)
+    return temb, mod.reshape(mod.shape[:-1] + (6, -1))
+
+
+@pytest.mark.parametrize(
+    "sigma, by_palette",
+    [
+        ([[0.3] * 5 + [0.0] * 3, [0.7] * 8], True),  # training: one sigma per sample, 0 on known tokens
+        ([[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8], [0.5] * 8], False),  # 8 distinct > SIGMA_PALETTE: per token
+    ],
+)
+def test_time_embedding_by_palette_equals_per_token(sigma, by_palette):
+    import flax.linen as nn
+
+    from mmdit.model.layers import sigma_palette
+
+    sigma = jnp.asarray(sigma, jnp.float32)
+    m = TimestepEmbedding(dim=16, freq_dim=32)
+    params = nn.unbox(m.init(jax.random.key(0), sigma))
+    params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(1), x.shape), params)  # nonzero biases
+    got = jax.jit(m.apply)(params, sigma)
+    want = _per_token_embedding(params, sigma, 32)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6, atol=1e-6)
+    loss = lambda f: lambda p, s: sum(jnp.sum(jnp.sin(x)) for x in f(p, s))  # noqa: E731
+    g_got = jax.jit(jax.grad(loss(m.apply), argnums=(0, 1)))(params, sigma)
+    g_want = jax.grad(loss(lambda p, s: _per_token_embedding(p, s, 32)), argnums=(0, 1))(params, sigma)
+    for g, w in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=1e-4 * float(np.abs(w).max()))
+    values, onehot, fits = sigma_palette(sigma)
+    assert bool(fits) == by_palette
+    if by_palette:  # every token selects exactly the column holding its value
+        np.testing.assert_array_equal(np.asarray(onehot.sum(-1)), 1.0)
+        np.testing.assert_array_equal(np.asarray(jnp.einsum("bsk,bk->bs", onehot, values)), np.asarray(sigma))
+
+
+def _random_mask_spec(key, B, S, full):
+    k1, k2 = jax.random.split(key)
+    valid = jax.random.bernoulli(k1, 0.7, (B, S)).at[:, 0].set(True).at[:, -1].set(False)
+    group = jax.random.randint(k2, (B, S), 0, 2).at[:, -1].set(2)  # the last query's group has no valid key
+    meta = M.TokenMeta(
+        stream=jnp.zeros((B, S), jnp.int32),
+        time=jnp.zeros((B, S), jnp.float32),
+        chunk=jnp.zeros((B, S), jnp.int32),
+        known=jnp.zeros((B, S), bool),
+        valid=jnp.ones((B, S), bool) if full else valid,
+        group=jnp.zeros((B, S), jnp.int32) if full else group,
+    )
+    return M.make_mask_spec("full", ("video",), meta)
+
+
+@pytest.mark.parametrize("full", [True, False])
+def test_xla_attention_equals_reference_in_value_and_gradient(full):
+    """The xla impl (no mask when ``is_full``; masked softmax whose backward reads only the
+    probabilities otherwise, rows without keys included) against mmdit_kernels.reference_attention."""
+    from mmdit_kernels import reference_attention
+
+    B, S, H, D = 2, 12, 2, 8
+    ks = jax.random.split(jax.random.key(3), 5)
+    q, k, v, do = (jax.random.normal(ks[i], (B, S, H, D)) for i in range(4))
+    spec = _random_mask_spec(ks[4], B, S, full)
+    assert spec.is_full == full
+    if not full:  # a query whose group has no valid key exists: its row must be exactly 0
+        assert not bool(jnp.all(jnp.any(spec.dense(), axis=-1)))
+
+    def ref(q, k, v):
+        return reference_attention(q, k, v, mask_fn=spec.kernel_mask_fn(), q_meta=tuple(spec.q), k_meta=tuple(spec.k))
+
+    got, vjp_got = jax.vjp(lambda q, k, v: reg.xla_attention(q, k, v, spec, reg.AttentionOptions()), q, k, v)
+    want, vjp_want = jax.vjp(ref, q, k, v)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+    for g, w in zip(vjp_got(do), vjp_want(do)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
+
+
+def test_dense_kernel_gradient_equals_autodiff_and_dots_stay_saveable():
+    from jax._src.ad_checkpoint import saved_residuals
+
+    from mmdit.model.layers import dense_dot_general
+
+    ks = jax.random.split(jax.random.key(4), 3)
+    x, w, g = jax.random.normal(ks[0], (2, 5, 8)), jax.random.normal(ks[1], (8, 3)), jax.random.normal(ks[2], (2, 5, 3))
+    dims = (((2,), (0,)), ((), ()))
+    ours = lambda x, w: jnp.sum(jnp.tanh(dense_dot_general(x, w, dims)) * g)  # noqa: E731
+    plain = lambda x, w: jnp.sum(jnp.tanh(jax.lax.dot_general(x, w, dims)) * g)  # noqa: E731
+    np.testing.assert_allclose(ours(x, w), plain(x, w), rtol=1e-6)
+    for a, b in zip(jax.grad(ours, argnums=(0, 1))(x, w), jax.grad(plain, argnums=(0, 1))(x, w)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    # remat=dots still keeps the product (it is a plain dot_general) instead of recomputing it
+    saved = saved_residuals(jax.checkpoint(ours, policy=jax.checkpoint_policies.checkpoint_dots), x, w)
+    assert any("dot_general" in why for _, why in saved), saved

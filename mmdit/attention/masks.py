@@ -220,6 +220,20 @@ class NoPeek(Rule):
         return "no_peek" if not self.streams else "no_peek(" + ", ".join(map(repr, self.streams)) + ")"
 
 
+@dataclasses.dataclass(frozen=True)
+class FaceLocal(Rule):
+    """Face-local cross-attention (TalkingMachines): only queries inside the face region attend. The
+    region travels in the *query* metadata's ``valid`` flags (``MMDiT._cross_meta`` clears them outside
+    the clip's ``face_box``), so a key-independent predicate serves every consumer (dense masks, block
+    maps, kernels); the model also zeroes the cross-attention output of the queries outside it."""
+
+    def bind(self, stream_names):
+        return lambda q, k: jnp.broadcast_to(q.valid, jnp.broadcast_shapes(q.valid.shape, k.valid.shape))
+
+    def __str__(self):
+        return "face_local"
+
+
 def _isin(x, ids):
     out = x == ids[0]
     for i in ids[1:]:
@@ -278,6 +292,9 @@ _RULES: dict[str, Callable[..., Rule]] = {
 def register_rule(name: str, factory: Callable[..., Rule]) -> None:
     """Adds a rule name to the config grammar (a new mask rule is one predicate + this call)."""
     _RULES[name] = factory
+
+
+register_rule("face_local", FaceLocal)
 
 
 def parse_rule(text: str | Rule, field: str = "model.mask") -> Rule:

@@ -204,14 +204,43 @@ def attend(q, k, v, mask: MaskSpec, opts: AttentionOptions):
         ) from None
 
 
-def xla_attention(q, k, v, mask: MaskSpec, opts: AttentionOptions):
-    """Reference attention: dense scores under the dense mask, f32 softmax (the same reference the
-    kernels are tested against, ``mmdit_kernels.reference_attention``)."""
-    from mmdit_kernels import reference_attention
+@jax.custom_vjp
+def masked_softmax(s, m):
+    """Softmax over the last axis of f32 scores ``s`` where bool ``m`` (broadcastable to ``s``) holds;
+    masked entries, and every entry of a row with no attended key, are exactly 0.
 
-    return reference_attention(
-        q, k, v, mask_fn=mask.kernel_mask_fn(), q_meta=tuple(mask.q), k_meta=tuple(mask.k), scale=opts.scale
-    )
+    The backward pass reads only the probabilities: ``ds = p * (g - rowsum(p * g))`` is already 0 on
+    masked entries, so the mask is neither saved for it nor broadcast to ``s``'s shape."""
+    s = jnp.where(m, s, -jnp.inf)
+    mx = jnp.max(s, axis=-1, keepdims=True)
+    e = jnp.exp(s - jnp.where(jnp.isfinite(mx), mx, 0.0))  # exp(-inf) = 0 on masked entries
+    denom = e.sum(axis=-1, keepdims=True)
+    return e / jnp.where(denom == 0, 1.0, denom)
+
+
+def _masked_softmax_fwd(s, m):
+    p = masked_softmax(s, m)
+    return p, p
+
+
+def _masked_softmax_bwd(p, g):
+    return p * (g - jnp.sum(p * g, axis=-1, keepdims=True)), None
+
+
+masked_softmax.defvjp(_masked_softmax_fwd, _masked_softmax_bwd)
+
+
+def xla_attention(q, k, v, mask: MaskSpec, opts: AttentionOptions):
+    """Reference attention: dense f32 scores and softmax, the same values as
+    ``mmdit_kernels.reference_attention`` (which the kernels are tested against).
+
+    ``mask.is_full`` (a static promise that every pair is attended) builds no mask at all; otherwise the
+    dense bool mask ``[B|1, 1, Sq, Sk]`` enters :func:`masked_softmax`, whose backward needs only the
+    probabilities -- no per-layer ``[B, H, Sq, Sk]`` mask is materialised or kept for the backward pass."""
+    scale = q.shape[-1] ** -0.5 if opts.scale is None else opts.scale
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    p = jax.nn.softmax(s, axis=-1) if mask.is_full else masked_softmax(s, mask.dense()[:, None])
+    return jnp.einsum("bhqk,bkhd->bqhd", p, v.astype(jnp.float32)).astype(q.dtype)
 
 
 def _xla_scores(q, k, mask: MaskSpec, scale):

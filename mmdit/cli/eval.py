@@ -1,5 +1,5 @@
 """``mmdit-eval --workdir W``: samples every task of ``cfg.sample.tasks`` from the run's EMA params
-on the eval split (``W/data/eval`` unless ``--data``), writes MP4s and ``W/eval/eval.json`` and
+(of a staged run: its last stage with a checkpoint) on the eval split (``W/data/eval`` unless ``--data``), writes MP4s and ``W/eval/eval.json`` and
 prints lip-sync confidence/offset per task next to the ground-truth ceiling. ``--probe`` also
 measures how much each stream's denoising reads the other stream and its timing
 (``mmdit.eval.cross_stream``), printed and written to ``OUT/cross_stream_probe.json``."""
@@ -42,7 +42,9 @@ def main(argv=None):
     if not os.path.isdir(args.workdir):
         raise FileNotFoundError(f"--workdir {args.workdir}: no such directory (a training workdir of mmdit-train)")
     with DirLock(out, command=f"mmdit-eval --out {os.path.abspath(out)}"):
-        cfg, params = restore_inference_params(args.workdir, verify=not args.no_verify)
+        from mmdit.train.stages import resolve_workdir
+
+        cfg, params = restore_inference_params(resolve_workdir(args.workdir), verify=not args.no_verify)
         res = evaluate(
             cfg, params, data, out, num=args.num, seed=args.seed, tasks=tuple(args.tasks.split(",")) if args.tasks else None
         )

@@ -5,7 +5,8 @@
     mmdit-export --workdir W --out BUNDLE [--step N] [--platforms cpu,cuda,tpu] [--fixed-batch]
 
 Restores the inference (EMA) params and resolved config with
-``mmdit.train.checkpoint.restore_inference(workdir, step)`` (latest good step by default, its
+``mmdit.train.checkpoint.restore_inference(workdir, step)`` (a staged run: its last stage with a
+checkpoint; latest good step by default, its
 sha256 checked unless ``--no-verify``) and writes the bundle atomically, recording the step in
 bundle.json; prints its path. Holds the lock ``.BUNDLE.lock`` next to the bundle while it works. Sample from it with ``mmdit-sample --bundle BUNDLE``.
 """
@@ -65,7 +66,9 @@ def main(argv=None) -> int:
 
     out = os.path.abspath(args.out)
     with DirLock(os.path.dirname(out), name=f".{os.path.basename(out)}.lock", command=f"mmdit-export --out {out}"):
-        cfg, params, step = restore_inference(args.workdir, step=args.step, verify=not args.no_verify)
+        from mmdit.train.stages import resolve_workdir
+
+        cfg, params, step = restore_inference(resolve_workdir(args.workdir), step=args.step, verify=not args.no_verify)
         size = sum(int(np.size(a)) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(params))
         preflight.check_output_dir(os.path.dirname(out), 2 * size, f"a bundle of {preflight.human_bytes(size)} of params")
         path = export_bundle(cfg, params, out, step=step, batch_symbolic=not args.fixed_batch, platforms=platforms)

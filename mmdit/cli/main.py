@@ -1,6 +1,6 @@
 """``mmdit <command> ...``: one entry point for every program.
 
-Commands: ``demo`` (the embedded default end to end), ``info``, ``data``, ``train``, ``sample``,
+Commands: ``demo`` (the embedded default end to end), ``info``, ``data``, ``train``, ``distill``, ``sample``, ``stream``,
 ``export``, ``eval``, ``plan``, ``convert``. ``mmdit <command> --help`` shows each one's flags; each is also
 installed as ``mmdit-<command>``.
 """
@@ -13,9 +13,11 @@ import sys
 COMMANDS = {
     "demo": ("mmdit.cli.demo", "main", "synth data -> train -> sample every task -> lip-sync eval (configs/demo.py)"),
     "info": ("mmdit.cli.info", "main", "param/token/FLOP counts of a config (eval_shape only)"),
-    "data": ("mmdit.cli.data", "main", "write training records (synthetic world)"),
+    "data": ("mmdit.cli.data", "main", "write training records (synth: synthetic world; ingest: MP4/WAV files)"),
     "train": ("mmdit.cli.train", "main", "train or resume a run"),
+    "distill": ("mmdit.cli.distill", "main", "few-step DMD distillation of a trained teacher (or resume)"),
     "sample": ("mmdit.cli.sample", "main", "sample MP4s from a workdir or serving bundle"),
+    "stream": ("mmdit.cli.stream", "main", "stream a talking portrait chunk by chunk into a growing MP4 (KV-cached)"),
     "export": ("mmdit.cli.export", "main", "export a serving bundle (params + jax.export'd step)"),
     "eval": ("mmdit.cli.eval", "main", "lip-sync and identity metrics of a run's samples"),
     "plan": ("mmdit.cli.plan", "main", "ahead-of-time memory/FLOP plan for a topology"),

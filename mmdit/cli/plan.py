@@ -32,6 +32,11 @@ def format_plan(r: dict) -> str:
         f"attention {c['attention']}, sequence_parallel {c['sequence_parallel']}",
         f"per-device memory ({e['kind']}):",
     ]
+    if "distill" in r:
+        lines.append(
+            "  (mmdit distill: teacher, fake score and student params, two optimizer states, the student's "
+            f"rollout of {r['distill']['rollout_passes']} chunk passes)"
+        )
     lines += [f"  {k:<20}{v:>10.2f} GiB" for k, v in e["parts_gb"].items()]
     lines.append(f"  {'total':<20}{e['total_gb']:>10.2f} GiB -> {'fits' if e['fits'] else 'does NOT fit'}")
     lines.append(f"  sampling forward    {e['sampling_forward_gb']:>10.2f} GiB (estimate)")

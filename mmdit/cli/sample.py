@@ -6,9 +6,12 @@
     mmdit-sample --bundle B --task ti2av --text "..." --image face.png --out OUT
     mmdit-sample --bundle B --task a2v --audio speech.wav --text "..." --out OUT
     mmdit-sample --bundle B --task tv2a --video clip.mp4 --guidance "text=video:4,audio:3" --out OUT
+    mmdit-sample --bundle B --task inpaint --video clip.mp4 --inpaint audio:1.0-2.5 --out OUT
+    mmdit-sample --bundle B --task tr2av --text "..." --ref-audio voice.wav --out OUT
+    mmdit-sample --bundle B --task ti2av --audio speech.wav --silence 0:1.5 --out OUT
 
 Model: ``--workdir`` restores the EMA params and config of a training run
-(``mmdit.train.checkpoint.restore_inference_params``); ``--bundle`` uses a serving bundle alone
+(``mmdit.train.checkpoint.restore_inference_params``; of a staged run, its last stage with a checkpoint); ``--bundle`` uses a serving bundle alone
 (config, params and the exported step, ``mmdit/serve/export.py``).
 
 Inputs a task needs (the content of its known streams, and the text): ``--text``; ``--image`` PNG/JPEG
@@ -19,6 +22,14 @@ also serves as the audio when ``--audio`` is absent); ``--audio`` WAV/FLAC/MP3 (
 is taken from the workdir's eval records (``W/data/eval``) when there are some, else it is an error
 naming the flag. Inputs are encoded with the config's codecs and text is byte-tokenized to
 ``model.conditions.text.length`` (``mmdit/sample/inputs.py``).
+
+Conditions: ``--ref-audio`` (tr2av's reference voice, ``ref_audio``: codecs.audio latents, cut or padded
+to ``model.conditions.ref_audio.length``); ``--audio`` also feeds an ``audio_features`` condition
+(TalkingMachines) or condition stream (Mirage) through ``encoders.audio_features`` (wav2vec2).
+``--inpaint STREAM:START-END`` picks the seconds task ``inpaint`` regenerates (the rest of every
+generated stream is kept bit-exact, so ``--video`` / ``--audio`` must give it); ``--silence START:END``
+marks listening phases where a model with ``silence_embedding`` gets its silence embedding;
+``--face-box X0,Y0,X1,Y1`` is the face region of a ``face_local`` model (default: the eval records').
 
 Outputs: ``OUT/<task>_<i>.mp4`` (decoded video at the codec's fps + decoded audio) and
 ``OUT/samples.json`` (files, task, text, seed, sampler settings, input sources), both written
@@ -46,8 +57,33 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--task", action="append", help="task(s), comma-separated or repeated (default: sample.tasks)")
     p.add_argument("--text", help="transcript / prompt (byte-tokenized)")
     p.add_argument("--image", help="first frame for ti2av (PNG/JPEG)")
-    p.add_argument("--audio", help="driving audio for a2v (WAV/FLAC/MP3 or MP4)")
+    p.add_argument(
+        "--audio",
+        help="driving audio (WAV/FLAC/MP3 or MP4): the audio stream for a2v, and the audio-feature condition or "
+        "condition stream (TalkingMachines, Mirage; encoded with encoders.audio_features)",
+    )
     p.add_argument("--video", help="driving video for tv2a / inpaint (MP4)")
+    p.add_argument("--ref-audio", help="reference audio for tr2av (voice timbre; WAV/FLAC/MP3 or MP4, codecs.audio latents)")
+    p.add_argument(
+        "--inpaint",
+        action="append",
+        metavar="STREAM:START-END",
+        help="task inpaint: regenerate these seconds of a stream and keep the rest, e.g. 'audio:1.0-2.5' "
+        "(several spans comma-separated, or repeat the flag; default: random spans)",
+    )
+    p.add_argument(
+        "--silence",
+        action="append",
+        metavar="START:END",
+        help="listening phases in seconds, e.g. '0:1.5,3.0:4.0': the learned silence embedding replaces the audio "
+        "condition there (model.conditions.<c>.silence_embedding)",
+    )
+    p.add_argument(
+        "--face-box",
+        metavar="X0,Y0,X1,Y1",
+        help="face region as fractions of the frame for face-local audio cross-attention "
+        "(model.conditions.<c>.face_local; default: the eval records' face boxes, else the whole frame)",
+    )
     p.add_argument("--num", type=int, default=None, help="samples per task (default: sample.num_per_task)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: config seed)")
     p.add_argument("--steps", type=int, default=None, help="Euler steps (default: sample.steps)")
@@ -85,8 +121,11 @@ def _load(args):
         from mmdit.train.checkpoint import restore_inference_params
     except ImportError as e:
         raise ValueError(f"--workdir needs mmdit.train.checkpoint ({e}); use --bundle instead") from None
-    cfg, params = restore_inference_params(args.workdir, step=args.step, verify=not args.no_verify)
-    return cfg, params, None, f"workdir {os.path.abspath(args.workdir)}"
+    from mmdit.train.stages import resolve_workdir
+
+    run_dir = resolve_workdir(args.workdir)  # a staged run: its last stage with a checkpoint
+    cfg, params = restore_inference_params(run_dir, step=args.step, verify=not args.no_verify)
+    return cfg, params, None, f"workdir {os.path.abspath(run_dir)}"
 
 
 def _note(message: str) -> None:
@@ -95,7 +134,7 @@ def _note(message: str) -> None:
 
 def run(args) -> list[str]:
     """Samples every requested task of parsed ``args``; returns the MP4 paths. Raises ValueError on bad inputs."""
-    from mmdit.sample.inputs import parse_guidance, parse_stream_shift
+    from mmdit.sample.inputs import parse_face_box, parse_guidance, parse_regions, parse_silence, parse_stream_shift
     from mmdit.sample.run import sample_to_files
 
     from mmdit.sample.run import check_sampling_flags
@@ -112,10 +151,12 @@ def run(args) -> list[str]:
             args.text.encode("utf-8")
         except UnicodeEncodeError:
             raise ValueError("--text is not valid UTF-8 (check the terminal's locale or the file it came from)") from None
-    for flag in ("image", "audio", "video"):
+    for flag in ("image", "audio", "video", "ref_audio"):
         path = getattr(args, flag)
         if path is not None and not os.path.isfile(path):
-            raise FileNotFoundError(f"--{flag} {path}: no such file")
+            raise FileNotFoundError(f"--{flag.replace('_', '-')} {path}: no such file")
+    regions, silence = parse_regions(args.inpaint), parse_silence(args.silence)  # before loading
+    face_box = parse_face_box(args.face_box)
     cfg, params, step_fn, source = _load(args)
     tasks = [t for v in args.task for t in v.split(",")] if args.task else None
     return sample_to_files(
@@ -132,6 +173,10 @@ def run(args) -> list[str]:
         image=args.image,
         audio=args.audio,
         video=args.video,
+        ref_audio=args.ref_audio,
+        regions=regions,
+        silence=silence,
+        face_box=face_box,
         eval_dir=os.path.join(args.workdir, "data", "eval") if args.workdir else None,
         steps=args.steps,
         shift=args.shift,

@@ -6,11 +6,16 @@ Data: ``--data DIR`` (records written by ``mmdit-data``), default ``config.data.
 the previous one used). One run per workdir: a second ``mmdit-train`` on ``W`` refuses, naming the
 running one (``W/.mmdit.lock``). Failures print one ``mmdit-train: error: ...`` line (``--debug``
 for the traceback).
+
+A config with ``train.stages`` trains its stages in sequence, each in ``W/stage_<name>`` (stage k+1
+starts from stage k's params; a rerun skips finished stages and resumes the unfinished one; see
+``mmdit/train/stages.py``); ``--init-from`` then seeds the first stage.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from mmdit import config_spec
@@ -57,18 +62,17 @@ def main(argv=None):
     overrides = args.set + ([f"train.init_from={args.init_from}"] if args.init_from else [])
     cfg = config_spec.load(args.config, overrides)  # every section checked before anything compiles
     # TensorBoard samples every train.sample_every steps when WORKDIR/data/eval holds records.
-    hook = sample_hook_for_workdir(cfg, args.workdir)
-    last = train(
-        cfg,
-        args.workdir,
-        data_dir=args.data,
-        progress=not args.no_progress,
-        sample_hook=hook,
-        verify_data=args.verify_data,
-        verify_checkpoint=not args.no_verify,
-    )
+    common = dict(data_dir=args.data, progress=not args.no_progress, verify_data=args.verify_data)
+    if cfg.train.get("stages"):
+        from mmdit.train.stages import run_stages
+
+        last = run_stages(cfg, args.workdir, hook_for=sample_hook_for_workdir, verify_checkpoint=not args.no_verify, **common)
+    else:
+        hook = sample_hook_for_workdir(cfg, args.workdir)
+        last = train(cfg, args.workdir, sample_hook=hook, verify_checkpoint=not args.no_verify, **common)
     if last:
-        print(f"done: step loss {last.get('loss', float('nan')):.4f}; logs: {args.workdir}/tensorboard")
+        logs = os.path.join(args.workdir, "stage_*" if cfg.train.get("stages") else "", "tensorboard")
+        print(f"done: step loss {last.get('loss', float('nan')):.4f}; logs: {logs}")
     return 0
 
 

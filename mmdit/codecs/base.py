@@ -88,6 +88,12 @@ class VideoCodec(abc.ABC):
     def decode(self, latents):
         """Latents ``[B, F, h, w, C]`` -> frames ``float32 [B, 1 + t*(F-1), H, W, 3]`` in [-1, 1]."""
 
+    def stream_decoder(self, batch: int):
+        """A :class:`mmdit.codecs.streaming.StreamDecoder` that decodes latent frames chunk by chunk, in time order."""
+        raise NotImplementedError(
+            f"{type(self).__name__} has no streaming decode; implement stream_decoder (mmdit/codecs/streaming.py)"
+        )
+
 
 class AudioCodec(abc.ABC):
     """Waveform ``[B, T]`` in [-1, 1] at ``sample_rate`` Hz <-> latents ``[B, L, C]`` at ``latent_rate`` Hz."""
@@ -114,6 +120,12 @@ class AudioCodec(abc.ABC):
     @abc.abstractmethod
     def decode(self, latents):
         """Latents ``[B, L, C]`` -> waveform ``float32 [B, num_samples(L)]``."""
+
+    def stream_decoder(self, batch: int):
+        """A :class:`mmdit.codecs.streaming.StreamDecoder` that decodes latents chunk by chunk, in time order."""
+        raise NotImplementedError(
+            f"{type(self).__name__} has no streaming decode; implement stream_decoder (mmdit/codecs/streaming.py)"
+        )
 
     def check_sample_rate(self, sample_rate: int | None, name: str = "sample_rate") -> None:
         if sample_rate is not None and int(sample_rate) != int(self.sample_rate):

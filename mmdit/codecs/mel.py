@@ -117,6 +117,21 @@ class MelCodec(AudioCodec):
             self._pinv = np.linalg.pinv(basis).astype(np.float32)
         return self._pinv
 
+    def stft_magnitude(self, latents) -> np.ndarray:
+        """Latents ``float32 [B, L, 128]`` -> STFT magnitudes ``float32 [B, n_fft/2 + 1, L * stack]`` (frame ``i``
+        centred at sample ``hop * i``), what Griffin-Lim inverts. Per frame: the latent's mel is un-normalised and
+        mapped back through the mel filterbank's pseudo-inverse."""
+        z = np.asarray(latents, np.float32)
+        b, length, _ = z.shape
+        log_mel = np.clip(z * _LOG_STD + _LOG_MEAN, np.log(_LOG_FLOOR), 10.0)
+        mel = np.exp(log_mel).reshape(b, length, self.stack, self.n_mels).transpose(0, 3, 1, 2)
+        mel = mel.reshape(b, self.n_mels, length * self.stack)
+        # Pseudo-inverse of the mel filterbank (clipped at 0) rather than librosa's NNLS
+        # ``mel_to_stft``: the same envelope, constant time, and no minutes-long solves on the
+        # far-from-speech latents an early checkpoint produces.
+        power = np.maximum(np.einsum("fm,bmt->bft", self._mel_pinv(), mel), 0.0)
+        return np.sqrt(power)
+
     def decode(self, latents) -> np.ndarray:
         """Latents ``[B, L, 128]`` -> waveform ``float32 [B, 640 L]`` (numpy), clipped to [-1, 1]."""
         import librosa
@@ -126,17 +141,10 @@ class MelCodec(AudioCodec):
             raise ValueError(f"latents must be [B, L, {self.latent_channels}] for {self!r}, got shape {z.shape}")
         if not np.all(np.isfinite(z)):
             raise ValueError("latents contain NaN or inf; check the sampler output")
-        b, length, _ = z.shape
-        log_mel = np.clip(z * _LOG_STD + _LOG_MEAN, np.log(_LOG_FLOOR), 10.0)
-        mel = np.exp(log_mel).reshape(b, length, self.stack, self.n_mels).transpose(0, 3, 1, 2)
-        mel = mel.reshape(b, self.n_mels, length * self.stack)
+        length = z.shape[1]
+        mag = self.stft_magnitude(z)
         # A centred STFT of T = L * stack * hop samples has one more frame than we store: repeat the last.
-        mel = np.concatenate([mel, mel[..., -1:]], axis=-1)
-        # Pseudo-inverse of the mel filterbank (clipped at 0) rather than librosa's NNLS
-        # ``mel_to_stft``: the same envelope, constant time, and no minutes-long solves on the
-        # far-from-speech latents an early checkpoint produces.
-        power = np.maximum(np.einsum("fm,bmt->bft", self._mel_pinv(), mel), 0.0)
-        mag = np.sqrt(power)
+        mag = np.concatenate([mag, mag[..., -1:]], axis=-1)
         wave = librosa.griffinlim(
             mag,
             n_iter=self.griffin_lim_iters,
@@ -148,3 +156,10 @@ class MelCodec(AudioCodec):
             random_state=0,
         )
         return np.clip(wave, -1.0, 1.0).astype(np.float32)
+
+    def stream_decoder(self, batch: int, lookahead: int = 2):
+        """Chunk-by-chunk streaming Griffin-Lim holding back ``lookahead`` latents
+        (:class:`mmdit.codecs.streaming.MelStreamDecoder`, which states the tolerance)."""
+        from mmdit.codecs.streaming import MelStreamDecoder
+
+        return MelStreamDecoder(self, batch, lookahead=lookahead)

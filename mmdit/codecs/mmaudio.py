@@ -228,3 +228,9 @@ class MMAudioCodec(AudioCodec):
             state, wave = self.decode_chunk(state, latents[:, i : i + chunk], final=i + chunk >= n)
             out.append(wave)
         return np.concatenate(out, axis=1)
+
+    def stream_decoder(self, batch: int):
+        """Chunk-by-chunk windowed decode over :meth:`decode_chunk` (:class:`mmdit.codecs.streaming.MMAudioStreamDecoder`)."""
+        from mmdit.codecs.streaming import MMAudioStreamDecoder
+
+        return MMAudioStreamDecoder(self, batch)

@@ -142,6 +142,12 @@ class PixelCodec(VideoCodec):
         frames = xp.concatenate([groups[:, :1].mean(axis=2), groups[:, 1:].reshape(b, (f - 1) * t, hl * s, wl * s, 3)], axis=1)
         return xp.clip(frames, -1.0, 1.0) if clip else frames
 
+    def stream_decoder(self, batch: int):
+        """Chunk-by-chunk decode, exact (:class:`mmdit.codecs.streaming.PixelStreamDecoder`)."""
+        from mmdit.codecs.streaming import PixelStreamDecoder
+
+        return PixelStreamDecoder(self, batch)
+
 
 def _namespace(x):
     """``jax.numpy`` for jax arrays (and tracers), else ``numpy``."""

@@ -631,3 +631,9 @@ class WanVAECodec(VideoCodec):
             state, frames = self.decode_chunk(state, latents[:, i : i + self.chunk])
             outs.append(frames)
         return jnp.concatenate(outs, axis=1)
+
+    def stream_decoder(self, batch: int):
+        """Chunk-by-chunk causal decode over :meth:`decode_chunk` (:class:`mmdit.codecs.streaming.WanVAEStreamDecoder`)."""
+        from mmdit.codecs.streaming import WanVAEStreamDecoder
+
+        return WanVAEStreamDecoder(self, batch)

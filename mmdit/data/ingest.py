@@ -1,5 +1,9 @@
 """Ingest real media: a directory of MP4 clips (+ transcripts) → latents in ArrayRecord shards.
 
+This is the codec-level library function (any duck-typed codecs, whole clips, ``text`` as a string).
+The records a config's model trains on (its input schema, clip-length windows, face boxes, speaking
+labels, per-host and resumable) come from ``mmdit data ingest`` (:mod:`mmdit.data.media_ingest`).
+
 For each ``*.mp4`` under ``in_dir`` (sorted, so runs are reproducible):
 
 1. decode video + audio (:func:`mmdit.data.media.read_mp4`), resampling audio to

@@ -19,7 +19,6 @@ import os
 import jax
 import numpy as np
 
-from mmdit.codecs.clip import ClipDecoder
 from mmdit.data import media
 from mmdit.data.records import open_dataset
 from mmdit.eval import contact_sheet
@@ -60,6 +59,28 @@ def summarize(per_clip: list[dict]) -> dict:
     return out
 
 
+class _decoder:
+    """``decode(latents {stream: [B, ...]}) -> (frames uint8 [B, N, H, W, 3], waves [B, T])``: the audio
+    stream's sound, or for a video-only model its driving audio features' (``mmdit.sample.run.Soundtrack``)."""
+
+    def __init__(self, cfg, spec, known, raw):
+        from mmdit.codecs.registry import make_video_codec
+        from mmdit.sample.run import Soundtrack
+
+        self.video_codec = make_video_codec(cfg.codecs.video)
+        self.track, self.known, self.raw = Soundtrack.from_config(cfg, spec, tasks_lib.roles(spec, cfg.model)), known, raw
+        self.fps, self.sample_rate = float(self.video_codec.fps), self.track.sample_rate
+        if self.sample_rate is None:
+            raise ValueError(
+                "mmdit-eval scores lip sync against the clip's sound, but this model has no audio stream and no "
+                "decodable codecs.audio_features to hear its driving audio; use the Sampler API"
+            )
+
+    def __call__(self, latents):
+        frames, waves, _ = self.track.decode(self.video_codec, {**self.known, **latents}, self.raw)
+        return frames, waves
+
+
 def evaluate(
     cfg,
     params,
@@ -95,9 +116,9 @@ def evaluate(
         preflight.check_output_dir(out_dir, len(tasks) * num * MP4_BYTES_ESTIMATE, f"{len(tasks) * num} MP4(s)")
     schema = model.input_spec()
     known, raw = schema.latents_of(batch), schema.conditions_of(batch)
-    decode, r = ClipDecoder.from_config(cfg.codecs), tasks_lib.roles(model.spec, cfg.model)
+    decode = _decoder(cfg, model.spec, known, raw)
     results, files = {}, []
-    gt_frames, gt_waves = decode(known[r.visual], known[r.audio])
+    gt_frames, gt_waves = decode(known)
     # ±8 frames (SyncNet's window) where the clip is long enough for it, else ±4 (short test clips).
     max_offset = 8 if gt_frames.shape[1] >= 40 else 4
     gt_per_clip = [evaluate_clip(f, w, max_offset=max_offset) for f, w in zip(gt_frames, gt_waves)]
@@ -110,7 +131,7 @@ def evaluate(
         lat = sampler.sample(
             params, jax.random.fold_in(jax.random.key(seed), i), task=task, batch=num, known_latents=known, raw_conds=raw
         )
-        frames, waves = decode(lat[r.visual], lat[r.audio])
+        frames, waves = decode(lat)
         per_clip = [evaluate_clip(f, w, max_offset=max_offset) for f, w in zip(frames, waves)]
         results[task] = summarize(per_clip)
         clips = ClipSet.measure(frames, waves)

@@ -74,6 +74,22 @@ def joint_attention(qs, ks, vs, mask: masks.MaskSpec, opts, sequence_parallel: s
     return dict(zip(names, parts))
 
 
+def joint_attention_with_context(qs, ks, vs, ctx_ks, ctx_vs, mask: masks.MaskSpec, opts):
+    """:func:`joint_attention` whose keys/values are a cached context followed by the current
+    tokens: queries ``qs[s] [B, S_s, H, Dh]``; keys ``concat(ctx_ks[s] [B, Sc_s, H, Dh] over
+    streams) ++ concat(ks[s] over streams)`` (values alike). ``mask.q`` describes the current
+    tokens, ``mask.k`` context then current tokens. Returns ``{stream: [B, S_s, H, Dh]}``.
+    (No sequence parallelism: a streaming chunk is short.)"""
+    names = list(qs)
+    sizes = [qs[n].shape[1] for n in names]
+    q = jnp.concatenate([qs[n] for n in names], axis=1)
+    k = jnp.concatenate([ctx_ks[n] for n in names] + [ks[n] for n in names], axis=1)
+    v = jnp.concatenate([ctx_vs[n] for n in names] + [vs[n] for n in names], axis=1)
+    out = attention_registry.attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, opts)
+    parts = jnp.split(out, np.cumsum(sizes)[:-1].tolist(), axis=1) if len(names) > 1 else [out]
+    return dict(zip(names, parts))
+
+
 class CrossAttention(nn.Module):
     """Queries from a stream ``x [B, S, D]`` attend a condition ``c [B, L, D]``; ``mask`` is a
     :class:`MaskSpec` over (stream tokens, condition tokens). Output ``[B, S, D]``.

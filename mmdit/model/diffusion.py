@@ -4,7 +4,8 @@ Params: ``{"dit": MMDiT params, "text_encoder": ByteTextEncoder params (only for
 byte-level text path)}``. Raw conditions come from records / sampler inputs as
 :meth:`DiffusionModel.input_spec` describes them (:mod:`mmdit.model.inputs`): ``text_tokens`` int32
 ``[B, L]`` when the byte text encoder is on (encoded here), else features ``[B, L_c, C_c]`` (+ an
-optional ``c_mask`` bool ``[B, L_c]``) per condition.
+optional ``c_mask`` bool ``[B, L_c]``) per condition; ``speaking_frames`` / ``face_box`` (silence
+embedding, face-local masks) pass through to the DiT in its ``conds`` under their own names.
 
 Latents are per stream ``[B, *latent_shape]``; :meth:`DiffusionModel.velocity` patchifies, runs the
 DiT and returns velocities in token space ``[B, S, C * prod(patch)]``.
@@ -20,9 +21,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmdit.model import inputs
+from mmdit.model.chunks import check_chunking
 from mmdit.model.mmdit import MMDiT
 from mmdit.model.spec import ModelSpec, build_spec
 from mmdit.model.text_encoder import ByteTextEncoder
+
+
+def _batch_of(raw: dict) -> int:
+    """The batch size of a raw-condition dict (its first array's leading dim)."""
+    return int(np.shape(next(iter(raw.values())))[0])
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -33,6 +40,7 @@ class DiffusionModel:
     @classmethod
     def from_config(cls, cfg) -> "DiffusionModel":
         spec = build_spec(cfg.model)
+        check_chunking(spec)  # model.chunk_frames must cut every stream into whole tokens and chunks
         enc = None
         te = cfg.model.get("text_encoder", None)
         if te is not None and te.get("kind", "byte") == "byte":
@@ -86,6 +94,8 @@ class DiffusionModel:
                     conds[c.name] = raw[f.name]
                 else:
                     masks[c.name] = raw[f.name]
+        for f in self.input_spec().by_role("speaking", "region"):  # per-clip inputs, read by the DiT from conds
+            conds[f.name] = raw[f.name] if f.name in raw else f.default(_batch_of(raw))
         return conds, masks
 
     # -- init / apply ------------------------------------------------------------------------

@@ -13,7 +13,15 @@ Fields (per example; a batch adds a leading ``B``):
 * a condition ``c`` is either *tokens* the model encodes itself (``text_tokens`` int32 ``[L]``, role
   ``tokens``, when the byte text encoder is on) or precomputed *features* ``c`` float32 ``[L, C]``
   (role ``features``) with an optional padding mask ``c_mask`` bool ``[L]`` (role ``mask``, all True
-  when absent).
+  when absent);
+* ``speaking_frames`` int32 ``[F]`` (role ``speaking``; ``F`` = latent frames of the time-reference
+  stream), when a condition has ``silence_embedding``: 1 where the subject speaks, 0 in silence mode
+  (a listening phase), where the learned silence embedding replaces that condition's tokens. Optional
+  (all speaking when absent) unless ``silence_labels``; a batch holding the per-clip ``speaking`` int32
+  ``[]`` instead is broadcast over the frames (:meth:`InputSpec.conditions_of`);
+* ``face_box`` float32 ``[4]`` (role ``region``): the face's normalised ``x0, y0, x1, y1`` in the frame,
+  when a condition is ``face_local`` (grid streams attend it only from tokens whose patch centre lies in
+  the box). Required in records (the ingest writes it); a sampler call without it uses the whole frame.
 """
 
 from __future__ import annotations
@@ -28,13 +36,17 @@ import numpy as np
 LATENT_SUFFIX = "_latents"
 MASK_SUFFIX = "_mask"
 TOKENS_SUFFIX = "_tokens"
+SPEAKING_FRAMES = "speaking_frames"  # int32 [F]: 1 speaking, 0 silence mode
+SPEAKING_CLIP = "speaking"  # int32 []: one label per clip (records), broadcast to SPEAKING_FRAMES
+FACE_BOX = "face_box"  # float32 [4]: normalised x0, y0, x1, y1
+FULL_FRAME_BOX = (0.0, 0.0, 1.0, 1.0)
 
 
 @dataclasses.dataclass(frozen=True)
 class InputField:
     """One input array. ``name``: batch / record key; ``source``: the stream or condition it belongs
-    to; ``role``: ``latents`` | ``tokens`` | ``features`` | ``mask``; ``shape``: per example; ``optional``: may be left out (a mask
-    then defaults to all True)."""
+    to; ``role``: ``latents`` | ``tokens`` | ``features`` | ``mask`` | ``speaking`` | ``region``; ``shape``: per
+    example; ``optional``: may be left out (then :meth:`default`)."""
 
     name: str
     source: str
@@ -47,8 +59,11 @@ class InputField:
         return jax.ShapeDtypeStruct((batch, *self.shape), self.dtype)
 
     def default(self, batch: int) -> jax.Array:
-        """What an absent field is: a mask of all True; anything else zeros."""
-        fill = jnp.ones if self.role == "mask" else jnp.zeros
+        """What an absent field is: a mask of all True, speaking everywhere, the whole frame as the face
+        box; anything else zeros."""
+        if self.role == "region":
+            return jnp.broadcast_to(jnp.asarray(FULL_FRAME_BOX, self.dtype), (batch, *self.shape))
+        fill = jnp.ones if self.role in ("mask", "speaking") else jnp.zeros
         return fill((batch, *self.shape), self.dtype)
 
 
@@ -80,8 +95,8 @@ class InputSpec:
 
     @property
     def condition_fields(self) -> tuple[InputField, ...]:
-        """The raw-condition fields (tokens, features, masks)."""
-        return self.by_role("tokens", "features", "mask")
+        """The raw-condition fields (tokens, features, masks, speaking flags, face box)."""
+        return self.by_role("tokens", "features", "mask", "speaking", "region")
 
     @property
     def record_fields(self) -> tuple[InputField, ...]:
@@ -102,8 +117,14 @@ class InputSpec:
         return {f.name: f.default(batch) for f in self.condition_fields}
 
     def conditions_of(self, batch: Mapping[str, Any]) -> dict:
-        """The raw conditions held in a batch / record dict (other keys ignored)."""
-        return {f.name: batch[f.name] for f in self.condition_fields if f.name in batch}
+        """The raw conditions held in a batch / record dict (other keys ignored); a per-clip ``speaking``
+        ``[B]`` stands in for a missing ``speaking_frames`` ``[B, F]``."""
+        out = {f.name: batch[f.name] for f in self.condition_fields if f.name in batch}
+        for f in self.by_role("speaking"):
+            if f.name not in out and SPEAKING_CLIP in batch:
+                clip = jnp.asarray(batch[SPEAKING_CLIP], f.dtype)
+                out[f.name] = jnp.broadcast_to(clip.reshape(clip.shape[:1] + (1,) * len(f.shape)), clip.shape[:1] + f.shape)
+        return out
 
     def canonical_conditions(self, raw: Mapping[str, Any], batch: int) -> dict:
         """``raw`` as the fixed tree a step function takes (every field present, masks defaulted,
@@ -112,7 +133,7 @@ class InputSpec:
         for f in self.condition_fields:
             want = (batch, *f.shape)
             if f.name not in raw or raw[f.name] is None:
-                if f.optional:
+                if f.optional or f.role in ("speaking", "region"):  # sampling: speaking, whole frame
                     out[f.name] = f.default(batch)
                     continue
                 how = (
@@ -148,4 +169,14 @@ def input_spec(model_spec, encoded_conditions: tuple[str, ...] = ()) -> InputSpe
     ]
     for c in model_spec.conditions:
         fields += condition_fields(c, c.name in encoded_conditions)
+    silence = [c for c in model_spec.conditions if c.silence_embedding]
+    if silence:
+        labels = any(c.silence_labels for c in silence)
+        fields.append(
+            InputField(
+                SPEAKING_FRAMES, SPEAKING_FRAMES, "speaking", (model_spec.reference_frames,), jnp.int32, optional=not labels
+            )
+        )
+    if any(c.face_local for c in model_spec.conditions):
+        fields.append(InputField(FACE_BOX, FACE_BOX, "region", (4,), jnp.float32))
     return InputSpec(tuple(fields))

@@ -8,6 +8,7 @@ Shapes: activations ``[B, S, D]``; per-token timestep embeddings ``[B, S, D]``; 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -18,8 +19,42 @@ import jax.numpy as jnp
 Dtype = jnp.dtype
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _kernel_grad(x, kernel, out_shape):
+    """Zeros ``out_shape``; its backward pass gives ``kernel`` the gradient of ``x @ kernel``."""
+    return jnp.zeros(out_shape, jnp.result_type(x, kernel))
+
+
+def _kernel_grad_fwd(x, kernel, out_shape):
+    return _kernel_grad(x, kernel, out_shape), (x, kernel)
+
+
+def _kernel_grad_bwd(out_shape, res, g):
+    x, kernel = res
+    x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]).astype(x.dtype)
+    return jnp.zeros_like(x), jax.lax.dot_general(x2, g2, (((0,), (0,)), ((), ()))).astype(kernel.dtype)
+
+
+_kernel_grad.defvjp(_kernel_grad_fwd, _kernel_grad_bwd)
+
+
+def dense_dot_general(x, kernel, dimension_numbers, precision=None, preferred_element_type=None):
+    """``nn.Dense``'s product ``x [..., in] @ kernel [in, out]``, the same values and gradients, with the
+    kernel gradient computed as ``x^T g`` over the flattened leading axes (one ``[N, in]^T [N, out]``
+    matmul) instead of autodiff's ``(g^T x)^T`` over them, for which XLA CPU transposes activations
+    inside their producers (strided writes; ~15% of a CPU train step). The product itself stays a plain
+    ``dot_general``, so remat policies that save dots still see it; the kernel gradient enters through
+    :func:`_kernel_grad`, whose output is exactly 0 (XLA drops the ``+ 0``)."""
+    (lc, rc), (lb, rb) = dimension_numbers
+    if tuple(lc) != (x.ndim - 1,) or tuple(rc) != (0,) or lb or rb or kernel.ndim != 2:
+        return jax.lax.dot_general(x, kernel, dimension_numbers, precision, preferred_element_type)
+    y = jax.lax.dot_general(x, jax.lax.stop_gradient(kernel), dimension_numbers, precision, preferred_element_type)
+    return y + _kernel_grad(x, kernel, y.shape).astype(y.dtype)
+
+
 def dense(features, names, dtype, param_dtype, use_bias=True, name=None, kernel_init=None):
-    """``nn.Dense`` whose kernel has logical axis names ``names`` = (in, out); the bias gets (out,)."""
+    """``nn.Dense`` whose kernel has logical axis names ``names`` = (in, out); the bias gets (out,).
+    Its product is :func:`dense_dot_general`."""
     kernel_init = kernel_init or nn.initializers.xavier_uniform()
     return nn.Dense(
         features,
@@ -28,6 +63,7 @@ def dense(features, names, dtype, param_dtype, use_bias=True, name=None, kernel_
         param_dtype=param_dtype,
         kernel_init=nn.with_logical_partitioning(kernel_init, names),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (names[1],)),
+        dot_general=dense_dot_general,
         name=name,
     )
 
@@ -91,11 +127,85 @@ def modulate(x_normed, shift, scale):
     return x_normed * (1.0 + scale) + shift
 
 
+SIGMA_PALETTE = 4  # distinct σ per sample the time embedding computes once each (training has 2: 0 and σ)
+
+
+def sigma_palette(sigma, size: int = SIGMA_PALETTE):
+    """The distinct values of each sample's per-token σ ``[B, S]``, in order of first appearance.
+
+    Returns ``(values [B, size], onehot f32 [B, S, size], fits bool[])``: ``onehot[b, s, k] = 1`` where
+    token ``s`` of sample ``b`` holds ``values[b, k]``; ``fits`` is False when some sample has more than
+    ``size`` distinct values (or a NaN), and then some tokens have no column. Unused columns repeat a
+    value and select no token."""
+    remaining = jnp.ones(sigma.shape, bool)
+    values, hits = [], []
+    for _ in range(size):
+        first = jnp.argmax(remaining, axis=1)[:, None]  # first unmatched token (0 when none is left)
+        v = jnp.take_along_axis(sigma, first, axis=1)
+        hit = remaining & (sigma == v)
+        values.append(v)
+        hits.append(hit)
+        remaining = remaining & ~hit
+    onehot = jnp.stack(hits, axis=-1).astype(jnp.float32)
+    return jnp.concatenate(values, axis=1), onehot, ~jnp.any(remaining)
+
+
+class _DenseParams(nn.Module):
+    """The ``kernel [in, out]`` / ``bias [out]`` of an ``nn.Dense`` (same names, init and logical axes as
+    :func:`dense`), returned as arrays so a pure function can apply them (inside ``lax.cond``/``jvp``)."""
+
+    in_features: int
+    features: int
+    names: tuple
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self):
+        kernel_init = nn.with_logical_partitioning(nn.initializers.xavier_uniform(), self.names)
+        kernel = self.param("kernel", kernel_init, (self.in_features, self.features), self.param_dtype)
+        bias_init = nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.names[1],))
+        bias = self.param("bias", bias_init, (self.features,), self.param_dtype)
+        return kernel.astype(jnp.float32), bias.astype(jnp.float32)
+
+
+def timestep_mlp(weights, sigma, freq_dim: int):
+    """Wan's time embedding of ``sigma [...]`` -> ``(temb [..., D], mod [..., K*D])``, f32, row by row:
+    sinusoidal(1000σ) -> Linear -> SiLU -> Linear = temb; SiLU -> Linear = mod. ``weights``: the
+    ``(kernel, bias)`` pairs of linear_1, linear_2, time_proj."""
+    (w1, b1), (w2, b2), (w3, b3) = weights
+    h = sinusoidal_embedding(1000.0 * sigma, freq_dim) @ w1 + b1
+    temb = nn.silu(h) @ w2 + b2
+    return temb, nn.silu(temb) @ w3 + b3
+
+
+def _timestep_mlp_by_palette(weights, sigma, values, onehot, freq_dim: int):
+    """:func:`timestep_mlp` of ``sigma [B, S]`` computed once per distinct value of each sample
+    (``values, onehot`` from :func:`sigma_palette`; every token must hold one of them) and gathered
+    back to the tokens by a one-hot matmul (``1 * x + 0 * y`` is exactly ``x``).
+
+    The values are exactly the per-token ones, and so is the derivative w.r.t. ``sigma``: a term
+    ``f'(value) * (σ - stop_gradient(σ))``, exactly 0, hands every token its own ``f'(σ_token)``
+    (without it only the first token of each value would get one)."""
+    values = jax.lax.stop_gradient(values)
+    f = lambda v: jnp.concatenate(timestep_mlp(weights, v, freq_dim), axis=-1)  # noqa: E731
+    at_values, slope = jax.jvp(f, (values,), (jnp.ones_like(values),))  # [B, K, 7D] each
+    zero = sigma - jax.lax.stop_gradient(sigma)
+    select = jnp.concatenate([onehot, onehot * zero[..., None]], axis=-1)  # [B, S, 2K]
+    out = jnp.einsum("bsk,bkn->bsn", select, jnp.concatenate([at_values, slope], axis=1))
+    dim = weights[1][1].shape[0]
+    return out[..., :dim], out[..., dim:]
+
+
 class TimestepEmbedding(nn.Module):
     """Per-token σ -> (``temb [B, S, D]``, modulation ``[B, S, 6, D]``).
 
     Wan: sinusoidal(1000σ, 256) -> Linear -> SiLU -> Linear = temb; SiLU -> Linear(D, 6D) = the
-    shared adaLN-Zero modulation that every block offsets by its own learned table."""
+    shared adaLN-Zero modulation that every block offsets by its own learned table.
+
+    The MLP depends on σ alone, and a sample's tokens share few σ values (training: σ, and 0 on known
+    tokens): when every sample has at most :data:`SIGMA_PALETTE` distinct values (checked at run
+    time) it runs once per value and is gathered back to the tokens -- the same values and
+    derivatives as running it per token, which it does otherwise."""
 
     dim: int
     freq_dim: int = 256
@@ -105,10 +215,26 @@ class TimestepEmbedding(nn.Module):
 
     @nn.compact
     def __call__(self, sigma_tokens):
-        f = sinusoidal_embedding(1000.0 * sigma_tokens, self.freq_dim)
-        h = dense(self.dim, ("freq", "embed"), jnp.float32, self.param_dtype, name="linear_1")(f)
-        temb = dense(self.dim, ("embed", "embed_out"), jnp.float32, self.param_dtype, name="linear_2")(nn.silu(h))
-        mod = dense(self.num_mod * self.dim, ("embed", "mlp"), jnp.float32, self.param_dtype, name="time_proj")(nn.silu(temb))
+        pd = self.param_dtype
+        weights = (
+            _DenseParams(self.freq_dim, self.dim, ("freq", "embed"), pd, name="linear_1")(),
+            _DenseParams(self.dim, self.dim, ("embed", "embed_out"), pd, name="linear_2")(),
+            _DenseParams(self.dim, self.num_mod * self.dim, ("embed", "mlp"), pd, name="time_proj")(),
+        )
+        sigma = jnp.asarray(sigma_tokens, jnp.float32)
+        if sigma.ndim != 2:  # not [B, S]: per element
+            temb, mod = timestep_mlp(weights, sigma, self.freq_dim)
+        else:
+            values, onehot, fits = sigma_palette(sigma)
+            temb, mod = jax.lax.cond(
+                fits,
+                lambda w, s, v, o: _timestep_mlp_by_palette(w, s, v, o, self.freq_dim),
+                lambda w, s, v, o: timestep_mlp(w, s, self.freq_dim),
+                weights,
+                sigma,
+                values,
+                onehot,
+            )
         return temb, mod.reshape(mod.shape[:-1] + (self.num_mod, self.dim))
 
 
@@ -170,6 +296,30 @@ class ConditionEmbedding(nn.Module):
         return dense(self.dim, ("embed", "embed_out"), self.dtype, self.param_dtype, name="linear_2")(
             nn.gelu(h, approximate=True)
         )
+
+
+class SilenceEmbedding(nn.Module):
+    """TalkingMachines' speaking/silence mode: one learned vector ``[D]`` replaces a condition's embedded
+    tokens where the subject is silent. ``tokens [B, L, D]``, ``speaking`` bool ``[B, L]`` -> ``[B, L, D]``
+    (tokens where speaking, the embedding elsewhere)."""
+
+    dim: int
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens, speaking):
+        init = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",))
+        emb = self.param("embedding", init, (self.dim,), self.param_dtype)
+        return jnp.where(speaking[..., None], tokens, emb.astype(tokens.dtype))
+
+
+def speaking_per_token(speaking_frames, token_times):
+    """Per-frame speaking flags ``[B, F]`` (int or bool; frames of the time-reference stream) -> bool
+    ``[B, L]`` for tokens at aligned times ``token_times [L]`` (reference latent frames): token ``j``
+    takes the flag of frame ``floor(t_j)``, clamped to ``[0, F)``."""
+    frames = jnp.asarray(speaking_frames)
+    idx = jnp.clip(jnp.floor(jnp.asarray(token_times, jnp.float32) + 1e-4).astype(jnp.int32), 0, frames.shape[-1] - 1)
+    return jnp.take(frames, idx, axis=-1) != 0
 
 
 IMAGE_EMBEDDING_EPS = 1e-5  # Wan's image_embedder uses FP32LayerNorm's default eps, not the model's eps

@@ -25,10 +25,11 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mmdit.attention import masks
 from mmdit.attention import registry as attention_registry
-from mmdit.model.attention import QKV, CrossAttention, joint_attention
+from mmdit.model.attention import QKV, CrossAttention, joint_attention, joint_attention_with_context
 from mmdit.model.layers import (
     MLP,
     ConditionEmbedding,
@@ -36,12 +37,16 @@ from mmdit.model.layers import (
     LayerNorm,
     ModulationTable,
     OutputHead,
+    SilenceEmbedding,
     TimestepEmbedding,
     TokenEmbedding,
     dense,
     modulate,
+    speaking_per_token,
 )
-from mmdit.model.rope import joint_angles
+from mmdit.model.inputs import FACE_BOX, SPEAKING_FRAMES
+from mmdit.model.rope import angles as rope_angles
+from mmdit.model.rope import apply_rope, stream_angles
 from mmdit.model.spec import ModelSpec, StreamArch
 
 _REMAT_POLICIES = {
@@ -50,6 +55,14 @@ _REMAT_POLICIES = {
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
 }
+
+
+def _scan_unroll(spec: ModelSpec) -> int:
+    """Layers per ``nn.scan`` iteration: all of them on CPU, where XLA's while loop stacks every saved
+    activation per layer (zero-filled buffers, dynamic-update-slice / dynamic-slice: ~20% of a train
+    step) and models are small enough to compile unrolled; 1 elsewhere (a loop keeps compile time flat).
+    Params stay stacked on the ``layers`` axis either way."""
+    return spec.num_layers if attention_registry.platform() == "cpu" else 1
 
 
 class StreamBlock(nn.Module):
@@ -75,10 +88,12 @@ class StreamBlock(nn.Module):
         self.norm3 = LayerNorm(sp.eps)
         self.ffn = MLP(a.dim, a.ffn, sp.dtype, sp.param_dtype)
 
-    def attention_inputs(self, x, mod, angles):
+    def attention_inputs(self, x, mod):
+        """``(q, k, v)`` ``[B, S, H, Dh]`` *before* RoPE (the caller rotates; a KV cache keeps k
+        unrotated so a cached chunk can be read at any window position) and the modulation."""
         m = self.modulation(mod)
         xn = modulate(self.norm1(x), m[0], m[1]).astype(self.spec.dtype)
-        return self.attn(xn, angles), m
+        return self.attn(xn, None), m
 
     def finish(self, x, attn_out, m, conds, cross_masks, cond_keep):
         o = attn_out.reshape(attn_out.shape[:2] + (-1,))
@@ -89,6 +104,8 @@ class StreamBlock(nn.Module):
                 g = self.spec.added_condition(c)
                 added = None if g is None else (conds[g], cross_masks[g], cond_keep[g])
                 y = self.cross[c](h, conds[c], cross_masks[c], self.spec.cross_attention, added).astype(jnp.float32)
+                if _face_local(self.spec, self.arch, c):  # nothing outside the face box, to_out's bias included
+                    y = y * cross_masks[c].q.valid[..., None]
                 x = x + y * cond_keep[c][:, None, None]
         y = self.ffn(modulate(self.norm3(x), m[3], m[4]))
         x = x + y.astype(jnp.float32) * m[5]
@@ -101,38 +118,64 @@ def _rebuild_mask(spec: ModelSpec, meta: masks.TokenMeta, block_map=None, is_ful
     return masks.MaskSpec(spec.rule, pred, meta, meta, is_full=is_full, precomputed_block_map=bm)
 
 
-def _cross_mask(window, q_meta, k_meta):
+def _face_local(spec: ModelSpec, arch: StreamArch, condition: str) -> bool:
+    """Whether ``arch``'s cross-attention to ``condition`` is restricted to the face box (grid streams only)."""
+    return spec.condition(condition).face_local and arch.geometry.kind == "grid"
+
+
+def _cross_mask(window, q_meta, k_meta, face_local: bool = False):
     rule = masks.Full() if window is None else masks.Local(float(window))
+    if face_local:  # the query meta's valid flags mark the tokens inside the face box (MMDiT._cross_meta)
+        rule = masks.FaceLocal() if window is None else masks.And(rule, masks.FaceLocal())
     return masks.MaskSpec(rule, rule.bind(("stream", "condition")), q_meta, k_meta, is_full=False, num_groups=1)
 
 
 class Block(nn.Module):
-    """One layer over all streams. ``ctx`` holds the per-forward constants (scan broadcast)."""
+    """One layer over all streams. ``ctx`` holds the per-forward constants (scan broadcast).
+
+    ``layer = (is_joint, cached)``: ``cached`` is None, or this layer's KV-cache context
+    ``{"k": {s: [B, Sc_s, H, Dh]}, "v": {...}}`` (k before RoPE) of earlier chunks, which the queries
+    attend besides the current tokens (streaming; ``ctx["kv_meta"]``/``ctx["kv_angles"]`` describe
+    it). With ``return_kv`` the layer also returns its own ``{"k", "v"}`` (k before RoPE)."""
 
     spec: ModelSpec
     static_full: bool = False  # every valid pair attended in every layer (mask-free kernels may run)
+    return_kv: bool = False
 
     @nn.compact
-    def __call__(self, xs, is_joint, ctx):
+    def __call__(self, xs, layer, ctx):
         sp = self.spec
+        is_joint, cached = layer
         parts = {a.name: StreamBlock(a, sp, name=a.name) for a in sp.streams}
-        qs, ks, vs, mods = {}, {}, {}, {}
+        qs, ks, vs, raw_k, mods = {}, {}, {}, {}, {}
+        names = ("batch", "length", "heads", "kv")
         for name, part in parts.items():
-            (qs[name], ks[name], vs[name]), mods[name] = part.attention_inputs(xs[name], ctx["mod"][name], ctx["angles"][name])
-        meta = ctx["meta"]
-        meta = meta._replace(group=jnp.where(is_joint, jnp.zeros_like(meta.stream), meta.stream))
-        bm = None
-        if ctx.get("block_maps") is not None:
-            joint_bm, separate_bm = ctx["block_maps"]
-            bm = jnp.where(is_joint, joint_bm, separate_bm)
-        mask = _rebuild_mask(sp, meta, bm, is_full=self.static_full)
-        outs = joint_attention(qs, ks, vs, mask, sp.attention, sp.sequence_parallel)
+            (q, raw_k[name], vs[name]), mods[name] = part.attention_inputs(xs[name], ctx["mod"][name])
+            ang = ctx["angles"][name]
+            qs[name] = nn.with_logical_constraint(apply_rope(q, ang), names)
+            ks[name] = nn.with_logical_constraint(apply_rope(raw_k[name], ang), names)
+        joint_group = lambda m: m._replace(group=jnp.where(is_joint, jnp.zeros_like(m.stream), m.stream))  # noqa: E731
+        meta = joint_group(ctx["meta"])
+        if cached is None:
+            bm = None
+            if ctx.get("block_maps") is not None:
+                joint_bm, separate_bm = ctx["block_maps"]
+                bm = jnp.where(is_joint, joint_bm, separate_bm)
+            mask = _rebuild_mask(sp, meta, bm, is_full=self.static_full)
+            outs = joint_attention(qs, ks, vs, mask, sp.attention, sp.sequence_parallel)
+        else:
+            ctx_k = {n: apply_rope(cached["k"][n], ctx["kv_angles"][n]) for n in parts}
+            k_meta = masks.TokenMeta.concat([joint_group(ctx["kv_meta"]), meta])
+            mask = masks.MaskSpec(sp.rule, sp.rule.bind(sp.names), meta, k_meta, num_groups=len(parts))
+            outs = joint_attention_with_context(qs, ks, vs, ctx_k, cached["v"], mask, sp.attention)
         new = {}
         for name, part in parts.items():
             a = sp.stream(name)
-            cross_masks = {c: _cross_mask(sp.condition(c).window, *ctx["cross_meta"][name][c]) for c in sp.attended(a)}
+            cross_masks = {
+                c: _cross_mask(sp.condition(c).window, *ctx["cross_meta"][name][c], _face_local(sp, a, c)) for c in sp.attended(a)
+            }
             new[name] = part.finish(xs[name], outs[name], mods[name], ctx["conds"].get(name, {}), cross_masks, ctx["cond_keep"])
-        return new, None
+        return new, ({"k": raw_k, "v": vs} if self.return_kv else None)
 
 
 class StreamIO(nn.Module):
@@ -147,6 +190,8 @@ class StreamIO(nn.Module):
         self.time_embedding = TimestepEmbedding(a.dim, sp.freq_dim, 6, sp.dtype, sp.param_dtype)
         embedding = lambda c: ImageEmbedding if sp.condition(c).embedding == "norm_mlp" else ConditionEmbedding  # noqa: E731
         self.cond_embedding = {c: embedding(c)(a.dim, sp.dtype, sp.param_dtype) for c in sp.attended(a)}
+        silent = [c for c in sp.attended(a) if sp.condition(c).silence_embedding]
+        self.silence = {c: SilenceEmbedding(a.dim, sp.param_dtype, name=f"silence_{c}") for c in silent}
         if not a.geometry.condition:
             self.head = OutputHead(a.dim, a.geometry.token_dim, sp.eps, sp.dtype, sp.param_dtype)
 
@@ -154,17 +199,38 @@ class StreamIO(nn.Module):
         x = self.patch_embedding(tokens).astype(jnp.float32)
         temb, mod = self.time_embedding(sigma)
         c = {name: self.cond_embedding[name](conds[name]) for name in self.spec.attended(self.arch)}
+        for name, silence in self.silence.items():  # silence mode: the learned embedding where speaking_frames is 0
+            arch = self.spec.condition(name)
+            times = np.arange(arch.length, dtype=np.float32) * (self.spec.reference_rate / arch.rate)
+            speaking = conds.get(SPEAKING_FRAMES)
+            if speaking is not None:
+                c[name] = silence(c[name], speaking_per_token(speaking, times))
         return x, temb, mod, c
 
     def output(self, x, temb):
         return self.head(x, temb)
 
 
+def _in_box(arch: StreamArch, box):
+    """bool ``[B, S]``: grid tokens whose patch cell overlaps the normalised box ``[B, 4]`` (x0, y0, x1, y1)."""
+    g = arch.geometry
+    pos = g.positions()  # [S, 3] (t, h, w) token-grid indices
+    gh, gw = g.grid[1], g.grid[2]
+    y0, y1 = pos[:, 1] / gh, (pos[:, 1] + 1) / gh
+    x0, x1 = pos[:, 2] / gw, (pos[:, 2] + 1) / gw
+    b = jnp.asarray(box, jnp.float32)[:, :, None]  # [B, 4, 1]
+    return (x0 < b[:, 2]) & (x1 > b[:, 0]) & (y0 < b[:, 3]) & (y1 > b[:, 1])
+
+
 class MMDiT(nn.Module):
     spec: ModelSpec
 
-    def token_meta(self, batch, known, valid, chunk_offset=0) -> masks.TokenMeta:
-        """Concatenated metadata ``[B, S]`` of all streams (dict order of ``spec.streams``)."""
+    def token_meta(self, batch, known, valid, chunk_offset=0, time_offset=0.0) -> masks.TokenMeta:
+        """Concatenated metadata ``[B, S]`` of all streams (dict order of ``spec.streams``).
+
+        ``chunk_offset`` (int32 scalar) is added to every token's chunk index and ``time_offset``
+        (float32 scalar, reference latent frames) to its aligned time: a streaming chunk model's
+        tokens are one chunk long and placed by these (:mod:`mmdit.sample.streaming`)."""
         sp = self.spec
         parts = []
         for i, a in enumerate(sp.streams):
@@ -179,7 +245,7 @@ class MMDiT(nn.Module):
             parts.append(
                 masks.TokenMeta(
                     stream=jnp.full((1, n), i, jnp.int32),
-                    time=t,
+                    time=t + jnp.asarray(time_offset, jnp.float32),
                     chunk=chunk,
                     known=kn,
                     valid=valid[a.name] if valid is not None else jnp.ones((1, n), bool),
@@ -189,7 +255,31 @@ class MMDiT(nn.Module):
         return masks.TokenMeta.concat(parts)
 
     @nn.compact
-    def __call__(self, tokens, sigma, conds=None, cond_masks=None, cond_keep=None, known=None, valid=None):
+    def __call__(
+        self,
+        tokens,
+        sigma,
+        conds=None,
+        cond_masks=None,
+        cond_keep=None,
+        known=None,
+        valid=None,
+        *,
+        kv_context=None,
+        chunk_index=0,
+        time_offset=0.0,
+        return_kv=False,
+    ):
+        """Velocities ``{s: [B, S_s, C]}`` (module docstring).
+
+        Streaming (:mod:`mmdit.sample.streaming`; ``self.spec`` is then a one-chunk spec):
+        ``chunk_index`` (int32 scalar) and ``time_offset`` (float32 scalar, reference latent frames)
+        place the tokens in the stream (chunk ids for the mask, aligned time for RoPE and the mask);
+        ``kv_context`` = ``{"k": {s: [L, B, Sc_s, H, Dh]}, "v": {...}, "meta": TokenMeta [B, Sc],
+        "time": {s: [Sc_s]}}`` is the cached context the queries attend besides their own tokens
+        (k before RoPE; ``meta`` in stream order, ``time`` the aligned times RoPE rotates it at);
+        ``return_kv=True`` returns ``(velocities, {"k": {s: [L, B, S_s, H, Dh]}, "v": {...}})``.
+        """
         sp = self.spec
         conds, cond_masks = conds or {}, cond_masks or {}
         batch = next(iter(tokens.values())).shape[0]
@@ -209,21 +299,31 @@ class MMDiT(nn.Module):
                 tok = jnp.concatenate([tok] + [e.astype(tok.dtype) for e in extra], axis=-1)
             xs[a.name], temb[a.name], mod[a.name], cemb[a.name] = io[a.name].embed(tok, sig, conds)
             xs[a.name] = nn.with_logical_constraint(xs[a.name], ("batch", "length", "embed"))
-        meta = self.token_meta(batch, known, valid)
+        meta = self.token_meta(batch, known, valid, chunk_index, time_offset)
+        rope = lambda a, t: stream_angles(a.geometry, t, sp.head_dim, sp.rope_theta)  # noqa: E731
+        offset = jnp.asarray(time_offset, jnp.float32)
         ctx = {
             "mod": mod,
-            "angles": joint_angles({a.name: a.geometry for a in sp.streams}, sp.times, sp.head_dim, sp.rope_theta),
+            "angles": {a.name: rope(a, jnp.asarray(sp.times[a.name]) + offset) for a in sp.streams},
             "meta": meta,
             "conds": cemb,
             "cond_keep": {k: v.astype(jnp.float32) for k, v in cond_keep.items()},
-            "cross_meta": self._cross_meta(batch, cond_masks, valid),
-            "block_maps": self._block_maps(meta),
+            "cross_meta": self._cross_meta(batch, cond_masks, valid, conds.get(FACE_BOX)),
+            "block_maps": None if kv_context is not None else self._block_maps(meta),
         }
-        static_full = isinstance(sp.rule, masks.Full) and valid is None and len(sp.joint_layers) == sp.num_layers
+        cached = None
+        if kv_context is not None:
+            ctx["kv_meta"] = kv_context["meta"]
+            ctx["kv_angles"] = {a.name: self._context_angles(a, kv_context["time"][a.name]) for a in sp.streams}
+            cached = {"k": kv_context["k"], "v": kv_context["v"]}
+        static_full = (
+            isinstance(sp.rule, masks.Full) and valid is None and len(sp.joint_layers) == sp.num_layers and cached is None
+        )
         flags = jnp.asarray(sp.layer_is_joint())
         block = Block
+        unroll = _scan_unroll(sp)
         if sp.remat != "none":
-            block = nn.remat(block, policy=_REMAT_POLICIES[sp.remat], prevent_cse=not sp.scan)
+            block = nn.remat(block, policy=_REMAT_POLICIES[sp.remat], prevent_cse=not sp.scan or unroll > 1)
         if sp.scan:
             scanned = nn.scan(
                 block,
@@ -231,19 +331,32 @@ class MMDiT(nn.Module):
                 split_rngs={"params": True},
                 in_axes=(0, nn.broadcast),
                 length=sp.num_layers,
+                unroll=unroll,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            xs, _ = scanned(sp, static_full, name="blocks")(xs, flags, ctx)
+            xs, kv = scanned(sp, static_full, return_kv, name="blocks")(xs, (flags, cached), ctx)
         else:
+            per_layer = []
             for i in range(sp.num_layers):
-                xs, _ = block(sp, static_full, name=f"blocks_{i}")(xs, flags[i], ctx)
-        return {
+                layer_cache = None if cached is None else jax.tree.map(lambda a: a[i], cached)
+                xs, kv_i = block(sp, static_full, return_kv, name=f"blocks_{i}")(xs, (flags[i], layer_cache), ctx)
+                per_layer.append(kv_i)
+            kv = jax.tree.map(lambda *a: jnp.stack(a), *per_layer) if return_kv else None
+        out = {
             a.name: io[a.name].output(xs[a.name], temb[a.name]).astype(jnp.float32)
             for a in sp.streams
             if not a.geometry.condition
         }
+        return (out, kv) if return_kv else out
 
     # -- helpers -------------------------------------------------------------------------------
+
+    def _context_angles(self, arch, times):
+        """RoPE angles ``[Sc, Dh/2]`` of a stream's cached context: whole chunks of this (one-chunk)
+        spec's tokens, each chunk's tokens at the given aligned ``times [Sc]``."""
+        g = arch.geometry
+        pos = np.tile(g.positions(), (int(np.shape(times)[0]) // g.num_tokens, 1))
+        return rope_angles(times, pos[:, 1], pos[:, 2], self.spec.head_dim, self.spec.rope_theta, rotate_hw=g.kind == "grid")
 
     def _check_inputs(self, tokens, sigma, conds):
         sp = self.spec
@@ -264,8 +377,10 @@ class MMDiT(nn.Module):
                     f"condition {c!r} is cross-attended or concatenated (model.streams.*.cross / concat) but not given"
                 )
 
-    def _cross_meta(self, batch, cond_masks, valid):
-        """Per (stream, condition): (query meta, key meta) for the cross-attention mask."""
+    def _cross_meta(self, batch, cond_masks, valid, face_box=None):
+        """Per (stream, condition): (query meta, key meta) for the cross-attention mask. For a ``face_local``
+        condition of a grid stream the query meta is valid only on tokens whose patch overlaps ``face_box``
+        (float32 ``[B, 4]`` normalised x0, y0, x1, y1; None: the whole frame)."""
         sp = self.spec
         out = {}
         for a in sp.streams:
@@ -283,6 +398,7 @@ class MMDiT(nn.Module):
             for c in sp.attended(a):
                 arch = sp.condition(c)
                 L = arch.length
+                q_c = q if face_box is None or not _face_local(sp, a, c) else q._replace(valid=qv & _in_box(a, face_box))
                 if arch.rate is not None:
                     t = jnp.arange(L, dtype=jnp.float32)[None] * (sp.reference_rate / arch.rate)
                 else:
@@ -296,7 +412,7 @@ class MMDiT(nn.Module):
                     valid=kv,
                     group=jnp.zeros((1, L), jnp.int32),
                 )
-                out[a.name][c] = (q, k)
+                out[a.name][c] = (q_c, k)
         return out
 
     def _block_maps(self, meta):

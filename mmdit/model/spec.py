@@ -31,6 +31,11 @@ class ConditionArch:
     window: float | None = None  # aligned-time window (reference latent frames); None = full
     embedding: str = "mlp"  # "mlp": Linear-GELU(tanh)-Linear (Wan's text_embedder); "norm_mlp": Wan's image_embedder
     added_to: str | None = None  # attended inside that condition's cross-attention (Wan I2V's add_k_proj/add_v_proj)
+    # TalkingMachines' speaking/silence mode: where the clip is silent (input ``speaking_frames`` 0) a learned
+    # embedding replaces this condition's embedded tokens; ``silence_labels``: training records carry the labels.
+    silence_embedding: bool = False
+    silence_labels: bool = False
+    face_local: bool = False  # grid streams attend it only from tokens inside the clip's ``face_box``
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +77,7 @@ class ModelSpec:
     times: Mapping[str, np.ndarray]  # aligned token times per stream
     reference_rate: float  # latents/s of the time-reference stream (the unit of aligned time)
     sequence_parallel: str = "none"
+    time_reference: str | None = None  # the stream whose latent frames are the unit of aligned time
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -95,6 +101,11 @@ class ModelSpec:
         """Every condition a stream attends: its ``cross`` conditions, then the ones added to them."""
         extra = tuple(g for g in (self.added_condition(c) for c in arch.cross) if g is not None)
         return arch.cross + extra
+
+    @property
+    def reference_frames(self) -> int:
+        """Latent frames of the time-reference stream (the length of the ``speaking_frames`` input)."""
+        return int(self.stream(self.time_reference).geometry.shape[0])
 
     def stream(self, name: str) -> StreamArch:
         for s in self.streams:
@@ -176,6 +187,40 @@ def _check_condition_roles(model_cfg, conditions, streams) -> None:
                 )
 
 
+# Per-clip inputs of the silence embedding and face-local masks (mmdit.model.inputs): reserved names.
+AUX_INPUTS = ("speaking_frames", "face_box")
+
+
+def _check_silence_and_face(model_cfg, conditions, streams) -> None:
+    """Validates ``model.conditions.*.silence_embedding`` / ``silence_labels`` / ``face_local``: both act on a
+    cross-attended condition; silence needs the condition's ``rate`` (to map its tokens to frames) and face-local
+    a grid (video) stream attending it."""
+    cross = {n: tuple(model_cfg.streams[n].get("cross", ())) for n in streams}
+    for c in conditions:
+        field = f"model.conditions.{c.name}"
+        if c.name in AUX_INPUTS:
+            raise ValueError(f"{field}: the name {c.name!r} is a reserved input field ({AUX_INPUTS}); rename the condition")
+        attended_by = [n for n, names in cross.items() if c.name in names]
+        if c.silence_labels and not c.silence_embedding:
+            raise ValueError(f"{field}.silence_labels=True needs {field}.silence_embedding=True")
+        if c.silence_embedding:
+            if not attended_by:
+                raise ValueError(
+                    f"{field}.silence_embedding: the silence embedding replaces a cross-attended condition's tokens, "
+                    f"but no model.streams.*.cross names {c.name!r}; add it there (a twin audio stream expresses "
+                    "silence through its own latents: give silent audio as known tokens, e.g. --inpaint)"
+                )
+            if c.rate is None:
+                raise ValueError(f"{field}.silence_embedding needs {field}.rate (tokens/second) to map its tokens to frames")
+        if c.face_local:
+            grids = [n for n in attended_by if streams[n].kind == "grid"]
+            if not grids:
+                raise ValueError(
+                    f"{field}.face_local=True restricts a video (grid) stream's cross-attention to the face box, but no "
+                    f"grid stream cross-attends {c.name!r} (model.streams.*.cross); remove face_local or add it"
+                )
+
+
 def _resolve_impl(impl: str, fallback, rule, platform: str, dtype: str, field: str) -> tuple[str, str | None]:
     """``model.attention.<field>`` -> (impl, fallback); ``"auto"`` picks per platform, mask rule and dtype
     (:func:`mmdit.attention.registry.resolve_auto`), announced once per process."""
@@ -206,12 +251,16 @@ def build_spec(model_cfg, platform: str | None = None) -> ModelSpec:
                 window=c.get("window", None),
                 embedding=c.get("embedding", "mlp"),
                 added_to=c.get("added_to", None),
+                silence_embedding=bool(c.get("silence_embedding", False)),
+                silence_labels=bool(c.get("silence_labels", False)),
+                face_local=bool(c.get("face_local", False)),
             )
         )
         if c.get("window", None) is not None and c.get("rate", None) is None:
             raise ValueError(f"model.conditions.{name}: a windowed condition needs `rate` (tokens/second)")
     cond_names = [c.name for c in conditions]
     _check_condition_roles(model_cfg, conditions, streams)
+    _check_silence_and_face(model_cfg, conditions, streams)
     archs = []
     for name, spec in streams.items():
         if name == "blocks" or name in cond_names:
@@ -273,7 +322,7 @@ def build_spec(model_cfg, platform: str | None = None) -> ModelSpec:
     sp = model_cfg.get("sequence_parallel", "none")
     if sp not in ("none", "ulysses", "ring"):
         raise ValueError(f"model.sequence_parallel={sp!r}: choose 'none', 'ulysses' or 'ring'")
-    return ModelSpec(
+    spec = ModelSpec(
         streams=tuple(archs),
         conditions=tuple(conditions),
         num_layers=num_layers,
@@ -294,4 +343,6 @@ def build_spec(model_cfg, platform: str | None = None) -> ModelSpec:
         times=aligned_times(model_cfg, streams),
         reference_rate=time_reference(model_cfg, streams).rate,
         sequence_parallel=sp,
+        time_reference=time_reference(model_cfg, streams).name,
     )
+    return spec

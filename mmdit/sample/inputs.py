@@ -131,17 +131,22 @@ class MediaEncoder:
     def __init__(self, spec, roles, video_codec, audio_codec, *, note: Callable[[str], None] | None = None):
         self.video_codec, self.audio_codec = video_codec, audio_codec
         self.note = note or _stderr_note
-        self.visual, self.audio = spec.stream(roles.visual).geometry, spec.stream(roles.audio).geometry
+        self.visual = spec.stream(roles.visual).geometry
+        self.condition_streams = {a.name: a.geometry for a in spec.streams if a.geometry.condition}
         f, h, w, c = self.visual.latent_shape
         s = video_codec.spatial_compression
         self.size = (h * s, w * s)
         self.num_frames = video_codec.num_frames(f)
-        self.num_samples = audio_codec.num_samples(self.audio.latent_shape[0])
         if video_codec.latent_channels != c:
             raise ValueError(
                 f"codecs.video makes {video_codec.latent_channels} latent channels but "
                 f"model.streams.{roles.visual}.channels={c}; fix the config"
             )
+        self.audio = self.num_samples = None
+        if roles.audio is None or audio_codec is None:  # a video-only model (Mirage, TalkingMachines)
+            return
+        self.audio = spec.stream(roles.audio).geometry
+        self.num_samples = audio_codec.num_samples(self.audio.latent_shape[0])
         if audio_codec.latent_channels != self.audio.latent_shape[-1]:
             raise ValueError(
                 f"codecs.audio makes {audio_codec.latent_channels} latent channels but "
@@ -158,7 +163,8 @@ class MediaEncoder:
         """The encoder of ``cfg.codecs.video`` / ``cfg.codecs.audio`` for ``spec``."""
         from mmdit.codecs.registry import make_audio_codec, make_video_codec
 
-        return cls(spec, roles, make_video_codec(cfg.codecs.video), make_audio_codec(cfg.codecs.audio), note=note)
+        audio = make_audio_codec(cfg.codecs.audio) if roles.audio is not None else None
+        return cls(spec, roles, make_video_codec(cfg.codecs.video), audio, note=note)
 
     def fit_frames(self, frames: np.ndarray) -> np.ndarray:
         """uint8 ``[N, H, W, 3]`` -> centre-cropped to the model's aspect, resized to ``[N, *size, 3]``."""
@@ -214,11 +220,12 @@ class MediaEncoder:
         """An MP4 -> visual latents ``[F, h, w, C]`` of its first ``num_frames`` frames."""
         return self.encode_frames(self.read_video(path, label)[0])
 
-    def read_audio(self, path: str, label: str = "--audio") -> np.ndarray:
-        """An audio file (WAV/FLAC/MP3, librosa) or MP4 (its audio track) -> mono float32 ``[T]`` at the codec rate."""
+    def read_audio(self, path: str, label: str = "--audio", sample_rate: int | None = None) -> np.ndarray:
+        """An audio file (WAV/FLAC/MP3, librosa) or MP4 (its audio track) -> mono float32 ``[T]`` at
+        ``sample_rate`` (default: the audio codec's rate)."""
         from mmdit.data import media
 
-        rate = self.audio_codec.sample_rate
+        rate = int(sample_rate) if sample_rate is not None else self.audio_codec.sample_rate
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{label} {path}: no such file")
         if path.lower().endswith(MP4_EXTS):
@@ -355,7 +362,14 @@ def gather_known_latents(
     known, sources = {}, {}
     for name in needed:
         stream = media.visual if name == roles.visual else media.audio if name == roles.audio else None
+        if stream is None and evals.available() and media.condition_streams.get(name) is not None:
+            # a condition stream (Mirage's audio features): the eval records' when no file gives it
+            known[name], sources[name] = evals.latents(media.condition_streams[name], num), f"eval records {evals.path}"
+            continue
         if stream is None:
+            flag = CONDITION_FLAGS.get(name)
+            if flag is not None:  # e.g. Mirage's audio-feature condition stream
+                raise ValueError(f"task {task!r} needs the {name} stream's content: pass {flag}" + _suffix(evals))
             raise ValueError(
                 f"task {task!r} needs known content for stream {name!r}, which mmdit-sample cannot "
                 "read from media files; use the Sampler API with known_latents"
@@ -409,6 +423,7 @@ class TaskInputs:
     sources: dict[str, str]
     raw: dict[str, np.ndarray]
     texts: list[str]
+    regions: dict | None = None  # inpaint: {stream: [(start_s, end_s)]} to regenerate (Sampler.sample(regions=))
 
 
 def condition_encoders(cfg, spec):
@@ -418,6 +433,201 @@ def condition_encoders(cfg, spec):
     from mmdit.encoders.registry import ConditionEncoders
 
     return ConditionEncoders(config_spec.encoders_spec(cfg, spec))
+
+
+CONDITION_FLAGS = {"ref_audio": "--ref-audio", "audio_features": "--audio"}  # the flag that supplies each condition
+
+
+def condition_from_evals(task: str, condition, evals: EvalRecords, num: int) -> dict[str, np.ndarray]:
+    """A precomputed condition (``ref_audio``, ``audio_features``, ...) of ``num`` rows from the eval
+    records: ``{name: float32 [num, L, C]}`` (+ ``{name}_mask`` when the records hold one). Raises
+    ValueError naming the flag that supplies it when there are no records to take it from."""
+    name = condition.name
+    if not evals.available():
+        flag = CONDITION_FLAGS.get(name)
+        how = f"pass {flag}" if flag else "use the Sampler API with raw_conds"
+        raise ValueError(f"task {task!r} needs condition {name!r}: {how}" + _suffix(evals))
+    out = {name: [], name + "_mask": []}
+    for i in range(num):
+        rec = evals.get(i)
+        if name not in rec:
+            raise ValueError(f"{evals.path}: eval records have no {name!r} for task {task!r} (keys {sorted(rec)})")
+        x = np.asarray(rec[name], np.float32)
+        if x.shape != (condition.length, condition.dim):
+            raise ValueError(
+                f"{evals.path}: {name} has shape {x.shape}, the model reads {(condition.length, condition.dim)} "
+                f"(model.conditions.{name}); eval data from another config?"
+            )
+        out[name].append(x)
+        out[name + "_mask"].append(np.asarray(rec.get(name + "_mask", np.ones(condition.length, bool)), bool))
+    return {k: np.stack(v) for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Time spans: --inpaint regions, --silence phases; conditions from files (--ref-audio, --audio)
+# ----------------------------------------------------------------------------------------------
+
+
+def _span(text: str, label: str) -> tuple[float, float]:
+    """``"1.0-2.5"`` or ``"1.0:2.5"`` -> ``(1.0, 2.5)`` seconds."""
+    for sep in (":", "-"):
+        a, found, b = text.strip().partition(sep)
+        if found:
+            try:
+                return float(a), float(b)
+            except ValueError:
+                break
+    raise ValueError(f"{label} {text!r}: a span is START-END in seconds, e.g. 1.0-2.5")
+
+
+def parse_regions(values: Sequence[str] | None) -> dict[str, list[tuple[float, float]]] | None:
+    """``--inpaint`` values ``["audio:1.0-2.5", "video:0-0.5,2-3"]`` -> ``{stream: [(start_s, end_s)]}``
+    (repeated streams merge); None when none was given. Raises ValueError naming ``--inpaint``."""
+    if not values:
+        return None
+    out: dict[str, list[tuple[float, float]]] = {}
+    for value in values:
+        stream, sep, spans = value.partition(":")
+        if not sep or not stream.strip() or not spans.strip():
+            raise ValueError(f"--inpaint {value!r}: use STREAM:START-END[,START-END...] in seconds, e.g. audio:1.0-2.5")
+        out.setdefault(stream.strip(), []).extend(_span(t, "--inpaint") for t in spans.split(",") if t.strip())
+    return out
+
+
+def parse_silence(values: Sequence[str] | None) -> list[tuple[float, float]] | None:
+    """``--silence`` values ``["0:1.5,3.0:4.0"]`` -> ``[(0.0, 1.5), (3.0, 4.0)]`` seconds; None when not given."""
+    if not values:
+        return None
+    return [_span(t, "--silence") for v in values for t in v.split(",") if t.strip()]
+
+
+def speaking_frames(spec, silent_spans: Sequence[tuple[float, float]], *, label: str = "--silence") -> np.ndarray:
+    """Silence-mode spans in seconds -> the ``speaking_frames`` input int32 ``[F]`` (latent frames of the
+    time-reference stream; frame ``k`` covers ``[k/r, (k+1)/r)`` s at its latent rate ``r``): 0 for every
+    frame a span overlaps (a listening phase), 1 elsewhere. Raises ValueError naming ``label`` for a model
+    without a silence embedding or a span outside the clip."""
+    if not any(c.silence_embedding for c in spec.conditions):
+        raise ValueError(
+            f"{label}: this model has no silence embedding; set model.conditions.<c>.silence_embedding=True "
+            "(and train it) to sample listening phases"
+        )
+    g = spec.stream(spec.time_reference).geometry
+    frames, seconds = g.shape[0], g.shape[0] / g.rate
+    start = np.arange(frames) / g.rate
+    out = np.ones(frames, np.int32)
+    for t0, t1 in silent_spans:
+        if not (0.0 <= t0 < t1 <= seconds + 1e-6):
+            raise ValueError(f"{label}: span {t0:g}-{t1:g} s must satisfy 0 <= start < end <= {seconds:.3f} s (the clip)")
+        out[(start < t1) & (start + 1.0 / g.rate > t0)] = 0
+    return out
+
+
+def parse_face_box(value: str | None) -> tuple[float, float, float, float] | None:
+    """``--face-box "0.3,0.2,0.7,0.8"`` -> normalised ``(x0, y0, x1, y1)``; None when not given. Raises ValueError."""
+    if value is None:
+        return None
+    try:
+        box = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        box = ()
+    if len(box) != 4 or not (0.0 <= box[0] < box[2] <= 1.0 and 0.0 <= box[1] < box[3] <= 1.0):
+        raise ValueError(
+            f"--face-box {value!r}: give X0,Y0,X1,Y1 as fractions of the frame, 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1"
+        )
+    return box  # type: ignore[return-value]
+
+
+def face_boxes(evals: EvalRecords, num: int, box: Sequence[float] | None = None, *, note: Callable[[str], None] = _stderr_note):
+    """The ``face_box`` input float32 ``[num, 4]`` of a face-local model and where it came from: ``box``
+    (``--face-box``), else the eval records' ``face_box`` (written by the ingest), else the whole frame
+    (with a note: a model trained face-local then lets the audio reach every token)."""
+    from mmdit.model.inputs import FACE_BOX, FULL_FRAME_BOX
+
+    if box is not None:
+        return np.tile(np.asarray(box, np.float32), (num, 1)), f"--face-box {','.join(f'{v:g}' for v in box)}"
+    if evals.available() and FACE_BOX in evals.get(0):
+        return np.stack([np.asarray(evals.get(i)[FACE_BOX], np.float32) for i in range(num)]), f"eval records {evals.path}"
+    note("no --face-box (and no face boxes in eval records): the face-local audio cross-attention covers the whole frame")
+    return np.tile(np.asarray(FULL_FRAME_BOX, np.float32), (num, 1)), "whole frame"
+
+
+def _fit_wave(wave: np.ndarray, n: int, label: str, rate: int, note: Callable[[str], None]) -> np.ndarray:
+    if len(wave) < n:
+        note(f"{label} is {len(wave) / rate:.2f} s; padding with silence to {n / rate:.2f} s")
+        return np.pad(wave, (0, n - len(wave)))
+    if len(wave) > n:
+        note(f"{label} is {len(wave) / rate:.2f} s; using its first {n / rate:.2f} s")
+    return wave[:n]
+
+
+def reference_audio_latents(media: MediaEncoder, path: str, condition, label: str = "--ref-audio") -> np.ndarray:
+    """UniTalking TR2AV's reference-audio (timbre) condition: an audio file -> the audio codec's latents
+    float32 ``[L, C]`` of ``model.conditions.<condition>`` (the file cut or padded to ``L`` latents)."""
+    codec = media.audio_codec
+    if codec is None:
+        raise ValueError(f"{label}: the reference audio is encoded with codecs.audio, which this config lacks")
+    wave = media.read_audio(path, label)
+    wave = _fit_wave(wave, codec.num_samples(condition.length), f"{label} {path}", codec.sample_rate, media.note)
+    lat = np.asarray(codec.encode(np.asarray(wave, np.float32)[None], sample_rate=codec.sample_rate), np.float32)[0]
+    if lat.shape != (condition.length, condition.dim):
+        raise ValueError(
+            f"{label}: codecs.audio makes latents {lat.shape}, but model.conditions.{condition.name} reads "
+            f"({condition.length}, {condition.dim}); make the condition's length/dim match the audio codec"
+        )
+    return lat
+
+
+def audio_features_of(
+    media: MediaEncoder, encoders, path: str, name: str, length: int, feature_codec=None, label: str = "--audio"
+) -> tuple[np.ndarray, np.ndarray]:
+    """The audio-feature condition (TalkingMachines) or condition stream (Mirage) ``name`` of ``length``
+    frames from an audio file: ``(features float32 [length, C], mask bool [length])``. Encoded with
+    ``encoders.audio_features`` (wav2vec2) when it feeds ``name``, else with ``feature_codec`` (the config's
+    ``codecs.audio_features``, a weight-free stand-in such as the tiny presets' log-mel); the file is cut
+    or padded with silence to the condition's duration."""
+    spec = (encoders.specs.get("audio_features") if encoders else None) or {}
+    if spec.get("condition") == name:
+        enc = encoders.get("audio_features")
+        wave = media.read_audio(path, label, sample_rate=enc.sample_rate)
+        n = int(round(spec["length"] / spec["rate"] * enc.sample_rate))
+        feats, mask = enc.encode(_fit_wave(wave, n, f"{label} {path}", enc.sample_rate, media.note)[None], enc.sample_rate)
+        return np.asarray(feats, np.float32)[0], np.asarray(mask, bool)[0]
+    if feature_codec is None:
+        raise ValueError(
+            f"{label}: the model's {name!r} input is audio features; set encoders.audio_features=dict(kind='wav2vec2', "
+            f"checkpoint=..., condition={name!r}) or codecs.audio_features (a weight-free audio codec) to encode {label}"
+        )
+    rate = feature_codec.sample_rate
+    wave = _fit_wave(
+        media.read_audio(path, label, sample_rate=rate), feature_codec.num_samples(length), f"{label} {path}", rate, media.note
+    )
+    feats = np.asarray(feature_codec.encode(np.asarray(wave, np.float32)[None])[0], np.float32)
+    feats = feats[:length] if len(feats) >= length else np.pad(feats, ((0, length - len(feats)), (0, 0)))
+    return feats, np.ones(length, bool)
+
+
+def feature_codec_of(cfg):
+    """The config's ``codecs.audio_features`` codec (None when it has none)."""
+    from mmdit import config_spec
+    from mmdit.codecs.registry import make_audio_codec
+    from mmdit.util.plain import plain
+
+    codecs = plain(config_spec.complete(cfg).codecs) or {}
+    return make_audio_codec(codecs["audio_features"]) if codecs.get("audio_features") else None
+
+
+def condition_from_files(task, condition, media, encoders, num, *, ref_audio=None, audio=None, feature_codec=None):
+    """``(raw fields {name: [num, L, C], name_mask: [num, L]}, source)`` of a precomputed condition from
+    the file flag that supplies it (``--ref-audio`` for ``ref_audio``, ``--audio`` for ``audio_features``),
+    or None when that flag was not given."""
+    name = condition.name
+    if name == "ref_audio" and ref_audio:
+        lat = reference_audio_latents(media, ref_audio, condition)
+        return {name: tile(lat, num), name + "_mask": np.ones((num, condition.length), bool)}, f"--ref-audio {ref_audio}"
+    if name == "audio_features" and audio:
+        feats, mask = audio_features_of(media, encoders, audio, name, condition.length, feature_codec)
+        return {name: tile(feats, num), name + "_mask": np.repeat(mask[None], num, 0)}, f"--audio {audio}"
+    return None
 
 
 def task_rng(seed: int, task: str):
@@ -441,6 +651,10 @@ def prepare_task_inputs(
     audio: str | None = None,
     video: str | None = None,
     encoders=None,
+    ref_audio: str | None = None,
+    regions: dict | None = None,
+    silence: Sequence[tuple[float, float]] | None = None,
+    face_box: Sequence[float] | None = None,
 ) -> TaskInputs:
     """Validates ``task`` for media-file sampling and gathers its inputs (nothing is sampled).
 
@@ -451,29 +665,63 @@ def prepare_task_inputs(
     features, encoded by the configured ``encoders.text`` (``encoders``: a :func:`condition_encoders`
     object, built from ``sampler.cfg`` when None). Raises ValueError when the task needs a condition
     other than text and media streams, or an input that neither the files nor ``evals`` give.
+
+    ``ref_audio`` (``--ref-audio``): the reference-audio condition of TR2AV, encoded with the audio codec;
+    ``audio`` (``--audio``) also feeds an audio-feature condition or condition stream through
+    ``encoders.audio_features``; ``regions`` (``--inpaint``, :func:`parse_regions`): the spans task
+    ``inpaint`` regenerates; ``silence`` (``--silence``, :func:`parse_silence`): listening phases, as the
+    ``speaking_frames`` input (:func:`speaking_frames`); ``face_box`` (``--face-box``): the face region of a
+    model with ``face_local`` conditions (:func:`face_boxes`).
     """
     import jax
 
+    from mmdit import tasks as tasks_lib
     from mmdit.codecs.text import ByteTokenizer
+    from mmdit.model.inputs import FACE_BOX, SPEAKING_FRAMES
 
     model = sampler.model
     spec = model.spec
     text_cfg = spec.condition("text") if "text" in [c.name for c in spec.conditions] else None
     rng = task_rng(seed, task)
     masks = sampler.task_masks(task, jax.random.split(rng)[1], num)  # the masks sample() will draw
+    if regions and task == "inpaint":
+        masks = tasks_lib.with_regions(masks, spec, regions, label="--inpaint")
+    encoders = encoders if encoders is not None else condition_encoders(sampler.cfg, spec)
+    feature_codec = feature_codec_of(sampler.cfg) if audio else None
+    raw, cond_sources = {}, {}
     for c, flags in masks.present.items():
         if c != "text" and c not in spec.names and bool(np.any(np.asarray(flags))):
-            raise ValueError(
-                f"task {task!r} needs condition {c!r}, which mmdit-sample cannot compute from "
-                "media files; use the Sampler API with raw_conds"
+            found = condition_from_files(
+                task, spec.condition(c), media, encoders, num, ref_audio=ref_audio, audio=audio, feature_codec=feature_codec
             )
+            if found is None:
+                raw.update(condition_from_evals(task, spec.condition(c), evals, num))
+                cond_sources[c] = f"eval records {evals.path}"
+            else:
+                raw.update(found[0])
+                cond_sources[c] = found[1]
+    if silence:
+        raw[SPEAKING_FRAMES] = np.repeat(speaking_frames(spec, silence)[None], num, axis=0)
+    if any(c.face_local for c in spec.conditions):
+        raw[FACE_BOX], cond_sources[FACE_BOX] = face_boxes(evals, num, face_box, note=media.note)
+    for c in spec.conditions:  # conditions the task leaves out: the schema's zeros (dropped by the masks)
+        if c.name != "text" and c.name not in raw:
+            raw[c.name] = np.zeros((num, c.length, c.dim), np.float32)
     needed = [
         a.name
         for a in spec.streams
         if a.geometry.condition or (a.name in spec.generated and bool(np.any(np.asarray(masks.known[a.name]))))
     ]
+    fed = (encoders.specs.get("audio_features") or {}).get("condition") if encoders else None
+    fed = fed or "audio_features"  # codecs.audio_features feeds the stream of that name
+    stream_known, stream_sources = {}, {}
+    if audio and fed in needed and spec.stream(fed).geometry.condition:  # Mirage: --audio -> the feature stream
+        feats, _ = audio_features_of(media, encoders, audio, fed, spec.stream(fed).geometry.shape[0], feature_codec)
+        stream_known[fed], stream_sources[fed] = tile(feats, num), f"--audio {audio} (audio features)"
+        needed = [n for n in needed if n != fed]
     known, sources = gather_known_latents(task, needed, media, roles, evals, num, image=image, audio=audio, video=video)
-    raw, texts = {}, [""] * num
+    known, sources = {**known, **stream_known}, {**sources, **stream_sources}
+    texts = [""] * num
     if text_cfg is not None and bool(np.any(np.asarray(masks.present.get("text", True)))):
         if model.text_encoder is not None:
             texts = gather_texts(task, num, evals, text=text)
@@ -492,4 +740,4 @@ def prepare_task_inputs(
         raw["text_tokens"] = np.zeros((num, text_cfg.length), np.int32)
     elif text_cfg is not None:  # features path, text dropped by the task: the schema's defaults
         raw["text"] = np.zeros((num, text_cfg.length, text_cfg.dim), np.float32)
-    return TaskInputs(task, rng, known, sources, raw, texts)
+    return TaskInputs(task, rng, known, {**sources, **cond_sources}, raw, texts, regions if task == "inpaint" else None)

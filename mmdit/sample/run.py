@@ -22,12 +22,62 @@ from typing import Callable, Mapping, Sequence
 
 
 from mmdit import config_spec
-from mmdit.codecs.clip import ClipDecoder
 from mmdit.sample import inputs as inputs_lib
 from mmdit.util import preflight
 from mmdit.util.files import chmod_as_umask
+from mmdit.util.plain import plain
 
-__all__ = ["with_overrides", "sample_to_files"]
+__all__ = ["with_overrides", "sample_to_files", "Soundtrack"]
+
+
+class Soundtrack:
+    """Decodes a sampled batch to frames and the MP4's audio track.
+
+    A model with an audio stream decodes it with ``codecs.audio``. A video-only model (Mirage,
+    TalkingMachines) has no audio stream: its driving audio features are the soundtrack when
+    ``codecs.audio_features`` is a decodable codec (the tiny presets' weight-free log-mel), taken from
+    the condition stream's latents or the condition's features; otherwise the MP4 is silent (wav2vec2
+    features cannot be turned back into sound).
+    """
+
+    def __init__(self, roles, audio_codec=None, feature_codec=None, feature_source: tuple[str, str] | None = None):
+        self.roles, self.audio_codec, self.feature_codec, self.feature_source = roles, audio_codec, feature_codec, feature_source
+        codec = audio_codec or (feature_codec if feature_source else None)
+        self.sample_rate = codec.sample_rate if codec is not None else None
+
+    @classmethod
+    def from_config(cls, cfg, spec, roles) -> "Soundtrack":
+        from mmdit.codecs.registry import make_audio_codec
+
+        codecs = plain(config_spec.complete(cfg).codecs) or {}
+        if roles.audio is not None:
+            return cls(roles, audio_codec=make_audio_codec(codecs["audio"]))
+        if "audio_features" not in codecs:
+            return cls(roles)
+        streams = {a.name for a in spec.streams if a.geometry.condition}
+        conditions = {c.name for c in spec.conditions}
+        source = ("stream", "audio_features") if "audio_features" in streams else None
+        source = source or (("condition", "audio_features") if "audio_features" in conditions else None)
+        return cls(roles, feature_codec=make_audio_codec(codecs["audio_features"]), feature_source=source)
+
+    def decode(self, video_codec, latents: Mapping, raw: Mapping):
+        """``latents`` ``{stream: [B, ...]}`` (the condition streams' known content included) and the raw
+        conditions -> ``(frames uint8 [B, N, H, W, 3], waves float32 [B, T] or None, sample rate or None)``."""
+        import numpy as np
+
+        from mmdit.codecs.clip import to_uint8
+
+        frames = to_uint8(video_codec.decode(np.asarray(latents[self.roles.visual], np.float32)))
+        if self.audio_codec is not None:
+            lat = np.asarray(latents[self.roles.audio], np.float32)
+            return frames, np.asarray(self.audio_codec.decode(lat), np.float32), self.sample_rate
+        if self.feature_source is None:
+            return frames, None, None
+        kind, name = self.feature_source
+        feats = latents.get(name) if kind == "stream" else raw.get(name)
+        if feats is None:
+            return frames, None, None
+        return frames, np.asarray(self.feature_codec.decode(np.asarray(feats, np.float32)), np.float32), self.sample_rate
 
 
 def with_overrides(cfg, overrides: Sequence[str] = (), *, fixed_model: bool = False):
@@ -79,6 +129,10 @@ def sample_to_files(
     image: str | None = None,
     audio: str | None = None,
     video: str | None = None,
+    ref_audio: str | None = None,
+    regions: Mapping[str, Sequence[tuple[float, float]]] | None = None,
+    silence: Sequence[tuple[float, float]] | None = None,
+    face_box: Sequence[float] | None = None,
     eval_dir: str | None = None,
     steps: int | None = None,
     shift: float | None = None,
@@ -102,6 +156,9 @@ def sample_to_files(
       tasks: task names (default ``cfg.sample.tasks``); num: clips per task (default
         ``cfg.sample.num_per_task``); seed: default ``cfg.seed``.
       text, image, audio, video: input files / transcript (:func:`mmdit.sample.inputs.gather_known_latents`).
+      ref_audio, regions, silence, face_box: TR2AV's reference audio file, the spans task ``inpaint``
+        regenerates, the listening phases and the face region of face-local models
+        (:func:`mmdit.sample.inputs.prepare_task_inputs`).
       eval_dir: record directory whose examples fill inputs not given (a workdir's ``W/data/eval``).
       steps, shift, stream_shift, guidance, guidance_mode, guidance_schedule: ``Sampler.sample``
         settings (None: ``cfg.sample``); parse strings with ``mmdit.sample.inputs.parse_*``.
@@ -119,20 +176,23 @@ def sample_to_files(
     from mmdit.tasks import roles as task_roles
 
     cfg = with_overrides(cfg, overrides, fixed_model=step_fn is not None)
-    if not config_spec.has_codecs(cfg):
-        raise ValueError(
-            "the config has no codecs section (codecs.video / codecs.audio); mmdit-sample needs them to decode latents"
-        )
-
     model = DiffusionModel.from_config(cfg)
     spec = model.spec
     roles = task_roles(spec, cfg.model)
-    if spec.stream(roles.visual).geometry.kind != "grid" or roles.audio is None:
+    codecs = set(plain(config_spec.complete(cfg).codecs) or {})
+    missing = [k for k, needed in (("video", True), ("audio", roles.audio is not None)) if needed and k not in codecs]
+    if missing:
         raise ValueError(
-            f"mmdit-sample writes video + audio MP4s, but this model's streams are {list(spec.names)} "
-            f"(visual {roles.visual!r}, audio {roles.audio!r}); use the Sampler API"
+            f"the config has no codecs.{' / codecs.'.join(missing)} (codecs section); mmdit-sample needs them to "
+            "decode latents (see configs/demo.py)"
+        )
+    if spec.stream(roles.visual).geometry.kind != "grid":
+        raise ValueError(
+            f"mmdit-sample writes video MP4s, but this model's visual stream {roles.visual!r} is not a video grid "
+            f"(streams {list(spec.names)}); use the Sampler API"
         )
     media_io = inputs_lib.MediaEncoder.from_config(cfg, spec, roles, note=note)
+    soundtrack = Soundtrack.from_config(cfg, spec, roles)
     sampler = Sampler(model, cfg, step_fn=step_fn, progress=progress)
     defaults = sampler.defaults  # the validated config.sample
     tasks = [t.strip() for t in (defaults.tasks if tasks is None else tasks)]
@@ -158,10 +218,27 @@ def sample_to_files(
     encoders = inputs_lib.condition_encoders(cfg, spec)  # frozen text encoder (encoders.text), built on first use
     plans = [
         inputs_lib.prepare_task_inputs(
-            sampler, task, num, seed, media_io, roles, evals, text=text, image=image, audio=audio, video=video, encoders=encoders
+            sampler,
+            task,
+            num,
+            seed,
+            media_io,
+            roles,
+            evals,
+            text=text,
+            image=image,
+            audio=audio,
+            video=video,
+            encoders=encoders,
+            ref_audio=ref_audio,
+            regions=regions,
+            silence=silence,
+            face_box=face_box,
         )
         for task in tasks
     ]
+    if regions and "inpaint" not in tasks:
+        raise ValueError(f"--inpaint chooses the spans task 'inpaint' regenerates, but the tasks are {tasks}; add --task inpaint")
 
     if text is None and evals.available() and any(any(p.texts) for p in plans):
         note(f"no --text: the transcripts come from the eval records in {evals.path}")
@@ -175,14 +252,15 @@ def sample_to_files(
         guidance_mode=guidance_mode,
         guidance_schedule=guidance_schedule,
     )
-    decode = ClipDecoder(media_io.video_codec, media_io.audio_codec)
     paths, entries = [], []
     for p in plans:
-        latents = sampler.sample(params, p.rng, task=p.task, batch=num, known_latents=p.known, raw_conds=p.raw, **settings)
-        frames, waves = decode(latents[roles.visual], latents[roles.audio])
+        latents = sampler.sample(
+            params, p.rng, task=p.task, batch=num, known_latents=p.known, raw_conds=p.raw, regions=p.regions, **settings
+        )
+        frames, waves, rate = soundtrack.decode(media_io.video_codec, {**p.known, **latents}, p.raw)
         for i in range(num):
             path = os.path.join(out_dir, f"{p.task}_{i}.mp4")
-            media.write_mp4(path, frames[i], media_io.video_codec.fps, waves[i], media_io.audio_codec.sample_rate)
+            media.write_mp4(path, frames[i], media_io.video_codec.fps, None if waves is None else waves[i], rate)
             chmod_as_umask(path)  # media.write_mp4 goes through mkstemp (0600)
             paths.append(path)
             entries.append(
@@ -210,7 +288,7 @@ def sample_to_files(
             "guidance_mode": g.mode,
             "guidance_schedule": g.schedule,
             "fps": media_io.video_codec.fps,
-            "sample_rate": media_io.audio_codec.sample_rate,
+            "sample_rate": soundtrack.sample_rate,
             "samples": entries,
         },
     )

@@ -289,6 +289,7 @@ class Sampler:
         guidance_mode: str | None = None,
         guidance_schedule: str | None = None,
         progress: bool | None = None,
+        regions: Mapping[str, Any] | None = None,
     ) -> dict:
         """Samples ``batch`` examples of ``task``.
 
@@ -308,6 +309,10 @@ class Sampler:
             ``cfg.sample.stream_shift``): a smaller shift denoises that stream ahead of the others.
           guidance, guidance_mode, guidance_schedule: see :meth:`resolve_guidance`.
           progress: show a tqdm bar of the steps (default: the constructor's).
+          regions: task ``inpaint`` only: ``{generated stream: [(start_s, end_s), ...]}`` the spans to
+            regenerate (e.g. ``{"audio": [(1.0, 2.5)]}``); every other token of the generated streams is
+            known (``known_latents`` needed for all of them) and comes back bit-exact
+            (:func:`mmdit.tasks.region_known`). None: the task's random spans.
 
         Returns:
           ``{generated stream: float32 [B, *latent_shape]}``; known tokens equal the given latents
@@ -320,6 +325,10 @@ class Sampler:
             raise ValueError(f"batch must be >= 1, got {batch}")
         k_noise, k_task = jax.random.split(rng)
         masks = self.task_masks(task, k_task, batch)
+        if regions is not None:
+            if task != "inpaint":
+                raise ValueError(f"regions= chooses the spans task 'inpaint' regenerates; got task {task!r}")
+            masks = tasks_lib.with_regions(masks, self.spec, regions)
         g = self.resolve_guidance(guidance, guidance_mode, guidance_schedule, present=masks.present)
         held, cond_tokens = known_tokens(self.spec, task, masks.known, known_latents, batch)
         raw = canonical_raw_conds(self.model, raw_conds, batch)

@@ -283,6 +283,34 @@ def estimate(cfg, model, boxed_state, mesh_shape: dict, rules, *, remat: str | N
     return e
 
 
+def distill_estimate(cfg, model, est: Estimate) -> dict | None:
+    """The parts a distillation run (a config with a ``distill`` section, ``mmdit distill``) adds to
+    the student's training estimate ``est`` (which already counts the student's params, AdamW, EMA,
+    grads and one pass's saved activations), or None for a training config: the frozen teacher's
+    params; the fake score's (critic's) params, AdamW state and grads (a full trainable copy); and
+    the student's rollout, whose backward keeps the saved activations of every chunk pass of every
+    denoising step (``num_chunks × len(distill.denoising_step_list)`` passes; only the exit step
+    carries gradient, but the chunk loop's autodiff saves each pass's residuals). Returns
+    ``{"parts": {name: bytes}, "rollout_passes": n}``; the teacher's guided evaluations and the
+    critic's pass run without saved activations and are below these."""
+    d = cfg.get("distill", None)
+    if d is None:
+        return None
+    from mmdit.model.chunks import num_chunks
+
+    steps = len(tuple(d.get("denoising_step_list", None) or (1.0, 0.75)))
+    passes = num_chunks(model.spec) * steps
+    p = est.parts
+    parts = {
+        "teacher_params": p["params"],
+        "critic_params": p["params"],
+        "critic_optimizer": p["optimizer"],
+        "critic_grads": p["params"],
+        "rollout_activations": p["activations_saved"] * (passes - 1),
+    }
+    return {"parts": parts, "rollout_passes": passes}
+
+
 def sampling_estimate(cfg, model, boxed_state, mesh_shape, rules, impl=None) -> int:
     """Per-device bytes of one sampling forward at the planning batch (CFG evaluations are batch
     rows: plan with ``--batch samples × evaluations``): EMA params, one gathered layer, one layer's
@@ -511,6 +539,10 @@ def plan(
     B = int(cfg.train.global_batch_size)
     shape = resolve_mesh_shape(sharding.mesh_config(cfg), topo.devices)
     est = estimate(cfg, model, boxed, shape, rules, impl=impl)
+    distill = distill_estimate(cfg, model, est)
+    if distill is not None:  # three param sets, two optimizer states (mmdit distill)
+        est.parts.update(distill["parts"])
+        compile_ = False
     flops = accounting.train_step_flops(model.spec, B)
     res = {
         "config": {
@@ -537,6 +569,9 @@ def plan(
     }
     if topo.peak:
         res["step_time_at_40pct_mfu_s"] = flops / (0.4 * topo.peak * topo.devices)
+    if distill is not None:
+        res["distill"] = {"rollout_passes": distill["rollout_passes"]}
+        res["compiled"] = {"skipped": "a distill config is planned analytically (teacher, critic and student)"}
     if compile_:
         devices, why = compile_devices(topo)
         if devices is None:

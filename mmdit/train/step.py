@@ -4,6 +4,11 @@
 the raw conditions the model needs (``model.input_spec()``: ``text_tokens`` or ``text`` features, ``ref_audio``...). Pure
 function of (state, batch): the step's randomness is ``fold_in(state.rng, state.step)``.
 
+**Causal chunks** (``model.chunk_frames``, :mod:`mmdit.model.chunks`): σ is drawn per
+``flow.chunk_noise`` (:func:`mmdit.flow.chunk_token_sigmas`): one per sample (``shared``), one per
+(sample, chunk) (``independent``), or teacher forcing (``clean_context``: the chunks before a random
+target chunk clean and known, the later ones invalid, only the target chunk scored).
+
 **Frozen params** (``train.freeze`` / ``train.trainable``, :mod:`mmdit.util.param_groups`): the loss
 stops gradients at them (:func:`make_grad_fn`: no weight-gradient matmuls; measured 16.8% fewer
 step FLOPs freezing the demo's video stream), they are carried over unchanged (bit-identical) and
@@ -31,6 +36,7 @@ import optax
 from jax.sharding import PartitionSpec
 
 from mmdit import config_spec, flow, tasks
+from mmdit.model import chunks
 from mmdit.train.state import TrainState, ema_update
 from mmdit.util import param_groups
 
@@ -66,21 +72,30 @@ def _loss(params, model, fl, task_weights, model_cfg, batch, rng):
     k_task, k_drop, k_sigma, k_noise = jax.random.split(rng, 4)
     tm = tasks.sample_tasks(k_task, spec, B, task_weights, model_cfg)
     keep = flow.drop_conditions(k_drop, B, dict(fl.condition_dropout), present=tm.present)
-    gen = {n: tm.known[n] for n in spec.generated}
-    sigma = flow.sample_token_sigmas(
+    if fl.silence_dropout > 0:  # silence mode for a fraction of clips (its own key: other draws unchanged)
+        field = model.input_spec().by_role("speaking")[0]
+        speaking = raw.get(field.name, field.default(B))
+        raw = {**raw, field.name: flow.silence_dropout(jax.random.fold_in(k_drop, 1), speaking, fl.silence_dropout)}
+    noise = flow.chunk_token_sigmas(
         k_sigma,
-        gen,
+        {n: tm.known[n] for n in spec.generated},
+        chunks.token_chunks(spec),
+        chunks.num_chunks(spec),
+        mode=fl.chunk_noise,
+        valid=tm.valid,
         independent_streams=fl.independent_streams,
         dist=fl.sigma_dist,
         mean=fl.sigma_mean,
         std=fl.sigma_std,
         shift=fl.shift,
     )
+    # clean_context: earlier chunks join the known tokens, later ones become invalid (flow.ChunkNoise).
+    sigma, gen, valid = noise.sigma, noise.known, noise.valid
     x_sigma, _, target = flow.noisy_inputs(k_noise, {n: tokens[n] for n in spec.generated}, sigma)
     inputs = {**tokens, **x_sigma}
-    pred = model.velocity(params, inputs, sigma, raw, cond_keep=keep, known=tm.known, valid=tm.valid)
+    pred = model.velocity(params, inputs, sigma, raw, cond_keep=keep, known={**tm.known, **gen}, valid=valid)
     weights = dict(fl.stream_weights)
-    loss, metrics = flow.flow_loss(pred, target, gen, stream_weights=weights, valid={n: tm.valid[n] for n in spec.generated})
+    loss, metrics = flow.flow_loss(pred, target, gen, stream_weights=weights, valid={n: valid[n] for n in spec.generated})
     task_names = list(task_weights)
     for i, name in enumerate(task_names):  # per-task loss (diagnostic, not differentiated)
         w = (tm.task == i).astype(jnp.float32)
@@ -89,7 +104,7 @@ def _loss(params, model, fl, task_weights, model_cfg, batch, rng):
             target,
             gen,
             stream_weights=weights,
-            valid={n: tm.valid[n] for n in spec.generated},
+            valid={n: valid[n] for n in spec.generated},
             sample_weights=w,
         )
         metrics[f"loss_task/{name}"] = per_task * B / jnp.maximum(w.sum(), 1.0)

@@ -1,0 +1,282 @@
+"""The distillation loop, launched like training: config -> teacher check -> models -> sharded setup
+-> data -> state (restored or fresh from the teacher) -> iterations (log, checkpoint) -> student export.
+
+Workdir layout (as training's): ``config.json`` (the resolved distill config), ``teacher.json`` (the
+teacher workdir and the checkpoint step used: a resumed run reloads that same step),
+``checkpoints/<step>/`` (the whole :class:`mmdit.distill.state.DistillState` + data iterator,
+orbax + sha256), ``metrics.jsonl`` and ``tensorboard/`` (``gen/loss``, ``gen/dmd_loss``,
+``gen/regression_loss``, ``gen/grad_norm``, ``critic/loss``, ``critic/grad_norm``, ``dmd/*``, lr,
+steps/sec), and ``student/``: a normal training workdir of the student (its ``config.json`` with
+``sample.steps`` = the step list's length and no CFG, ``checkpoints/<step>`` holding the student's
+:class:`mmdit.train.state.TrainState`), written when the run reaches ``train.steps``, which
+``mmdit export`` / ``mmdit sample`` / ``mmdit eval`` take as ``--workdir``.
+
+Resuming is automatic (rerun the same command): the latest good checkpoint restores the state, the
+iteration count, the RNG and the data position, so the losses match an uninterrupted run exactly
+(on CPU). Iteration ``n`` updates the student when ``n % distill.critic_steps == 0``, then always
+the critic (:mod:`mmdit.distill.step`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+
+import jax
+import ml_collections as mlc
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from mmdit import config_lib, config_spec, parallel
+from mmdit.data import records
+from mmdit.data.sharded_iterator import data_iterator
+from mmdit.distill import state as state_lib
+from mmdit.distill import teacher as teacher_lib
+from mmdit.distill.spec import pair_fields
+from mmdit.distill.step import make_step
+from mmdit.model.diffusion import DiffusionModel
+from mmdit.parallel import distributed
+from mmdit.train import checkpoint, sharding
+from mmdit.train.loop import default_data_dir, trim_metrics
+from mmdit.train.metrics import MetricWriter
+from mmdit.train.state import learning_rate_schedule
+from mmdit.util.files import write_json_atomic
+from mmdit.util.lock import DirLock
+
+TEACHER_RECORD = "teacher.json"
+STUDENT_DIR = "student"
+
+
+def _print_on_process_0(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+def distill(
+    cfg,
+    workdir: str,
+    *,
+    data_dir: str | None = None,
+    stop_after: int | None = None,
+    progress: bool = True,
+    verify_checkpoint: bool = True,
+    lock: bool = True,
+    log=None,
+    iteration_hook=None,
+    compiler_options: dict | None = None,
+) -> dict:
+    """Distils ``cfg.distill.teacher`` into ``cfg``'s student in ``workdir``; returns the last logged
+    metrics. ``stop_after``: end after that many new iterations (tests). ``iteration_hook(done,
+    state)`` runs after each iteration (tests: kill the process mid-run). ``compiler_options``: XLA
+    options for both step functions (tests: ``{"xla_backend_optimization_level": 0}``).
+
+    Every config section and the teacher's compatibility are checked before the workdir is touched
+    (a refused teacher leaves it exactly as it was)."""
+    config_spec.build_run_spec(cfg)
+    dspec, teacher_cfg = teacher_lib.check_teacher(cfg)
+    distributed.maybe_initialize(cfg)
+    workdir = os.path.abspath(workdir)
+    log = log or _print_on_process_0
+    with contextlib.ExitStack() as stack:
+        if lock and jax.process_index() == 0:
+            stack.enter_context(DirLock(workdir, command=f"mmdit distill --workdir {workdir}"))
+        return _distill_locked(
+            cfg,
+            dspec,
+            teacher_cfg,
+            workdir,
+            data_dir,
+            stop_after,
+            progress,
+            verify_checkpoint,
+            log,
+            iteration_hook,
+            compiler_options,
+        )
+
+
+def _teacher_step(workdir: str, requested: int | None) -> int | None:
+    """The teacher step a resumed run used (``teacher.json``), else ``requested``."""
+    path = os.path.join(workdir, TEACHER_RECORD)
+    if requested is None and os.path.isfile(path):
+        with open(path) as f:
+            return int(json.load(f)["step"])
+    return requested
+
+
+def _global_batch(batch_shardings: dict, batch_size: int, local: dict) -> dict:
+    """Per-host numpy batch -> global sharded arrays (as :meth:`ShardedTrain.global_batch`)."""
+    out = {}
+    for k, sh in batch_shardings.items():
+        if k not in local:
+            raise ValueError(
+                f"training records lack field {k!r} the student needs (have {sorted(local)}); re-create the data"
+                + (" (ode_* fields: run mmdit distill prepare and pass its output as --data)" if k.startswith("ode_") else "")
+            )
+        x = np.asarray(local[k])
+        out[k] = jax.make_array_from_process_local_data(sh, x, (x.shape[0] * jax.process_count(),) + x.shape[1:])
+    return out
+
+
+def _distill_locked(
+    cfg, dspec, teacher_cfg, workdir, data_dir, stop_after, progress, verify_checkpoint, log, hook, compiler_options
+):
+    spec = config_spec.build_run_spec(cfg)
+    checkpoint.check_config_matches(workdir, cfg)
+    student_model = DiffusionModel.from_config(cfg)
+    teacher_model = DiffusionModel.from_config(teacher_cfg)
+    student_tx, critic_tx = state_lib.make_optimizers(spec.train, dspec.critic_lr)
+    mesh = parallel.make_mesh(sharding.mesh_config(cfg))
+    rules = sharding.rules_of(cfg)
+    boxed = state_lib.abstract_state(student_model, student_tx, critic_tx)
+    sharding.validate(cfg, student_model, mesh, rules, boxed.student.params)
+    state_sh = state_lib.state_shardings(boxed, mesh, rules)
+    teacher_sh = state_sh.student.params  # the teacher is sharded exactly like the student
+    axes = sharding.batch_axes(rules)
+    keys = sharding.input_keys(student_model)
+    if dspec.regression_pairs == "records" and dspec.regression_weight > 0:
+        keys += pair_fields(student_model.spec.generated, dspec.num_steps)  # written by mmdit distill prepare
+    batch_sh = {k: NamedSharding(mesh, PartitionSpec(axes or None)) for k in keys}
+    batch_size = spec.train.global_batch_size
+    data_dir = data_dir or default_data_dir(cfg, workdir)
+    records.open_dataset(data_dir)  # manifest and shards readable (a clear error before compiling)
+    block = sharding.process_batch_block(next(iter(batch_sh.values())), batch_size)
+    data_iter = data_iterator(cfg, data_dir, block)
+
+    note = sampling_mismatch(cfg, dspec)
+    if note:
+        log(note)
+    teacher_step = _teacher_step(workdir, dspec.teacher_step)
+    _, teacher_params, teacher_step = teacher_lib.load_teacher(dspec.teacher, teacher_step, dspec.teacher_params)
+    teacher_params = jax.device_put(teacher_params, teacher_sh)
+    if jax.process_index() == 0:
+        config_lib.write_resolved(cfg, workdir)
+        write_json_atomic(
+            os.path.join(workdir, TEACHER_RECORD),
+            {"teacher": os.path.abspath(dspec.teacher), "step": int(teacher_step), "params": dspec.teacher_params},
+        )
+    manager = checkpoint.make_manager(workdir, spec.train)
+    abstract = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), sharding.strip_boxes(boxed), state_sh
+    )
+    state, restored = checkpoint.restore_step(
+        manager, abstract, data_iter, verify=verify_checkpoint, quarantine=jax.process_index() == 0
+    )
+    total = spec.train.steps
+    if state is None:
+        init = jax.jit(lambda p, r: state_lib.assemble(p, student_tx, critic_tx, r), out_shardings=state_sh)
+        with sharding.activate(mesh, rules):
+            state = init(teacher_params, jax.random.key(int(cfg.seed)))
+    else:
+        log(f"resuming from step {restored} ({checkpoint.step_dir(manager, restored)})")
+        if restored >= total:
+            log(f"already at step {restored} >= train.steps={total}, nothing to do (raise train.steps to distil further)")
+            manager.close()
+            return {}
+        if jax.process_index() == 0:
+            trim_metrics(os.path.join(workdir, "metrics.jsonl"), restored)
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    steps = {}
+    for generator in (True, False):
+        fn = make_step(student_model, teacher_model, cfg, teacher_cfg, dspec, student_tx, critic_tx, generator=generator)
+        steps[generator] = jax.jit(
+            fn, in_shardings=(state_sh, teacher_sh, batch_sh), out_shardings=(state_sh, replicated), donate_argnums=(0,)
+        )
+    compiled = {}
+
+    def run(generator, state, batch):
+        if generator not in compiled:
+            with sharding.activate(mesh, rules):
+                lowered = steps[generator].lower(state, teacher_params, batch)
+            compiled[generator] = lowered.compile(compiler_options=compiler_options)
+        with sharding.activate(mesh, rules):
+            return compiled[generator](state, teacher_params, batch)
+
+    start = int(state.step)
+    writer = MetricWriter(workdir)
+    schedule = learning_rate_schedule(spec.train)
+    bar = _progress(progress, start, total)
+    last, gen_metrics = {}, {}
+    t_last, n_last = time.perf_counter(), start
+    end = total if stop_after is None else min(total, start + stop_after)
+    for it in range(start, end):
+        batch = _global_batch(batch_sh, batch_size, next(data_iter))
+        if it % dspec.critic_steps == 0:
+            state, gen_metrics = run(True, state, batch)
+        state, metrics = run(False, state, batch)
+        done = it + 1
+        if done % spec.train.log_every == 0 or done == end:
+            metrics = {**jax.device_get(gen_metrics), **jax.device_get(metrics)}
+            now = time.perf_counter()
+            rate = (done - n_last) / max(now - t_last, 1e-9)
+            t_last, n_last = now, done
+            last = {k: float(v) for k, v in metrics.items()}
+            last.update({"lr": float(schedule(int(state.student.step))), "steps_per_sec": rate})
+            writer.scalars(done, last)
+            if bar is not None:
+                bar.set_postfix(gen=f"{last.get('gen/loss', float('nan')):.4f}", critic=f"{last['critic/loss']:.4f}")
+        if done % spec.train.checkpoint_every == 0 or done == total:
+            checkpoint.save(manager, done, state, data_iter)
+        if done == total:
+            export_student(cfg, dspec, workdir, state.student, done)
+        if hook is not None:
+            hook(done, state)
+        if bar is not None:
+            bar.update(1)
+    checkpoint.finish(manager)
+    writer.close()
+    if bar is not None:
+        bar.close()
+    return last
+
+
+def sampling_mismatch(cfg, dspec) -> str | None:
+    """A note when the exported student's samplers (Euler over ``sample.steps`` = the step list's
+    length at ``sample.shift``: ``mmdit sample`` / ``mmdit stream``) would not visit exactly the σ's
+    of ``distill.denoising_step_list``; None when they do."""
+    from mmdit.sample.ode import sampling_sigmas
+
+    euler = np.asarray(sampling_sigmas(dspec.num_steps, float(cfg.sample.shift)))[:-1]
+    if np.allclose(euler, dspec.denoising_step_list, atol=1e-5):
+        return None
+    return (
+        f"note: distill.denoising_step_list={dspec.denoising_step_list} differs from the exported student's Euler "
+        f"schedule {tuple(round(float(s), 4) for s in euler)} (sample.steps={dspec.num_steps}, "
+        f"sample.shift={float(cfg.sample.shift):g}); set the step list to that schedule so sampling matches training"
+    )
+
+
+def student_config(cfg, dspec) -> mlc.ConfigDict:
+    """The exported student's config: ``cfg`` sampling with the step list's length and no CFG (the
+    teacher's guidance is distilled into the student)."""
+    out = mlc.ConfigDict(cfg.to_dict())
+    out.sample.steps = dspec.num_steps
+    out.sample.guidance = {}
+    return out
+
+
+def export_student(cfg, dspec, workdir: str, student, step: int) -> str:
+    """Writes ``WORKDIR/student`` (module docstring) with the student's state at ``step``; returns it."""
+    out = os.path.join(workdir, STUDENT_DIR)
+    spec = config_spec.train_spec(cfg)
+    if jax.process_index() == 0:
+        os.makedirs(out, exist_ok=True)
+        config_lib.write_resolved(student_config(cfg, dspec), out)
+    manager = checkpoint.make_manager(out, spec)
+    if step in manager.all_steps():
+        manager.close()
+        return out
+    checkpoint.save(manager, step, student)
+    checkpoint.finish(manager)
+    return out
+
+
+def _progress(enabled: bool, start: int, total: int):
+    if not enabled or jax.process_index() != 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc="distill", unit="step", dynamic_ncols=True)

@@ -1,0 +1,161 @@
+"""The ``distill`` config section, validated once into a frozen :class:`DistillSpec`.
+
+A distillation run is an ordinary experiment config (its ``model`` is the *student*: usually the
+teacher's world with ``model.chunk_frames`` set and ``chunk_causal`` in ``model.mask``; ``train``
+gives the student's optimizer, batch, steps, checkpointing and EMA) plus a ``distill`` section:
+
+=========================  =====================================================================
+field                      meaning
+=========================  =====================================================================
+teacher                    a training workdir (``mmdit-train --workdir``) of the teacher (required)
+teacher_step               its checkpoint step (None: the latest good one)
+teacher_params             ``ema`` (default) or ``params`` of that checkpoint
+guidance                   the teacher's (real score's) CFG scales, ``sample.guidance``'s form;
+                           None: the teacher config's ``sample.guidance``
+denoising_step_list        the student's fixed σ list, descending, first 1.0 (e.g. ``(1.0, 0.75)``)
+rollout                    ``self`` (Self-Forcing: chunks conditioned on the student's own output)
+                           or ``teacher_forced`` (CausVid: chunks conditioned on ground truth)
+critic_steps               critic updates per generator update (Self-Forcing: 5)
+critic_lr                  the fake score's learning rate (None: ``train.lr``)
+dmd_weight                 weight of the DMD generator loss
+regression_weight          weight of the regression loss on teacher ODE pairs (0: off)
+regression_pairs           ``on_the_fly`` (teacher ODE each generator step) or ``records`` (fields
+                           written by ``mmdit distill prepare`` into the training records)
+ode_steps                  Euler steps of the teacher ODE for regression pairs (None: the teacher
+                           config's ``sample.steps``)
+ode_shift                  σ shift of that ODE (None: the teacher config's ``sample.shift``)
+dmd_sigma_min, _max        range of the re-noising σ of the DMD loss (uniform, then ``flow.shift``)
+tasks                      task weights of the student's rollouts (``t2av``, ``a2v``)
+=========================  =====================================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from typing import Any, Mapping
+
+from mmdit.util.plain import plain
+
+ROLLOUTS = ("self", "teacher_forced")
+REGRESSION_PAIRS = ("on_the_fly", "records")
+TEACHER_PARAMS = ("ema", "params")
+DISTILL_TASKS = ("t2av", "a2v")
+
+DEFAULTS: dict[str, Any] = dict(
+    teacher=None,
+    teacher_step=None,
+    teacher_params="ema",
+    guidance=None,
+    denoising_step_list=(1.0, 0.75),
+    rollout="self",
+    critic_steps=5,
+    critic_lr=None,
+    dmd_weight=1.0,
+    regression_weight=0.0,
+    regression_pairs="on_the_fly",
+    ode_steps=None,
+    ode_shift=None,
+    dmd_sigma_min=0.02,
+    dmd_sigma_max=0.98,
+    tasks=dict(t2av=1.0),
+)
+
+# Fields of the record a prepared regression pair adds per generated stream (``mmdit distill prepare``).
+PAIR_TARGET = "ode_target_{stream}"  # float32 [S, C]: the teacher's ODE endpoint (tokens)
+PAIR_STATE = "ode_state{k}_{stream}"  # float32 [S, C]: the ODE's state at denoising_step_list[k] (k = 0: the noise)
+
+
+def pair_fields(generated, num_steps: int) -> list[str]:
+    """Record fields prepared pairs add for the streams ``generated`` and a step list of ``num_steps``."""
+    out = []
+    for n in generated:
+        out.append(PAIR_TARGET.format(stream=n))
+        out += [PAIR_STATE.format(k=k, stream=n) for k in range(num_steps)]
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillSpec:
+    teacher: str
+    teacher_step: int | None
+    teacher_params: str
+    guidance: Mapping[str, Any] | None
+    denoising_step_list: tuple[float, ...]
+    rollout: str
+    critic_steps: int
+    critic_lr: float | None
+    dmd_weight: float
+    regression_weight: float
+    regression_pairs: str
+    ode_steps: int | None
+    ode_shift: float | None
+    dmd_sigma_min: float
+    dmd_sigma_max: float
+    tasks: tuple[tuple[str, float], ...]
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.denoising_step_list)
+
+
+def _fail(field: str, value, want: str):
+    raise ValueError(f"distill.{field}={value!r}: {want}; fix distill.{field} in the config or with --set")
+
+
+def _num(field, value, *, lo=None, hi=None, integer=False, none_ok=False):
+    if value is None and none_ok:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or (integer and not float(value).is_integer()):
+        _fail(field, value, "must be an integer" if integer else "must be a number")
+    v = int(value) if integer else float(value)
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        _fail(field, value, f"must be in [{lo}, {hi}]")
+    return v
+
+
+def distill_spec(cfg) -> DistillSpec:
+    """Validates ``cfg.distill`` (missing fields take :data:`DEFAULTS`); ValueError naming the field."""
+    raw = cfg.get("distill", None) if hasattr(cfg, "get") else None
+    if raw is None:
+        raise ValueError("the config has no distill section: set distill.teacher (see configs/demo_distill.py)")
+    d = dict(DEFAULTS)
+    given = plain(raw)
+    unknown = sorted(set(given) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"distill.{unknown[0]} is not a distill field; the fields are {', '.join(DEFAULTS)}")
+    d.update(given)
+    if not isinstance(d["teacher"], str) or not d["teacher"]:
+        _fail("teacher", d["teacher"], "give the teacher's training workdir (mmdit-train --workdir)")
+    steps = tuple(float(s) for s in (d["denoising_step_list"] or ()))
+    if not steps or steps[0] != 1.0 or any(b >= a for a, b in zip(steps, steps[1:])) or steps[-1] <= 0.0:
+        _fail("denoising_step_list", d["denoising_step_list"], "give σ's strictly descending from 1.0, all > 0, e.g. (1.0, 0.75)")
+    for field, choices in (("rollout", ROLLOUTS), ("regression_pairs", REGRESSION_PAIRS), ("teacher_params", TEACHER_PARAMS)):
+        if d[field] not in choices:
+            _fail(field, d[field], f"use one of {', '.join(choices)}")
+    tasks = dict(d["tasks"] or {})
+    bad = [t for t in tasks if t not in DISTILL_TASKS]
+    if not tasks or bad or sum(tasks.values()) <= 0 or min(tasks.values()) < 0:
+        _fail("tasks", tasks, f"give non-negative weights over {', '.join(DISTILL_TASKS)} with a positive sum")
+    lo = _num("dmd_sigma_min", d["dmd_sigma_min"], lo=0.0, hi=1.0)
+    hi = _num("dmd_sigma_max", d["dmd_sigma_max"], lo=0.0, hi=1.0)
+    if hi <= lo:
+        _fail("dmd_sigma_max", hi, f"must exceed distill.dmd_sigma_min={lo}")
+    return DistillSpec(
+        teacher=d["teacher"],
+        teacher_step=_num("teacher_step", d["teacher_step"], lo=0, integer=True, none_ok=True),
+        teacher_params=d["teacher_params"],
+        guidance=None if d["guidance"] is None else dict(d["guidance"]),
+        denoising_step_list=steps,
+        rollout=d["rollout"],
+        critic_steps=_num("critic_steps", d["critic_steps"], lo=1, integer=True),
+        critic_lr=_num("critic_lr", d["critic_lr"], lo=0.0, none_ok=True),
+        dmd_weight=_num("dmd_weight", d["dmd_weight"], lo=0.0),
+        regression_weight=_num("regression_weight", d["regression_weight"], lo=0.0),
+        regression_pairs=d["regression_pairs"],
+        ode_steps=_num("ode_steps", d["ode_steps"], lo=1, integer=True, none_ok=True),
+        ode_shift=_num("ode_shift", d["ode_shift"], lo=0.0, none_ok=True),
+        dmd_sigma_min=lo,
+        dmd_sigma_max=hi,
+        tasks=tuple((t, float(w)) for t, w in tasks.items()),
+    )

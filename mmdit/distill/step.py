@@ -1,0 +1,172 @@
+"""One distillation iteration: (every ``distill.critic_steps``-th iteration) a generator update of the
+student, then a critic update of the fake score.
+
+Per iteration (``batch``: a training batch of the student's records; its latents are the ground
+truth of teacher-forced rollouts and the given modality of A2V, its conditions drive all models):
+
+1. a task per sample from ``distill.tasks`` (``t2av``: both streams generated; ``a2v``: audio given);
+2. **generator** (iterations ``n`` with ``n % critic_steps == 0``): the student's chunked few-step
+   rollout ``x`` (:mod:`mmdit.distill.rollout`, random exit step), re-noised at one σ per sample
+   drawn uniformly in ``[dmd_sigma_min, dmd_sigma_max]`` and shifted by ``flow.shift``; the teacher
+   (guided with ``distill.guidance``, :class:`mmdit.sample.sampler.Sampler`'s one-call CFG) and the
+   critic (conditional) predict its clean version; the DMD loss (:mod:`mmdit.distill.losses`) plus,
+   with ``regression_weight > 0``, the regression loss of the student's teacher-forced predictions
+   from the teacher's ODE state at a random σ of the step list (:mod:`mmdit.distill.ode_pairs`);
+   AdamW on the student (``config.train``) and its EMA (:func:`mmdit.train.step.apply_gradients`);
+3. **critic**: a fresh rollout of the (updated) student, gradient stopped, noised at a training σ
+   (``config.flow``), and the critic's flow-matching loss; AdamW at ``distill.critic_lr``.
+
+The teacher's params are an argument, read only: the step never returns them, so they stay
+bit-identical. :func:`make_step` builds the pure function; the loop jits one per kind of iteration.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mmdit import config_spec, flow, tasks
+from mmdit.distill import losses, ode_pairs
+from mmdit.distill.rollout import predict_chunks, renoise, student_rollout
+from mmdit.distill.spec import PAIR_STATE, PAIR_TARGET
+from mmdit.sample.sampler import Sampler
+from mmdit.train.step import apply_gradients, split_batch
+
+
+def guided_teacher(teacher_model, teacher_cfg, guidance):
+    """``velocity(params, tokens, sigma, raw, masks) -> v``: the teacher's guided velocity (one
+    batched call over every CFG pattern)."""
+    sampler = Sampler(teacher_model, teacher_cfg)
+    g = sampler.resolve_guidance(guidance)
+
+    def velocity(params, tokens, sigma, raw, masks):
+        return sampler.guided_velocity(params, tokens, sigma, raw, masks, g)
+
+    return velocity
+
+
+def make_step(student_model, teacher_model, cfg, teacher_cfg, dspec, student_tx, critic_tx, *, generator: bool):
+    """``step(state, teacher_params, batch) -> (state, metrics)`` (not jitted; module docstring).
+
+    ``generator=True``: the generator update alone (``state.step`` unchanged); ``False``: the critic
+    update, which ends the iteration (``state.step + 1``). A generator iteration runs both on the
+    same batch, generator first; both draw from the iteration's key. Two separate functions, so
+    the loop compiles each once (the critic one is not duplicated inside the generator one)."""
+    spec = student_model.spec
+    fl = config_spec.flow_spec(cfg, spec)
+    ema_decay = config_spec.train_spec(cfg).ema_decay
+    stream_weights = dict(fl.stream_weights)
+    step_list = tuple(dspec.denoising_step_list)
+    K = len(step_list)
+    teacher_velocity = guided_teacher(teacher_model, teacher_cfg, dspec.guidance)
+    teacher_forced = dspec.rollout == "teacher_forced"
+    task_weights = dict(dspec.tasks)
+    from_records = dspec.regression_pairs == "records"
+    if dspec.regression_weight > 0 and not from_records:
+        ode_sigmas, ode_positions = ode_pairs.merged_schedule(
+            dspec.ode_steps or int(teacher_cfg.sample.steps),
+            dspec.ode_shift if dspec.ode_shift is not None else float(teacher_cfg.sample.shift),
+            step_list,
+        )
+
+    def step(state, teacher_params, batch):
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        k_task, k_gen, k_critic = jax.random.split(rng, 3)
+        latents, raw = split_batch(student_model, batch)
+        clean = student_model.tokens({k: v.astype(jnp.float32) for k, v in latents.items()})
+        B = next(iter(clean.values())).shape[0]
+        tm = tasks.sample_tasks(k_task, spec, B, task_weights, cfg.model)
+        raw = student_model.input_spec().canonical_conditions(raw, B)
+        keep = {c: jnp.asarray(tm.present.get(c, jnp.ones((B,), bool)), bool) for c in spec.keep_names}
+        gen_known = {n: tm.known[n] for n in spec.generated}
+        gen_valid = {n: tm.valid[n] for n in spec.generated}
+
+        def rollout(params, key):
+            k_exit, k_roll = jax.random.split(key)
+            exit_step = jax.random.randint(k_exit, (), 0, K)
+            return student_rollout(
+                student_model, params, k_roll, clean, tm, raw, keep, step_list, exit_step=exit_step, teacher_forced=teacher_forced
+            )
+
+        metrics = {}
+        student = state.student
+        if generator:
+            k_roll, k_sigma, k_noise, k_ode, k_pick = jax.random.split(k_gen, 5)
+
+            def generator_loss(params):
+                x = rollout(params, k_roll)
+                u = jax.random.uniform(k_sigma, (B,), minval=dspec.dmd_sigma_min, maxval=dspec.dmd_sigma_max)
+                x_t, sig, _ = renoise(k_noise, jax.lax.stop_gradient(x), tm, flow.shift_sigma(u, fl.shift))
+                tokens = {**clean, **x_t}
+                v_real = teacher_velocity(teacher_params, tokens, sig, raw, tm)
+                v_fake = teacher_model.velocity(
+                    state.critic.params, tokens, sig, raw, cond_keep=keep, known=tm.known, valid=tm.valid
+                )
+                x0_real = losses.clean_prediction(x_t, v_real, sig)
+                x0_fake = losses.clean_prediction(x_t, v_fake, sig)
+                l_dmd, m = losses.dmd_generator_loss(x, x0_real, x0_fake, gen_known, gen_valid, stream_weights)
+                total = dspec.dmd_weight * l_dmd
+                m = {**m, "gen/dmd_loss": l_dmd}
+                if dspec.regression_weight > 0:
+                    l_reg = regression(params, k_ode, k_pick)
+                    total = total + dspec.regression_weight * l_reg
+                    m["gen/regression_loss"] = l_reg
+                return total, m
+
+            def regression(params, k_ode, k_pick):
+                noise = {
+                    n: jax.random.normal(jax.random.fold_in(k_ode, i), clean[n].shape)
+                    for i, n in enumerate(sorted(spec.generated))
+                }
+
+                def velocity(x, sigma):
+                    return teacher_velocity(teacher_params, {**clean, **x}, sigma, raw, tm)
+
+                masks = tm
+                if from_records:  # prepared t2av pairs (mmdit distill prepare)
+                    masks = tasks.task_masks("t2av", k_ode, spec, B, cfg.model)
+                    endpoint = {n: batch[PAIR_TARGET.format(stream=n)].astype(jnp.float32) for n in spec.generated}
+                    states = [
+                        {n: batch[PAIR_STATE.format(k=k, stream=n)].astype(jnp.float32) for n in spec.generated} for k in range(K)
+                    ]
+                else:
+                    states, endpoint = ode_pairs.ode_pair(velocity, noise, clean, gen_known, ode_sigmas, ode_positions)
+                endpoint = jax.lax.stop_gradient(endpoint)
+                k = jax.random.randint(k_pick, (), 0, K)
+                x_k = {n: jnp.stack([s[n] for s in states])[k] for n in spec.generated}
+                sigma_k = jnp.asarray(step_list, jnp.float32)[k]
+                context = {**clean, **endpoint}
+                keep_k = {c: jnp.asarray(masks.present.get(c, jnp.ones((B,), bool)), bool) for c in spec.keep_names}
+                pred = predict_chunks(student_model, params, jax.lax.stop_gradient(x_k), context, sigma_k, masks, raw, keep_k)
+                known_k = {n: masks.known[n] for n in spec.generated}
+                valid_k = {n: masks.valid[n] for n in spec.generated}
+                loss, _ = losses.regression_loss(pred, endpoint, known_k, valid_k, stream_weights)
+                return loss
+
+            (g_loss, g_metrics), grads = jax.value_and_grad(generator_loss, has_aux=True)(student.params)
+            student, g_metrics = apply_gradients(student, grads, g_metrics, student_tx, ema_decay)
+            metrics.update({k: v for k, v in g_metrics.items() if k != "param_norm"})
+            metrics["gen/loss"] = g_loss
+            metrics["gen/grad_norm"] = metrics.pop("grad_norm")
+            return state.replace(student=student), metrics
+
+        k_roll, k_sigma, k_noise = jax.random.split(k_critic, 3)
+        x = jax.lax.stop_gradient(rollout(student.params, k_roll))
+        sigma = flow.sample_sigma(k_sigma, (B,), dist=fl.sigma_dist, mean=fl.sigma_mean, std=fl.sigma_std, shift=fl.shift)
+        x_t, sig, noise = renoise(k_noise, x, tm, sigma)
+
+        def critic_loss(params):
+            v = teacher_model.velocity(params, {**clean, **x_t}, sig, raw, cond_keep=keep, known=tm.known, valid=tm.valid)
+            return losses.fake_score_loss(v, x, noise, gen_known, gen_valid, stream_weights)
+
+        (c_loss, _), c_grads = jax.value_and_grad(critic_loss, has_aux=True)(state.critic.params)
+        updates, opt_state = critic_tx.update(c_grads, state.critic.opt_state, state.critic.params)
+        critic = state.critic.replace(
+            step=state.critic.step + 1, params=optax.apply_updates(state.critic.params, updates), opt_state=opt_state
+        )
+        metrics["critic/loss"] = c_loss
+        metrics["critic/grad_norm"] = optax.global_norm(c_grads)
+        return state.replace(step=state.step + 1, critic=critic), metrics
+
+    return step

@@ -1,0 +1,536 @@
+"""The streaming sampler: audio and video generated together, one causal chunk at a time, forever.
+
+A *chunk* is ``model.chunk_frames`` reference latent frames of the visual stream plus every other
+stream's tokens of the same time span (both streams cut at the same instants). The model was trained
+with the sparse chunk-causal mask (``chunk_causal``: chunk c sees chunks {0, c-1, c}, TalkingMachines),
+so chunk c needs only the *sink* chunk 0 and the previous chunk as context. :class:`StreamingSampler`
+keeps their keys/values per layer and stream in a fixed-shape cache and runs the denoising steps of
+one chunk in ONE jitted call (a ``fori_loop`` over the steps), compiled once: the cache, the chunk
+index, the positions and the known tokens are arguments, so chunk 1,000 reuses chunk 1's executable,
+and memory and time per chunk do not grow with the stream.
+
+**The cache** (:class:`StreamState.cache`): per stream ``s``, ``k``/``v`` ``[*D, L, N, 2·T_s, H, Dh]``
+(``L`` layers, ``N = P·B`` rows: every CFG pattern of every sample, ``T_s`` tokens per chunk; slot 0
+of the token axis holds the sink chunk, slot 1 the previous chunk, both written with
+``lax.dynamic_update_slice``) and ``known`` ``bool [N, 2·T_s]``. Keys are stored *before* RoPE and
+rotated when read, at the window position the reader gives them. Two modes (``sample.stream_cache``):
+
+* ``per_step`` (TalkingMachines: "we cache all key-value pairs for chunk c−1 and c0, for each
+  timestep"): ``D = (steps,)``; at step i, chunk c attends the context as it was at step i (a chunk
+  sees its context at its own noise level, as in training with a shared σ). With absolute positions
+  this is exactly the bidirectional sampler on the whole sequence under ``chunk_causal``
+  (tests/test_streaming.py).
+* ``clean`` (Self-Forcing): ``D = ()``; after a chunk's last step one more forward of the finished
+  chunk at σ = 0 writes its clean keys/values -- what a teacher-forcing forward computes.
+
+**Positions** (``sample.stream_positions``): ``absolute`` places chunk c at ``c · chunk_frames``
+(grows with the stream; for the equivalence check); ``bounded`` (default) places the window
+StreamingLLM-style: the sink at 0, the previous chunk at ``w − 1`` and the current chunk at ``w``
+chunk lengths with ``w = min(c, 2)``. From chunk 2 on every chunk sees exactly the geometry chunk 2
+saw (a model trained on clips of up to 3 chunks has seen it), so chunk 500's output equals chunk 3's
+for the same inputs and context. Audio and video keep their aligned phase: only whole chunk lengths
+are added to every stream's aligned time.
+
+Tasks: ``t2av`` (both streams generated), ``a2v`` / ``tv2a`` (the given stream arrives chunk by chunk:
+its latents are passed to :meth:`StreamingSampler.step` or pulled from an iterator by
+:meth:`StreamingSampler.stream`), ``ti2av`` (the given image is the first latent frame of chunk 0).
+Multi-condition CFG as in :class:`~mmdit.sample.sampler.Sampler`: the ``P`` guidance patterns are
+batched rows of one forward. Conditions (text...) are encoded once per stream.
+
+Not supported (errors name the field): time-aligned conditions (``model.conditions.*.rate``, e.g.
+windowed wav2vec2 features) and condition streams, which would have to be cut per chunk too; masks
+without ``chunk_causal`` (dense ``causal`` would need an unbounded cache).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import queue
+import threading
+import time
+from typing import Any, Callable, Iterator, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmdit import tasks as tasks_lib
+from mmdit.attention import masks as masks_lib
+from mmdit.model import chunks as chunks_lib
+from mmdit.model.diffusion import DiffusionModel
+from mmdit.sample import guidance as guidance_lib
+from mmdit.sample.sampler import Sampler, canonical_raw_conds
+
+CACHE_MODES = ("per_step", "clean")
+POSITIONS = ("bounded", "absolute")
+WINDOW_CHUNKS = 3  # sink + previous + current
+
+__all__ = ["ChunkLayout", "chunk_layout", "chunk_model", "window_offsets", "StreamState", "StreamingSampler"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Chunk geometry
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkLayout:
+    """How a model's streams are cut into causal chunks.
+
+    ``chunk_frames``: reference latent frames per chunk; ``latents[s]``: latent steps of stream ``s``
+    per chunk (grid: frames F, sequence: T); ``tokens[s]``: tokens per chunk; ``clip_chunks``: chunks
+    in the training clip (the model spec's length)."""
+
+    chunk_frames: float
+    latents: Mapping[str, int]
+    tokens: Mapping[str, int]
+    clip_chunks: int
+
+
+def chunk_layout(spec) -> ChunkLayout:
+    """The chunk layout of a ``ModelSpec``; ValueError naming the config fields when a chunk is not
+    a whole number of every stream's tokens."""
+    cf = spec.chunk_frames
+    if cf is None:
+        raise ValueError("streaming needs causal chunks: set model.chunk_frames (reference latent frames per chunk)")
+    if "chunk_causal" not in str(spec.rule):
+        raise ValueError(
+            f"model.mask={str(spec.rule)!r}: streaming keeps only the sink and the previous chunk, so the mask "
+            "must contain 'chunk_causal' (sparse chunks {0, c-1, c})"
+        )
+    for c in spec.conditions:
+        if c.rate is not None:
+            raise ValueError(
+                f"model.conditions.{c.name}.rate is set: streaming time-aligned conditions is not supported yet "
+                "(they would be cut per chunk)"
+            )
+    for a in spec.streams:
+        if a.geometry.condition:
+            raise ValueError(f"model.streams.{a.name}.condition: streaming condition streams is not supported yet")
+    positions = chunks_lib.chunk_token_frames(spec)  # raises naming model.chunk_frames and the streams' fields
+    latents = {a.name: positions[a.name] * a.geometry.patch[0] for a in spec.streams}
+    return ChunkLayout(float(cf), latents, chunks_lib.chunk_tokens(spec), chunks_lib.num_chunks(spec))
+
+
+def chunk_model(model: DiffusionModel, layout: ChunkLayout) -> DiffusionModel:
+    """The same model (same params) over ONE chunk: every stream's latent length is the chunk's, its
+    aligned times those of chunk 0 (``MMDiT(time_offset=)`` moves them)."""
+    sp = model.spec
+    streams = []
+    for a in sp.streams:
+        g = dataclasses.replace(a.geometry, shape=(layout.latents[a.name],) + tuple(a.geometry.shape[1:]))
+        streams.append(dataclasses.replace(a, geometry=g))
+    times = {a.name: np.asarray(sp.times[a.name][: layout.tokens[a.name]]) for a in sp.streams}
+    return DiffusionModel(dataclasses.replace(sp, streams=tuple(streams), times=times), model.text_encoder)
+
+
+def window_offsets(chunk: int, chunk_frames: float, positions: str) -> tuple[float, float, float]:
+    """Aligned-time offsets ``(current, sink, previous)`` of chunk ``chunk``'s window (module docstring)."""
+    w = chunk if positions == "absolute" else min(chunk, WINDOW_CHUNKS - 1)
+    return w * chunk_frames, 0.0, (w - 1) * chunk_frames
+
+
+# ----------------------------------------------------------------------------------------------
+# State
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class StreamState:
+    """Everything one stream carries between chunks (a server can hold one per client).
+
+    ``cache``: the KV cache (module docstring); ``chunk``: the index of the next chunk; ``rng``: the
+    stream's key (chunk c's noise is ``fold_in(rng, c)``); ``conds``/``cond_masks``: encoded
+    conditions ``[B, L_c, D_c]`` (computed once); ``task``, ``batch``, ``guidance``, ``sigmas``;
+    ``masks``: the task's ``TaskMasks`` of chunk 0 and of later chunks; ``held0``: chunk 0's known
+    visual tokens (ti2av)."""
+
+    cache: dict
+    chunk: int
+    rng: Any
+    conds: dict
+    cond_masks: dict
+    task: str
+    batch: int
+    guidance: guidance_lib.Guidance
+    sigmas: dict
+    masks: tuple
+    held0: dict
+    steps: int
+
+
+def _timed(source: Iterator, timeout: float | None) -> Iterator:
+    """``source``'s items, ending (not raising) if one takes longer than ``timeout`` seconds to arrive."""
+    if timeout is None:
+        yield from source
+        return
+    q: queue.Queue = queue.Queue(maxsize=1)
+    done = object()
+
+    def pump():
+        try:
+            for item in source:
+                q.put(item)
+        except BaseException as e:  # noqa: BLE001 -- re-raised in the consumer
+            q.put(e)
+        q.put(done)
+
+    threading.Thread(target=pump, daemon=True, name="mmdit-stream-source").start()
+    while True:
+        try:
+            item = q.get(timeout=timeout)
+        except queue.Empty:
+            return
+        if item is done:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+# ----------------------------------------------------------------------------------------------
+# The sampler
+# ----------------------------------------------------------------------------------------------
+
+
+class StreamingSampler:
+    """Chunk-by-chunk sampling with a KV cache (module docstring).
+
+    Args:
+      model: the trained ``DiffusionModel`` (its spec: a clip of several chunks, ``chunk_causal``).
+      cfg: the experiment config (``sample.*`` defaults: steps, shift, guidance, ``stream_cache``,
+        ``stream_positions``).
+      cache_mode, positions: override ``sample.stream_cache`` / ``sample.stream_positions``.
+      compiler_options: XLA options for the chunk executable (as :class:`Sampler`).
+
+    Attributes: ``layout`` (:class:`ChunkLayout`), ``model`` (the one-chunk model), ``compilations``
+    (executables built so far: 1 after the first chunk, and it stays 1).
+    """
+
+    def __init__(
+        self, model: DiffusionModel, cfg, *, cache_mode: str | None = None, positions: str | None = None, compiler_options=None
+    ):
+        self.full_model, self.cfg = model, cfg
+        self.layout = chunk_layout(model.spec)
+        self.model = chunk_model(model, self.layout)
+        self.spec = self.model.spec
+        self.sampler = Sampler(self.model, cfg, compiler_options=compiler_options)
+        self.defaults = self.sampler.defaults
+        s = cfg.sample
+        self.cache_mode = cache_mode or s.get("stream_cache", "per_step")
+        self.positions = positions or s.get("stream_positions", "bounded")
+        if self.cache_mode not in CACHE_MODES:
+            raise ValueError(f"sample.stream_cache={self.cache_mode!r}: use one of {CACHE_MODES}")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"sample.stream_positions={self.positions!r}: use one of {POSITIONS}")
+        self.compiler_options = dict(compiler_options) if compiler_options else None
+        self.generated = list(self.spec.generated)
+        self.compilations = 0
+        self._compiled: dict[tuple, Callable] = {}
+        self._encode = jax.jit(self.model.encode_conditions)
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    @property
+    def seconds_per_chunk(self) -> float:
+        return self.layout.chunk_frames / self.spec.reference_rate
+
+    def cache_shapes(self, rows: int, steps: int) -> dict:
+        """``{"k"|"v": {s: shape}, "known": {s: shape}}`` of the cache for ``rows`` rows."""
+        sp = self.spec
+        lead = (steps,) if self.cache_mode == "per_step" else ()
+        kv = {s: lead + (sp.num_layers, rows, 2 * self.layout.tokens[s], sp.heads, sp.head_dim) for s in self.generated}
+        return {"k": kv, "v": dict(kv), "known": {s: (rows, 2 * self.layout.tokens[s]) for s in self.generated}}
+
+    def start(
+        self,
+        params,
+        rng,
+        *,
+        task: str,
+        batch: int,
+        raw_conds: Mapping,
+        image_latents=None,
+        steps: int | None = None,
+        shift: float | None = None,
+        stream_shift: Mapping[str, float] | None = None,
+        guidance=None,
+        guidance_mode: str | None = None,
+        guidance_schedule: str | None = None,
+    ) -> StreamState:
+        """A new stream: encodes the conditions, resolves guidance, allocates the (empty) cache.
+
+        ``image_latents``: ti2av's given first latent frame ``[B, 1, h, w, C]`` of the visual stream
+        (chunk 0's first frame)."""
+        if task not in ("t2av", "ti2av", "a2v", "tv2a"):
+            raise ValueError(f"streaming task {task!r}: use t2av, ti2av, a2v or tv2a")
+        steps = int(steps if steps is not None else self.defaults.steps)
+        shift = float(shift if shift is not None else self.defaults.shift)
+        k_task, k_noise = jax.random.split(rng)
+        first = self.sampler.task_masks(task, k_task, batch)
+        later = first
+        held0 = {
+            n: jnp.zeros((batch, self.layout.tokens[n], self.spec.stream(n).geometry.token_dim), jnp.float32)
+            for n in self.generated
+        }
+        if task == "ti2av":
+            visual = tasks_lib.roles(self.spec, self.cfg.model).visual
+            later = dataclasses.replace(first, known={**first.known, visual: jnp.zeros_like(first.known[visual])})
+            if image_latents is None:
+                raise ValueError("task 'ti2av' needs image_latents [B, 1, h, w, C] (the given first latent frame)")
+            g = self.spec.stream(visual).geometry
+            img = jnp.asarray(image_latents, jnp.float32)
+            want = (batch, 1) + tuple(g.latent_shape[1:])
+            if tuple(img.shape) != want:
+                raise ValueError(f"image_latents has shape {tuple(img.shape)}, expected {want} (model.streams.{visual})")
+            frames = jnp.zeros((batch,) + tuple(g.latent_shape), jnp.float32).at[:, :1].set(img)
+            held0[visual] = g.patchify(frames)
+        g = self.sampler.resolve_guidance(guidance, guidance_mode, guidance_schedule, present=first.present)
+        raw = canonical_raw_conds(self.model, raw_conds, batch)
+        conds, cmasks = self._encode(nn.meta.unbox(params), raw)
+        rows = len(g.plan()) * batch
+        shapes = self.cache_shapes(rows, steps)
+        cache = {
+            "k": {s: jnp.zeros(v, self.spec.dtype) for s, v in shapes["k"].items()},
+            "v": {s: jnp.zeros(v, self.spec.dtype) for s, v in shapes["v"].items()},
+            "known": {s: jnp.zeros(v, bool) for s, v in shapes["known"].items()},
+        }
+        sigmas = self.sampler.schedules(steps, shift, stream_shift)
+        return StreamState(cache, 0, k_noise, conds, cmasks, task, batch, g, sigmas, (first, later), held0, steps)
+
+    def noise(self, state: StreamState, chunk: int) -> dict:
+        """Chunk ``chunk``'s initial noise ``{s: float32 [B, T_s, C_s]}`` (``fold_in(rng, chunk)``)."""
+        return self.sampler.noise(jax.random.fold_in(state.rng, chunk), state.batch)
+
+    # -- one chunk -----------------------------------------------------------------------------
+
+    def step(self, params, state: StreamState, given: Mapping | None = None, noise: Mapping | None = None):
+        """Generates the next chunk. Returns ``({generated s: float32 [B, *chunk_latent_shape]}, state)``.
+
+        ``given``: ``{stream: latents [B, *chunk_latent_shape]}`` of the task's given stream for this
+        chunk (a2v: audio, tv2a: video). ``noise``: override the chunk's initial noise tokens
+        ``{s: [B, T_s, C]}`` (tests compare with the bidirectional sampler on the same noise)."""
+        c = state.chunk
+        masks = state.masks[0] if c == 0 else state.masks[1]
+        held = dict(state.held0) if c == 0 else {n: jnp.zeros_like(v) for n, v in state.held0.items()}
+        for n, lat in (given or {}).items():
+            if n not in self.generated:
+                raise ValueError(f"given stream {n!r} is not a generated stream ({self.generated})")
+            g = self.spec.stream(n).geometry
+            lat = jnp.asarray(lat, jnp.float32)
+            if tuple(lat.shape) != (state.batch,) + tuple(g.latent_shape):
+                raise ValueError(
+                    f"given[{n!r}] chunk {c} has shape {tuple(lat.shape)}, expected {(state.batch,) + tuple(g.latent_shape)} "
+                    f"({self.layout.latents[n]} latent steps = model.chunk_frames={self.layout.chunk_frames:g} reference frames)"
+                )
+            held[n] = g.patchify(lat)
+        needs = [n for n in self.generated if bool(np.any(np.asarray(state.masks[1].known[n])))]  # a2v: audio, tv2a: video
+        missing = [n for n in needs if n not in (given or {})]
+        if missing:
+            raise ValueError(f"task {state.task!r}: chunk {c} needs the given stream(s) {missing} (given=...)")
+        x0 = dict(noise) if noise is not None else self.noise(state, c)
+        q_off, sink_off, prev_off = window_offsets(c, self.layout.chunk_frames, self.positions)
+        args = (
+            nn.meta.unbox(params["dit"]),
+            state.cache,
+            jnp.int32(c),
+            jnp.asarray([q_off, sink_off, prev_off], jnp.float32),
+            {n: jnp.asarray(v, jnp.float32) for n, v in x0.items()},
+            held,
+            {n: jnp.asarray(masks.known[n]) for n in self.generated},
+            state.conds,
+            state.cond_masks,
+            {c_: jnp.asarray(masks.present.get(c_, jnp.ones((state.batch,), bool)), bool) for c_ in self.spec.keep_names},
+            state.guidance.scale_arrays(),
+            state.sigmas,
+        )
+        fn = self._executable(state, args)
+        tokens, cache = fn(*args)
+        state = dataclasses.replace(state, cache=cache, chunk=c + 1)
+        return self.model.latents(tokens), state
+
+    def stream(
+        self,
+        params,
+        state: StreamState,
+        *,
+        given: Iterator[Mapping] | None = None,
+        num_chunks: int | None = None,
+        source_timeout: float | None = None,
+    ) -> Iterator[dict]:
+        """Yields ``{generated s: latents [B, *chunk_latent_shape]}`` chunk after chunk.
+
+        ``given``: an iterator of per-chunk given latents (a2v/tv2a), e.g. from
+        :func:`latent_chunks`; the stream ends cleanly when it ends, or when an item takes longer
+        than ``source_timeout`` seconds (a stalled source). ``num_chunks``: stop after that many
+        (None: forever, or until ``given`` ends)."""
+        source = _timed(iter(given), source_timeout) if given is not None else None
+        produced = 0
+        while num_chunks is None or produced < num_chunks:
+            chunk_given = None
+            if source is not None:
+                chunk_given = next(source, None)
+                if chunk_given is None:
+                    return
+            out, new_state = self.step(params, state, chunk_given)
+            for f in dataclasses.fields(state):  # the caller's state object follows the stream
+                setattr(state, f.name, getattr(new_state, f.name))
+            produced += 1
+            yield out
+
+    # -- the jitted chunk ----------------------------------------------------------------------
+
+    def _executable(self, state: StreamState, args):
+        leaves, treedef = jax.tree.flatten(args)
+        avals = tuple((tuple(np.shape(a)), str(getattr(a, "dtype", type(a)))) for a in leaves)
+        key = (state.batch, state.steps, state.guidance.structure(), treedef, avals)
+        if key not in self._compiled:
+            fn = jax.jit(self._chunk_fn(state.batch, state.steps, state.guidance), donate_argnums=(1,))
+            self._compiled[key] = fn.lower(*args).compile(compiler_options=self.compiler_options)
+            self.compilations += 1
+        return self._compiled[key]
+
+    def _context(self, cache, c, offsets, step_index):
+        """``kv_context`` for ``MMDiT``: the cache (at ``step_index`` in per-step mode) + its metadata."""
+        sp, lay = self.spec, self.layout
+        pick = (lambda a: a[step_index]) if self.cache_mode == "per_step" else (lambda a: a)
+        metas, times = [], {}
+        for i, a in enumerate(sp.streams):
+            n, T = a.name, lay.tokens[a.name]
+            t = jnp.asarray(sp.times[n], jnp.float32)
+            times[n] = jnp.concatenate([t + offsets[1], t + offsets[2]])
+            rows = cache["known"][n].shape[0]
+            metas.append(
+                masks_lib.TokenMeta(
+                    stream=jnp.full((1, 2 * T), i, jnp.int32),
+                    time=times[n][None],
+                    chunk=jnp.concatenate([jnp.zeros((1, T), jnp.int32), jnp.full((1, T), c - 1, jnp.int32)], 1),
+                    known=cache["known"][n],
+                    valid=jnp.broadcast_to(
+                        jnp.concatenate([jnp.full((1, T), c >= 1), jnp.full((1, T), c >= 2)], 1), (rows, 2 * T)
+                    ),
+                    group=jnp.zeros((1, 2 * T), jnp.int32),
+                )
+            )
+        return {
+            "k": {n: pick(cache["k"][n]) for n in self.generated},
+            "v": {n: pick(cache["v"][n]) for n in self.generated},
+            "meta": masks_lib.TokenMeta.concat(metas),
+            "time": times,
+        }
+
+    def _write(self, cache, c, kv, known):
+        """Writes a finished chunk's ``kv`` (``{"k"|"v": {s: [*D, L, N, T, H, Dh]}}``) into the previous
+        slot, and into the sink slot when ``c == 0``."""
+        out = {"k": {}, "v": {}, "known": {}}
+        for n in self.generated:
+            T = self.layout.tokens[n]
+            for f in ("k", "v"):
+                buf = cache[f][n]
+                new = kv[f][n].astype(buf.dtype)
+                axis = buf.ndim - 3
+                buf = jax.lax.dynamic_update_slice_in_dim(buf, new, T, axis)
+                sink = jax.lax.dynamic_slice_in_dim(buf, 0, T, axis)
+                buf = jax.lax.dynamic_update_slice_in_dim(buf, jnp.where(c == 0, new, sink), 0, axis)
+                out[f][n] = buf
+            kb = jax.lax.dynamic_update_slice_in_dim(cache["known"][n], known[n], T, 1)
+            out["known"][n] = jax.lax.dynamic_update_slice_in_dim(kb, jnp.where(c == 0, known[n], kb[:, :T]), 0, 1)
+        return out
+
+    def _chunk_fn(self, batch: int, steps: int, g: guidance_lib.Guidance):
+        model, gen, plan = self.model, self.generated, g.plan()
+        rep = lambda tree: guidance_lib.repeat_for_cfg(tree, plan)  # noqa: E731
+        flags = guidance_lib.cfg_keep_flags(plan, batch)
+
+        def forward(dit_params, x, sig, known, conds, cmasks, keep, kvc, c, q_off):
+            return model.dit.apply(
+                dit_params,
+                rep(x),
+                rep(sig),
+                rep(conds),
+                rep(cmasks),
+                keep,
+                rep(known),
+                rep({n: jnp.ones_like(known[n]) for n in gen}),
+                kv_context=kvc,
+                chunk_index=c,
+                time_offset=q_off,
+                return_kv=True,
+            )
+
+        def run(dit_params, cache, c, offsets, x0, held, known, conds, cmasks, present, scales, sigmas):
+            keep = {}
+            for name in self.spec.keep_names:
+                keep[name] = rep(present[name]) & flags[name] if name in flags else rep(present[name])
+            hold = lambda x: {n: jnp.where(known[n][..., None], held[n], x[n]) for n in gen}  # noqa: E731
+            rows = len(plan) * batch
+            kv_shapes = {
+                n: (steps, model.spec.num_layers, rows, self.layout.tokens[n], model.spec.heads, model.spec.head_dim) for n in gen
+            }
+
+            def body(i, carry):
+                x, fresh = carry
+                s = {n: sigmas[n][i] for n in gen}
+                s_next = {n: sigmas[n][i + 1] for n in gen}
+                sig = {n: jnp.where(known[n], 0.0, s[n]) for n in gen}
+                kvc = self._context(cache, c, offsets, i)
+                v_rows, kv = forward(dit_params, x, sig, known, conds, cmasks, keep, kvc, c, offsets[0])
+                sc = guidance_lib.guidance_scale(scales, guidance_lib.step_progress(i, steps), g.schedule)
+                v = guidance_lib.combine_cfg(v_rows, plan, sc)
+                x_next = hold({n: x[n] + (s_next[n] - s[n]) * v[n].astype(x[n].dtype) for n in gen})
+                if self.cache_mode == "per_step":
+                    fresh = {f: {n: fresh[f][n].at[i].set(kv[f][n].astype(fresh[f][n].dtype)) for n in gen} for f in ("k", "v")}
+                return x_next, fresh
+
+            fresh0 = None
+            if self.cache_mode == "per_step":
+                fresh0 = {f: {n: jnp.zeros(kv_shapes[n], self.spec.dtype) for n in gen} for f in ("k", "v")}
+            x, fresh = jax.lax.fori_loop(0, steps, body, (hold(x0), fresh0))
+            if self.cache_mode == "per_step":
+                new_known = {n: rep(known[n]) for n in gen}
+            else:  # one clean forward of the finished chunk refreshes the cache (Self-Forcing)
+                clean = {n: jnp.ones_like(known[n]) for n in gen}
+                zero = {n: jnp.zeros(known[n].shape, jnp.float32) for n in gen}
+                _, fresh = forward(
+                    dit_params, x, zero, clean, conds, cmasks, keep, self._context(cache, c, offsets, 0), c, offsets[0]
+                )
+                new_known = {n: rep(clean[n]) for n in gen}
+            return x, self._write(cache, c, fresh, new_known)
+
+        return run
+
+
+# ----------------------------------------------------------------------------------------------
+# Sources
+# ----------------------------------------------------------------------------------------------
+
+
+def latent_chunks(latents, chunk_latents: int, *, axis: int = 1) -> Iterator:
+    """Splits ``latents [B, T, ...]`` (e.g. a whole audio file through the codec) into chunks of
+    ``chunk_latents`` along ``axis``; a partial last chunk is dropped (the stream ends with the
+    last whole chunk)."""
+    n = np.shape(latents)[axis] // chunk_latents
+    for i in range(n):
+        yield jax.lax.slice_in_dim(jnp.asarray(latents), i * chunk_latents, (i + 1) * chunk_latents, axis=axis)
+
+
+def stream_seconds(num_chunks: int, sampler: StreamingSampler) -> float:
+    """Seconds of media ``num_chunks`` chunks make."""
+    return num_chunks * sampler.seconds_per_chunk
+
+
+def chunks_for_seconds(seconds: float, sampler: StreamingSampler) -> int:
+    return int(math.ceil(seconds / sampler.seconds_per_chunk - 1e-9))
+
+
+def timed(iterator: Iterator, clock=time.perf_counter) -> Iterator[tuple[Any, float]]:
+    """``(item, seconds it took to produce)`` for each item of ``iterator``."""
+    while True:
+        t0 = clock()
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        yield item, clock() - t0
