@@ -192,3 +192,18 @@ def test_synthetic_records_are_random_windows_of_longer_speech():
         np.testing.assert_array_equal(w.audio, clip.audio[start * spf : (start + n) * spf])  # audio cut at the same instant
         starts.add(start)
     assert len(starts) > 1
+
+
+def test_condition_keys_values_are_computed_once_and_read_from_the_cache(setup):
+    cfg, model, params, raw = setup
+    ss = StreamingSampler(model, cfg, compiler_options=FAST)
+    state = ss.start(params, jax.random.key(7), task="t2av", batch=1, raw_conds=raw)
+    cross = state.cache["cross"]["video"]["text"]
+    sp = ss.spec
+    assert cross["k"].shape == (sp.num_layers, 2, sp.condition("text").length, sp.heads, sp.head_dim)  # [L, CFG rows, L_c, H, Dh]
+    nz = ss.noise(state, 0)
+    out, _ = ss.step(params, state, noise=nz)
+    state = ss.start(params, jax.random.key(7), task="t2av", batch=1, raw_conds=raw)
+    state.cache["cross"] = jax.tree.map(jnp.zeros_like, state.cache["cross"])  # the chunk reads these, not the text
+    changed, _ = ss.step(params, state, noise=nz)
+    assert float(np.abs(np.asarray(out["video"]) - np.asarray(changed["video"])).max()) > 1e-3

@@ -38,15 +38,19 @@ class QKV(nn.Module):
     param_dtype: object = jnp.float32
 
     @nn.compact
-    def __call__(self, x, angles, kv_input=None):
+    def __call__(self, x, angles, kv_input=None, kv=None):
+        """``kv``: precomputed ``(k, v)`` ``[B, L, H, Dh]`` (e.g. a streaming cache of a condition's
+        keys/values): only q is projected."""
         inner = self.heads * self.head_dim
         kv_input = x if kv_input is None else kv_input
         proj = lambda n: dense(inner, ("embed", "heads"), self.dtype, self.param_dtype, name=n)
-        q = RMSNorm(self.eps, param_dtype=self.param_dtype, name="norm_q")(proj("to_q")(x))
-        k = RMSNorm(self.eps, param_dtype=self.param_dtype, name="norm_k")(proj("to_k")(kv_input))
-        v = proj("to_v")(kv_input)
         split = lambda t: t.reshape(t.shape[:2] + (self.heads, self.head_dim))
-        q, k, v = split(q), split(k), split(v)
+        q = split(RMSNorm(self.eps, param_dtype=self.param_dtype, name="norm_q")(proj("to_q")(x)))
+        if kv is None:
+            k = split(RMSNorm(self.eps, param_dtype=self.param_dtype, name="norm_k")(proj("to_k")(kv_input)))
+            v = split(proj("to_v")(kv_input))
+        else:
+            k, v = kv
         if angles is not None:
             q, k = apply_rope(q, angles), apply_rope(k, angles)
         names = ("batch", "length", "heads", "kv")
@@ -108,16 +112,25 @@ class CrossAttention(nn.Module):
     added: bool = False
 
     @nn.compact
-    def __call__(self, x, c, mask: masks.MaskSpec, opts, added=None):
-        q, k, v = QKV(self.heads, self.head_dim, self.eps, self.dtype, self.param_dtype, name="qkv")(x, None, kv_input=c)
+    def __call__(self, x, c, mask: masks.MaskSpec, opts, added=None, kv=None):
+        """``kv``: the condition's keys/values ``{"k", "v"[, "k2", "v2"]}`` ``[B, L, H, Dh]`` computed
+        earlier (they depend on the condition only: a stream computes them once). Returns
+        ``(out [B, S, D], kv)``."""
+        qkv = QKV(self.heads, self.head_dim, self.eps, self.dtype, self.param_dtype, name="qkv")
+        q, k, v = qkv(x, None, kv_input=c, kv=None if kv is None else (kv["k"], kv["v"]))
+        used = {"k": k, "v": v}
         o = attention_registry.attend(q, k, v, mask, opts)
         if self.added:
             c2, mask2, keep2 = added
             inner, split = self.heads * self.head_dim, lambda t: t.reshape(t.shape[:2] + (self.heads, self.head_dim))
-            k2 = dense(inner, ("embed", "heads"), self.dtype, self.param_dtype, name="add_k_proj")(c2)
-            k2 = RMSNorm(self.eps, param_dtype=self.param_dtype, name="norm_added_k")(k2)
-            v2 = dense(inner, ("embed", "heads"), self.dtype, self.param_dtype, name="add_v_proj")(c2)
-            o2 = attention_registry.attend(q, split(k2), split(v2), mask2, opts)
+            if kv is None:
+                k2 = dense(inner, ("embed", "heads"), self.dtype, self.param_dtype, name="add_k_proj")(c2)
+                k2 = split(RMSNorm(self.eps, param_dtype=self.param_dtype, name="norm_added_k")(k2))
+                v2 = split(dense(inner, ("embed", "heads"), self.dtype, self.param_dtype, name="add_v_proj")(c2))
+            else:
+                k2, v2 = kv["k2"], kv["v2"]
+            used.update(k2=k2, v2=v2)
+            o2 = attention_registry.attend(q, k2, v2, mask2, opts)
             o = o + o2 * keep2[:, None, None, None].astype(o2.dtype)
         o = o.reshape(o.shape[:2] + (self.heads * self.head_dim,))
-        return dense(self.dim, ("heads", "embed"), self.dtype, self.param_dtype, name="to_out")(o)
+        return dense(self.dim, ("heads", "embed"), self.dtype, self.param_dtype, name="to_out")(o), used

@@ -95,21 +95,27 @@ class StreamBlock(nn.Module):
         xn = modulate(self.norm1(x), m[0], m[1]).astype(self.spec.dtype)
         return self.attn(xn, None), m
 
-    def finish(self, x, attn_out, m, conds, cross_masks, cond_keep):
+    def finish(self, x, attn_out, m, conds, cross_masks, cond_keep, cross_kv=None):
+        """The layer's rest after joint attention. ``cross_kv``: ``{condition: kv}`` keys/values of the
+        cross-attended conditions computed earlier (streaming), else computed here. Returns ``(x,
+        {condition: kv used})``."""
         o = attn_out.reshape(attn_out.shape[:2] + (-1,))
         x = x + self.attn_out(o).astype(jnp.float32) * m[2]
+        used = {}
         if self.arch.cross:
             h = self.norm2(x).astype(self.spec.dtype)
             for c in self.arch.cross:
                 g = self.spec.added_condition(c)
                 added = None if g is None else (conds[g], cross_masks[g], cond_keep[g])
-                y = self.cross[c](h, conds[c], cross_masks[c], self.spec.cross_attention, added).astype(jnp.float32)
+                kv = None if cross_kv is None else cross_kv[c]
+                y, used[c] = self.cross[c](h, conds[c], cross_masks[c], self.spec.cross_attention, added, kv)
+                y = y.astype(jnp.float32)
                 if _face_local(self.spec, self.arch, c):  # nothing outside the face box, to_out's bias included
                     y = y * cross_masks[c].q.valid[..., None]
                 x = x + y * cond_keep[c][:, None, None]
         y = self.ffn(modulate(self.norm3(x), m[3], m[4]))
         x = x + y.astype(jnp.float32) * m[5]
-        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        return nn.with_logical_constraint(x, ("batch", "length", "embed")), used
 
 
 def _rebuild_mask(spec: ModelSpec, meta: masks.TokenMeta, block_map=None, is_full=False):
@@ -168,14 +174,18 @@ class Block(nn.Module):
             k_meta = masks.TokenMeta.concat([joint_group(ctx["kv_meta"]), meta])
             mask = masks.MaskSpec(sp.rule, sp.rule.bind(sp.names), meta, k_meta, num_groups=len(parts))
             outs = joint_attention_with_context(qs, ks, vs, ctx_k, cached["v"], mask, sp.attention)
-        new = {}
+        new, cross_used = {}, {}
+        cross_cache = None if cached is None else cached.get("cross")
         for name, part in parts.items():
             a = sp.stream(name)
             cross_masks = {
                 c: _cross_mask(sp.condition(c).window, *ctx["cross_meta"][name][c], _face_local(sp, a, c)) for c in sp.attended(a)
             }
-            new[name] = part.finish(xs[name], outs[name], mods[name], ctx["conds"].get(name, {}), cross_masks, ctx["cond_keep"])
-        return new, ({"k": raw_k, "v": vs} if self.return_kv else None)
+            kv = None if cross_cache is None else cross_cache.get(name)
+            new[name], cross_used[name] = part.finish(
+                xs[name], outs[name], mods[name], ctx["conds"].get(name, {}), cross_masks, ctx["cond_keep"], kv
+            )
+        return new, ({"k": raw_k, "v": vs, "cross": cross_used} if self.return_kv else None)
 
 
 class StreamIO(nn.Module):
@@ -278,7 +288,9 @@ class MMDiT(nn.Module):
         ``kv_context`` = ``{"k": {s: [L, B, Sc_s, H, Dh]}, "v": {...}, "meta": TokenMeta [B, Sc],
         "time": {s: [Sc_s]}}`` is the cached context the queries attend besides their own tokens
         (k before RoPE; ``meta`` in stream order, ``time`` the aligned times RoPE rotates it at);
-        ``return_kv=True`` returns ``(velocities, {"k": {s: [L, B, S_s, H, Dh]}, "v": {...}})``.
+        ``kv_context["cross"]`` (optional): ``{s: {condition: {"k", "v"}}}`` ``[L, B, L_c, H, Dh]`` keys/values
+        of the cross-attended conditions, used instead of projecting the conditions again;
+        ``return_kv=True`` returns ``(velocities, {"k": {s: [L, B, S_s, H, Dh]}, "v": {...}, "cross": ...})``.
         """
         sp = self.spec
         conds, cond_masks = conds or {}, cond_masks or {}
@@ -316,6 +328,8 @@ class MMDiT(nn.Module):
             ctx["kv_meta"] = kv_context["meta"]
             ctx["kv_angles"] = {a.name: self._context_angles(a, kv_context["time"][a.name]) for a in sp.streams}
             cached = {"k": kv_context["k"], "v": kv_context["v"]}
+            if kv_context.get("cross") is not None:  # the conditions' cross-attention keys/values, per layer
+                cached["cross"] = kv_context["cross"]
         static_full = (
             isinstance(sp.rule, masks.Full) and valid is None and len(sp.joint_layers) == sp.num_layers and cached is None
         )

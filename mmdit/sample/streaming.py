@@ -35,7 +35,8 @@ Tasks: ``t2av`` (both streams generated), ``a2v`` / ``tv2a`` (the given stream a
 its latents are passed to :meth:`StreamingSampler.step` or pulled from an iterator by
 :meth:`StreamingSampler.stream`), ``ti2av`` (the given image is the first latent frame of chunk 0).
 Multi-condition CFG as in :class:`~mmdit.sample.sampler.Sampler`: the ``P`` guidance patterns are
-batched rows of one forward. Conditions (text...) are encoded once per stream.
+batched rows of one forward. Conditions (text...) are encoded once per stream, and their
+cross-attention keys/values of every layer are computed once too (``cache["cross"]``).
 
 Not supported (errors name the field): time-aligned conditions (``model.conditions.*.rate``, e.g.
 windowed wav2vec2 features) and condition streams, which would have to be cut per chunk too; masks
@@ -230,6 +231,7 @@ class StreamingSampler:
         self.compilations = 0
         self._compiled: dict[tuple, Callable] = {}
         self._encode = jax.jit(self.model.encode_conditions)
+        self._cross_fn = None
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -296,9 +298,27 @@ class StreamingSampler:
             "k": {s: jnp.zeros(v, self.spec.dtype) for s, v in shapes["k"].items()},
             "v": {s: jnp.zeros(v, self.spec.dtype) for s, v in shapes["v"].items()},
             "known": {s: jnp.zeros(v, bool) for s, v in shapes["known"].items()},
+            "cross": self._cross_kv(nn.meta.unbox(params["dit"]), conds, cmasks, len(g.plan()), batch),
         }
         sigmas = self.sampler.schedules(steps, shift, stream_shift)
         return StreamState(cache, 0, k_noise, conds, cmasks, task, batch, g, sigmas, (first, later), held0, steps)
+
+    def _cross_kv(self, dit_params, conds, cmasks, patterns: int, batch: int) -> dict:
+        """The conditions' cross-attention keys/values of every layer and stream, ``{s: {c: {"k", "v"}}}``
+        ``[L, P·B, L_c, H, Dh]``: they depend on the conditions only, so a stream computes them once."""
+        if self._cross_fn is None:
+            model = self.model
+
+            def fn(params, conds, cmasks, patterns):
+                rep = lambda t: jax.tree.map(lambda a: jnp.concatenate([a] * patterns, 0), t)  # noqa: E731
+                n = patterns * batch
+                tokens = {a.name: jnp.zeros((n, a.geometry.num_tokens, a.geometry.token_dim)) for a in model.spec.streams}
+                sigma = {a.name: jnp.zeros((n, a.geometry.num_tokens)) for a in model.spec.streams}
+                _, kv = model.dit.apply(params, tokens, sigma, rep(conds), rep(cmasks), return_kv=True)
+                return kv["cross"]
+
+            self._cross_fn = jax.jit(fn, static_argnums=(3,))
+        return self._cross_fn(dit_params, conds, cmasks, patterns)
 
     def noise(self, state: StreamState, chunk: int) -> dict:
         """Chunk ``chunk``'s initial noise ``{s: float32 [B, T_s, C_s]}`` (``fold_in(rng, chunk)``)."""
@@ -417,6 +437,7 @@ class StreamingSampler:
         return {
             "k": {n: pick(cache["k"][n]) for n in self.generated},
             "v": {n: pick(cache["v"][n]) for n in self.generated},
+            "cross": cache["cross"],
             "meta": masks_lib.TokenMeta.concat(metas),
             "time": times,
         }
@@ -424,7 +445,7 @@ class StreamingSampler:
     def _write(self, cache, c, kv, known):
         """Writes a finished chunk's ``kv`` (``{"k"|"v": {s: [*D, L, N, T, H, Dh]}}``) into the previous
         slot, and into the sink slot when ``c == 0``."""
-        out = {"k": {}, "v": {}, "known": {}}
+        out = {"k": {}, "v": {}, "known": {}, "cross": cache["cross"]}
         for n in self.generated:
             T = self.layout.tokens[n]
             for f in ("k", "v"):
