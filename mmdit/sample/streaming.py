@@ -49,7 +49,6 @@ import dataclasses
 import math
 import queue
 import threading
-import time
 from typing import Any, Callable, Iterator, Mapping
 
 import flax.linen as nn
@@ -537,21 +536,5 @@ def latent_chunks(latents, chunk_latents: int, *, axis: int = 1) -> Iterator:
         yield jax.lax.slice_in_dim(jnp.asarray(latents), i * chunk_latents, (i + 1) * chunk_latents, axis=axis)
 
 
-def stream_seconds(num_chunks: int, sampler: StreamingSampler) -> float:
-    """Seconds of media ``num_chunks`` chunks make."""
-    return num_chunks * sampler.seconds_per_chunk
-
-
 def chunks_for_seconds(seconds: float, sampler: StreamingSampler) -> int:
     return int(math.ceil(seconds / sampler.seconds_per_chunk - 1e-9))
-
-
-def timed(iterator: Iterator, clock=time.perf_counter) -> Iterator[tuple[Any, float]]:
-    """``(item, seconds it took to produce)`` for each item of ``iterator``."""
-    while True:
-        t0 = clock()
-        try:
-            item = next(iterator)
-        except StopIteration:
-            return
-        yield item, clock() - t0
