@@ -31,9 +31,9 @@ import time
 import jax
 
 
-def run_demo(workdir: str, overrides: list[str]) -> float:
+def run_demo(workdir: str, config: str, overrides: list[str]) -> float:
     t = time.perf_counter()
-    cmd = [sys.executable, "-m", "mmdit.cli.main", "demo", "--workdir", workdir, "--no-progress"] + sum(
+    cmd = [sys.executable, "-m", "mmdit.cli.main", "demo", "--config", config, "--workdir", workdir, "--no-progress"] + sum(
         [["--set", o] for o in overrides], []
     )
     subprocess.run(cmd, check=True)
@@ -71,7 +71,7 @@ def headline_table(runs: dict) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="runs/bench_demo")
-    p.add_argument("--config", default="configs/demo.py")
+    p.add_argument("--config", default="configs/demo.py", help="demo config, e.g. configs/demo.py:wan4")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--num", type=int, default=8, help="eval clips per task")
     p.add_argument("--skip-ablation", action="store_true")
@@ -89,7 +89,7 @@ def main(argv=None):
     report = {"device": jax.devices()[0].device_kind, "host": platform.processor() or platform.machine(), "runs": {}}
     for name, overrides in runs.items():
         wd = os.path.join(args.workdir, name)
-        wall = run_demo(wd, overrides)
+        wall = run_demo(wd, args.config, overrides)
         cfg, params = restore_inference_params(wd)
         data = os.path.join(wd, "data", "eval")
         model = DiffusionModel.from_config(cfg)

@@ -9,7 +9,8 @@ except inside the open mappings (``tasks``, ``flow.stream_weights``, ``flow.cond
 
 Sections: ``model`` (architecture; see mmdit/model/spec.py), ``flow`` (noise and loss), ``tasks``
 (multitask weights), ``sample`` (sampler and guidance), ``codecs`` / ``world`` (data making),
-``train``, ``data``, ``mesh`` (parallelism), ``distributed`` (multi-host), ``profile``.
+``train``, ``data``, ``mesh`` (parallelism), ``distributed`` (multi-host), ``profile``, ``distill``
+(``mmdit distill`` only; validated by mmdit/distill/spec.py).
 """
 
 import ml_collections as mlc
@@ -124,4 +125,28 @@ def get_config(arg=None):
     c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, sequence=1, tensor=1, dcn=None, rules=None))  # -1 fills the devices
     c.distributed = mlc.ConfigDict(dict(coordinator=None, num_processes=None, process_id=None))
     c.profile = mlc.ConfigDict(dict(start_step=-1, num_steps=0))
+
+    # Few-step distillation (mmdit distill; every field's meaning: mmdit/distill/spec.py). A config is a distillation
+    # config once `teacher` is not None ("" until --teacher gives the workdir): mmdit-plan then counts three param sets.
+    c.distill = mlc.ConfigDict(
+        dict(
+            teacher=None,  # the teacher's training workdir
+            teacher_step=None,  # None: its latest good checkpoint
+            teacher_params="ema",  # ema | params
+            student_init=None,  # None: the student starts as the teacher; or a warm-up run's workdir (W/student, W)
+            guidance=None,  # the teacher's CFG scales (sample.guidance's form); None: the teacher config's
+            denoising_step_list=(1.0, 0.75),  # the student's sigmas, descending from 1.0
+            rollout="self",  # self (Self-Forcing) | teacher_forced (CausVid)
+            critic_steps=5,  # critic updates per generator update
+            critic_lr=None,  # None: train.lr
+            dmd_weight=1.0,  # 0: regression only (the ODE warm-up; no critic updates)
+            regression_weight=0.0,
+            regression_pairs="on_the_fly",  # on_the_fly | records (mmdit distill prepare)
+            ode_steps=None,  # None: the teacher config's sample.steps
+            ode_shift=None,  # None: the teacher config's sample.shift
+            dmd_sigma_min=0.02,
+            dmd_sigma_max=0.98,
+            tasks=mlc.ConfigDict(dict(t2av=1.0)),  # task -> weight of the student's rollouts (t2av, a2v)
+        )
+    )
     return c

@@ -4,17 +4,29 @@ into a 2-step chunk-causal student (``mmdit distill``).
 The student is the demo world with ``model.chunk_frames`` set and ``chunk_causal`` added to the
 demo's mask (a query in chunk c sees chunks 0, c-1 and c; mask rules have no params, so teacher,
 fake score and student share one param tree). ``distill.teacher`` is the teacher's training
-workdir: ``--set distill.teacher=W`` (or ``mmdit distill --teacher W``).
+workdir: ``--set distill.teacher=T`` (or ``mmdit distill --teacher T``). Only the fields that
+differ from ``configs/base.py``'s ``distill`` defaults are set here.
 
-Variants: ``tiny`` (tests: the tiny demo world, a few iterations) and ``steps4`` (a 4-step
-student); other chunk sizes: ``--set model.chunk_frames=N``.
+The two-run recipe (CausVid: an ODE-regression warm-up, then DMD from it)::
+
+    mmdit distill --config configs/demo_distill.py:warmup --teacher T --workdir W_warmup --data T/data/train
+    mmdit distill --config configs/demo_distill.py --teacher T --workdir W --data T/data/train \\
+        --set distill.student_init=W_warmup/student
+
+The warm-up (``dmd_weight=0``, ``regression_weight=1``) trains only the student, on the teacher's
+ODE map; the DMD run's student starts from the warm-up's EMA params (its fake score from the
+teacher). One run without ``student_init`` (DMD + 0.25 regression from the teacher) also works.
+
+Variants: ``tiny`` (tests: the tiny demo world, a few iterations), ``steps4`` (a 4-step student)
+and ``warmup`` (the regression-only warm-up above); combine with commas (``tiny,warmup``). Other
+chunk sizes: ``--set model.chunk_frames=N``.
 """
 
 from mmdit import config_lib
 
 
 def get_config(arg=None):
-    v = config_lib.parse_arg(arg, tiny=False, steps4=False)
+    v = config_lib.parse_arg(arg, tiny=False, steps4=False, warmup=False)
     c = config_lib.sibling(__file__, "demo", "tiny" if v.tiny else None)
 
     # latent frames (= video frames here) per causal chunk, a divisor of the clip's frames (49 = 7 x 7; the
@@ -23,29 +35,16 @@ def get_config(arg=None):
     c.model.mask = "chunk_causal & local(1) & no_peek"
     c.tasks = dict(t2av=0.5, a2v=0.5)  # validated like training's; the rollouts use distill.tasks
 
-    c.distill = dict(
-        teacher="",
-        teacher_step=None,
-        teacher_params="ema",
-        guidance=None,  # the teacher config's sample.guidance
-        # = the Euler schedule of sample.steps at sample.shift=3 without its final 0 (ode.sampling_sigmas), so the
-        # exported student samples / streams on the very σ's it was distilled on
-        denoising_step_list=(1.0, 0.9, 0.75, 0.5) if v.steps4 else (1.0, 0.75),
-        rollout="self",
-        critic_steps=5,
-        critic_lr=None,
-        dmd_weight=1.0,
-        regression_weight=0.25,
-        regression_pairs="on_the_fly",
-        ode_steps=None,
-        ode_shift=None,
-        dmd_sigma_min=0.02,
-        dmd_sigma_max=0.98,
-        tasks=dict(t2av=0.5, a2v=0.5),
-    )
+    c.distill.teacher = ""  # a distillation config (mmdit-plan counts three param sets); --teacher gives it
+    # = the Euler schedule of sample.steps at sample.shift=3 without its final 0 (ode.sampling_sigmas), so the
+    # exported student samples / streams on the very σ's it was distilled on
+    c.distill.denoising_step_list = (1.0, 0.9, 0.75, 0.5) if v.steps4 else (1.0, 0.75)
+    c.distill.regression_weight = 0.25
+    c.distill.tasks = dict(t2av=0.5, a2v=0.5)
     # The distilled student samples without CFG (the teacher's guidance is distilled into it).
     c.sample.steps = 4 if v.steps4 else 2
     c.sample.guidance = {}
+    c.sample.tasks = ("t2av", "a2v")  # what the TensorBoard samples (train.sample_every) show
 
     c.train.steps = 600
     c.train.lr = 2e-4
@@ -54,12 +53,19 @@ def get_config(arg=None):
     c.train.ema_decay = 0.99
     c.train.log_every = 10
     c.train.checkpoint_every = 100
-    c.train.sample_every = 0
+    c.train.sample_every = 300
+    if v.warmup:
+        c.distill.dmd_weight = 0.0
+        c.distill.regression_weight = 1.0
+        c.train.steps = 100
+        c.train.checkpoint_every = 50
+        c.train.sample_every = 100
     if v.tiny:
         c.train.steps = 6
         c.train.warmup_steps = 1
         c.train.log_every = 1
         c.train.checkpoint_every = 3
+        c.train.sample_every = 0
         c.distill.critic_steps = 2
         c.distill.ode_steps = 4
     return c

@@ -113,7 +113,12 @@ OPEN_SECTIONS = (
     "model.conditions",
     "codecs",
     "world",
+    "distill.guidance",
+    "distill.tasks",
 )
+# Sections whose sub-dicts carry kind-specific options (validated by their registries, not here): ``--set``
+# may add a new option inside one, e.g. ``encoders.text.max_length=256`` or ``codecs.video.luma_coeffs=2``.
+OPEN_SUBSECTIONS = ("codecs", "encoders")
 
 
 def _leaf_keys(node, prefix: str = "") -> list[str]:
@@ -143,11 +148,13 @@ def _unknown_key(cfg, item: str, key: str) -> KeyError:
 
 
 def override(cfg: mlc.ConfigDict, assignments: list[str]) -> mlc.ConfigDict:
-    """Applies ``a.b.c=value`` strings (values parsed as Python literals when possible). A key the
-    config does not declare is an error naming the nearest declared one, except a new name inside
-    one of :data:`OPEN_SECTIONS` (e.g. ``tasks.tv2a=0.2``)."""
+    """Returns a copy of ``cfg`` with ``a.b.c=value`` strings applied (values parsed as Python literals
+    when possible; ``cfg`` itself is not changed). A key the config does not declare is an error naming
+    the nearest declared one, except a new name inside one of :data:`OPEN_SECTIONS` (e.g.
+    ``tasks.tv2a=0.2``) or inside a sub-dict of :data:`OPEN_SUBSECTIONS`."""
     import ast
 
+    cfg = cfg.copy_and_resolve_references()
     for item in assignments or []:
         key, sep, raw = item.partition("=")
         key = key.strip()
@@ -164,7 +171,8 @@ def override(cfg: mlc.ConfigDict, assignments: list[str]) -> mlc.ConfigDict:
                 raise _unknown_key(cfg, item, ".".join(parts[: i + 1]) if p not in node else key)
             node = node[p]
         parent = ".".join(parts[:-1])
-        if parts[-1] not in node and parent not in OPEN_SECTIONS:
+        open_section = parent in OPEN_SECTIONS or (len(parts) == 3 and parts[0] in OPEN_SUBSECTIONS)
+        if parts[-1] not in node and not open_section:
             raise _unknown_key(cfg, item, key)
         with node.unlocked():
             try:

@@ -18,6 +18,7 @@ import ml_collections as mlc
 
 from mmdit import config_lib, flow
 from mmdit import tasks as tasks_lib
+from mmdit.codecs import registry as codec_registry
 from mmdit.model import chunks
 from mmdit.model.spec import ModelSpec, build_spec
 from mmdit.parallel import axis_sizes
@@ -36,21 +37,28 @@ _BASE = None
 
 def complete(cfg):
     """``cfg`` with every field ``configs/base.py`` declares and ``cfg`` lacks filled in from base
-    (a copy; ``cfg`` is not changed): base is the one place defaults live."""
-    global _BASE
-    if _BASE is None:
-        _BASE = config_lib.load("base").to_dict()
+    (a copy; ``cfg`` is not changed): base is the one place defaults live. A mapping keyed by names
+    (``config_lib.OPEN_SECTIONS``, e.g. ``tasks``) is taken whole from ``cfg`` when it has one: base's
+    names are not merged into it."""
 
-    def fill(node: dict, base: dict) -> dict:
+    def fill(node: dict, base: dict, prefix: str) -> dict:
         out = dict(node)
         for k, v in base.items():
             if k not in out:
                 out[k] = v
-            elif isinstance(v, dict) and v and isinstance(out[k], Mapping):
-                out[k] = fill(dict(out[k]), v)
+            elif isinstance(v, dict) and v and isinstance(out[k], Mapping) and prefix + k not in config_lib.OPEN_SECTIONS:
+                out[k] = fill(dict(out[k]), v, prefix + k + ".")
         return out
 
-    return mlc.ConfigDict(fill(plain(cfg), _BASE))
+    return mlc.ConfigDict(fill(plain(cfg), base_defaults(), ""))
+
+
+def base_defaults() -> dict:
+    """``configs/base.py`` as a plain dict (loaded once; callers must not modify it)."""
+    global _BASE
+    if _BASE is None:
+        _BASE = config_lib.load("base").to_dict()
+    return _BASE
 
 
 def _number(section: str, name: str, value, *, lo=None, hi=None, lo_open=False, hi_open=False, integer=False):
@@ -428,10 +436,15 @@ def encoders_spec(cfg, model: ModelSpec) -> dict[str, dict]:
 
 
 def has_codecs(cfg) -> bool:
-    """Whether ``config.codecs`` names a video and an audio codec (what making data, sampling to MP4
-    and the training sample hook need)."""
-    codecs = plain(complete(cfg).codecs) or {}
-    return "video" in codecs and "audio" in codecs
+    """Whether ``config.codecs`` can decode every stream the model generates: ``codecs.video`` for its
+    visual stream and, when it has an audio stream (``mmdit.tasks.roles``), ``codecs.audio``. A
+    video-only model (Mirage, TalkingMachines) needs no ``codecs.audio``: its soundtrack is its driving
+    audio (``mmdit.sample.run.Soundtrack``). What sampling to MP4 and the training sample hook need."""
+    cfg = complete(cfg)
+    codecs = plain(cfg.codecs) or {}
+    if "video" not in codecs:
+        return False
+    return "audio" in codecs or tasks_lib.roles(build_spec(cfg.model), cfg.model).audio is None
 
 
 def task_weights(cfg) -> dict[str, float]:
@@ -449,6 +462,7 @@ def build_run_spec(cfg) -> RunSpec:
     train = train_spec(cfg)
     if not train.param_groups.is_default:  # patterns checked against the model's param paths
         train.param_groups.check(param_paths(cfg))
+    codec_registry.check_codec_args(plain(cfg.get("codecs")) or {})
     return RunSpec(
         model=model,
         flow=flow_spec(cfg, model),

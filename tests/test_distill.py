@@ -235,7 +235,8 @@ KILL_SCRIPT = textwrap.dedent(
     """
 )
 
-DISTILL_OVERRIDES = ["train.steps=5", "train.checkpoint_every=2", "train.async_checkpoint=False", "distill.critic_steps=2"]
+# checkpoint_every=3 is not a multiple of critic_steps=2: the resumed run starts on a critic-only iteration
+DISTILL_OVERRIDES = ["train.steps=5", "train.checkpoint_every=3", "train.async_checkpoint=False", "distill.critic_steps=2"]
 
 
 def metrics(workdir):
@@ -266,18 +267,21 @@ def test_tiny_distill_end_to_end_resume_export_sample(tmp_path):
     script.write_text(KILL_SCRIPT)
     b = tmp_path / "b"
     killed = run(
-        [str(script), "configs/demo_distill.py:tiny", str(b), data, "3", f"distill.teacher={teacher}", *DISTILL_OVERRIDES],
+        [str(script), "configs/demo_distill.py:tiny", str(b), data, "4", f"distill.teacher={teacher}", *DISTILL_OVERRIDES],
         env=env,
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    assert [m["step"] for m in metrics(b)] == [1, 2, 3] and os.path.isdir(b / "checkpoints" / "2")
+    assert [m["step"] for m in metrics(b)] == [1, 2, 3, 4] and os.path.isdir(b / "checkpoints" / "3")
     resumed = run(cli + ["--workdir", str(b), "--data", data, "--no-progress"] + sets, env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from step 2" in resumed.stdout
+    assert "resuming from step 3" in resumed.stdout
     ma, mb = metrics(tmp_path / "a"), metrics(b)
     assert [m["step"] for m in mb] == [1, 2, 3, 4, 5]
+    # generator metrics only on the iterations that ran the generator (0, 2, 4: steps 1, 3, 5)
+    assert [m["step"] for m in ma if "gen/loss" in m] == [1, 3, 5]
     for x, y in zip(ma, mb):
-        for key in ("gen/loss", "gen/dmd_loss", "gen/regression_loss", "critic/loss", "gen/grad_norm", "critic/grad_norm"):
+        assert set(x) == set(y), x["step"]
+        for key in set(x) - {"steps_per_sec"}:
             assert x[key] == y[key], (x["step"], key, x[key], y[key])  # exact on CPU
     assert ma[-1]["critic/loss"] > 0 and ma[-1]["gen/dmd_loss"] > 0
 
@@ -357,3 +361,319 @@ def test_prepared_pairs_feed_the_regression_loss(tmp_path):
         compiler_options={"xla_backend_optimization_level": 0},
     )
     assert np.isfinite(last["gen/regression_loss"]) and last["gen/regression_loss"] > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# the distill section's defaults (configs/base.py), the logging rule, the warm-up and student_init
+
+
+def test_distill_defaults_live_in_base_and_overrides_are_checked():
+    from mmdit import config_spec
+    from mmdit.train.plan import distill_estimate
+
+    base = config_lib.load("configs/base.py").distill
+    assert base.teacher is None and base.critic_steps == 5 and base.student_init is None
+    cfg = config_spec.load("configs/demo_distill.py:tiny", ["distill.teacher=T", "distill.tasks.a2v=1.0"])
+    d = distill_spec(cfg)
+    assert d.tasks == (("a2v", 1.0), ("t2av", 0.5)) and d.dmd_sigma_max == base.dmd_sigma_max  # a base default
+    only_a2v = config_spec.load("configs/demo_distill.py:tiny", ["distill.teacher=T", "distill.tasks={'a2v': 1.0}"])
+    assert distill_spec(only_a2v).tasks == (("a2v", 1.0),)  # base's t2av is not merged into a named mapping
+    with pytest.raises(KeyError, match="distill.critic_step"):
+        config_spec.load("configs/demo_distill.py:tiny", ["distill.critic_step=3"])
+    trained = config_spec.load("configs/demo.py:tiny")  # a training config: base's section, no teacher
+    with pytest.raises(ValueError, match="distill.teacher"):
+        distill_spec(trained)
+    assert distill_estimate(trained, None, None) is None  # mmdit-plan: not a distillation config
+
+
+@pytest.mark.parametrize(
+    "log_every, critic_steps, dmd_weight, end, logged",
+    [
+        (1, 2, 1.0, 9, [1, 3, 5, 7, 9]),  # every generator iteration
+        (10, 5, 1.0, 30, [6, 16, 26]),  # the last generator iteration of each window
+        (4, 3, 1.0, 10, [4, 7, 10]),  # windows (0, 4], (4, 8], (8, 10]: generator at 1, 4, 7, 10
+        (5, 3, 0.0, 10, [5, 10]),  # the warm-up: every iteration runs the generator
+    ],
+)
+def test_generator_metrics_are_logged_once_per_window_at_generator_iterations(log_every, critic_steps, dmd_weight, end, logged):
+    from mmdit.distill.loop import logs_generator
+
+    cfg = config_lib.override(
+        config_lib.load("configs/demo_distill.py:tiny"),
+        ["distill.teacher=T", f"distill.critic_steps={critic_steps}", f"distill.dmd_weight={dmd_weight}"],
+    )
+    d = distill_spec(cfg)
+    ran = [it + 1 for it in range(end) if d.runs_generator(it)]
+    assert [done for done in ran if logs_generator(done, log_every, d, end)] == logged
+
+
+WARMUP_OVERRIDES = ["train.steps=2", "train.async_checkpoint=False", "train.sample_every=2", "data.examples_per_shard=4"]
+
+
+@pytest.fixture(scope="module")
+def warmup_run(tmp_path_factory):
+    """A tiny regression-only warm-up (``demo_distill.py:tiny,warmup``, 2 iterations) from an untrained
+    teacher, with eval records beside its data (for the TensorBoard samples)."""
+    from mmdit.data.synth_records import synth
+    from mmdit.distill.loop import distill
+
+    root = tmp_path_factory.mktemp("warmup")
+    teacher_cfg = untrained_teacher(root / "teacher")
+    synth(teacher_cfg, str(root / "data"), num=4, num_eval=1, progress=False)
+    cfg = config_lib.override(
+        config_lib.load("configs/demo_distill.py:tiny,warmup"), [f"distill.teacher={root / 'teacher'}", *WARMUP_OVERRIDES]
+    )
+    opts = {"xla_backend_optimization_level": 0}
+    last = distill(cfg, str(root / "warmup"), data_dir=str(root / "data" / "train"), progress=False, compiler_options=opts)
+    return root, cfg, last
+
+
+@pytest.mark.slow
+def test_the_warmup_trains_only_the_student_and_logs_samples(warmup_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root, _, last = warmup_run
+    lines = metrics(root / "warmup")
+    assert [m["step"] for m in lines] == [1, 2]
+    assert all("gen/regression_loss" in m and not any(k.startswith("critic/") for k in m) for m in lines)
+    assert last["gen/regression_loss"] > 0
+    acc = EventAccumulator(str(root / "warmup" / "tensorboard"), size_guidance={"images": 0, "audio": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert {"samples/t2av", "samples/a2v"} <= set(tags["images"]), tags["images"]
+    assert "samples/t2av_audio" in tags["audio"], tags["audio"]
+    assert (root / "warmup" / "student" / "checkpoints" / "2").is_dir()
+
+
+@pytest.mark.slow
+def test_student_init_starts_the_student_from_the_warmup(warmup_run, tmp_path):
+    from mmdit.distill import student_init
+    from mmdit.distill.loop import distill
+    from mmdit.train import checkpoint
+
+    root, cfg, _ = warmup_run
+    _, warm_ema, _ = checkpoint.restore_inference(str(root / "warmup" / "student"))
+    _, teacher, _ = checkpoint.restore_inference(str(root / "teacher"))
+    flat = lambda tree: [np.asarray(x) for x in jax.tree.leaves(tree)]  # noqa: E731
+    assert any(not np.array_equal(a, b) for a, b in zip(flat(warm_ema), flat(teacher)))  # the warm-up moved it
+    # the distill workdir itself is a source too: its latest checkpoint's EMA student
+    source = student_init.open_source(str(root / "warmup"))
+    assert source.kind == "distill workdir"
+    for a, b in zip(flat(student_init.load(source, warm_ema)), flat(warm_ema)):
+        np.testing.assert_array_equal(a, b)
+
+    seen = {}
+
+    def hook(done, state):  # the first update runs at lr 0 (train.warmup_steps=1): params still the init
+        seen.update(student=flat(state.student.params), ema=flat(state.student.ema), critic=flat(state.critic.params))
+
+    run_cfg = config_lib.override(cfg, [f"distill.student_init={root / 'warmup' / 'student'}", "train.sample_every=0"])
+    distill(
+        run_cfg,
+        str(tmp_path / "run"),
+        data_dir=str(root / "data" / "train"),
+        progress=False,
+        stop_after=1,
+        iteration_hook=hook,
+        compiler_options={"xla_backend_optimization_level": 0},
+    )
+    for key, want in (("student", warm_ema), ("critic", teacher)):
+        for a, b in zip(seen[key], flat(want)):
+            np.testing.assert_array_equal(a, b, err_msg=key)
+    for a, b in zip(seen["ema"], flat(warm_ema)):  # ema·d + params·(1 − d) of equal trees: equal up to rounding
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-12)
+
+
+def test_a_student_init_of_another_model_is_refused_and_the_workdir_untouched(tmp_path):
+    from mmdit.distill.loop import distill
+
+    untrained_teacher(tmp_path / "teacher")
+    (tmp_path / "other.py").write_text(
+        "from mmdit import config_lib\n\n\ndef get_config(arg=None):\n"
+        "    c = config_lib.load('configs/demo.py:tiny')\n    c.model.num_layers = 1\n    return c\n"
+    )
+    untrained_teacher(tmp_path / "other", str(tmp_path / "other.py"))
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("keep me")
+    snapshot = tree_snapshot(work)
+    cfg = config_lib.override(
+        config_lib.load("configs/demo_distill.py:tiny"),
+        [f"distill.teacher={tmp_path / 'teacher'}", f"distill.student_init={tmp_path / 'other'}"],
+    )
+    with pytest.raises(ValueError, match="distill.student_init=.*does not hold the student's params") as e:
+        distill(cfg, str(work), data_dir=str(tmp_path / "nowhere"), progress=False)
+    assert "dit/params/" in str(e.value)  # names the differing params
+    assert tree_snapshot(work) == snapshot
+
+
+# ------------------------------------------------------------------------------------------------
+# the student's rollout on the streaming KV cache (mmdit/distill/cached_rollout.py) vs full passes
+
+STEP_LIST = (1.0, 0.75)
+
+
+@pytest.fixture(scope="module")
+def four_chunks():
+    """The tiny student cut into 4 chunks of 2 frames (> 3: bounded positions differ from chunk 3
+    on), perturbed params, ground truth, a batch of one t2av and one a2v sample."""
+    import dataclasses
+
+    from configs import demo_stream
+    from mmdit import tasks
+    from mmdit.model.diffusion import DiffusionModel
+
+    cfg = config_lib.load("configs/demo_distill.py:tiny")
+    cfg.model.chunk_frames = 2.0
+    demo_stream.set_clip_chunks(cfg, 4)
+    model = DiffusionModel.from_config(cfg)
+    params = nn.unbox(model.init(jax.random.key(0)))
+    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape, p.dtype), params)
+    B = 2
+    clean = model.tokens(
+        {
+            a.name: jax.random.normal(jax.random.key(2 + i), (B,) + tuple(a.geometry.latent_shape))
+            for i, a in enumerate(model.spec.streams)
+        }
+    )
+    raw = model.input_spec().zero_conditions(B)
+    raw = {
+        k: jax.random.randint(jax.random.key(9), v.shape, 1, 255).astype(v.dtype) if v.dtype == jnp.int32 else v
+        for k, v in raw.items()
+    }
+    t2av, a2v = (tasks.task_masks(t, jax.random.key(0), model.spec, B, cfg.model) for t in ("t2av", "a2v"))
+    masks = dataclasses.replace(t2av, known={n: jnp.stack([t2av.known[n][0], a2v.known[n][1]]) for n in t2av.known})
+    keep = {c: jnp.ones((B,), bool) for c in model.spec.keep_names}
+    return cfg, model, params, clean, masks, raw, keep
+
+
+def max_diff(a, b):
+    return max(float(jnp.max(jnp.abs(a[n] - b[n]))) for n in a)
+
+
+def chunk_slices(model, out, chunks):
+    from mmdit.model.chunks import chunk_tokens
+
+    T = chunk_tokens(model.spec)
+    return {n: out[n][:, chunks[0] * T[n] : chunks[1] * T[n]] for n in out}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("teacher_forced", [False, True])
+def test_cached_rollout_equals_the_full_sequence_rollout(four_chunks, teacher_forced):
+    """Clean cache + absolute positions: the cached rollout is the full-sequence rollout (values, and
+    with ``context_gradient`` the parameter gradient); the default (Self-Forcing: no gradient through
+    the cached context) differs from it only in the gradient."""
+    from mmdit.distill.cached_rollout import CachedRollout
+    from mmdit.distill.rollout import student_rollout
+
+    cfg, model, params, clean, masks, raw, keep = four_chunks
+    cached = CachedRollout(model, cfg, cache_mode="clean", positions="absolute")
+    assert cached.num_chunks == 4
+    args = (jax.random.key(11), clean, masks, raw, keep, STEP_LIST)
+    weights = {n: jax.random.normal(jax.random.key(20 + i), clean[n].shape) for i, n in enumerate(sorted(clean))}
+
+    def loss(out):
+        return sum(jnp.sum(out[n] * weights[n]) for n in out)
+
+    def full(p, exit_step):
+        return student_rollout(model, p, *args, exit_step=exit_step, teacher_forced=teacher_forced)
+
+    def cache(p, exit_step, context_gradient=False):
+        return cached.sample(p, *args, exit_step=exit_step, teacher_forced=teacher_forced, context_gradient=context_gradient)
+
+    for exit_step in (0, 1):
+        a, b = jax.jit(full, static_argnums=1)(params, exit_step), jax.jit(cache, static_argnums=1)(params, exit_step)
+        assert max_diff(a, b) < 1e-5, (exit_step, max_diff(a, b))
+        assert min(float(jnp.std(a[n])) for n in a) > 0.1
+        for n in a:  # A2V (sample 1): the given audio is kept
+            np.testing.assert_array_equal(np.asarray(b[n][masks.known[n]]), np.asarray(clean[n][masks.known[n]]))
+    exit_step = jnp.int32(1)  # a jit argument: traced, as in training
+    g_full = jax.jit(jax.grad(lambda p, e: loss(full(p, e))))(params, exit_step)
+    g_ctx = jax.jit(jax.grad(lambda p, e: loss(cache(p, e, True))))(params, exit_step)
+    g_sf = jax.jit(jax.grad(lambda p, e: loss(cache(p, e))))(params, exit_step)
+    scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(g_full))
+    err = lambda g: max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(g_full), jax.tree.leaves(g)))  # noqa: E731
+    assert scale > 1e-3 and err(g_ctx) < 1e-5 * max(1.0, scale), (err(g_ctx), scale)
+    assert err(g_sf) > 1e-3 * scale  # the context's gradient path is really cut
+
+
+def shared_sigma_rollout(model, params, rng, clean, masks, raw, keep, exit_step):
+    """The per-step cache's oracle: every chunk denoised in parallel, one full-sequence forward per
+    step (chunk c at step i sees the others at step i), the chunks' own noise."""
+    from mmdit.distill.losses import clean_prediction
+    from mmdit.distill.rollout import chunk_noise
+    from mmdit.model.chunks import chunk_tokens, num_chunks
+
+    T, C = chunk_tokens(model.spec), num_chunks(model.spec)
+    gen = sorted(model.spec.generated)
+
+    def noise(draw):
+        return {
+            n: jnp.concatenate([chunk_noise(rng, c, draw, i, (clean[n].shape[0], T[n], clean[n].shape[2])) for c in range(C)], 1)
+            for i, n in enumerate(gen)
+        }
+
+    hold = lambda x: {n: jnp.where(masks.known[n][..., None], clean[n], x[n]) for n in gen}  # noqa: E731
+    x = hold(noise(0))
+    for k, sigma in enumerate(STEP_LIST[: exit_step + 1]):
+        sig = {n: jnp.where(masks.known[n], 0.0, sigma) for n in gen}
+        v = model.velocity(params, x, sig, raw, cond_keep=keep, known=masks.known, valid=masks.valid)
+        x0 = hold(clean_prediction(x, v, sig))
+        if k < exit_step:
+            nxt, eps = STEP_LIST[k + 1], noise(1 + k)
+            x = hold({n: (1 - nxt) * x0[n] + nxt * eps[n] for n in gen})
+    return x0
+
+
+@pytest.mark.slow
+def test_cached_per_step_rollout_equals_shared_sigma_full_passes(four_chunks):
+    """Per-step cache (TalkingMachines; chunk c at step i reads chunk c−1 at step i) + absolute
+    positions = all chunks denoised together by full-sequence passes at a shared σ."""
+    from mmdit.distill.cached_rollout import CachedRollout
+
+    cfg, model, params, clean, masks, raw, keep = four_chunks
+    cached = CachedRollout(model, cfg, cache_mode="per_step", positions="absolute")
+    for exit_step in (0, 1):
+        want = jax.jit(lambda p: shared_sigma_rollout(model, p, jax.random.key(11), clean, masks, raw, keep, exit_step))(params)
+        got = jax.jit(
+            lambda p, e: cached.sample(
+                p, jax.random.key(11), clean, masks, raw, keep, STEP_LIST, exit_step=e, teacher_forced=False
+            )
+        )(params, jnp.int32(exit_step))
+        assert max_diff(want, got) < 1e-5, (exit_step, max_diff(want, got))
+
+
+@pytest.mark.slow
+def test_bounded_positions_match_the_full_rollout_up_to_chunk_2(four_chunks):
+    """Bounded positions (the default ``sample.stream_positions``): chunks 0-2 sit where the full
+    sequence has them; chunk 3 is read at chunk 2's window position, so it differs."""
+    from mmdit.distill.cached_rollout import CachedRollout
+    from mmdit.distill.rollout import student_rollout
+
+    cfg, model, params, clean, masks, raw, keep = four_chunks
+    cached = CachedRollout(model, cfg, cache_mode="clean")
+    assert cached.positions == "bounded"
+    args = (jax.random.key(11), clean, masks, raw, keep, STEP_LIST)
+    a = jax.jit(lambda p: student_rollout(model, p, *args, exit_step=1, teacher_forced=False))(params)
+    b = jax.jit(lambda p: cached.sample(p, *args, exit_step=1, teacher_forced=False))(params)
+    head = (0, 3)
+    assert max_diff(chunk_slices(model, a, head), chunk_slices(model, b, head)) < 1e-5
+    assert max_diff(chunk_slices(model, a, (3, 4)), chunk_slices(model, b, (3, 4))) > 1e-3
+
+
+@pytest.mark.slow
+def test_cached_teacher_forced_predictions_equal_full_passes(four_chunks):
+    """The regression loss's predictions (every chunk from its noisy state, clean context) on the cache."""
+    from mmdit.distill.cached_rollout import CachedRollout
+    from mmdit.distill.rollout import predict_chunks
+
+    cfg, model, params, clean, masks, raw, keep = four_chunks
+    cached = CachedRollout(model, cfg, cache_mode="per_step", positions="absolute")
+    gen = sorted(model.spec.generated)
+    x = {n: jax.random.normal(jax.random.key(30 + i), clean[n].shape) for i, n in enumerate(gen)}
+    context = {**clean, **{n: clean[n] + 0.3 for n in gen}}
+    sigma = jnp.float32(0.6)
+    want = jax.jit(lambda p: predict_chunks(model, p, x, context, sigma, masks, raw, keep))(params)
+    got = jax.jit(lambda p: cached.predict(p, x, context, sigma, masks, raw, keep))(params)
+    assert max_diff(want, got) < 1e-5

@@ -17,6 +17,7 @@ from mmdit.cli import data as data_cli
 from mmdit.data import media
 from mmdit.data.records import SKIP_CORRUPT, SKIP_NO_AUDIO, SKIP_TOO_SHORT, open_dataset
 from mmdit.data.synthetic import SyntheticWorld, WorldConfig
+from media_fixtures import espeak_wave, write_audio_only, write_talking_mp4
 
 CONFIG = "configs/demo.py:tiny"  # windows of 17 frames at 25 fps = 0.68 s; 32x32 frames
 SIZE, FPS, SR = 64, 25, 16000
@@ -30,17 +31,6 @@ def _world():
     )
 
 
-def _espeak(text: str, path: str):
-    """espeak-ng speech of ``text`` at SR, or None when espeak-ng is not installed."""
-    if not shutil.which("espeak-ng"):
-        return None
-    import librosa
-
-    subprocess.run(["espeak-ng", "-w", path, text], check=True, capture_output=True)
-    wave, _ = librosa.load(path, sr=SR, mono=True)
-    return wave.astype(np.float32)
-
-
 def make_clips(d, num=NUM_TALKING):
     """Writes the test inputs into ``d``; returns ``{name: clip}`` of the synthetic talking clips."""
     d.mkdir(parents=True, exist_ok=True)
@@ -50,25 +40,16 @@ def make_clips(d, num=NUM_TALKING):
         name = f"talk{i:02d}"
         audio = c.audio
         if i == 0:  # real speech when the machine has espeak-ng (the synthetic voice otherwise)
-            speech = _espeak(c.text, str(d / "espeak.wav.tmp"))
+            speech = espeak_wave(c.text, str(d / "espeak.wav.tmp"), SR)
             if speech is not None:
                 audio = np.pad(speech, (0, max(0, len(c.audio) - len(speech))))[: len(c.audio)] * 0.7
-        media.write_mp4(str(d / f"{name}.mp4"), c.video, FPS, audio, SR)
-        if i == 1:
-            (d / f"{name}.json").write_text(json.dumps({"text": c.text}), encoding="utf-8")
-        else:
-            (d / f"{name}.txt").write_text(c.text + "\n", encoding="utf-8")
+        write_talking_mp4(d, name, c, audio=audio, caption="json" if i == 1 else "txt")
         clips[name] = c
     # A listening clip: the face, but only faint room noise (not silence: -50 dBFS).
     c = world.clip(100)
     noise = (0.003 * np.random.default_rng(0).standard_normal(len(c.audio))).astype(np.float32)
     media.write_mp4(str(d / "listen.mp4"), c.video, FPS, noise, SR)
-    # Audio only: a WAV + transcript.
-    import soundfile
-
-    a = world.clip(101)
-    soundfile.write(str(d / "voice.wav"), a.audio, SR)
-    (d / "voice.txt").write_text(a.text, encoding="utf-8")
+    write_audio_only(d, "voice", world.clip(101))  # audio only: a WAV + transcript
     # Bad inputs: corrupt, no audio stream, shorter than one window.
     (d / "x_corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 20)
     media.write_mp4(str(d / "x_mute.mp4"), world.clip(102).video, FPS, None)
@@ -271,8 +252,7 @@ def test_every_preset_gets_its_schema(preset, tmp_path):
     d.mkdir()
     world = SyntheticWorld(WorldConfig(video_size=SIZE, fps=FPS, sample_rate=SR, min_seconds=2.0, max_seconds=2.0))
     for i in range(2):
-        c = world.clip(i)
-        media.write_mp4(str(d / f"c{i}.mp4"), c.video, FPS, c.audio, SR)
+        write_talking_mp4(d, f"c{i}", world.clip(i), caption=None)
     config = f"configs/{preset}.py:tiny"
     assert data_cli.main(["ingest", "--config", config, "--in", str(d), "--out", str(tmp_path / "r"), "--no-progress"]) == 0
     recs = _records(tmp_path / "r")

@@ -1,8 +1,9 @@
 """Every seed preset end to end from the command line (issue 14): for each ``configs/<preset>.py:tiny``
-``mmdit data synth`` -> ``mmdit train`` through its stages (interrupted, then resumed by the same
+``mmdit data ingest`` of talking-video MP4s the test writes (and WAV + transcript files for an
+audio-only stage) -> ``mmdit train`` through its stages (interrupted, then resumed by the same
 command) -> ``mmdit sample`` of every task it lists -> ``mmdit eval`` -> ``mmdit export``, all through
-the CLIs' ``main([...])``; plus the staged-training mechanics (mmdit/train/stages.py) on a fake loop and
-the missing-input errors that name the flag."""
+the CLIs' ``main([...])``; the training sample hook on a video-only preset; plus the staged-training
+mechanics (mmdit/train/stages.py) on a fake loop and the missing-input errors that name the flag."""
 
 import json
 import os
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from mmdit import config_lib
+from media_fixtures import world_of, write_audio_only, write_talking_mp4
 
 PRESETS = ("unitalking", "jamflow", "mirage", "talkingmachines")
 MISSING_INPUT_FLAGS = {  # preset -> (task, the flag its error must name) when sampled with nothing given
@@ -32,6 +34,39 @@ def _main(module: str, argv: list[str]) -> int:
     return importlib.import_module(f"mmdit.cli.{module}").main(argv)
 
 
+WINDOWS_PER_SOURCE = 2  # UniTalking's reference audio is the neighbouring window of the same source
+
+
+def _ingest_media(config: str, cfg, data_dir: str, media_dir, splits=("train", "eval"), num_sources: int = 2) -> None:
+    """The preset's records from media files through ``mmdit data ingest``: ``num_sources`` talking MP4s of
+    its synthetic world per split in ``splits`` -> ``data_dir/<split>`` (``eval``: what ``mmdit sample``,
+    ``mmdit eval`` and the training sample hook condition on), each ``WINDOWS_PER_SOURCE`` clips long
+    (plus a remainder ingest drops); and for ``train``, every audio-only stage split (UniTalking's
+    ``tts`` stage reads ``train_audio``) from WAV + transcript files."""
+    from mmdit.data.synth_records import audio_only_splits
+
+    world = world_of(cfg, (WINDOWS_PER_SOURCE + 0.5) * float(cfg.clip.seconds))
+    jobs = {}  # split -> (kind, world clip indices): disjoint indices, so eval clips are unseen in training
+    for k, split in enumerate(splits):
+        jobs[split] = ("mp4", range(1000 * k, 1000 * k + num_sources))
+    if "train" in splits:
+        for k, split in enumerate(audio_only_splits(cfg)):
+            jobs[split] = ("wav", range(10_000 * (k + 1), 10_000 * (k + 1) + num_sources))
+    for split, (kind, indices) in jobs.items():
+        d = media_dir / split
+        for i in indices:
+            if kind == "mp4":  # both sidecar caption kinds
+                write_talking_mp4(d, f"talk{i}", world.clip(i), caption="json" if i % 2 else "txt")
+            else:
+                write_audio_only(d, f"voice{i}", world.clip(i))
+        out = os.path.join(data_dir, split)
+        assert _main("data", ["ingest", "--config", config, "--in", str(d), "--out", out, "--no-progress"]) == 0
+        m = json.load(open(os.path.join(out, "manifest.json")))
+        assert m["producer"] == "mmdit data ingest" and m["skipped"] == {}, m["skipped_sources"]
+        assert m["num_examples"] == WINDOWS_PER_SOURCE * num_sources
+        assert m["metadata"]["counts"]["audio_only"] == (m["num_examples"] if kind == "wav" else 0)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", PRESETS)
 def test_preset_tiny_end_to_end(preset, tmp_path, capsys):
@@ -41,7 +76,7 @@ def test_preset_tiny_end_to_end(preset, tmp_path, capsys):
     config = f"configs/{preset}.py:tiny"
     cfg = config_lib.load(config)
     wd = str(tmp_path / preset)
-    assert _main("data", ["synth", "--config", config, "--out", os.path.join(wd, "data"), "--no-progress"]) == 0
+    _ingest_media(config, cfg, os.path.join(wd, "data"), tmp_path / "media")
     train = records.open_dataset(os.path.join(wd, "data", "train"))
     from mmdit.model.diffusion import DiffusionModel
 
@@ -78,6 +113,7 @@ def test_preset_tiny_end_to_end(preset, tmp_path, capsys):
 
     if preset == "unitalking":  # TTS pretraining: audio-only records, video loss off, video branch frozen
         audio_only = records.open_dataset(os.path.join(wd, "data", "train_audio"))
+        assert int(audio_only[0]["has_video"]) == 0 and audio_only[0]["source"].endswith(".wav")
         assert not np.any(audio_only[0]["video_latents"]) and np.any(audio_only[0]["audio_latents"])
         tts = _metrics(stages_lib.stage_dir(wd, "tts"))
         assert all(m["loss/video"] == 0.0 and np.isfinite(m["loss/audio"]) for m in tts)
@@ -105,6 +141,66 @@ def test_preset_tiny_end_to_end(preset, tmp_path, capsys):
         assert _main("sample", argv + (["--text", "hello"] if preset != "mirage" else [])) == 2
         err = capsys.readouterr().err
         assert flag in err, (task, err)
+
+
+class _Writer:  # the MetricWriter methods the training sample hook calls
+    def __init__(self):
+        self.videos, self.waves = {}, {}
+
+    def video(self, step, tag, frames, fps):
+        self.videos[tag] = (step, np.asarray(frames), fps)
+
+    def audio(self, step, tag, wave, sample_rate):
+        self.waves[tag] = (step, np.asarray(wave), sample_rate)
+
+    def flush(self):
+        pass
+
+
+@pytest.mark.slow
+def test_training_sample_hook_samples_a_video_only_preset(tmp_path):
+    """TalkingMachines has no audio stream (video + audio-feature conditions): the training sample hook
+    still samples it, with its driving audio decoded from the log-mel features as the sound, as
+    ``mmdit sample`` writes its MP4s."""
+    import flax.linen as nn
+    import jax
+
+    from mmdit import config_spec
+    from mmdit.eval.train_samples import sample_hook_for_workdir
+    from mmdit.model.diffusion import DiffusionModel
+
+    config = "configs/talkingmachines.py:tiny"
+    cfg = config_lib.load(config)
+    cfg.train.sample_every = 1
+    assert config_spec.has_codecs(cfg)  # codecs.video is all a video-only model needs to be decoded
+    wd = tmp_path / "run"
+    assert sample_hook_for_workdir(cfg, str(wd)) is None  # no eval records to condition on yet
+    _ingest_media(config, cfg, str(wd / "data"), tmp_path / "media", splits=("eval",), num_sources=1)
+    hook = sample_hook_for_workdir(cfg, str(wd))
+    assert hook is not None
+    params = nn.unbox(DiffusionModel.from_config(cfg).init(jax.random.key(0)))
+    writer = _Writer()
+    hook(3, type("State", (), {"ema": params}), writer)
+
+    frames_per_clip, side = round(float(cfg.clip.seconds) * 25), int(cfg.world.video_size)
+    assert set(writer.videos) == {"samples/ti2av", "contact/ti2av"} and set(writer.waves) == {"samples/ti2av_audio"}
+    step, frames, fps = writer.videos["samples/ti2av"]
+    assert step == 3 and fps == 25.0 and frames.shape == (frames_per_clip, side, side, 3) and frames.dtype == np.uint8
+    _, wave, rate = writer.waves["samples/ti2av_audio"]
+    assert rate == 16000 and abs(len(wave) / rate - frames_per_clip / fps) < 0.05 and np.std(wave) > 1e-4
+    assert writer.videos["contact/ti2av"][1].shape[0] == 1  # one sheet image
+    from mmdit.codecs.registry import make_audio_codec
+    from mmdit.data.records import open_dataset
+
+    driving = open_dataset(str(wd / "data" / "eval"))[0]["audio_features"]  # the hook samples the first eval clip
+    np.testing.assert_allclose(wave, make_audio_codec(cfg.codecs.audio_features).decode(driving[None])[0], atol=1e-6)
+
+    cfg.codecs = dict(audio_features=cfg.codecs.audio_features)  # no codecs.video: nothing to decode samples with
+    assert not config_spec.has_codecs(cfg) and sample_hook_for_workdir(cfg, str(wd)) is None
+    twin = config_lib.load("configs/unitalking.py:tiny")  # an audio stream needs codecs.audio
+    assert config_spec.has_codecs(twin)
+    twin.codecs = dict(video=twin.codecs.video)
+    assert not config_spec.has_codecs(twin)
 
 
 def test_stage_sequencing_and_resume_with_a_fake_loop(tmp_path):

@@ -55,6 +55,12 @@ def test_t2av_stream_writes_fragmented_mp4_and_raw_chunks(tmp_path, stub_restore
     assert man["chunks"] == 5 and man["complete"] and man["frames"] == 30
     chunk = np.load(os.path.join(raw, "chunk_000004.npz"))
     assert chunk["frames"].shape == (6, 32, 32, 3)
+    # the raw chunks hold every sample the MP4 has, the decoders' end-of-stream tail included
+    pieces = [np.load(os.path.join(raw, f"chunk_{i:06d}.npz"))["audio"] for i in range(5)]
+    if man["tail"] is not None:
+        pieces.append(np.load(os.path.join(raw, man["tail"]))["audio"])
+    assert man["samples"] == sum(p.shape[-1] for p in pieces)
+    assert abs(man["samples"] - samples) <= 1024  # AAC frames pad the MP4's audio to 1024-sample frames
 
 
 def test_a2v_stream_ends_with_its_audio(tmp_path, stub_restore):

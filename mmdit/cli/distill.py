@@ -8,7 +8,13 @@ checkpoint. The teacher must be the student's twin (same streams, shapes, condit
 naming every differing field, before ``W`` is touched. When the run reaches ``train.steps`` the
 student is written as a normal training workdir ``W/student`` (``mmdit export --workdir W/student``,
 ``mmdit sample --workdir W/student``). Losses and grad norms: ``W/metrics.jsonl``,
-``W/tensorboard``. See ``mmdit/distill/loop.py`` and ``configs/demo_distill.py``.
+``W/tensorboard`` (with sample clips of the student every ``train.sample_every`` iterations, conditioned
+on ``W/data/eval`` or the eval records beside ``--data``). See ``mmdit/distill/loop.py`` and
+``configs/demo_distill.py``.
+
+Two runs (CausVid's recipe): an ODE-regression warm-up (``--config configs/demo_distill.py:warmup``:
+``distill.dmd_weight=0``, the student alone learns the teacher's ODE map), then DMD from it with
+``--set distill.student_init=W_warmup/student`` (the student starts from the warm-up's EMA params).
 
 ``mmdit-distill prepare --config C --teacher T --data IN --out OUT``: precomputes the regression
 loss's teacher ODE pairs into records (``mmdit/distill/prepare.py``); distil on them with
@@ -73,7 +79,8 @@ def main(argv=None):
     cfg = config_spec.load(args.config, overrides)
     last = distill(cfg, args.workdir, data_dir=args.data, progress=not args.no_progress, verify_checkpoint=not args.no_verify)
     if last:
-        print(f"done: critic loss {last.get('critic/loss', float('nan')):.4f}; student: {args.workdir}/student")
+        losses = ", ".join(f"{k} {last[k]:.4f}" for k in ("gen/loss", "critic/loss") if k in last)
+        print(f"done: {losses}; student: {args.workdir}/student")
     return 0
 
 

@@ -188,7 +188,9 @@ def run(args) -> dict:
         audio = None if mc.audio is None else mc.audio[0]
         if mp4 is not None:
             mp4.write(frames, audio)
-        if raw is not None and not mc.final:
+        if raw is not None and mc.final:
+            raw.write_tail(frames=frames, audio=audio)
+        elif raw is not None:
             latents = {k: v[0] for k, v in mc.latents.items()}
             raw.write(mc.index, frames=frames, audio=audio, latents=latents)
 

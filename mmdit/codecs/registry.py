@@ -5,6 +5,7 @@ its arguments: the weight-free kinds (``pixels``, ``mel``) and the converted pre
 from __future__ import annotations
 
 import importlib
+import inspect
 
 _VIDEO = {
     "pixels": ("mmdit.codecs.pixels", "PixelCodec"),
@@ -37,3 +38,28 @@ def make_video_codec(cfg):
 
 def make_audio_codec(cfg):
     return _make(_AUDIO, cfg, "codecs.audio")
+
+
+def check_codec_args(codecs) -> None:
+    """Validates a whole ``config.codecs`` mapping without building anything (no checkpoint is read):
+    each entry's ``kind`` exists and every other key is an argument its class takes. ``video`` takes a video
+    codec, every other entry (``audio``, ``audio_features``, ...) an audio one. Raises ValueError naming the
+    field."""
+    for name, entry in (codecs or {}).items():
+        field = f"codecs.{name}"
+        if entry is None:
+            continue
+        if not isinstance(entry, dict):
+            raise ValueError(f"{field}={entry!r}: expected a dict(kind=..., ...)")
+        table = _VIDEO if name == "video" else _AUDIO
+        args = dict(entry)
+        kind = args.pop("kind", None)
+        if kind not in table:
+            raise ValueError(f"{field}.kind={kind!r}: choose one of {sorted(table)}")
+        module, cls = table[kind]
+        params = inspect.signature(getattr(importlib.import_module(module), cls)).parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            continue
+        unknown = sorted(set(args) - set(params))
+        if unknown:
+            raise ValueError(f"{field}.{unknown[0]}: {cls} ({kind}) takes no such argument; it takes {', '.join(sorted(params))}")

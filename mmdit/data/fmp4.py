@@ -169,12 +169,15 @@ class RawChunkWriter:
     A chunk file holds ``frames`` (as given: e.g. ``uint8 [B, n, H, W, 3]``), ``audio`` (e.g. ``float32
     [B, m]``) and ``latents/<stream>`` arrays, whichever were passed. The manifest is constant-size (it does
     not grow with the stream): ``{"format", "fps", "sample_rate", "pattern", "chunks": count, "first",
-    "last", "frames", "samples", "complete", **meta}`` -- chunk ``i`` is ``pattern.format(i)`` for ``first <=
-    i <= last``; ``complete`` turns true at :meth:`close`.
+    "last", "frames", "samples", "tail", "complete", **meta}`` -- chunk ``i`` is ``pattern.format(i)`` for
+    ``first <= i <= last``; ``tail`` is ``None`` or the file (``TAIL``) holding what the decoders released
+    only when the stream ended (e.g. the mel vocoder's last samples: no latents), written by
+    :meth:`write_tail`; ``frames``/``samples`` count it; ``complete`` turns true at :meth:`close`.
     """
 
     FORMAT = "mmdit-raw-chunks/1"
     PATTERN = "chunk_{:06d}.npz"
+    TAIL = "tail.npz"
 
     def __init__(self, directory: str, *, fps: float, sample_rate: int | None, meta: dict | None = None):
         os.makedirs(directory, exist_ok=True)
@@ -191,6 +194,7 @@ class RawChunkWriter:
             "last": None,
             "frames": 0,
             "samples": 0,
+            "tail": None,
             "complete": False,
             **(meta or {}),
         }
@@ -206,6 +210,8 @@ class RawChunkWriter:
         last = self.manifest["last"]
         if last is not None and index <= last:
             raise ValueError(f"chunk index {index} is not after the last written chunk {last}")
+        if self.manifest["tail"] is not None:
+            raise RuntimeError(f"{self.directory}: chunk {index} written after the tail")
         arrays = {}
         if frames is not None:
             arrays["frames"] = np.asarray(frames)
@@ -214,6 +220,38 @@ class RawChunkWriter:
         for name, value in (latents or {}).items():
             arrays[f"latents/{name}"] = np.asarray(value)
         path = os.path.join(self.directory, self.PATTERN.format(index))
+        self._save(path, arrays)
+        m = self.manifest
+        m["chunks"] += 1
+        m["first"] = index if m["first"] is None else m["first"]
+        m["last"] = index
+        self._count(arrays)
+        self._write_manifest()
+        return path
+
+    def write_tail(self, frames=None, audio=None) -> str | None:
+        """Writes the decoders' end-of-stream remainder (``TAIL``) once, after the last chunk; returns its
+        path, or None when both are absent or empty (nothing is written then)."""
+        if self.manifest["complete"] or self.manifest["tail"] is not None:
+            raise RuntimeError(f"{self.directory}: tail written twice or after close()")
+        arrays = {k: np.asarray(v) for k, v in (("frames", frames), ("audio", audio)) if v is not None and np.size(v)}
+        if not arrays:
+            return None
+        path = os.path.join(self.directory, self.TAIL)
+        self._save(path, arrays)
+        self.manifest["tail"] = self.TAIL
+        self._count(arrays)
+        self._write_manifest()
+        return path
+
+    def _count(self, arrays: dict) -> None:
+        if "frames" in arrays:
+            self.manifest["frames"] += int(arrays["frames"].shape[-4])
+        if "audio" in arrays:
+            self.manifest["samples"] += int(arrays["audio"].shape[-1])
+
+    def _save(self, path: str, arrays: dict) -> None:
+        """``np.savez`` to ``path`` atomically (temp file, fsync, rename, fsync the directory)."""
         fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".chunk.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
@@ -227,14 +265,6 @@ class RawChunkWriter:
                 os.remove(tmp)
             raise
         fsync_path(self.directory)
-        m = self.manifest
-        m["chunks"] += 1
-        m["first"] = index if m["first"] is None else m["first"]
-        m["last"] = index
-        m["frames"] += int(arrays["frames"].shape[-4]) if frames is not None else 0
-        m["samples"] += int(arrays["audio"].shape[-1]) if audio is not None else 0
-        self._write_manifest()
-        return path
 
     def close(self) -> None:
         """Marks the stream complete in the manifest (idempotent)."""

@@ -13,7 +13,12 @@ Each record holds exactly what the model's input schema asks (``DiffusionModel.i
   next clip of the same identity (another utterance of the same voice);
 * audio features (a condition or condition stream named ``audio_features``, or the one
   ``encoders.audio_features`` names): from ``encoders.audio_features`` (wav2vec2), else from
-  ``codecs.audio_features``, a weight-free audio codec (e.g. a 50 Hz log-mel) standing in for it.
+  ``codecs.audio_features``, a weight-free audio codec (e.g. a 50 Hz log-mel) standing in for it;
+* ``speaking_frames`` int32 ``[F_ref]`` and ``speaking`` int32 ``[]`` (a condition with
+  ``silence_labels``): the world's ground truth, not an energy rule -- a latent frame of the
+  time-reference stream is speaking when at least half of it lies inside the utterance (first spoken
+  phone to last, :attr:`~mmdit.data.synthetic.Clip.utterance_span`), so the leading and trailing pauses
+  are silence mode; the clip is speaking when ``SpeakingRule.min_fraction`` of its frames are.
 
 World clips longer than ``clip.seconds`` (``world.min_seconds`` above it) are cut to a clip-length window at a
 random offset, deterministic per index (``RecordMaker.window``). Latent sequences are cut or zero-padded along time to the model's length when they are within
@@ -37,6 +42,7 @@ from mmdit import config_spec
 from mmdit.codecs.registry import make_audio_codec, make_video_codec
 from mmdit.codecs.text import ByteTokenizer
 from mmdit.data.records import ShardWriter
+from mmdit.data.speaking import SpeakingRule, latent_frame_spans
 from mmdit.data.synthetic import SyntheticWorld, WorldConfig
 from mmdit.util.lock import DirLock
 from mmdit.util.plain import plain
@@ -67,6 +73,17 @@ def fit_length(x: np.ndarray, length: int, field: str) -> np.ndarray:
     if t > length:
         return x[:length]
     return np.concatenate([x, np.zeros((length - t, *x.shape[1:]), x.dtype)])
+
+
+def utterance_frame_labels(utterance: tuple[float, float] | None, spans: np.ndarray) -> np.ndarray:
+    """int32 ``[F]``: 1 where at least half of latent frame ``f`` (``spans[f] = (start_s, end_s)``) lies
+    inside ``utterance`` ``(start_s, end_s)`` (None: nothing spoken, all 0)."""
+    spans = np.asarray(spans, np.float64)
+    if utterance is None:
+        return np.zeros(len(spans), np.int32)
+    start, end = utterance
+    overlap = np.clip(np.minimum(spans[:, 1], end) - np.maximum(spans[:, 0], start), 0.0, None)
+    return (overlap >= 0.5 * (spans[:, 1] - spans[:, 0]) - 1e-9).astype(np.int32)
 
 
 class RecordMaker:
@@ -122,6 +139,15 @@ class RecordMaker:
                 key = AUDIO_FEATURES + ("_latents" if is_stream else "")
                 length = streams[AUDIO_FEATURES].shape[0] if is_stream else conditions[AUDIO_FEATURES].length
                 self.features = (key, length, make_audio_codec(codecs["audio_features"]))
+        self.reference_spans = None  # [F_ref, 2] seconds of each time-reference latent frame, when labelled
+        if any(c.silence_labels for c in self.spec.conditions):
+            ref = self.spec.stream(self.spec.time_reference).geometry
+            if self.spec.time_reference == self.roles.visual:
+                vc = self.video_codec
+                self.reference_spans = latent_frame_spans(ref.shape[0], int(vc.temporal_compression), float(vc.fps))
+            else:
+                k = np.arange(ref.shape[0])
+                self.reference_spans = np.stack([k / ref.rate, (k + 1) / ref.rate], axis=1)
 
     def _wave(self, clip, seconds: float, rate: int) -> np.ndarray:
         if rate != clip.sample_rate:
@@ -192,6 +218,9 @@ class RecordMaker:
             ident, size = self.world.identity_params(clip.identity), float(self.world.cfg.video_size)
             box = [ident.cx - ident.face_rx, ident.cy - ident.face_ry, ident.cx + ident.face_rx, ident.cy + ident.face_ry]
             ex["face_box"] = np.clip(np.asarray(box, np.float32) / size, 0.0, 1.0)
+        if self.reference_spans is not None:  # silence labels (model.conditions.*.silence_labels)
+            ex["speaking_frames"] = utterance_frame_labels(clip.utterance_span, self.reference_spans)
+            ex["speaking"] = np.asarray(SpeakingRule().clip_label(ex["speaking_frames"]), np.int32)
         return ex
 
     def _audio_latents(self, clip, seconds: float, field: str, check: bool = True) -> np.ndarray:

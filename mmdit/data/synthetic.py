@@ -162,6 +162,13 @@ class Clip:
     def seconds(self) -> float:
         return self.video.shape[0] / self.fps
 
+    @property
+    def utterance_span(self) -> tuple[float, float] | None:
+        """``(start_s, end_s)`` from the first spoken phone's start to the last one's end (the pauses
+        between words inside it count as speaking: the subject's turn); None when nothing is spoken."""
+        spoken = [(s, e) for p, s, e in self.phones if p != "_"]
+        return (spoken[0][0], spoken[-1][1]) if spoken else None
+
 
 @dataclasses.dataclass(frozen=True)
 class Identity:

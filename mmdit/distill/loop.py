@@ -6,15 +6,24 @@ teacher workdir and the checkpoint step used: a resumed run reloads that same st
 ``checkpoints/<step>/`` (the whole :class:`mmdit.distill.state.DistillState` + data iterator,
 orbax + sha256), ``metrics.jsonl`` and ``tensorboard/`` (``gen/loss``, ``gen/dmd_loss``,
 ``gen/regression_loss``, ``gen/grad_norm``, ``critic/loss``, ``critic/grad_norm``, ``dmd/*``, lr,
-steps/sec), and ``student/``: a normal training workdir of the student (its ``config.json`` with
+steps/sec; every ``train.sample_every`` iterations ``samples/<task>`` clips of the EMA student,
+:mod:`mmdit.eval.train_samples`), and ``student/``: a normal training workdir of the student (its ``config.json`` with
 ``sample.steps`` = the step list's length and no CFG, ``checkpoints/<step>`` holding the student's
 :class:`mmdit.train.state.TrainState`), written when the run reaches ``train.steps``, which
 ``mmdit export`` / ``mmdit sample`` / ``mmdit eval`` take as ``--workdir``.
 
+Iteration ``n`` updates the student when ``n % distill.critic_steps == 0``, then always the critic
+(:mod:`mmdit.distill.step`); with ``distill.dmd_weight=0`` (the regression-only ODE warm-up) every
+iteration updates the student and none the critic. Critic metrics are logged every
+``train.log_every`` iterations; generator metrics only at iterations that ran the generator: the
+last such iteration of each logging window (every one with ``log_every=1``).
+
+The student starts as the teacher, or from ``distill.student_init`` (a warm-up run,
+:mod:`mmdit.distill.student_init`); the fake score always starts as the teacher.
+
 Resuming is automatic (rerun the same command): the latest good checkpoint restores the state, the
-iteration count, the RNG and the data position, so the losses match an uninterrupted run exactly
-(on CPU). Iteration ``n`` updates the student when ``n % distill.critic_steps == 0``, then always
-the critic (:mod:`mmdit.distill.step`).
+iteration count, the RNG and the data position, so the logged metrics match an uninterrupted run
+exactly (on CPU) whatever ``train.checkpoint_every`` is.
 """
 
 from __future__ import annotations
@@ -22,9 +31,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import time
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
@@ -33,25 +45,32 @@ from mmdit import config_lib, config_spec, parallel
 from mmdit.data import records
 from mmdit.data.sharded_iterator import data_iterator
 from mmdit.distill import state as state_lib
+from mmdit.distill import student_init as student_init_lib
 from mmdit.distill import teacher as teacher_lib
 from mmdit.distill.spec import pair_fields
 from mmdit.distill.step import make_step
 from mmdit.model.diffusion import DiffusionModel
 from mmdit.parallel import distributed
 from mmdit.train import checkpoint, sharding
-from mmdit.train.loop import default_data_dir, trim_metrics
+from mmdit.train.loop import default_data_dir
 from mmdit.train.metrics import MetricWriter
+from mmdit.train.resume import restore_latest
 from mmdit.train.state import learning_rate_schedule
 from mmdit.util.files import write_json_atomic
 from mmdit.util.lock import DirLock
 
-TEACHER_RECORD = "teacher.json"
+TEACHER_RECORD = student_init_lib.DISTILL_RECORD  # teacher.json
 STUDENT_DIR = "student"
 
 
 def _print_on_process_0(message: str) -> None:
     if jax.process_index() == 0:
         print(message, flush=True)
+
+
+def _warn_on_process_0(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, file=sys.stderr, flush=True)
 
 
 def distill(
@@ -66,16 +85,20 @@ def distill(
     log=None,
     iteration_hook=None,
     compiler_options: dict | None = None,
+    samples: bool = True,
 ) -> dict:
     """Distils ``cfg.distill.teacher`` into ``cfg``'s student in ``workdir``; returns the last logged
-    metrics. ``stop_after``: end after that many new iterations (tests). ``iteration_hook(done,
-    state)`` runs after each iteration (tests: kill the process mid-run). ``compiler_options``: XLA
-    options for both step functions (tests: ``{"xla_backend_optimization_level": 0}``).
+    value of each metric. ``stop_after``: end after that many new iterations (tests).
+    ``iteration_hook(done, state)`` runs after each iteration (tests: kill the process mid-run).
+    ``compiler_options``: XLA options for the step functions (tests:
+    ``{"xla_backend_optimization_level": 0}``). ``samples``: log TensorBoard samples every
+    ``train.sample_every`` iterations (:func:`sample_hook`).
 
-    Every config section and the teacher's compatibility are checked before the workdir is touched
-    (a refused teacher leaves it exactly as it was)."""
+    Every config section, the teacher's compatibility and ``distill.student_init``'s param tree are
+    checked before the workdir is touched (a refused run leaves it exactly as it was)."""
     config_spec.build_run_spec(cfg)
     dspec, teacher_cfg = teacher_lib.check_teacher(cfg)
+    init_source = _check_student_init(cfg, dspec)
     distributed.maybe_initialize(cfg)
     workdir = os.path.abspath(workdir)
     log = log or _print_on_process_0
@@ -94,7 +117,48 @@ def distill(
             log,
             iteration_hook,
             compiler_options,
+            init_source,
+            samples,
         )
+
+
+def _check_student_init(cfg, dspec):
+    """The :class:`mmdit.train.init_from.Source` of ``distill.student_init`` once it is known to hold
+    the student's params (None when unset); reads metadata only."""
+    if dspec.student_init is None:
+        return None
+    source = student_init_lib.open_source(dspec.student_init)
+    model = DiffusionModel.from_config(cfg)
+    student_init_lib.check(source, nn.unbox(jax.eval_shape(model.init, jax.random.key(0))))
+    return source
+
+
+def eval_dir_for(workdir: str, data_dir: str) -> str | None:
+    """Eval records to condition TensorBoard samples on: ``WORKDIR/data/eval``, else the ``eval``
+    records beside the training ones (``DATA/../eval``: a teacher workdir's ``data/``); None if neither."""
+    for d in (os.path.join(workdir, "data", "eval"), os.path.join(os.path.dirname(os.path.abspath(data_dir)), "eval")):
+        if os.path.isfile(os.path.join(d, "manifest.json")):
+            return d
+    return None
+
+
+def sample_hook(cfg, dspec, student_model, workdir: str, data_dir: str, log):
+    """``hook(done, student TrainState, writer)``: training's sample hook
+    (:func:`mmdit.eval.train_samples.make_sample_hook`: the first two of ``sample.tasks`` from the EMA
+    student, its Euler sampler at ``sample.steps`` = the step list's length, on the first eval
+    record) or None (``train.sample_every`` 0, no codecs, or no eval records: said through ``log``)."""
+    if not config_spec.train_spec(cfg).sample_every or not config_spec.has_codecs(cfg):
+        return None
+    eval_dir = eval_dir_for(workdir, data_dir)
+    if eval_dir is None:
+        log(
+            f"note: no eval records in {workdir}/data/eval or beside {data_dir}: no TensorBoard samples "
+            "(train.sample_every); make them with mmdit-data synth"
+        )
+        return None
+    from mmdit.eval.train_samples import make_sample_hook
+
+    return make_sample_hook(student_config(cfg, dspec), student_model, eval_dir)
 
 
 def _teacher_step(workdir: str, requested: int | None) -> int | None:
@@ -121,7 +185,19 @@ def _global_batch(batch_shardings: dict, batch_size: int, local: dict) -> dict:
 
 
 def _distill_locked(
-    cfg, dspec, teacher_cfg, workdir, data_dir, stop_after, progress, verify_checkpoint, log, hook, compiler_options
+    cfg,
+    dspec,
+    teacher_cfg,
+    workdir,
+    data_dir,
+    stop_after,
+    progress,
+    verify_checkpoint,
+    log,
+    hook,
+    compiler_options,
+    init_source,
+    samples,
 ):
     spec = config_spec.build_run_spec(cfg)
     checkpoint.check_config_matches(workdir, cfg)
@@ -161,67 +237,81 @@ def _distill_locked(
     abstract = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), sharding.strip_boxes(boxed), state_sh
     )
-    state, restored = checkpoint.restore_step(
-        manager, abstract, data_iter, verify=verify_checkpoint, quarantine=jax.process_index() == 0
-    )
     total = spec.train.steps
+    restored = restore_latest(
+        manager, abstract, data_iter, workdir, total, verify=verify_checkpoint, log=log, warn=_warn_on_process_0, verb="distil"
+    )
+    if restored.finished:
+        return {}
+    state = restored.state
     if state is None:
         init = jax.jit(lambda p, r: state_lib.assemble(p, student_tx, critic_tx, r), out_shardings=state_sh)
         with sharding.activate(mesh, rules):
             state = init(teacher_params, jax.random.key(int(cfg.seed)))
-    else:
-        log(f"resuming from step {restored} ({checkpoint.step_dir(manager, restored)})")
-        if restored >= total:
-            log(f"already at step {restored} >= train.steps={total}, nothing to do (raise train.steps to distil further)")
-            manager.close()
-            return {}
-        if jax.process_index() == 0:
-            trim_metrics(os.path.join(workdir, "metrics.jsonl"), restored)
+        if init_source is not None:  # only a fresh run: a resumed one keeps its checkpoint's student
+            params = student_init_lib.load(init_source, state.student.params, state_sh.student.params)
+            ema = jax.tree.map(jnp.copy, params)  # a distinct buffer (the state is donated)
+            state = state.replace(student=state.student.replace(params=params, ema=ema))
+            log(f"student initialised from {init_source.path} ({init_source.kind}, {init_source.note})")
 
     replicated = NamedSharding(mesh, PartitionSpec())
     steps = {}
-    for generator in (True, False):
-        fn = make_step(student_model, teacher_model, cfg, teacher_cfg, dspec, student_tx, critic_tx, generator=generator)
-        steps[generator] = jax.jit(
+    for kind in ("generator", "critic") if dspec.trains_critic else ("warmup",):
+        fn = _iteration_fn(
+            kind,
+            make_step(student_model, teacher_model, cfg, teacher_cfg, dspec, student_tx, critic_tx, generator=kind != "critic"),
+        )
+        steps[kind] = jax.jit(
             fn, in_shardings=(state_sh, teacher_sh, batch_sh), out_shardings=(state_sh, replicated), donate_argnums=(0,)
         )
     compiled = {}
 
-    def run(generator, state, batch):
-        if generator not in compiled:
+    def run(kind, state, batch):
+        if not compiled:  # every kind, in one order, from the abstract state: a resumed run (whose first
+            # iteration may be critic-only) runs the very executables an uninterrupted one does
             with sharding.activate(mesh, rules):
-                lowered = steps[generator].lower(state, teacher_params, batch)
-            compiled[generator] = lowered.compile(compiler_options=compiler_options)
+                for k, fn in steps.items():
+                    compiled[k] = fn.lower(abstract, teacher_params, batch).compile(compiler_options=compiler_options)
         with sharding.activate(mesh, rules):
-            return compiled[generator](state, teacher_params, batch)
+            return compiled[kind](state, teacher_params, batch)
 
     start = int(state.step)
     writer = MetricWriter(workdir)
+    samples_hook = sample_hook(cfg, dspec, student_model, workdir, data_dir, log) if samples else None
     schedule = learning_rate_schedule(spec.train)
+    log_every, sample_every = spec.train.log_every, spec.train.sample_every
     bar = _progress(progress, start, total)
-    last, gen_metrics = {}, {}
+    last = {}
     t_last, n_last = time.perf_counter(), start
     end = total if stop_after is None else min(total, start + stop_after)
     for it in range(start, end):
         batch = _global_batch(batch_sh, batch_size, next(data_iter))
-        if it % dspec.critic_steps == 0:
-            state, gen_metrics = run(True, state, batch)
-        state, metrics = run(False, state, batch)
-        done = it + 1
-        if done % spec.train.log_every == 0 or done == end:
-            metrics = {**jax.device_get(gen_metrics), **jax.device_get(metrics)}
+        done, logged = it + 1, {}
+        if dspec.runs_generator(it):
+            state, gen_metrics = run("generator" if dspec.trains_critic else "warmup", state, batch)
+            if logs_generator(done, log_every, dspec, end):
+                logged.update(jax.device_get(gen_metrics))
+        if dspec.trains_critic:
+            state, critic_metrics = run("critic", state, batch)
+        if done % log_every == 0 or done == end:
+            if dspec.trains_critic:
+                logged.update(jax.device_get(critic_metrics))
             now = time.perf_counter()
             rate = (done - n_last) / max(now - t_last, 1e-9)
             t_last, n_last = now, done
-            last = {k: float(v) for k, v in metrics.items()}
-            last.update({"lr": float(schedule(int(state.student.step))), "steps_per_sec": rate})
-            writer.scalars(done, last)
+            logged.update({"lr": schedule(int(state.student.step)), "steps_per_sec": rate})
+        if logged:
+            logged = {k: float(v) for k, v in logged.items()}
+            writer.scalars(done, logged)
+            last.update(logged)
             if bar is not None:
-                bar.set_postfix(gen=f"{last.get('gen/loss', float('nan')):.4f}", critic=f"{last['critic/loss']:.4f}")
+                bar.set_postfix({k: f"{last[k]:.4f}" for k in ("gen/loss", "critic/loss") if k in last})
         if done % spec.train.checkpoint_every == 0 or done == total:
             checkpoint.save(manager, done, state, data_iter)
         if done == total:
             export_student(cfg, dspec, workdir, state.student, done)
+        if samples_hook is not None and sample_every and done % sample_every == 0:
+            samples_hook(done, state.student, writer)
         if hook is not None:
             hook(done, state)
         if bar is not None:
@@ -231,6 +321,29 @@ def _distill_locked(
     if bar is not None:
         bar.close()
     return last
+
+
+def _iteration_fn(kind: str, step):
+    """``step`` (:func:`mmdit.distill.step.make_step`) for one kind of iteration: ``generator`` and
+    ``critic`` as they are; ``warmup`` (``dmd_weight=0``) the generator update that also ends the
+    iteration (``state.step + 1``), as no critic update follows it."""
+    if kind != "warmup":
+        return step
+
+    def warmup(state, teacher_params, batch):
+        state, metrics = step(state, teacher_params, batch)
+        return state.replace(step=state.step + 1), metrics
+
+    return warmup
+
+
+def logs_generator(done: int, log_every: int, dspec, end: int) -> bool:
+    """Whether the generator update of the iteration ending at ``done`` is logged (at ``done``): it
+    is the last generator update before the next log point (a multiple of ``log_every``, or ``end``).
+    A function of the iteration alone, so a resumed run logs exactly what an uninterrupted one does."""
+    next_log = min(-(-done // log_every) * log_every, end)
+    period = dspec.critic_steps if dspec.trains_critic else 1
+    return next_log < done + period
 
 
 def sampling_mismatch(cfg, dspec) -> str | None:

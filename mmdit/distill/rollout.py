@@ -4,7 +4,11 @@ A chunk-causal student (``model.chunk_frames`` set, ``chunk_causal`` in ``model.
 chunk ``c`` (tokens with ``floor(aligned_time / chunk_frames) == c``, as
 ``MMDiT.token_meta`` numbers them) with every earlier chunk *known* (clean, σ = 0) and every later
 chunk *invalid* (absent: never attended), exactly what a streaming sampler with a KV cache sees;
-here the earlier chunks are simply re-run in the same forward pass instead of read from a cache.
+here the earlier chunks are simply re-run in the same forward pass instead of read from a cache
+(``chunks × steps`` full-sequence passes). Training runs a streamable student on the cache instead
+(:mod:`mmdit.distill.cached_rollout`, the geometry ``mmdit stream`` serves); this full-sequence
+version is its reference (with ``absolute`` positions and a ``clean`` cache they are equal) and
+the rollout of a student that cannot stream.
 
 Within a chunk the student follows the fixed ``denoising_step_list`` σ_0 = 1 > σ_1 > ... > σ_{K-1}:
 predict the clean chunk ``x0 = x − σ_k·v`` and re-noise it with *fresh* noise to σ_{k+1}
@@ -16,7 +20,8 @@ predict the clean chunk ``x0 = x − σ_k·v`` and re-noise it with *fresh* nois
 * ``rollout="teacher_forced"`` (CausVid): the context is the ground-truth chunks of the batch.
 
 Tokens the task marks known (A2V: the given audio) keep their given values and are never generated.
-A model without ``chunk_frames`` is one chunk: this is then plain few-step sampling.
+A model without ``chunk_frames`` is one chunk: this is then plain few-step sampling. The noise is
+:func:`chunk_noise` per chunk, so both rollouts draw the same numbers.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import numpy as np
 
 from mmdit import flow
 from mmdit.distill.losses import clean_prediction
+from mmdit.model import chunks as chunks_lib
 
 
 def chunk_ids(spec) -> dict[str, np.ndarray]:
@@ -44,6 +50,22 @@ def chunk_ids(spec) -> dict[str, np.ndarray]:
 def num_chunks(spec) -> int:
     ids = chunk_ids(spec)
     return int(max(ids[n].max() for n in spec.generated)) + 1
+
+
+def chunk_noise(rng, c, draw, index: int, shape) -> jax.Array:
+    """Standard normal noise ``float32 shape`` (``[B, T_s, C]``: one chunk of a stream) of chunk ``c``:
+    ``draw`` 0 is the starting noise, ``1 + k`` the re-noising after step ``k``; ``index`` the
+    stream's position in sorted generated names. ``c``/``draw`` may be traced. The full-sequence and
+    the cached rollout (:mod:`mmdit.distill.cached_rollout`) draw the same numbers."""
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(rng, c), draw), index)
+    return jax.random.normal(key, shape, jnp.float32)
+
+
+def _placed(noise, c, tokens_per_chunk: int, total: int):
+    """``noise [B, T, C]`` of chunk ``c`` at its tokens ``[c·T, (c+1)·T)`` of a ``[B, total, C]`` zero array
+    (a chunk's tokens are contiguous: token order is time-major)."""
+    full = jnp.zeros((noise.shape[0], total) + noise.shape[2:], noise.dtype)
+    return jax.lax.dynamic_update_slice_in_dim(full, noise, c * tokens_per_chunk, 1)
 
 
 def chunk_pass(model, params, c: int, x_current, context, sigma: float, masks, raw, cond_keep):
@@ -98,26 +120,28 @@ def student_rollout(model, params, rng, clean, masks, raw, cond_keep, step_list,
     spec = model.spec
     gen = sorted(spec.generated)
     ids = chunk_ids(spec)
+    per_chunk = chunks_lib.chunk_tokens(spec)
     K = len(step_list)
     out = {n: jnp.where(masks.known[n][..., None], clean[n].astype(jnp.float32), 0.0) for n in gen}
+    B = out[gen[0]].shape[0]
+
+    def noise(c, draw):
+        return {
+            n: _placed(chunk_noise(rng, c, draw, i, (B, per_chunk[n], out[n].shape[2])), c, per_chunk[n], out[n].shape[1])
+            for i, n in enumerate(gen)
+        }
 
     def one_chunk(c, out):
-        k_chunk = jax.random.fold_in(rng, c)
         context = dict(clean) if teacher_forced else {**clean, **jax.tree.map(jax.lax.stop_gradient, out)}
-        x = {n: jax.random.normal(jax.random.fold_in(k_chunk, i), out[n].shape, jnp.float32) for i, n in enumerate(gen)}
+        x = noise(c, 0)
         chosen = {n: jnp.zeros_like(out[n]) for n in gen}
         for k, sigma in enumerate(step_list):
             x0 = chunk_pass(model, params, c, x, context, sigma, masks, raw, cond_keep)
             is_exit = jnp.asarray(exit_step) == k
             chosen = {n: jnp.where(is_exit, x0[n], chosen[n]) for n in gen}
             if k + 1 < K:
-                k_noise = jax.random.fold_in(k_chunk, 1000 + k)
-                nxt = step_list[k + 1]
-                x = {
-                    n: (1.0 - nxt) * jax.lax.stop_gradient(x0[n])
-                    + nxt * jax.random.normal(jax.random.fold_in(k_noise, i), x0[n].shape)
-                    for i, n in enumerate(gen)
-                }
+                nxt, fresh = step_list[k + 1], noise(c, 1 + k)
+                x = {n: (1.0 - nxt) * jax.lax.stop_gradient(x0[n]) + nxt * fresh[n] for n in gen}
         return {n: jnp.where(_current(ids, n, c, masks)[..., None], chosen[n], out[n]) for n in gen}
 
     return jax.lax.fori_loop(0, num_chunks(spec), one_chunk, out)

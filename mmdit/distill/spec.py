@@ -1,4 +1,5 @@
-"""The ``distill`` config section, validated once into a frozen :class:`DistillSpec`.
+"""The ``distill`` config section (declared with its defaults in ``configs/base.py``), validated once
+into a frozen :class:`DistillSpec`.
 
 A distillation run is an ordinary experiment config (its ``model`` is the *student*: usually the
 teacher's world with ``model.chunk_frames`` set and ``chunk_causal`` in ``model.mask``; ``train``
@@ -10,6 +11,10 @@ field                      meaning
 teacher                    a training workdir (``mmdit-train --workdir``) of the teacher (required)
 teacher_step               its checkpoint step (None: the latest good one)
 teacher_params             ``ema`` (default) or ``params`` of that checkpoint
+student_init               None (the student starts as the teacher) or a run whose EMA params start
+                           the student (the fake score still starts as the teacher): a regression
+                           warm-up's ``W/student`` or distill workdir ``W``, or a training workdir;
+                           its param tree must be the student's. Only a fresh run reads it.
 guidance                   the teacher's (real score's) CFG scales, ``sample.guidance``'s form;
                            None: the teacher config's ``sample.guidance``
 denoising_step_list        the student's fixed σ list, descending, first 1.0 (e.g. ``(1.0, 0.75)``)
@@ -17,7 +22,8 @@ rollout                    ``self`` (Self-Forcing: chunks conditioned on the stu
                            or ``teacher_forced`` (CausVid: chunks conditioned on ground truth)
 critic_steps               critic updates per generator update (Self-Forcing: 5)
 critic_lr                  the fake score's learning rate (None: ``train.lr``)
-dmd_weight                 weight of the DMD generator loss
+dmd_weight                 weight of the DMD generator loss (0: the regression-only ODE warm-up:
+                           every iteration updates the student, the fake score is never trained)
 regression_weight          weight of the regression loss on teacher ODE pairs (0: off)
 regression_pairs           ``on_the_fly`` (teacher ODE each generator step) or ``records`` (fields
                            written by ``mmdit distill prepare`` into the training records)
@@ -35,31 +41,13 @@ import dataclasses
 import numbers
 from typing import Any, Mapping
 
+from mmdit import config_spec
 from mmdit.util.plain import plain
 
 ROLLOUTS = ("self", "teacher_forced")
 REGRESSION_PAIRS = ("on_the_fly", "records")
 TEACHER_PARAMS = ("ema", "params")
 DISTILL_TASKS = ("t2av", "a2v")
-
-DEFAULTS: dict[str, Any] = dict(
-    teacher=None,
-    teacher_step=None,
-    teacher_params="ema",
-    guidance=None,
-    denoising_step_list=(1.0, 0.75),
-    rollout="self",
-    critic_steps=5,
-    critic_lr=None,
-    dmd_weight=1.0,
-    regression_weight=0.0,
-    regression_pairs="on_the_fly",
-    ode_steps=None,
-    ode_shift=None,
-    dmd_sigma_min=0.02,
-    dmd_sigma_max=0.98,
-    tasks=dict(t2av=1.0),
-)
 
 # Fields of the record a prepared regression pair adds per generated stream (``mmdit distill prepare``).
 PAIR_TARGET = "ode_target_{stream}"  # float32 [S, C]: the teacher's ODE endpoint (tokens)
@@ -80,6 +68,7 @@ class DistillSpec:
     teacher: str
     teacher_step: int | None
     teacher_params: str
+    student_init: str | None
     guidance: Mapping[str, Any] | None
     denoising_step_list: tuple[float, ...]
     rollout: str
@@ -98,6 +87,16 @@ class DistillSpec:
     def num_steps(self) -> int:
         return len(self.denoising_step_list)
 
+    @property
+    def trains_critic(self) -> bool:
+        """False for the regression-only warm-up (``dmd_weight=0``): the fake score serves only DMD."""
+        return self.dmd_weight > 0
+
+    def runs_generator(self, iteration: int) -> bool:
+        """Whether iteration ``iteration`` (0-based) updates the student: every ``critic_steps``-th,
+        every one in the warm-up."""
+        return not self.trains_critic or iteration % self.critic_steps == 0
+
 
 def _fail(field: str, value, want: str):
     raise ValueError(f"distill.{field}={value!r}: {want}; fix distill.{field} in the config or with --set")
@@ -115,18 +114,16 @@ def _num(field, value, *, lo=None, hi=None, integer=False, none_ok=False):
 
 
 def distill_spec(cfg) -> DistillSpec:
-    """Validates ``cfg.distill`` (missing fields take :data:`DEFAULTS`); ValueError naming the field."""
-    raw = cfg.get("distill", None) if hasattr(cfg, "get") else None
-    if raw is None:
-        raise ValueError("the config has no distill section: set distill.teacher (see configs/demo_distill.py)")
-    d = dict(DEFAULTS)
-    given = plain(raw)
-    unknown = sorted(set(given) - set(DEFAULTS))
+    """Validates ``cfg.distill`` (missing fields take ``configs/base.py``'s); ValueError naming the field."""
+    fields = config_spec.base_defaults()["distill"]
+    d = plain(config_spec.complete(cfg).distill)
+    unknown = sorted(set(d) - set(fields))
     if unknown:
-        raise ValueError(f"distill.{unknown[0]} is not a distill field; the fields are {', '.join(DEFAULTS)}")
-    d.update(given)
+        raise ValueError(f"distill.{unknown[0]} is not a distill field; the fields are {', '.join(fields)}")
     if not isinstance(d["teacher"], str) or not d["teacher"]:
-        _fail("teacher", d["teacher"], "give the teacher's training workdir (mmdit-train --workdir)")
+        _fail("teacher", d["teacher"], "give the teacher's training workdir (mmdit-train --workdir; or mmdit distill --teacher)")
+    if d["student_init"] is not None and (not isinstance(d["student_init"], str) or not d["student_init"]):
+        _fail("student_init", d["student_init"], "give a warm-up run's workdir (W/student or W) or None")
     steps = tuple(float(s) for s in (d["denoising_step_list"] or ()))
     if not steps or steps[0] != 1.0 or any(b >= a for a, b in zip(steps, steps[1:])) or steps[-1] <= 0.0:
         _fail("denoising_step_list", d["denoising_step_list"], "give σ's strictly descending from 1.0, all > 0, e.g. (1.0, 0.75)")
@@ -137,6 +134,8 @@ def distill_spec(cfg) -> DistillSpec:
     bad = [t for t in tasks if t not in DISTILL_TASKS]
     if not tasks or bad or sum(tasks.values()) <= 0 or min(tasks.values()) < 0:
         _fail("tasks", tasks, f"give non-negative weights over {', '.join(DISTILL_TASKS)} with a positive sum")
+    if _num("dmd_weight", d["dmd_weight"], lo=0.0) + _num("regression_weight", d["regression_weight"], lo=0.0) <= 0:
+        _fail("dmd_weight", d["dmd_weight"], "with distill.regression_weight=0 nothing trains; set either above 0")
     lo = _num("dmd_sigma_min", d["dmd_sigma_min"], lo=0.0, hi=1.0)
     hi = _num("dmd_sigma_max", d["dmd_sigma_max"], lo=0.0, hi=1.0)
     if hi <= lo:
@@ -145,6 +144,7 @@ def distill_spec(cfg) -> DistillSpec:
         teacher=d["teacher"],
         teacher_step=_num("teacher_step", d["teacher_step"], lo=0, integer=True, none_ok=True),
         teacher_params=d["teacher_params"],
+        student_init=d["student_init"],
         guidance=None if d["guidance"] is None else dict(d["guidance"]),
         denoising_step_list=steps,
         rollout=d["rollout"],

@@ -6,7 +6,9 @@ truth of teacher-forced rollouts and the given modality of A2V, its conditions d
 
 1. a task per sample from ``distill.tasks`` (``t2av``: both streams generated; ``a2v``: audio given);
 2. **generator** (iterations ``n`` with ``n % critic_steps == 0``): the student's chunked few-step
-   rollout ``x`` (:mod:`mmdit.distill.rollout`, random exit step), re-noised at one σ per sample
+   rollout ``x`` (random exit step; on the streaming KV cache in the geometry ``mmdit stream`` serves
+   the student with, :mod:`mmdit.distill.cached_rollout`, or full-sequence passes for a student that
+   cannot stream, :mod:`mmdit.distill.rollout`), re-noised at one σ per sample
    drawn uniformly in ``[dmd_sigma_min, dmd_sigma_max]`` and shifted by ``flow.shift``; the teacher
    (guided with ``distill.guidance``, :class:`mmdit.sample.sampler.Sampler`'s one-call CFG) and the
    critic (conditional) predict its clean version; the DMD loss (:mod:`mmdit.distill.losses`) plus,
@@ -22,12 +24,15 @@ bit-identical. :func:`make_step` builds the pure function; the loop jits one per
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
 
 from mmdit import config_spec, flow, tasks
 from mmdit.distill import losses, ode_pairs
+from mmdit.distill.cached_rollout import IMPLS, CachedRollout, serving_impl
 from mmdit.distill.rollout import predict_chunks, renoise, student_rollout
 from mmdit.distill.spec import PAIR_STATE, PAIR_TARGET
 from mmdit.sample.sampler import Sampler
@@ -46,8 +51,15 @@ def guided_teacher(teacher_model, teacher_cfg, guidance):
     return velocity
 
 
-def make_step(student_model, teacher_model, cfg, teacher_cfg, dspec, student_tx, critic_tx, *, generator: bool):
+def make_step(
+    student_model, teacher_model, cfg, teacher_cfg, dspec, student_tx, critic_tx, *, generator: bool, rollout_impl=None
+):
     """``step(state, teacher_params, batch) -> (state, metrics)`` (not jitted; module docstring).
+
+    ``rollout_impl``: ``cache`` (the student's rollouts and teacher-forced predictions chunk by chunk
+    on the streaming KV cache, :mod:`mmdit.distill.cached_rollout`), ``full`` (full-sequence
+    passes, :mod:`mmdit.distill.rollout`) or None: ``cache`` for a student that can stream, else
+    ``full`` (:func:`~mmdit.distill.cached_rollout.serving_impl`).
 
     ``generator=True``: the generator update alone (``state.step`` unchanged); ``False``: the critic
     update, which ends the iteration (``state.step + 1``). A generator iteration runs both on the
@@ -61,6 +73,15 @@ def make_step(student_model, teacher_model, cfg, teacher_cfg, dspec, student_tx,
     K = len(step_list)
     teacher_velocity = guided_teacher(teacher_model, teacher_cfg, dspec.guidance)
     teacher_forced = dspec.rollout == "teacher_forced"
+    impl = rollout_impl or serving_impl(student_model)
+    if impl not in IMPLS:
+        raise ValueError(f"rollout_impl={impl!r}: use one of {', '.join(IMPLS)}")
+    if impl == "cache":
+        cached = CachedRollout(student_model, cfg)
+        sample_chunks, predict = cached.sample, cached.predict
+    else:
+        sample_chunks = functools.partial(student_rollout, student_model)
+        predict = functools.partial(predict_chunks, student_model)
     task_weights = dict(dspec.tasks)
     from_records = dspec.regression_pairs == "records"
     if dspec.regression_weight > 0 and not from_records:
@@ -85,8 +106,8 @@ def make_step(student_model, teacher_model, cfg, teacher_cfg, dspec, student_tx,
         def rollout(params, key):
             k_exit, k_roll = jax.random.split(key)
             exit_step = jax.random.randint(k_exit, (), 0, K)
-            return student_rollout(
-                student_model, params, k_roll, clean, tm, raw, keep, step_list, exit_step=exit_step, teacher_forced=teacher_forced
+            return sample_chunks(
+                params, k_roll, clean, tm, raw, keep, step_list, exit_step=exit_step, teacher_forced=teacher_forced
             )
 
         metrics = {}
@@ -138,7 +159,7 @@ def make_step(student_model, teacher_model, cfg, teacher_cfg, dspec, student_tx,
                 sigma_k = jnp.asarray(step_list, jnp.float32)[k]
                 context = {**clean, **endpoint}
                 keep_k = {c: jnp.asarray(masks.present.get(c, jnp.ones((B,), bool)), bool) for c in spec.keep_names}
-                pred = predict_chunks(student_model, params, jax.lax.stop_gradient(x_k), context, sigma_k, masks, raw, keep_k)
+                pred = predict(params, jax.lax.stop_gradient(x_k), context, sigma_k, masks, raw, keep_k)
                 known_k = {n: masks.known[n] for n in spec.generated}
                 valid_k = {n: masks.valid[n] for n in spec.generated}
                 loss, _ = losses.regression_loss(pred, endpoint, known_k, valid_k, stream_weights)

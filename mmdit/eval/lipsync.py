@@ -144,6 +144,7 @@ def clip_tracks(frames, wave, fps: int = FPS, sample_rate: int = SAMPLE_RATE):
     as :func:`evaluate_clip`."""
     if fps != FPS:
         raise ValueError(f"fps={fps}: the lip-sync metric is defined at {FPS} fps; resample the video first")
+    fps, sample_rate = int(FPS), int(SAMPLE_RATE)  # 25.0 == 25 passes the check; slicing needs ints
     if sample_rate != SAMPLE_RATE:
         raise ValueError(
             f"sample_rate={sample_rate}: the lip-sync metric is defined at {SAMPLE_RATE} Hz; resample "

@@ -67,8 +67,12 @@ def apply_rope(x, ang):
     computed in f32, returned in ``x.dtype``."""
     if ang.ndim == 2:
         ang = ang[None]
-    cos, sin = jnp.cos(ang)[:, :, None, :], jnp.sin(ang)[:, :, None, :]
-    xf = x.astype(jnp.float32).reshape(x.shape[:-1] + (x.shape[-1] // 2, 2))
-    x1, x2 = xf[..., 0], xf[..., 1]
-    out = jnp.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
-    return out.reshape(x.shape).astype(x.dtype)
+    # One elementwise pass, out = x * cos' + swap(x) * sin' with cos' = (c0, c0, c1, c1, ...),
+    # sin' = (-s0, s0, -s1, s1, ...) and swap(x) = (x1, x0, x3, x2, ...): the pairs' rotation
+    # (x0 c - x1 s, x0 s + x1 c) without stacking two halves (a concatenate, and a pad in the backward).
+    cos = jnp.repeat(jnp.cos(ang), 2, axis=-1)[:, :, None, :]
+    sin = jnp.sin(ang)
+    sin = jnp.stack([-sin, sin], axis=-1).reshape(sin.shape[:-1] + (-1,))[:, :, None, :]
+    xf = x.astype(jnp.float32)
+    swapped = xf.reshape(x.shape[:-1] + (x.shape[-1] // 2, 2))[..., ::-1].reshape(x.shape)
+    return (xf * cos + swapped * sin).astype(x.dtype)

@@ -702,6 +702,7 @@ def prepare_task_inputs(
                 cond_sources[c] = found[1]
     if silence:
         raw[SPEAKING_FRAMES] = np.repeat(speaking_frames(spec, silence)[None], num, axis=0)
+        cond_sources[SPEAKING_FRAMES] = "--silence " + ",".join(f"{a:g}:{b:g}" for a, b in silence)
     if any(c.face_local for c in spec.conditions):
         raw[FACE_BOX], cond_sources[FACE_BOX] = face_boxes(evals, num, face_box, note=media.note)
     for c in spec.conditions:  # conditions the task leaves out: the schema's zeros (dropped by the masks)
@@ -740,4 +741,6 @@ def prepare_task_inputs(
         raw["text_tokens"] = np.zeros((num, text_cfg.length), np.int32)
     elif text_cfg is not None:  # features path, text dropped by the task: the schema's defaults
         raw["text"] = np.zeros((num, text_cfg.length, text_cfg.dim), np.float32)
+    if task == "inpaint" and regions:
+        cond_sources["regions"] = "--inpaint " + ",".join(f"{n}:{a:g}-{b:g}" for n, spans in regions.items() for a, b in spans)
     return TaskInputs(task, rng, known, {**sources, **cond_sources}, raw, texts, regions if task == "inpaint" else None)

@@ -88,9 +88,8 @@ def with_overrides(cfg, overrides: Sequence[str] = (), *, fixed_model: bool = Fa
     """
     from mmdit import config_lib
 
-    cfg = cfg.copy_and_resolve_references()
     model_before = json.dumps(cfg.model.to_dict(), sort_keys=True, default=str)
-    config_lib.override(cfg, list(overrides))
+    cfg = config_lib.override(cfg, list(overrides))
     if fixed_model and json.dumps(cfg.model.to_dict(), sort_keys=True, default=str) != model_before:
         raise ValueError(
             f"--set {list(overrides)} changes model.*, but the bundle's exported step is fixed; drop the "

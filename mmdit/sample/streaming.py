@@ -67,7 +67,18 @@ CACHE_MODES = ("per_step", "clean")
 POSITIONS = ("bounded", "absolute")
 WINDOW_CHUNKS = 3  # sink + previous + current
 
-__all__ = ["ChunkLayout", "chunk_layout", "chunk_model", "window_offsets", "StreamState", "StreamingSampler"]
+__all__ = [
+    "ChunkLayout",
+    "chunk_layout",
+    "chunk_model",
+    "stream_geometry",
+    "window_offsets",
+    "cache_shapes",
+    "cache_context",
+    "write_cache",
+    "StreamState",
+    "StreamingSampler",
+]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,10 +137,90 @@ def chunk_model(model: DiffusionModel, layout: ChunkLayout) -> DiffusionModel:
     return DiffusionModel(dataclasses.replace(sp, streams=tuple(streams), times=times), model.text_encoder)
 
 
-def window_offsets(chunk: int, chunk_frames: float, positions: str) -> tuple[float, float, float]:
-    """Aligned-time offsets ``(current, sink, previous)`` of chunk ``chunk``'s window (module docstring)."""
-    w = chunk if positions == "absolute" else min(chunk, WINDOW_CHUNKS - 1)
+def stream_geometry(cfg, cache_mode: str | None = None, positions: str | None = None) -> tuple[str, str]:
+    """``(cache mode, positions)``: the overrides, else ``sample.stream_cache`` / ``sample.stream_positions``
+    of ``cfg`` (defaults ``per_step`` / ``bounded``); ValueError naming the field for an unknown value."""
+    s = cfg.sample
+    cache_mode = cache_mode or s.get("stream_cache", "per_step")
+    positions = positions or s.get("stream_positions", "bounded")
+    if cache_mode not in CACHE_MODES:
+        raise ValueError(f"sample.stream_cache={cache_mode!r}: use one of {CACHE_MODES}")
+    if positions not in POSITIONS:
+        raise ValueError(f"sample.stream_positions={positions!r}: use one of {POSITIONS}")
+    return cache_mode, positions
+
+
+def window_offsets(chunk, chunk_frames: float, positions: str) -> tuple:
+    """Aligned-time offsets ``(current, sink, previous)`` of chunk ``chunk``'s window (module
+    docstring); Python floats for an int ``chunk``, float32 scalars for a traced one."""
+    if isinstance(chunk, (int, np.integer)):
+        w = chunk if positions == "absolute" else min(chunk, WINDOW_CHUNKS - 1)
+    else:
+        c = jnp.asarray(chunk, jnp.float32)
+        w = c if positions == "absolute" else jnp.minimum(c, WINDOW_CHUNKS - 1)
     return w * chunk_frames, 0.0, (w - 1) * chunk_frames
+
+
+def cache_shapes(spec, layout: ChunkLayout, rows: int, steps: int, cache_mode: str) -> dict:
+    """``{"k"|"v": {s: shape}, "known": {s: shape}}`` of a cache of ``rows`` rows (module docstring:
+    ``[*D, L, rows, 2·T_s, H, Dh]``, ``D = (steps,)`` in ``per_step`` mode) for the one-chunk ``spec``."""
+    lead = (steps,) if cache_mode == "per_step" else ()
+    kv = {s: lead + (spec.num_layers, rows, 2 * layout.tokens[s], spec.heads, spec.head_dim) for s in spec.generated}
+    return {"k": kv, "v": dict(kv), "known": {s: (rows, 2 * layout.tokens[s]) for s in spec.generated}}
+
+
+def cache_context(spec, layout: ChunkLayout, cache, c, offsets, step_index, cache_mode: str) -> dict:
+    """``kv_context`` for the one-chunk ``MMDiT`` (``spec``: :func:`chunk_model`'s) reading chunk
+    ``c``'s window from ``cache`` (module docstring; at ``step_index`` in ``per_step`` mode): the
+    cached keys/values, their metadata (sink slot valid from chunk 1 on, previous slot from chunk 2
+    on) and aligned times (``offsets = (current, sink, previous)``, :func:`window_offsets`). ``c``,
+    ``offsets`` and ``step_index`` may be traced. Shared by :class:`StreamingSampler` and the
+    distillation rollout (:mod:`mmdit.distill.rollout`)."""
+    sp, lay = spec, layout
+    pick = (lambda a: a[step_index]) if cache_mode == "per_step" else (lambda a: a)
+    metas, times = [], {}
+    for i, a in enumerate(sp.streams):
+        n, T = a.name, lay.tokens[a.name]
+        t = jnp.asarray(sp.times[n], jnp.float32)
+        times[n] = jnp.concatenate([t + offsets[1], t + offsets[2]])
+        rows = cache["known"][n].shape[0]
+        metas.append(
+            masks_lib.TokenMeta(
+                stream=jnp.full((1, 2 * T), i, jnp.int32),
+                time=times[n][None],
+                chunk=jnp.concatenate([jnp.zeros((1, T), jnp.int32), jnp.full((1, T), c - 1, jnp.int32)], 1),
+                known=cache["known"][n],
+                valid=jnp.broadcast_to(jnp.concatenate([jnp.full((1, T), c >= 1), jnp.full((1, T), c >= 2)], 1), (rows, 2 * T)),
+                group=jnp.zeros((1, 2 * T), jnp.int32),
+            )
+        )
+    return {
+        "k": {n: pick(cache["k"][n]) for n in spec.generated},
+        "v": {n: pick(cache["v"][n]) for n in spec.generated},
+        "cross": cache.get("cross"),
+        "meta": masks_lib.TokenMeta.concat(metas),
+        "time": times,
+    }
+
+
+def write_cache(spec, layout: ChunkLayout, cache, c, kv, known) -> dict:
+    """Writes a finished chunk's ``kv`` (``{"k"|"v": {s: [*D, L, N, T, H, Dh]}}``) into the previous
+    slot, and into the sink slot when ``c == 0`` (traced ``c`` allowed); ``known``: ``{s: bool [N, T]}``
+    the chunk's known flags as its keys will be read."""
+    out = {"k": {}, "v": {}, "known": {}, "cross": cache.get("cross")}
+    for n in spec.generated:
+        T = layout.tokens[n]
+        for f in ("k", "v"):
+            buf = cache[f][n]
+            new = kv[f][n].astype(buf.dtype)
+            axis = buf.ndim - 3
+            buf = jax.lax.dynamic_update_slice_in_dim(buf, new, T, axis)
+            sink = jax.lax.dynamic_slice_in_dim(buf, 0, T, axis)
+            buf = jax.lax.dynamic_update_slice_in_dim(buf, jnp.where(c == 0, new, sink), 0, axis)
+            out[f][n] = buf
+        kb = jax.lax.dynamic_update_slice_in_dim(cache["known"][n], known[n], T, 1)
+        out["known"][n] = jax.lax.dynamic_update_slice_in_dim(kb, jnp.where(c == 0, known[n], kb[:, :T]), 0, 1)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,13 +309,7 @@ class StreamingSampler:
         self.spec = self.model.spec
         self.sampler = Sampler(self.model, cfg, compiler_options=compiler_options)
         self.defaults = self.sampler.defaults
-        s = cfg.sample
-        self.cache_mode = cache_mode or s.get("stream_cache", "per_step")
-        self.positions = positions or s.get("stream_positions", "bounded")
-        if self.cache_mode not in CACHE_MODES:
-            raise ValueError(f"sample.stream_cache={self.cache_mode!r}: use one of {CACHE_MODES}")
-        if self.positions not in POSITIONS:
-            raise ValueError(f"sample.stream_positions={self.positions!r}: use one of {POSITIONS}")
+        self.cache_mode, self.positions = stream_geometry(cfg, cache_mode, positions)
         self.compiler_options = dict(compiler_options) if compiler_options else None
         self.generated = list(self.spec.generated)
         self.compilations = 0
@@ -240,10 +325,7 @@ class StreamingSampler:
 
     def cache_shapes(self, rows: int, steps: int) -> dict:
         """``{"k"|"v": {s: shape}, "known": {s: shape}}`` of the cache for ``rows`` rows."""
-        sp = self.spec
-        lead = (steps,) if self.cache_mode == "per_step" else ()
-        kv = {s: lead + (sp.num_layers, rows, 2 * self.layout.tokens[s], sp.heads, sp.head_dim) for s in self.generated}
-        return {"k": kv, "v": dict(kv), "known": {s: (rows, 2 * self.layout.tokens[s]) for s in self.generated}}
+        return cache_shapes(self.spec, self.layout, rows, steps, self.cache_mode)
 
     def start(
         self,
@@ -412,52 +494,10 @@ class StreamingSampler:
         return self._compiled[key]
 
     def _context(self, cache, c, offsets, step_index):
-        """``kv_context`` for ``MMDiT``: the cache (at ``step_index`` in per-step mode) + its metadata."""
-        sp, lay = self.spec, self.layout
-        pick = (lambda a: a[step_index]) if self.cache_mode == "per_step" else (lambda a: a)
-        metas, times = [], {}
-        for i, a in enumerate(sp.streams):
-            n, T = a.name, lay.tokens[a.name]
-            t = jnp.asarray(sp.times[n], jnp.float32)
-            times[n] = jnp.concatenate([t + offsets[1], t + offsets[2]])
-            rows = cache["known"][n].shape[0]
-            metas.append(
-                masks_lib.TokenMeta(
-                    stream=jnp.full((1, 2 * T), i, jnp.int32),
-                    time=times[n][None],
-                    chunk=jnp.concatenate([jnp.zeros((1, T), jnp.int32), jnp.full((1, T), c - 1, jnp.int32)], 1),
-                    known=cache["known"][n],
-                    valid=jnp.broadcast_to(
-                        jnp.concatenate([jnp.full((1, T), c >= 1), jnp.full((1, T), c >= 2)], 1), (rows, 2 * T)
-                    ),
-                    group=jnp.zeros((1, 2 * T), jnp.int32),
-                )
-            )
-        return {
-            "k": {n: pick(cache["k"][n]) for n in self.generated},
-            "v": {n: pick(cache["v"][n]) for n in self.generated},
-            "cross": cache["cross"],
-            "meta": masks_lib.TokenMeta.concat(metas),
-            "time": times,
-        }
+        return cache_context(self.spec, self.layout, cache, c, offsets, step_index, self.cache_mode)
 
     def _write(self, cache, c, kv, known):
-        """Writes a finished chunk's ``kv`` (``{"k"|"v": {s: [*D, L, N, T, H, Dh]}}``) into the previous
-        slot, and into the sink slot when ``c == 0``."""
-        out = {"k": {}, "v": {}, "known": {}, "cross": cache["cross"]}
-        for n in self.generated:
-            T = self.layout.tokens[n]
-            for f in ("k", "v"):
-                buf = cache[f][n]
-                new = kv[f][n].astype(buf.dtype)
-                axis = buf.ndim - 3
-                buf = jax.lax.dynamic_update_slice_in_dim(buf, new, T, axis)
-                sink = jax.lax.dynamic_slice_in_dim(buf, 0, T, axis)
-                buf = jax.lax.dynamic_update_slice_in_dim(buf, jnp.where(c == 0, new, sink), 0, axis)
-                out[f][n] = buf
-            kb = jax.lax.dynamic_update_slice_in_dim(cache["known"][n], known[n], T, 1)
-            out["known"][n] = jax.lax.dynamic_update_slice_in_dim(kb, jnp.where(c == 0, known[n], kb[:, :T]), 0, 1)
-        return out
+        return write_cache(self.spec, self.layout, cache, c, kv, known)
 
     def _chunk_fn(self, batch: int, steps: int, g: guidance_lib.Guidance):
         model, gen, plan = self.model, self.generated, g.plan()

@@ -16,7 +16,6 @@ mesh shape (orbax reads into the abstract state carrying this run's shardings).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 import time
@@ -29,6 +28,7 @@ from mmdit.model.diffusion import DiffusionModel
 from mmdit.parallel import distributed
 from mmdit.train import checkpoint, sharding
 from mmdit.train.metrics import MetricWriter
+from mmdit.train.resume import restore_latest, trim_metrics  # noqa: F401  (trim_metrics: kept for callers)
 from mmdit.train.state import make_optimizer
 from mmdit import config_spec
 from mmdit.data import records
@@ -111,29 +111,19 @@ def _train_locked(cfg, spec, workdir, data_dir, stop_after, progress, sample_hoo
         )
         config_lib.write_resolved(cfg, workdir)  # only once the config and the data are known good
     manager = checkpoint.make_manager(workdir, spec.train)
-    state, restored_step = checkpoint.restore_step(
-        manager,
-        run.abstract_state,
-        data_iter,
-        verify=verify_checkpoint,
-        quarantine=jax.process_index() == 0,
-        warn=_warn_on_process_0,
-    )
     total = spec.train.steps
+    restored = restore_latest(
+        manager, run.abstract_state, data_iter, workdir, total, verify=verify_checkpoint, log=log, warn=_warn_on_process_0
+    )
+    if restored.finished:
+        return {}
+    state = restored.state
     if state is None:
         state = run.init(jax.random.key(int(cfg.seed)))
         if spec.train.init_from:  # pretrained start of a fresh run (a resumed run keeps its checkpoint)
             from mmdit.train.init_from import init_state_from
 
             state = init_state_from(state, spec.train.init_from, spec.train.init_from_ignore, run.state_shardings.params, log=log)
-    else:
-        log(f"resuming from step {restored_step} ({checkpoint.step_dir(manager, restored_step)})")
-        if restored_step >= total:
-            log(f"already at step {restored_step} >= train.steps={total}, nothing to do (raise train.steps to train further)")
-            manager.close()
-            return {}
-        if jax.process_index() == 0:
-            trim_metrics(os.path.join(workdir, "metrics.jsonl"), restored_step)
     start = int(state.step)
     writer = MetricWriter(workdir)
     tokens_per_step = spec.train.global_batch_size * model.spec.num_tokens
@@ -191,31 +181,6 @@ def _check_data(data_dir: str, verify: bool | None, log) -> None:
                 "(pass --verify-data to check it)"
             )
     records.open_dataset(data_dir, verify_checksums=verify)
-
-
-def trim_metrics(path: str, step: int) -> int:
-    """Drops the lines of ``metrics.jsonl`` logged after ``step`` (a killed run logged steps its last
-    checkpoint does not hold; the resumed run logs them again). Atomic; returns the lines dropped."""
-    if not os.path.exists(path):
-        return 0
-    with open(path) as f:
-        lines = f.readlines()
-    keep = []
-    for line in lines:
-        try:
-            if int(json.loads(line)["step"]) <= step:
-                keep.append(line)
-        except (ValueError, KeyError, TypeError):
-            continue  # a torn last line of a killed run
-    if len(keep) == len(lines):
-        return 0
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(keep)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return len(lines) - len(keep)
 
 
 def _lr(cfg, step):

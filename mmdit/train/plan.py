@@ -284,7 +284,7 @@ def estimate(cfg, model, boxed_state, mesh_shape: dict, rules, *, remat: str | N
 
 
 def distill_estimate(cfg, model, est: Estimate) -> dict | None:
-    """The parts a distillation run (a config with a ``distill`` section, ``mmdit distill``) adds to
+    """The parts a distillation run (a config whose ``distill.teacher`` is set, ``mmdit distill``) adds to
     the student's training estimate ``est`` (which already counts the student's params, AdamW, EMA,
     grads and one pass's saved activations), or None for a training config: the frozen teacher's
     params; the fake score's (critic's) params, AdamW state and grads (a full trainable copy); and
@@ -294,7 +294,7 @@ def distill_estimate(cfg, model, est: Estimate) -> dict | None:
     ``{"parts": {name: bytes}, "rollout_passes": n}``; the teacher's guided evaluations and the
     critic's pass run without saved activations and are below these."""
     d = cfg.get("distill", None)
-    if d is None:
+    if d is None or d.get("teacher", None) is None:  # configs/base.py's section: a training config
         return None
     from mmdit.model.chunks import num_chunks
 

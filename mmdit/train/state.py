@@ -55,9 +55,13 @@ def learning_rate_schedule(train: TrainSpec) -> optax.Schedule:
     """Linear warmup to ``train.lr`` over ``train.warmup_steps``, then ``train.schedule``
     (``cosine`` to 0 at ``train.steps``, or ``constant``)."""
     lr, warmup, steps = train.lr, train.warmup_steps, train.steps
+    if warmup == 0:  # no warmup: the first step already runs at ``lr`` (not at 0)
+        if train.schedule == "cosine":
+            return optax.cosine_decay_schedule(lr, max(steps, 1), alpha=0.0)
+        return optax.constant_schedule(lr)
     if train.schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(steps, warmup + 1), end_value=0.0)
-    return optax.join_schedules([optax.linear_schedule(0.0, lr, max(warmup, 1)), optax.constant_schedule(lr)], [max(warmup, 1)])
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), end_value=0.0)
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
 
 
 def make_optimizer(train: TrainSpec) -> optax.GradientTransformation:

@@ -1,0 +1,131 @@
+"""bench/distill_table.py end to end on a tiny teacher + a tiny exported student: every row and column is
+filled, the teacher rows are exactly what ``mmdit-eval`` reports at those steps, bad flags are refused."""
+
+import importlib.util
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from mmdit import config_lib, config_spec
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "bench", "distill_table.py")
+
+
+def load_bench():
+    if "distill_table" not in sys.modules:  # registered first: its dataclasses look their module up
+        spec = importlib.util.spec_from_file_location("distill_table", SCRIPT)
+        sys.modules["distill_table"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["distill_table"])
+    return sys.modules["distill_table"]
+
+
+def init_checkpoint(cfg, workdir):
+    """A training workdir holding ``cfg`` and a step-0 checkpoint of freshly initialised params."""
+    from mmdit.model.diffusion import DiffusionModel
+    from mmdit.train import checkpoint
+    from mmdit.train.state import init_state, make_optimizer
+
+    model = DiffusionModel.from_config(cfg)
+    state = init_state(model, make_optimizer(config_spec.train_spec(cfg)), jax.random.key(0))
+    config_lib.write_resolved(cfg, str(workdir))
+    manager = checkpoint.make_manager(str(workdir), config_spec.train_spec(cfg))
+    checkpoint.save(manager, 0, state)
+    checkpoint.finish(manager)
+    return state
+
+
+def tiny_student(tmp_path, teacher):
+    """A distill workdir whose ``student/`` is what ``mmdit distill`` exports (its config: the step list's
+    length, no CFG), holding initialised params: the bench only needs a chunk-causal student to stream."""
+    from mmdit.distill.loop import export_student
+    from mmdit.distill.spec import distill_spec
+    from mmdit.model.diffusion import DiffusionModel
+    from mmdit.train.state import init_state, make_optimizer
+
+    cfg = config_lib.load("configs/demo_distill.py:tiny")
+    cfg.distill.teacher = str(teacher)
+    state = init_state(DiffusionModel.from_config(cfg), make_optimizer(config_spec.train_spec(cfg)), jax.random.key(1))
+    export_student(cfg, distill_spec(cfg), str(tmp_path / "dist"), state, 0)
+    return tmp_path / "dist"
+
+
+@pytest.mark.slow
+def test_distill_table_end_to_end(tmp_path, capsys):
+    from mmdit.data.synth_records import synth
+    from mmdit.eval.run import evaluate
+    from mmdit.train.checkpoint import restore_inference_params
+
+    teacher_cfg = config_lib.load("configs/demo.py:tiny")  # 4 Euler steps, text CFG
+    synth(teacher_cfg, str(tmp_path / "teacher" / "data"), num=2, num_eval=3, progress=False)
+    init_checkpoint(teacher_cfg, tmp_path / "teacher")
+    dist = tiny_student(tmp_path, tmp_path / "teacher")
+    out = tmp_path / "table.json"
+    bench = load_bench()
+    argv = ["--teacher", str(tmp_path / "teacher"), "--student", f"s1={dist}", "--num", "3"]
+    argv += ["--teacher-steps", "2", "--repeats", "1", "--fast-compile", "--out", str(out)]
+    assert bench.main(argv) == 0
+    printed = capsys.readouterr().out
+    res = json.loads(out.read_text())
+
+    assert list(res["rows"]) == ["teacher@2", "s1", "untrained"]
+    assert res["num_clips"] == 3 and res["machine"]["usable_cores"] >= 1 and len(res["load_avg_start"]) == 3
+    student = res["rows"]["s1"]
+    assert student["kind"] == "student" and student["steps"] == 2 and student["guidance"] == {}
+    assert student["chunk_frames"] == 1.0 and student["chunks_per_clip"] == 17
+    for name, row in res["rows"].items():
+        for task in ("t2av", "a2v"):
+            r = row["tasks"][task]
+            assert r["num"] == 3
+            for metric in ("sync_corr_at_0", "change_corr", "sync_corr"):
+                figs = r["sync"][metric]
+                assert figs["ceiling"] == res["ground_truth"]["sync"][metric]["score"]
+                assert all(np.isfinite(figs[k]) for k in ("score", "chance_mismatched", "chance_shuffled"))
+            assert np.isfinite(r["fd"]) and np.isfinite(r["fd_floor"]) and r["flicker"] >= 0
+            assert 0 < r["identity_thumb_cos_mean"] <= 1.0001
+            timing = row["timing"].get(task)
+            if name == "untrained":
+                assert timing is None
+            else:
+                assert timing["dit_s"]["median"] > 0 and len(timing["dit_s"]["runs"]) == 1
+                assert timing["dit_s"]["min"] <= timing["dit_s"]["median"]
+                assert timing["with_decode_s"]["median"] > 0
+                assert timing["dit_per_media_s"] == pytest.approx(timing["dit_s"]["median"] / res["media_seconds_per_clip"])
+            assert f"| {name} | {task} |" in printed
+    assert "with_decode_overlapped_s" in student["timing"]["t2av"]
+    assert res["goals"] and res["goals"][0].startswith("s1 t2av: r@0")
+
+    # --reuse keeps every row of the same teacher/data/clips/tasks instead of sampling again
+    assert bench.main(argv + ["--reuse"]) == 0
+    assert "s1: reused" in capsys.readouterr().err
+    assert json.loads(out.read_text())["rows"] == res["rows"]
+
+    # the teacher rows are mmdit-eval's figures at those steps (same clips, same seeds; the tolerance covers
+    # --fast-compile's different float rounding, far below what another seed or sampler would change)
+    cfg, params = restore_inference_params(str(tmp_path / "teacher"))
+    cfg.sample.steps = 2
+    ref = evaluate(cfg, params, str(tmp_path / "teacher" / "data" / "eval"), num=3, tasks=("t2av",), write_videos=False)
+    mine = res["rows"]["teacher@2"]["tasks"]["t2av"]
+    for key in ("sync_corr_mean", "fraction_at_0", "fd", "flicker", "identity_thumb_cos_mean"):
+        assert mine[key] == pytest.approx(ref["t2av"][key], rel=1e-3, abs=1e-6), key
+    assert res["rows"]["teacher@2"]["tasks"]["a2v"]["fd"] != pytest.approx(ref["t2av"]["fd"], rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--student", "nameless"], "use NAME=WORKDIR"),
+        (["--student", "x=/nonexistent/dist"], "/nonexistent/dist/student/config.json"),
+        (["--tasks", "tv2a"], "subset of t2av,a2v"),
+        (["--num", "1"], "at least 2"),
+    ],
+)
+def test_bad_flags_are_refused_by_name(args, words, capsys):
+    with pytest.raises(SystemExit) as e:
+        load_bench().main(["--teacher", "/nonexistent/teacher", *args])
+    assert e.value.code == 2
+    assert words in capsys.readouterr().err
