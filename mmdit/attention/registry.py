@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import importlib
 import importlib.util
 import os
@@ -231,62 +230,17 @@ def _masked_softmax_bwd(p, g):
 masked_softmax.defvjp(_masked_softmax_fwd, _masked_softmax_bwd)
 
 
-def _dense_attention_fwd(q, k, v, mask, scale):
-    """``(out [B, Sq, H, Dh] in q.dtype, residuals)`` of softmax attention with f32 scores; ``mask`` is
-    None (every pair attended) or bool ``[B|1, 1, Sq, Sk]``.
-
-    f32 queries are scaled before the score product (``(c q) . k``, the same value as ``c (q . k)`` up
-    to rounding, exactly for ``c = 2^-n``): XLA CPU otherwise multiplies the scores inside the
-    YNNPACK dot fusion by a materialised ``[B, H, Sq, Sk]`` broadcast of ``c``. Residuals: the scaled
-    queries, k, v, the probabilities and the f32 output."""
-    f32 = jnp.float32
-    prescale = q.dtype == f32
-    qs = q * jnp.asarray(scale, f32) if prescale else q
-    s = jnp.einsum("bqhd,bkhd->bhqk", qs, k, preferred_element_type=f32)
-    if not prescale:
-        s = s * scale
-    p = jax.nn.softmax(s, axis=-1) if mask is None else masked_softmax(s, mask)
-    o = jnp.einsum("bhqk,bkhd->bqhd", p, v.astype(f32))
-    return o.astype(q.dtype), (qs, k, v, p, o)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _dense_attention(q, k, v, mask, scale):
-    return _dense_attention_fwd(q, k, v, mask, scale)[0]
-
-
-def _dense_attention_bwd(scale, res, g):
-    """The attention backward from the saved probabilities ``p``: ``dv = p^T g``, ``ds = p (g v^T -
-    delta)`` with ``delta = rowsum(g * out)`` (``= rowsum(p * g v^T)``, from ``[B, Sq, H, Dh]`` instead
-    of another pass over ``[B, H, Sq, Sk]``), ``dq = c ds k``, ``dk = ds^T (c q)``. Masked entries and
-    rows with no attended key have ``p = 0`` and so get no gradient; the bool mask gets none."""
-    f32 = jnp.float32
-    qs, k, v, p, o = res
-    g32 = g.astype(f32)
-    dv = jnp.einsum("bhqk,bqhd->bkhd", p, g32)
-    dp = jnp.einsum("bqhd,bkhd->bhqk", g32, v.astype(f32))
-    delta = jnp.einsum("bqhd,bqhd->bhq", g32, o)
-    ds = p * (dp - delta[..., None])
-    dq = jnp.einsum("bhqk,bkhd->bqhd", ds, k.astype(f32)) * scale
-    dk = jnp.einsum("bhqk,bqhd->bkhd", ds, qs.astype(f32))
-    if qs.dtype != f32:  # queries were not pre-scaled
-        dk = dk * scale
-    return dq.astype(qs.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
-
-
-_dense_attention.defvjp(_dense_attention_fwd, _dense_attention_bwd)
-
-
 def xla_attention(q, k, v, mask: MaskSpec, opts: AttentionOptions):
     """Reference attention: dense f32 scores and softmax, the same values as
     ``mmdit_kernels.reference_attention`` (which the kernels are tested against).
 
     ``mask.is_full`` (a static promise that every pair is attended) builds no mask at all; otherwise the
-    dense bool mask ``[B|1, 1, Sq, Sk]`` enters :func:`masked_softmax`. Either way the backward pass is
-    written out (:func:`_dense_attention_bwd`): it reads the saved probabilities only, so no per-layer
-    ``[B, H, Sq, Sk]`` mask is materialised or kept for it."""
+    dense bool mask ``[B|1, 1, Sq, Sk]`` enters :func:`masked_softmax`, whose backward needs only the
+    probabilities -- no per-layer ``[B, H, Sq, Sk]`` mask is materialised or kept for the backward pass."""
     scale = q.shape[-1] ** -0.5 if opts.scale is None else opts.scale
-    return _dense_attention(q, k, v, None if mask.is_full else mask.dense()[:, None], float(scale))
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    p = jax.nn.softmax(s, axis=-1) if mask.is_full else masked_softmax(s, mask.dense()[:, None])
+    return jnp.einsum("bhqk,bkhd->bqhd", p, v.astype(jnp.float32)).astype(q.dtype)
 
 
 def _xla_scores(q, k, mask: MaskSpec, scale):
