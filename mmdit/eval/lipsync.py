@@ -144,12 +144,12 @@ def clip_tracks(frames, wave, fps: int = FPS, sample_rate: int = SAMPLE_RATE):
     as :func:`evaluate_clip`."""
     if fps != FPS:
         raise ValueError(f"fps={fps}: the lip-sync metric is defined at {FPS} fps; resample the video first")
-    fps, sample_rate = int(FPS), int(SAMPLE_RATE)  # 25.0 == 25 passes the check; slicing needs ints
     if sample_rate != SAMPLE_RATE:
         raise ValueError(
             f"sample_rate={sample_rate}: the lip-sync metric is defined at {SAMPLE_RATE} Hz; resample "
             f"first, e.g. librosa.resample(wave, orig_sr={sample_rate}, target_sr={SAMPLE_RATE})"
         )
+    fps, sample_rate = int(FPS), int(SAMPLE_RATE)  # 25.0 == 25 passes the checks; slicing needs ints
     x = to_unit_frames(frames)
     w = np.asarray(wave, np.float32)
     audio_frames = len(w) * fps / sample_rate

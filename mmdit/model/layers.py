@@ -229,9 +229,7 @@ class TimestepEmbedding(nn.Module):
             temb, mod = jax.lax.cond(
                 fits,
                 lambda w, s, v, o: _timestep_mlp_by_palette(w, s, v, o, self.freq_dim),
-                # rematerialised: a differentiated cond saves the union of both branches' residuals,
-                # which the taken palette branch would fill with per-token [B, S, *] zeros every step
-                lambda w, s, v, o: jax.checkpoint(timestep_mlp, static_argnums=(2,))(w, s, self.freq_dim),
+                lambda w, s, v, o: timestep_mlp(w, s, self.freq_dim),
                 weights,
                 sigma,
                 values,
