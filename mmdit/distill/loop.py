@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
 import time
 
 import flax.linen as nn
@@ -53,6 +52,7 @@ from mmdit.model.diffusion import DiffusionModel
 from mmdit.parallel import distributed
 from mmdit.train import checkpoint, sharding
 from mmdit.train.loop import default_data_dir
+from mmdit.train.console import print_on_process_0, progress_bar, warn_on_process_0
 from mmdit.train.metrics import MetricWriter
 from mmdit.train.resume import restore_latest
 from mmdit.train.state import learning_rate_schedule
@@ -61,16 +61,6 @@ from mmdit.util.lock import DirLock
 
 TEACHER_RECORD = student_init_lib.DISTILL_RECORD  # teacher.json
 STUDENT_DIR = "student"
-
-
-def _print_on_process_0(message: str) -> None:
-    if jax.process_index() == 0:
-        print(message, flush=True)
-
-
-def _warn_on_process_0(message: str) -> None:
-    if jax.process_index() == 0:
-        print(message, file=sys.stderr, flush=True)
 
 
 def distill(
@@ -101,7 +91,7 @@ def distill(
     init_source = _check_student_init(cfg, dspec)
     distributed.maybe_initialize(cfg)
     workdir = os.path.abspath(workdir)
-    log = log or _print_on_process_0
+    log = log or print_on_process_0
     with contextlib.ExitStack() as stack:
         if lock and jax.process_index() == 0:
             stack.enter_context(DirLock(workdir, command=f"mmdit distill --workdir {workdir}"))
@@ -239,7 +229,7 @@ def _distill_locked(
     )
     total = spec.train.steps
     restored = restore_latest(
-        manager, abstract, data_iter, workdir, total, verify=verify_checkpoint, log=log, warn=_warn_on_process_0, verb="distil"
+        manager, abstract, data_iter, workdir, total, verify=verify_checkpoint, log=log, warn=warn_on_process_0, verb="distil"
     )
     if restored.finished:
         return {}
@@ -280,7 +270,7 @@ def _distill_locked(
     samples_hook = sample_hook(cfg, dspec, student_model, workdir, data_dir, log) if samples else None
     schedule = learning_rate_schedule(spec.train)
     log_every, sample_every = spec.train.log_every, spec.train.sample_every
-    bar = _progress(progress, start, total)
+    bar = progress_bar(progress, start, total, "distill")
     last = {}
     t_last, n_last = time.perf_counter(), start
     end = total if stop_after is None else min(total, start + stop_after)
@@ -385,11 +375,3 @@ def export_student(cfg, dspec, workdir: str, student, step: int) -> str:
     checkpoint.save(manager, step, student)
     checkpoint.finish(manager)
     return out
-
-
-def _progress(enabled: bool, start: int, total: int):
-    if not enabled or jax.process_index() != 0:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=start, desc="distill", unit="step", dynamic_ncols=True)

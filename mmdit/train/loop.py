@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import time
 
 import jax
@@ -27,6 +26,7 @@ from mmdit.data.sharded_iterator import data_iterator
 from mmdit.model.diffusion import DiffusionModel
 from mmdit.parallel import distributed
 from mmdit.train import checkpoint, sharding
+from mmdit.train.console import print_on_process_0, progress_bar, warn_on_process_0
 from mmdit.train.metrics import MetricWriter
 from mmdit.train.resume import restore_latest, trim_metrics  # noqa: F401  (trim_metrics: kept for callers)
 from mmdit.train.state import make_optimizer
@@ -73,7 +73,7 @@ def train(
     spec = config_spec.build_run_spec(cfg)  # every section validated before anything compiles
     distributed.maybe_initialize(cfg)
     workdir = os.path.abspath(workdir)
-    log = log or _print_on_process_0
+    log = log or print_on_process_0
     with contextlib.ExitStack() as stack:
         if lock and jax.process_index() == 0:
             stack.enter_context(DirLock(workdir, command=f"mmdit-train --workdir {workdir}"))
@@ -81,16 +81,6 @@ def train(
 
 
 VERIFY_DATA_MAX_BYTES = 2 << 30  # verify_data=None checks the data sha256 up to this many bytes of shards
-
-
-def _print_on_process_0(message: str) -> None:
-    if jax.process_index() == 0:
-        print(message, flush=True)
-
-
-def _warn_on_process_0(message: str) -> None:
-    if jax.process_index() == 0:
-        print(message, file=sys.stderr, flush=True)
 
 
 def _train_locked(cfg, spec, workdir, data_dir, stop_after, progress, sample_hook, verify_data, verify_checkpoint, log) -> dict:
@@ -113,7 +103,7 @@ def _train_locked(cfg, spec, workdir, data_dir, stop_after, progress, sample_hoo
     manager = checkpoint.make_manager(workdir, spec.train)
     total = spec.train.steps
     restored = restore_latest(
-        manager, run.abstract_state, data_iter, workdir, total, verify=verify_checkpoint, log=log, warn=_warn_on_process_0
+        manager, run.abstract_state, data_iter, workdir, total, verify=verify_checkpoint, log=log, warn=warn_on_process_0
     )
     if restored.finished:
         return {}
@@ -132,7 +122,7 @@ def _train_locked(cfg, spec, workdir, data_dir, stop_after, progress, sample_hoo
     prof_dir = os.path.join(workdir, "profile", *([f"process_{jax.process_index()}"] if jax.process_count() > 1 else []))
     log_every, ckpt_every = spec.train.log_every, spec.train.checkpoint_every
     sample_every = spec.train.sample_every
-    bar = _progress(progress, start, total)
+    bar = progress_bar(progress, start, total, "train")
     last = {}
     t_last, n_last = time.perf_counter(), start
     end = total if stop_after is None else min(total, start + stop_after)
@@ -187,11 +177,3 @@ def _lr(cfg, step):
     from mmdit.train.state import learning_rate_schedule
 
     return learning_rate_schedule(config_spec.train_spec(cfg))(step)
-
-
-def _progress(enabled: bool, start: int, total: int):
-    if not enabled or jax.process_index() != 0:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)

@@ -181,11 +181,11 @@ def run_stages(
     (default :func:`mmdit.train.loop.train`), called as ``train_fn(stage_cfg, stage_workdir,
     data_dir=..., stop_after=..., sample_hook=..., log=..., **train_kwargs)``; ``hook_for(stage_cfg,
     workdir)`` builds each stage's sample hook (None: no hook)."""
-    from mmdit.train import loop
+    from mmdit.train import console, loop
     from mmdit.util.lock import DirLock
 
     train_fn = train_fn or loop.train
-    log = log or loop._print_on_process_0
+    log = log or console.print_on_process_0
     stages = parse_stages(cfg)
     if not stages:
         raise ValueError("run_stages: the config has no train.stages; train it with mmdit.train.loop.train")
