@@ -53,13 +53,6 @@ def get_config(arg=None):
     if v.tiny:  # CPU tests: f32, no remat, demo codecs and world
         c.model.dtype = "float32"
         c.model.remat = "none"
-        c.world = dict(video_size=side, fps=25, sample_rate=16000, min_seconds=secs, max_seconds=secs, num_identities=4)
-        c.codecs = dict(
-            video=dict(kind="pixels", spatial=8, temporal=4, fps=25.0, luma_coeffs=2, chroma_coeffs=1),
-            audio_features=dict(kind="mel", sample_rate=16000, hop_length=320, n_mels=feature_dim, stack=1),
-        )
-        c.sample.steps, c.sample.num_per_task = 2, 1
-        c.data.num_train, c.data.num_eval, c.data.examples_per_shard = 8, 2, 8
-        c.train.update(dict(steps=3, global_batch_size=2, warmup_steps=1, ema_decay=0.5, log_every=1, checkpoint_every=1))
-        c.train.update(dict(keep_checkpoints=1, async_checkpoint=False))
+        config_lib.tiny_audio_driven_cpu_setup(c, side=side, seconds=secs, feature_dim=feature_dim)
+        c.train.steps = 3
     return c

@@ -240,3 +240,19 @@ def sequence_stream(*, seconds, rate, channels, patch=1, dim, ffn, cross=(), con
     if time_factor is not None:
         out["time_factor"] = time_factor
     return out
+
+
+def tiny_audio_driven_cpu_setup(c: mlc.ConfigDict, *, side: int, seconds: float, feature_dim: int) -> None:
+    """The ``:tiny`` CPU setup the audio-driven video-only presets share (Mirage, TalkingMachines): the
+    synthetic world at ``side`` px and ``seconds`` per clip, the weight-free ``pixels`` codec in Wan's
+    8x/4x layout, a ``feature_dim``-band 50 Hz log-mel standing in for wav2vec2 as ``audio_features``,
+    and small data / sampling / checkpoint settings for tests."""
+    c.world = dict(video_size=side, fps=25, sample_rate=16000, min_seconds=seconds, max_seconds=seconds, num_identities=4)
+    c.codecs = dict(
+        video=dict(kind="pixels", spatial=8, temporal=4, fps=25.0, luma_coeffs=2, chroma_coeffs=1),
+        audio_features=dict(kind="mel", sample_rate=16000, hop_length=320, n_mels=feature_dim, stack=1),
+    )
+    c.sample.steps, c.sample.num_per_task = 2, 1
+    c.data.num_train, c.data.num_eval, c.data.examples_per_shard = 8, 2, 8
+    c.train.update(dict(global_batch_size=2, warmup_steps=1, ema_decay=0.5, log_every=1, checkpoint_every=1))
+    c.train.update(dict(keep_checkpoints=1, async_checkpoint=False))
