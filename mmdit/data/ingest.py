@@ -117,6 +117,29 @@ def _find_mp4s(in_dir: str) -> list[str]:
     return paths
 
 
+def read_checked_mp4(path: str, schema: ExampleSchema, fps: float, sample_rate: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(frames uint8 [N, H, W, 3] resampled to fps, wave float32 [T] at sample_rate)`` of an MP4, after
+    the schema's length/silence checks (its record fields are checked later, after encoding).
+
+    Raises:
+      SkipExample: corrupt file, no audio stream, length mismatch, silence.
+    """
+    try:
+        frames, src_fps, wave, _ = media.read_mp4(path, sample_rate=sample_rate)
+    except ValueError as e:
+        raise SkipExample(SKIP_CORRUPT, str(e)) from e
+    if wave is None:
+        raise SkipExample(SKIP_NO_AUDIO, "the clip has no audio stream")
+    validate_example(
+        {},
+        dataclasses.replace(schema, fields={}),
+        video_seconds=len(frames) / src_fps,
+        audio_seconds=len(wave) / sample_rate,
+        waveform=wave,
+    )
+    return resample_frames(frames, src_fps, fps), wave
+
+
 def prepare_clip(
     path: str,
     video_codec,
@@ -138,20 +161,7 @@ def prepare_clip(
       SkipExample: corrupt file, no audio stream, length mismatch, silence, too short.
     """
     fps, sr = float(video_codec.fps), int(audio_codec.sample_rate)
-    try:
-        frames, src_fps, wave, _ = media.read_mp4(path, sample_rate=sr)
-    except ValueError as e:
-        raise SkipExample(SKIP_CORRUPT, str(e)) from e
-    if wave is None:
-        raise SkipExample(SKIP_NO_AUDIO, "the clip has no audio stream")
-    validate_example(
-        {},
-        dataclasses.replace(schema, fields={}),  # fields: checked after encode
-        video_seconds=len(frames) / src_fps,
-        audio_seconds=len(wave) / sr,
-        waveform=wave,
-    )
-    frames = resample_frames(frames, src_fps, fps)
+    frames, wave = read_checked_mp4(path, schema, fps, sr)
     seconds = min(len(frames) / fps, len(wave) / sr, max_seconds or np.inf)
     n_frames = int(np.floor(seconds * fps + 1e-6))
     if n_frames < max(1, min_seconds * fps):

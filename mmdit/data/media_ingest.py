@@ -45,8 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from mmdit.data import media
-from mmdit.data.ingest import resample_frames
+from mmdit.data.ingest import read_checked_mp4
 from mmdit.data.record_fields import RecordMaker, Window
 from mmdit.data.records import (
     MANIFEST_FORMAT,
@@ -55,7 +54,6 @@ from mmdit.data.records import (
     RECORD_FORMAT_VERSION,
     SHARD_SUFFIX,
     SKIP_CORRUPT,
-    SKIP_NO_AUDIO,
     SKIP_TOO_SHORT,
     TMP_SUFFIX,
     WRITER_OPTIONS,
@@ -143,14 +141,7 @@ def read_windows(path: str, maker: RecordMaker, long_clips: str = "windows", sch
         frames, seconds = None, len(wave) / sr
         validate_example({}, schema, waveform=wave)
     else:
-        try:
-            frames, src_fps, wave, _ = media.read_mp4(path, sample_rate=sr)
-        except ValueError as e:
-            raise SkipExample(SKIP_CORRUPT, str(e)) from e
-        if wave is None:
-            raise SkipExample(SKIP_NO_AUDIO, "the clip has no audio stream")
-        validate_example({}, schema, video_seconds=len(frames) / src_fps, audio_seconds=len(wave) / sr, waveform=wave)
-        frames = resample_frames(frames, src_fps, fps)
+        frames, wave = read_checked_mp4(path, schema, fps, sr)
         seconds = min(len(frames) / fps, len(wave) / sr)
     starts = _window_starts(seconds, maker.window_s, long_clips)
     windows = []
