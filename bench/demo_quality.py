@@ -3,7 +3,8 @@ no cross-stream attention (``joint_layers=()``, the JAM-Flow ablation nobody pub
 
     python3 bench/demo_quality.py --workdir runs/bench_demo [--set train.steps=1500] [--skip-ablation]
 
-Runs ``mmdit demo`` twice (default config, and ``model.joint_layers=()``) unless the workdirs already
+Runs ``mmdit demo`` twice (``--config``, and its ``nojoint`` variant: ``model.joint_layers=()``, hence no
+joint guidance either) unless the workdirs already
 hold finished runs, evaluates each (EMA params) and an untrained model (init params, same seed) on
 the same eval clips, prints the table and writes JSON (default ``bench/results/demo_quality.json``).
 Figures: per task the mean best-offset correlation (``sync_corr``), the median offset and the
@@ -83,13 +84,13 @@ def main(argv=None):
     from mmdit.train.checkpoint import restore_inference_params
     import flax.linen as nn
 
-    runs = {"joint": args.set}
-    if not args.skip_ablation:
-        runs["no_joint_layers"] = args.set + ["model.joint_layers=()"]
+    runs = {"joint": (args.config, args.set)}
+    if not args.skip_ablation:  # the config's `nojoint` variant: model.joint_layers=() and no joint guidance
+        runs["no_joint_layers"] = (args.config + (",nojoint" if ":" in args.config else ":nojoint"), args.set)
     report = {"device": jax.devices()[0].device_kind, "host": platform.processor() or platform.machine(), "runs": {}}
-    for name, overrides in runs.items():
+    for name, (config, overrides) in runs.items():
         wd = os.path.join(args.workdir, name)
-        wall = run_demo(wd, args.config, overrides)
+        wall = run_demo(wd, config, overrides)
         cfg, params = restore_inference_params(wd)
         data = os.path.join(wd, "data", "eval")
         model = DiffusionModel.from_config(cfg)
@@ -97,6 +98,7 @@ def main(argv=None):
         probe = probe_eval_split(model, params, data, args.num)
         train_s = train_seconds(wd)
         report["runs"][name] = {
+            "config": config,
             "overrides": overrides,
             "demo_wall_s": wall,
             "train_s_logged": train_s,
@@ -104,7 +106,7 @@ def main(argv=None):
             "cross_stream_probe": probe,
         }
         print(
-            f"\n== {name} ({' '.join(overrides) or 'default'}), demo wall {wall / 60:.1f} min (this call; "
+            f"\n== {name} ({' '.join([config] + overrides)}), demo wall {wall / 60:.1f} min (this call; "
             f"training as logged {train_s / 60 if train_s else 0:.1f} min)"
         )
         print(format_table(res))

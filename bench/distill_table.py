@@ -36,7 +36,9 @@ Columns (the figures of ``mmdit-eval``, from :mod:`mmdit.eval.figures` / :mod:`m
   stream includes its start: conditions encoded, cache allocated) and ``+dec`` (plus the codecs' decode to
   frames and waveform: the teacher decodes the whole clip after sampling, a student decodes chunk by chunk
   inline with the codecs' streaming decoders; ``with_decode_overlapped`` in the JSON: the decode overlapped on
-  a worker thread, as ``mmdit stream`` serves). Every row runs in this one process with the same XLA thread settings;
+  a worker thread, as ``mmdit stream`` serves); ``--batch N`` (N > 1) adds ``DiT bN``: the same DiT timing with N
+  clips in one call, divided by N (serving throughput beside the batch-1 latency; JSON keys ``dit_bN_*``).
+  Every row runs in this one process with the same XLA thread settings;
   the JSON records the machine, the cores this process may use, ``XLA_FLAGS`` and the load average around
   each row. The untrained row runs the teacher@25 program and is not timed.
 
@@ -162,7 +164,13 @@ class Scorer:
 
     def one(self, i: int) -> tuple[dict, dict]:
         """Clip ``i``'s known latents and raw conditions with a batch axis of 1 (for timing)."""
-        pick = lambda tree: jax.tree.map(lambda a: np.asarray(a)[i : i + 1], tree)  # noqa: E731
+        return self.first(1, i)
+
+    def first(self, n: int, start: int = 0) -> tuple[dict, dict]:
+        """Known latents and raw conditions of ``n`` clips from clip ``start`` (cycling through the eval
+        clips when there are fewer), batch axis ``n`` (for timing at batch ``n``)."""
+        rows = np.arange(start, start + n) % len(jax.tree.leaves(self.raw)[0])
+        pick = lambda tree: jax.tree.map(lambda a: np.asarray(a)[rows], tree)  # noqa: E731
         return pick(self.known), pick(self.raw)
 
     def score(self, task: str, latents: dict) -> dict:
@@ -189,8 +197,9 @@ def median_seconds(fn: Callable[[], object], repeats: int) -> dict:
     return {"median": statistics.median(runs), "min": min(runs), "runs": runs}
 
 
-def time_row(row: Row, scorer: Scorer, task: str, repeats: int, seed: int) -> dict:
-    """Seconds per generated second of one clip: DiT only and with decode (module docstring)."""
+def time_row(row: Row, scorer: Scorer, task: str, repeats: int, seed: int, batch: int = 1) -> dict:
+    """Seconds per generated second of one clip: DiT only and with decode (module docstring); with
+    ``batch`` > 1 also ``dit_b{batch}``: DiT on ``batch`` clips per call, per clip (seconds / batch)."""
     known, raw = scorer.one(0)
     rng = jax.random.key(seed + 1000)
     load_before = os.getloadavg()
@@ -203,9 +212,15 @@ def time_row(row: Row, scorer: Scorer, task: str, repeats: int, seed: int) -> di
     else:
         decode = _decoder(row.info["cfg"], row.info["spec"], known, raw)
         out["with_decode_s"] = median_seconds(lambda: decode(row.sample(task, rng, 1, known, raw)), repeats)
+    clips = {key: 1 for key in out}
+    if batch > 1:
+        known_b, raw_b = scorer.first(batch)
+        key = f"dit_b{batch}_s"
+        out[key] = median_seconds(lambda: jax.block_until_ready(row.sample(task, rng, batch, known_b, raw_b)), repeats)
+        clips[key] = batch
     for key in [k for k in out if k.endswith("_s")]:
-        out[key.replace("_s", "_per_media_s")] = out[key]["median"] / scorer.media_seconds
-        out[key.replace("_s", "_per_media_min_s")] = out[key]["min"] / scorer.media_seconds
+        out[key[: -len("_s")] + "_per_media_s"] = out[key]["median"] / clips[key] / scorer.media_seconds
+        out[key[: -len("_s")] + "_per_media_min_s"] = out[key]["min"] / clips[key] / scorer.media_seconds
     out["load_avg_before"], out["load_avg_after"] = load_before, os.getloadavg()
     return out
 
@@ -294,15 +309,20 @@ def speed(timing: dict | None, what: str) -> str:
     """``median (min)`` seconds per generated second of ``timing[what]``; untimed rows ran teacher@N's program."""
     if not timing:
         return "=teacher"
+    if what + "_per_media_s" not in timing:  # a reused row timed without this batch size
+        return "-"
     return f"{timing[what + '_per_media_s']:.3f} ({timing.get(what + '_per_media_min_s', float('nan')):.3f})"
 
 
 def markdown(results: dict, tasks: tuple[str, ...]) -> str:
     gt = results["ground_truth"]
+    batch = int(results.get("batch", 1))
     head = (
         "| model | task | steps | frac@0 | r@0 (chance mis/shuf, ceil) | fracΔ | rΔ (chance mis/shuf, ceil) | best-lag (chance) "
         "| FD (floor) | FDtex (floor) | flicker (gt) | id thumb-cos (gt) | id hist (gt) | s/s DiT (min) | s/s +dec (min) |"
     )
+    if batch > 1:
+        head += f" s/s DiT b{batch} (min) |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, row in results["rows"].items():
         for task in tasks:
@@ -320,7 +340,7 @@ def markdown(results: dict, tasks: tuple[str, ...]) -> str:
                 f"| {_e(r['flicker'])} ({_e(r['flicker_gt'])}) "
                 f"| {_f(r['identity_thumb_cos_mean'])} ({_f(gt['identity_thumb_cos_mean'])}) "
                 f"| {_f(r['identity_hist_sim_mean'])} ({_f(gt['identity_hist_sim_mean'])}) "
-                f"| {speed(t, 'dit')} | {speed(t, 'with_decode')} |"
+                f"| {speed(t, 'dit')} | {speed(t, 'with_decode')} |" + (f" {speed(t, f'dit_b{batch}')} |" if batch > 1 else "")
             )
     return "\n".join(lines)
 
@@ -401,6 +421,12 @@ def main(argv=None) -> int:
         help="Euler step counts of the teacher rows; 'config' = the teacher config's sample.steps (default config,4,2)",
     )
     p.add_argument("--repeats", type=int, default=3, help="timed calls per row and task after the warm-up (median)")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=1,
+        help="also time the DiT at this batch size, per clip (serving throughput; default 1: batch-1 latency only)",
+    )
     p.add_argument("--no-timing", action="store_true", help="skip the seconds-per-generated-second columns")
     p.add_argument("--no-untrained", action="store_true", help="leave out the untrained row")
     p.add_argument("--seed", type=int, default=0)
@@ -431,6 +457,8 @@ def main(argv=None) -> int:
         p.error(f"--num {args.num}: chance levels compare mismatched clips, pass at least 2")
     if args.repeats < 1:
         p.error(f"--repeats {args.repeats}: time at least one call")
+    if args.batch < 1:
+        p.error(f"--batch {args.batch}: use a batch size >= 1")
     try:
         for s in args.student:
             student_workdir(parse_student(s)[1])
@@ -450,6 +478,7 @@ def main(argv=None) -> int:
         "teacher": {"workdir": args.teacher, "checkpoint_step": int(teacher_step)},
         "data": data,
         "num_clips": args.num,
+        "batch": args.batch,
         "tasks": list(tasks),
         "media_seconds_per_clip": scorer.media_seconds,
         "machine": machine(),
@@ -463,7 +492,7 @@ def main(argv=None) -> int:
             results["rows"][row.name] = entry = old[row.name]
             print(f"[distill_table] {row.name}: reused from {args.out}", file=sys.stderr, flush=True)
             if args.retime and row.timed and not args.no_timing:
-                entry["timing"] = {task: time_row(row, scorer, task, args.repeats, args.seed) for task in tasks}
+                entry["timing"] = {task: time_row(row, scorer, task, args.repeats, args.seed, args.batch) for task in tasks}
                 entry["retimed"] = True
             continue
         t0 = time.perf_counter()
@@ -474,7 +503,7 @@ def main(argv=None) -> int:
             latents = row.sample(task, rng, args.num, scorer.known, scorer.raw)
             entry["tasks"][task] = scorer.score(task, latents)
             if row.timed and not args.no_timing:
-                entry["timing"][task] = time_row(row, scorer, task, args.repeats, args.seed)
+                entry["timing"][task] = time_row(row, scorer, task, args.repeats, args.seed, args.batch)
         entry["wall_s"] = time.perf_counter() - t0
         entry["load_avg_after"] = os.getloadavg()
         results["rows"][row.name] = entry
@@ -487,7 +516,8 @@ def main(argv=None) -> int:
     print(table)
     print(
         f"\n{args.num} eval clips of {data}, {scorer.media_seconds:.2f} s each; s/s = seconds of sampling per generated "
-        f"second (batch 1, median (min) of {args.repeats} after a warm-up); chance mis/shuf = mismatched clips / time-shuffled "
+        f"second (batch 1{f'; DiT bN: batch {args.batch}, per clip' if args.batch > 1 else ''}, median (min) of "
+        f"{args.repeats} after a warm-up); chance mis/shuf = mismatched clips / time-shuffled "
         "audio; frac = (score - mismatched chance) / (ceiling - chance); FD on mmdit.eval.image_quality.frame_features "
         f"(80 dims: 4x4 RGB thumbnail + gradient-orientation histograms; FDtex: the 32 gradient ones). "
         f"Machine: {results['machine']['processor']}, {results['machine']['usable_cores']} usable cores, "

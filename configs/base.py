@@ -33,6 +33,9 @@ def get_config(arg=None):
     c.model.heads = 2
     c.model.head_dim = mlc.FieldReference(None, field_type=int)
     c.model.joint_layers = None  # None: every layer; or a tuple of layer indices (JAM-Flow's selective joint layers)
+    # True: cond_keep["joint"] (a keep-name, no params) switches a sample's cross-stream attention off in every layer,
+    # so flow.condition_dropout.joint trains the streams apart and sample.guidance.joint guides by the partner stream
+    c.model.joint_guidance = False
     c.model.mask = "full"  # mask rule expression, see mmdit/attention/masks.py
     c.model.chunk_frames = mlc.FieldReference(None, field_type=float)  # causal chunk length (ref. latent frames)
     c.model.time_reference = mlc.FieldReference(None, field_type=str)  # default: first grid stream
@@ -69,9 +72,12 @@ def get_config(arg=None):
     c.sample.stream_shift = mlc.ConfigDict()  # stream -> shift overriding sample.shift (smaller: denoised ahead)
     c.sample.guidance_mode = "nested"  # nested | independent
     c.sample.guidance = mlc.ConfigDict()  # condition -> scale, or condition -> {stream: scale}
+    # nested-CFG order of sample.guidance's conditions (a ConfigDict sorts its keys); (): that sorted order
+    c.sample.guidance_order = ()
     c.sample.guidance_schedule = "constant"  # constant | cosine
     c.sample.tasks = ("t2av",)  # what mmdit-eval / mmdit-sample / the training sample hook sample
     c.sample.num_per_task = 4  # clips per task for mmdit-eval and mmdit-sample
+    c.sample.solver = "euler"  # euler (the ODE) | renoise (x0, then fresh noise: how a distilled student is trained)
     c.sample.stream_cache = "per_step"  # streaming KV cache: per_step (TalkingMachines) | clean (Self-Forcing)
     c.sample.stream_positions = "bounded"  # streaming RoPE positions: bounded (sink-relative window) | absolute
 

@@ -28,7 +28,7 @@ def set_clip_chunks(c, chunks: int) -> None:
 
 def get_config(arg=None):
     v = config_lib.parse_arg(arg, tiny=False)
-    c = config_lib.sibling(__file__, "demo", "tiny" if v.tiny else None)
+    c = config_lib.sibling(__file__, "demo", "tiny,plain" if v.tiny else "plain")
     c.model.chunk_frames = 6.0 if v.tiny else 16.0
     set_clip_chunks(c, CLIP_CHUNKS)
     c.model.mask = "chunk_causal & local(1) & no_peek"

@@ -20,7 +20,7 @@ from mmdit import config_lib, flow
 from mmdit import tasks as tasks_lib
 from mmdit.codecs import registry as codec_registry
 from mmdit.model import chunks
-from mmdit.model.spec import ModelSpec, build_spec
+from mmdit.model.spec import JOINT_KEEP, ModelSpec, build_spec
 from mmdit.parallel import axis_sizes
 from mmdit.util import param_groups
 from mmdit.util.param_groups import ParamGroups
@@ -30,6 +30,7 @@ SIGMA_DISTS = ("logit_normal", "uniform")
 LR_SCHEDULES = ("cosine", "constant")
 GUIDANCE_MODES = ("nested", "independent")
 GUIDANCE_SCHEDULES = ("constant", "cosine")
+SAMPLE_SOLVERS = ("euler", "renoise")  # mmdit.sample.ode.solver_update
 
 
 _BASE = None
@@ -82,9 +83,17 @@ def _choice(section: str, name: str, value, choices) -> str:
     return value
 
 
+_KEEP_NAMES = "conditions or condition streams"  # what ModelSpec.keep_names lists (plus JOINT_KEEP with the flag)
+
+
 def _names(section: str, mapping, allowed, what: str) -> dict:
     out = dict(plain(mapping) or {})
     bad = [k for k in out if k not in allowed]
+    if JOINT_KEEP in bad and what == _KEEP_NAMES:
+        raise ValueError(
+            f"{section} names {JOINT_KEEP!r} (cross-stream attention as a droppable / guidable condition), which needs "
+            "model.joint_guidance=True; set it (the param tree is unchanged) or remove the entry"
+        )
     if bad:
         raise ValueError(
             f"{section} names {bad}, which are not {what} of this model ({list(allowed)}); remove them or fix the names"
@@ -99,18 +108,41 @@ def check_stream_shift(stream_shift, generated) -> dict[str, float]:
     return {k: _number("sample.stream_shift", k, v, lo=0, lo_open=True) for k, v in out.items()}
 
 
+def check_solver(solver) -> str:
+    """``sample.solver`` (or a ``solver=`` override): one of :data:`SAMPLE_SOLVERS`."""
+    if solver not in SAMPLE_SOLVERS:
+        raise ValueError(
+            f"sample.solver={solver!r}: choose one of {list(SAMPLE_SOLVERS)} (euler: the ODE; renoise: a "
+            "distilled student's x0-and-fresh-noise rule)"
+        )
+    return solver
+
+
 def normalize_guidance(scales, conditions, generated) -> dict[str, Any]:
     """``{cond: s}`` / ``{cond: {stream: s}}`` (``sample.guidance`` or ``--guidance``; order kept =
     nested order) checked against the model's guidable ``conditions`` and ``generated`` streams;
     per-stream dicts are completed with 1.0 for unnamed generated streams, scales become floats."""
     out = {}
-    for c, s in _names("sample.guidance (or --guidance)", scales, conditions, "conditions or condition streams").items():
+    for c, s in _names("sample.guidance (or --guidance)", scales, conditions, _KEEP_NAMES).items():
         if isinstance(s, Mapping):
             _names(f"sample.guidance.{c} (or --guidance)", s, generated, "generated streams")
             out[c] = {n: _number(f"sample.guidance.{c}", n, s.get(n, 1.0)) for n in generated}
         else:
             out[c] = _number("sample.guidance", c, s)
     return out
+
+
+def _guidance_in_order(guidance: dict, order) -> dict:
+    """``guidance`` reordered by ``sample.guidance_order`` (empty: unchanged), which must list exactly its conditions."""
+    order = (order,) if isinstance(order, str) else tuple(order or ())
+    if not order:
+        return guidance
+    if sorted(order) != sorted(guidance):
+        raise ValueError(
+            f"sample.guidance_order={order} must list each condition of sample.guidance ({sorted(guidance)}) once, "
+            "in nested-CFG order; fix it or set sample.guidance_order=() (sorted order)"
+        )
+    return {c: guidance[c] for c in order}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +173,7 @@ class SampleSpec:
     guidance_schedule: str
     tasks: tuple[str, ...]
     num_per_task: int
+    solver: str = "euler"  # SAMPLE_SOLVERS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,7 +245,7 @@ def flow_spec(cfg, model: ModelSpec) -> FlowSpec:
     cfg = complete(cfg)
     f = cfg.flow
     weights = _names("flow.stream_weights", f.stream_weights, model.names, "streams")
-    drops = _names("flow.condition_dropout", f.condition_dropout, model.keep_names, "conditions or condition streams")
+    drops = _names("flow.condition_dropout", f.condition_dropout, model.keep_names, _KEEP_NAMES)
     for k, v in weights.items():
         _number("flow.stream_weights", k, v, lo=0)
     for k, v in drops.items():
@@ -253,7 +286,7 @@ def sample_spec(cfg, model: ModelSpec, *, check_tasks: bool = True) -> SampleSpe
     cfg = complete(cfg)
     s = cfg.sample
     stream_shift = check_stream_shift(s.stream_shift, model.generated)
-    guidance = normalize_guidance(s.guidance, model.keep_names, model.generated)
+    guidance = _guidance_in_order(normalize_guidance(s.guidance, model.keep_names, model.generated), s.guidance_order)
     task_names = tuple(s.tasks) if not isinstance(s.tasks, str) else (s.tasks,)
     if not task_names:
         raise ValueError("sample.tasks is empty: name at least one task, e.g. ('t2av',)")
@@ -274,6 +307,7 @@ def sample_spec(cfg, model: ModelSpec, *, check_tasks: bool = True) -> SampleSpe
         guidance_schedule=_choice("sample", "guidance_schedule", s.guidance_schedule, GUIDANCE_SCHEDULES),
         tasks=task_names,
         num_per_task=_number("sample", "num_per_task", s.num_per_task, lo=1, integer=True),
+        solver=check_solver(s.solver),
     )
 
 

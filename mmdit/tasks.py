@@ -8,7 +8,9 @@ is the generated sequence stream named by ``model.roles.audio`` (default ``"audi
 task           known / valid                                           conditions present
 =============  ======================================================  ======================
 t2av           nothing known                                           all but ``ref_audio``
-ti2av          the visual stream's first latent frame known            all but ``ref_audio``
+ti2av          the visual stream's first latent frame known            all but ``ref_audio``, and
+                                                                       the visual stream's
+                                                                       ``first_frame`` condition
 tr2av          nothing known                                           all (incl. ``ref_audio``)
 tv2a           the visual stream fully known (needs ``no_peek``)       all but ``ref_audio``
 a2v            the audio stream fully known (needs ``no_peek``)        all but ``ref_audio``
@@ -20,6 +22,13 @@ inpaint        per generated stream one random span of 0-30% of its    all but `
                sampling may choose the regenerated spans instead
                (:func:`region_known`, ``Sampler.sample(regions=)``)
 =============  ======================================================  ======================
+
+A *derived* condition (``model.conditions.<c>.derived``, :mod:`mmdit.model.derived_conditions`) is
+present only in the task that gives its source clean: ``first_frame`` (the visual stream's first
+latent frame tiled) in ``ti2av``; every other task leaves it out (zeros).
+
+With ``model.joint_guidance`` every task also has ``present["joint"]`` True (cross-stream attention is
+always available; condition dropout and guidance switch it per sample).
 
 Every output is a jnp array with a leading batch axis; :func:`sample_tasks` draws a task per sample
 from ``config.tasks`` weights and selects per sample, so it runs inside ``jit``.
@@ -34,7 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmdit.model.spec import ModelSpec
+from mmdit.model.derived_conditions import first_frame_conditions
+from mmdit.model.spec import JOINT_KEEP, ModelSpec
 
 INPAINT_MAX_FRACTION = 0.3
 
@@ -79,10 +89,14 @@ def _base(spec, batch, with_ref=False):
     for a in spec.streams:
         if a.geometry.condition:
             known[a.name] = jnp.ones_like(known[a.name])
-    present = {c.name: jnp.full((batch,), c.name != "ref_audio" or with_ref) for c in spec.conditions}
+    # A derived condition carries information only when the task gives its source tokens clean: absent here,
+    # turned on by the task that gives them (ti2av: first_frame).
+    present = {c.name: jnp.full((batch,), c.derived is None and (c.name != "ref_audio" or with_ref)) for c in spec.conditions}
     for a in spec.streams:
         if a.geometry.condition:
             present[a.name] = jnp.ones((batch,), bool)
+    if spec.joint_guidance:  # cross-stream attention is always available: dropout / guidance decide
+        present[JOINT_KEEP] = jnp.ones((batch,), bool)
     return known, valid, present
 
 
@@ -93,6 +107,9 @@ def t2av(rng, spec, r: Roles, batch):
 def ti2av(rng, spec, r, batch):
     known, valid, present = _base(spec, batch)
     known[r.visual] = _first_frame(spec, r.visual, batch)
+    for name, source in first_frame_conditions(spec).items():  # the given frame, tiled (identity reference)
+        if source == r.visual:
+            present[name] = jnp.ones((batch,), bool)
     return known, valid, present
 
 
@@ -241,6 +258,13 @@ def validate_tasks(weights: Mapping[str, float], spec: ModelSpec, model_cfg=None
             )
     if r.visual not in spec.names:
         raise ValueError(f"model.roles.visual={r.visual!r} is not a stream ({list(spec.names)})")
+    for cond, source in first_frame_conditions(spec).items():
+        if source != r.visual:
+            raise ValueError(
+                f"model.conditions.{cond} (derived='first_frame') is concatenated to stream {source!r}, but ti2av gives "
+                f"the first frame of the visual stream {r.visual!r} (model.roles.visual); set model.streams.{r.visual}.concat "
+                f"= ({cond!r},) instead, or model.roles.visual={source!r}"
+            )
     w = np.asarray([weights[n] for n in names], np.float64)
     if w.sum() <= 0:
         raise ValueError("config.tasks weights sum to 0")

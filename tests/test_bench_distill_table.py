@@ -60,14 +60,14 @@ def test_distill_table_end_to_end(tmp_path, capsys):
     from mmdit.eval.run import evaluate
     from mmdit.train.checkpoint import restore_inference_params
 
-    teacher_cfg = config_lib.load("configs/demo.py:tiny")  # 4 Euler steps, text CFG
+    teacher_cfg = config_lib.load("configs/demo.py:tiny,plain")  # 4 Euler steps, text CFG
     synth(teacher_cfg, str(tmp_path / "teacher" / "data"), num=2, num_eval=3, progress=False)
     init_checkpoint(teacher_cfg, tmp_path / "teacher")
     dist = tiny_student(tmp_path, tmp_path / "teacher")
     out = tmp_path / "table.json"
     bench = load_bench()
     argv = ["--teacher", str(tmp_path / "teacher"), "--student", f"s1={dist}", "--num", "3"]
-    argv += ["--teacher-steps", "2", "--repeats", "1", "--fast-compile", "--out", str(out)]
+    argv += ["--teacher-steps", "2", "--repeats", "1", "--fast-compile", "--batch", "2", "--out", str(out)]
     assert bench.main(argv) == 0
     printed = capsys.readouterr().out
     res = json.loads(out.read_text())
@@ -95,8 +95,13 @@ def test_distill_table_end_to_end(tmp_path, capsys):
                 assert timing["dit_s"]["min"] <= timing["dit_s"]["median"]
                 assert timing["with_decode_s"]["median"] > 0
                 assert timing["dit_per_media_s"] == pytest.approx(timing["dit_s"]["median"] / res["media_seconds_per_clip"])
+                # --batch 2: the DiT timed on 2 clips per call, reported per clip
+                assert timing["dit_b2_s"]["median"] > 0 and len(timing["dit_b2_s"]["runs"]) == 1
+                want = timing["dit_b2_s"]["min"] / 2 / res["media_seconds_per_clip"]
+                assert timing["dit_b2_per_media_min_s"] == pytest.approx(want)
             assert f"| {name} | {task} |" in printed
     assert "with_decode_overlapped_s" in student["timing"]["t2av"]
+    assert res["batch"] == 2 and "s/s DiT b2 (min) |" in printed
     assert res["goals"] and res["goals"][0].startswith("s1 t2av: r@0")
 
     # --reuse keeps every row of the same teacher/data/clips/tasks instead of sampling again
@@ -122,6 +127,7 @@ def test_distill_table_end_to_end(tmp_path, capsys):
         (["--student", "x=/nonexistent/dist"], "/nonexistent/dist/student/config.json"),
         (["--tasks", "tv2a"], "subset of t2av,a2v"),
         (["--num", "1"], "at least 2"),
+        (["--batch", "0"], "--batch 0"),
     ],
 )
 def test_bad_flags_are_refused_by_name(args, words, capsys):

@@ -32,7 +32,7 @@ def twin_cfg(*sets):
         f"model.streams.video.shape=({FRAMES}, 4, 4)",
         f"model.streams.audio.shape=({FRAMES},)",
     ]
-    return config_lib.override(config_lib.load("configs/demo.py:tiny"), base + list(sets))
+    return config_lib.override(config_lib.load("configs/demo.py:tiny,plain"), base + list(sets))
 
 
 def twin_spec():
@@ -110,7 +110,7 @@ def test_chunk_length_that_does_not_divide_is_a_config_error(sets, words):
 
 
 def test_chunk_noise_config_errors():
-    tiny = lambda *sets: config_lib.override(config_lib.load("configs/demo.py:tiny"), list(sets))  # noqa: E731
+    tiny = lambda *sets: config_lib.override(config_lib.load("configs/demo.py:tiny,plain"), list(sets))  # noqa: E731
     with pytest.raises(ValueError, match=r"flow.chunk_noise='independent'.*model.chunk_frames"):
         config_spec.build_run_spec(tiny("flow.chunk_noise='independent'"))  # no model.chunk_frames
     with pytest.raises(ValueError, match=r"flow.chunk_noise='forcing'.*clean_context"):

@@ -146,7 +146,7 @@ def test_frozen_teacher_is_bit_identical_and_student_and_critic_update():
 
     cfg = config_lib.load("configs/demo_distill.py:tiny")
     cfg.distill.teacher = "in-memory"
-    teacher_cfg = config_lib.load("configs/demo.py:tiny")
+    teacher_cfg = config_lib.load("configs/demo.py:tiny,plain")
     dspec = distill_spec(cfg)
     student, teacher = DiffusionModel.from_config(cfg), DiffusionModel.from_config(teacher_cfg)
     s_tx, c_tx = state_lib.make_optimizers(config_spec.train_spec(cfg), dspec.critic_lr)
@@ -199,7 +199,7 @@ def tree_snapshot(root):
 
 
 def test_a_teacher_with_other_streams_is_refused_and_the_workdir_untouched(tmp_path):
-    teacher_cfg = config_lib.load("configs/demo.py:tiny")
+    teacher_cfg = config_lib.load("configs/demo.py:tiny,plain")
     teacher_cfg.model.streams.audio.channels = 64
     del teacher_cfg.model.streams["video"]
     teacher_cfg.model.roles.visual = "audio"
@@ -250,9 +250,9 @@ def test_tiny_distill_end_to_end_resume_export_sample(tmp_path):
 
     env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0")
     teacher = tmp_path / "teacher"
-    synth(config_lib.load("configs/demo.py:tiny"), str(teacher / "data"), num_eval=2, progress=False)
+    synth(config_lib.load("configs/demo.py:tiny,plain"), str(teacher / "data"), num_eval=2, progress=False)
     out = run(
-        ["-m", "mmdit.cli.main", "train", "--config", "configs/demo.py:tiny", "--workdir", str(teacher), "--no-progress"]
+        ["-m", "mmdit.cli.main", "train", "--config", "configs/demo.py:tiny,plain", "--workdir", str(teacher), "--no-progress"]
         + ["--set", "train.steps=2", "--set", "train.sample_every=0"],
         env=env,
     )
@@ -304,7 +304,7 @@ def test_plan_counts_three_param_sets_and_two_optimizer_states():
 
     topo = parse_topology("8xH100")
     student = plan(config_lib.load("configs/demo_distill.py"), topo, compile_=False, check=False)
-    trained = plan(config_lib.load("configs/demo.py"), topo, compile_=False, check=False)
+    trained = plan(config_lib.load("configs/demo.py:plain"), topo, compile_=False, check=False)
     parts = student["estimate"]["parts_gb"]
     for name in ("teacher_params", "critic_params"):
         assert parts[name] == parts["params"]
@@ -313,7 +313,7 @@ def test_plan_counts_three_param_sets_and_two_optimizer_states():
     assert student["estimate"]["total_gb"] > trained["estimate"]["total_gb"] + 2 * parts["params"]
 
 
-def untrained_teacher(workdir, cfg_path="configs/demo.py:tiny"):
+def untrained_teacher(workdir, cfg_path="configs/demo.py:tiny,plain"):
     """A teacher workdir without training: config.json + a step-0 checkpoint of freshly initialised
     params (what restore_inference reads), so tests need not compile a train step."""
     from mmdit import config_spec
@@ -380,7 +380,7 @@ def test_distill_defaults_live_in_base_and_overrides_are_checked():
     assert distill_spec(only_a2v).tasks == (("a2v", 1.0),)  # base's t2av is not merged into a named mapping
     with pytest.raises(KeyError, match="distill.critic_step"):
         config_spec.load("configs/demo_distill.py:tiny", ["distill.critic_step=3"])
-    trained = config_spec.load("configs/demo.py:tiny")  # a training config: base's section, no teacher
+    trained = config_spec.load("configs/demo.py:tiny,plain")  # a training config: base's section, no teacher
     with pytest.raises(ValueError, match="distill.teacher"):
         distill_spec(trained)
     assert distill_estimate(trained, None, None) is None  # mmdit-plan: not a distillation config
@@ -436,6 +436,7 @@ def test_the_warmup_trains_only_the_student_and_logs_samples(warmup_run):
     lines = metrics(root / "warmup")
     assert [m["step"] for m in lines] == [1, 2]
     assert all("gen/regression_loss" in m and not any(k.startswith("critic/") for k in m) for m in lines)
+    assert not any("gen/dmd_loss" in m for m in lines)  # no rollout, teacher or critic pass at dmd_weight=0
     assert last["gen/regression_loss"] > 0
     acc = EventAccumulator(str(root / "warmup" / "tensorboard"), size_guidance={"images": 0, "audio": 0})
     acc.Reload()
@@ -490,7 +491,7 @@ def test_a_student_init_of_another_model_is_refused_and_the_workdir_untouched(tm
     untrained_teacher(tmp_path / "teacher")
     (tmp_path / "other.py").write_text(
         "from mmdit import config_lib\n\n\ndef get_config(arg=None):\n"
-        "    c = config_lib.load('configs/demo.py:tiny')\n    c.model.num_layers = 1\n    return c\n"
+        "    c = config_lib.load('configs/demo.py:tiny,plain')\n    c.model.num_layers = 1\n    return c\n"
     )
     untrained_teacher(tmp_path / "other", str(tmp_path / "other.py"))
     work = tmp_path / "work"

@@ -4,9 +4,12 @@
    write train/eval record shards (skipped if ``WORKDIR/data`` already holds them);
 2. ``mmdit-train``: train the tiny twin-stream MM-DiT (resumes if ``WORKDIR`` has checkpoints);
 3. ``mmdit-eval``: sample every task in ``config.sample.tasks`` (T2AV, TI2AV, TV2A, A2V) from the
-   EMA params, write MP4s, and measure lip-sync (mouth-opening vs audio-energy correlation at the
-   best offset within +-8 frames) against the ground-truth ceiling;
+   EMA params, write MP4s and contact sheets, and measure lip-sync strictly (mouth-opening vs
+   audio-energy correlation at lag 0, and of their frame-to-frame changes) as the fraction of the way
+   from chance (mismatched pairs) to the ground-truth ceiling, plus image quality and identity;
 4. print the summary table and where the MP4s and TensorBoard logs are.
+
+``--config`` takes a file or a preset name (``demo_stream``, ``demo_talking``...), from any directory.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from mmdit.cli.errors import entry_point
 def main(argv=None):
     p = argparse.ArgumentParser(prog="mmdit demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="runs/demo", help="where data, checkpoints, logs and samples go (default runs/demo)")
-    p.add_argument("--config", default="configs/demo.py", help="config (default: the embedded demo)")
+    p.add_argument("--config", default="demo", help="config file or preset name (default: the embedded demo, configs/demo.py)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--debug", action="store_true", help="full tracebacks instead of one-line errors (or MMDIT_DEBUG=1)")

@@ -15,7 +15,8 @@ Per chunk ``c`` (a ``fori_loop`` over chunks carrying the output and the cache):
 
 1. the steps before the exit step run without gradient (a ``fori_loop`` of traced length: no
    forward past the exit step), each predicting ``x0 = x − σ_k·v`` and re-noising it with fresh
-   noise to σ_{k+1} (the noise of :func:`mmdit.distill.rollout.chunk_noise`);
+   noise to σ_{k+1} (:func:`mmdit.sample.ode.renoised` with :func:`mmdit.sample.ode.chunk_noise`: the
+   rule and numbers of :class:`~mmdit.sample.streaming.StreamingSampler` with ``sample.solver="renoise"``);
 2. the exit step runs with gradient on its (gradient-stopped) input and the cached context; its
    ``x0`` is the chunk's output (known tokens, e.g. A2V's audio, keep their given values);
 3. the cache is written, without gradient (Self-Forcing): ``clean`` mode: the keys/values of one more
@@ -39,8 +40,8 @@ import jax
 import jax.numpy as jnp
 
 from mmdit.distill.losses import clean_prediction
-from mmdit.distill.rollout import chunk_noise
 from mmdit.sample import streaming
+from mmdit.sample.ode import chunk_noise, renoised
 
 
 IMPLS = ("cache", "full")
@@ -183,7 +184,7 @@ class CachedRollout:
                 x, fresh = carry
                 x0, fresh = denoise(quiet, quiet_conds, x, i, fresh)
                 nxt = sigmas[i + 1]
-                return hold({n: (1.0 - nxt) * x0[n] + nxt * self._noise(rng, c, 1 + i, x0, n) for n in gen}), fresh
+                return hold({n: renoised(x0[n], nxt, self._noise(rng, c, 1 + i, x0, n)) for n in gen}), fresh
 
             x = hold({n: self._noise(rng, c, 0, held, n) for n in gen})
             x, fresh = jax.lax.fori_loop(0, exit_step, before_exit, (x, fresh0))

@@ -353,11 +353,14 @@ def sampling_mismatch(cfg, dspec) -> str | None:
 
 
 def student_config(cfg, dspec) -> mlc.ConfigDict:
-    """The exported student's config: ``cfg`` sampling with the step list's length and no CFG (the
-    teacher's guidance is distilled into the student)."""
+    """The exported student's config: ``cfg`` sampling with the step list's length, no CFG (the
+    teacher's guidance is distilled into the student) and the ``renoise`` solver (the update rule its
+    rollouts were trained with, :func:`mmdit.sample.ode.solver_update`)."""
     out = mlc.ConfigDict(cfg.to_dict())
     out.sample.steps = dspec.num_steps
     out.sample.guidance = {}
+    out.sample.guidance_order = ()
+    out.sample.solver = "renoise"
     return out
 
 

@@ -21,7 +21,9 @@ predict the clean chunk ``x0 = x − σ_k·v`` and re-noise it with *fresh* nois
 
 Tokens the task marks known (A2V: the given audio) keep their given values and are never generated.
 A model without ``chunk_frames`` is one chunk: this is then plain few-step sampling. The noise is
-:func:`chunk_noise` per chunk, so both rollouts draw the same numbers.
+:func:`chunk_noise` per chunk, so both rollouts draw the same numbers; the re-noising is
+:func:`mmdit.sample.ode.renoised` and the draw :func:`mmdit.sample.ode.chunk_noise`, what the samplers'
+``sample.solver="renoise"`` runs, so training and serving share one rule.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import numpy as np
 from mmdit import flow
 from mmdit.distill.losses import clean_prediction
 from mmdit.model import chunks as chunks_lib
+from mmdit.sample.ode import chunk_noise, renoised  # chunk_noise: also this module's (tests import it here)
 
 
 def chunk_ids(spec) -> dict[str, np.ndarray]:
@@ -50,15 +53,6 @@ def chunk_ids(spec) -> dict[str, np.ndarray]:
 def num_chunks(spec) -> int:
     ids = chunk_ids(spec)
     return int(max(ids[n].max() for n in spec.generated)) + 1
-
-
-def chunk_noise(rng, c, draw, index: int, shape) -> jax.Array:
-    """Standard normal noise ``float32 shape`` (``[B, T_s, C]``: one chunk of a stream) of chunk ``c``:
-    ``draw`` 0 is the starting noise, ``1 + k`` the re-noising after step ``k``; ``index`` the
-    stream's position in sorted generated names. ``c``/``draw`` may be traced. The full-sequence and
-    the cached rollout (:mod:`mmdit.distill.cached_rollout`) draw the same numbers."""
-    key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(rng, c), draw), index)
-    return jax.random.normal(key, shape, jnp.float32)
 
 
 def _placed(noise, c, tokens_per_chunk: int, total: int):
@@ -141,7 +135,7 @@ def student_rollout(model, params, rng, clean, masks, raw, cond_keep, step_list,
             chosen = {n: jnp.where(is_exit, x0[n], chosen[n]) for n in gen}
             if k + 1 < K:
                 nxt, fresh = step_list[k + 1], noise(c, 1 + k)
-                x = {n: (1.0 - nxt) * jax.lax.stop_gradient(x0[n]) + nxt * fresh[n] for n in gen}
+                x = {n: renoised(jax.lax.stop_gradient(x0[n]), nxt, fresh[n]) for n in gen}
         return {n: jnp.where(_current(ids, n, c, masks)[..., None], chosen[n], out[n]) for n in gen}
 
     return jax.lax.fori_loop(0, num_chunks(spec), one_chunk, out)

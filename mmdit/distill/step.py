@@ -116,6 +116,9 @@ def make_step(
             k_roll, k_sigma, k_noise, k_ode, k_pick = jax.random.split(k_gen, 5)
 
             def generator_loss(params):
+                if not dspec.trains_critic:  # dmd_weight == 0 (the ODE warm-up): no rollout, teacher or critic pass
+                    l_reg = regression(params, k_ode, k_pick)
+                    return dspec.regression_weight * l_reg, {"gen/regression_loss": l_reg}
                 x = rollout(params, k_roll)
                 u = jax.random.uniform(k_sigma, (B,), minval=dspec.dmd_sigma_min, maxval=dspec.dmd_sigma_max)
                 x_t, sig, _ = renoise(k_noise, jax.lax.stop_gradient(x), tm, flow.shift_sigma(u, fl.shift))

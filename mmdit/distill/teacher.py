@@ -69,6 +69,12 @@ def check_teacher(cfg):
     """``(distill spec, teacher config)`` of a distill config once its student is known to be the
     teacher's twin; ValueError / FileNotFoundError naming the field otherwise. Writes nothing."""
     dspec = distill_spec(cfg)
+    derived = [n for n, c in (cfg.model.get("conditions", None) or {}).items() if c.get("derived", None)]
+    if derived:  # the KV-cached rollouts encode conditions per chunk and do not compute derived ones
+        raise ValueError(
+            f"model.conditions.{derived[0]}.derived: distillation does not support derived conditions yet; distil a "
+            f"teacher without it (drop model.conditions.{derived[0]} and its model.streams.*.concat entry)"
+        )
     teacher_cfg = load_teacher_config(dspec.teacher)
     check_compatible(teacher_cfg, cfg, dspec.teacher)
     return dspec, teacher_cfg

@@ -5,7 +5,9 @@ byte-level text path)}``. Raw conditions come from records / sampler inputs as
 :meth:`DiffusionModel.input_spec` describes them (:mod:`mmdit.model.inputs`): ``text_tokens`` int32
 ``[B, L]`` when the byte text encoder is on (encoded here), else features ``[B, L_c, C_c]`` (+ an
 optional ``c_mask`` bool ``[B, L_c]``) per condition; ``speaking_frames`` / ``face_box`` (silence
-embedding, face-local masks) pass through to the DiT in its ``conds`` under their own names.
+embedding, face-local masks) pass through to the DiT in its ``conds`` under their own names. Derived
+conditions (``model.conditions.<c>.derived``: ``first_frame``) are no input: :meth:`DiffusionModel.velocity`
+computes them from the tokens (:mod:`mmdit.model.derived_conditions`).
 
 Latents are per stream ``[B, *latent_shape]``; :meth:`DiffusionModel.velocity` patchifies, runs the
 DiT and returns velocities in token space ``[B, S, C * prod(patch)]``.
@@ -22,6 +24,7 @@ import numpy as np
 
 from mmdit.model import inputs
 from mmdit.model.chunks import check_chunking
+from mmdit.model.derived_conditions import derived_conditions
 from mmdit.model.mmdit import MMDiT
 from mmdit.model.spec import ModelSpec, build_spec
 from mmdit.model.text_encoder import ByteTextEncoder
@@ -115,9 +118,15 @@ class DiffusionModel:
         if self.text_encoder is not None:
             params["text_encoder"] = self.text_encoder.init(k_txt, raw["text" + inputs.TOKENS_SUFFIX])
         conds, masks = self.encode_conditions(params, raw)
+        conds.update(derived_conditions(self.spec, tokens))
         params["dit"] = self.dit.init(k_dit, tokens, sigma, conds, masks)
         return params
 
     def velocity(self, params, tokens, sigma, raw_conds, *, cond_keep=None, known=None, valid=None):
+        """Velocities ``{generated s: [B, S_s, C_s * prod(patch)]}`` of ``tokens`` (every stream) at
+        per-token ``sigma``. Derived conditions (``first_frame``) are computed here from ``tokens``: they
+        carry information only where the task gives those tokens clean, and ``cond_keep`` (the task's
+        ``present`` AND condition dropout / CFG) zeroes them everywhere else."""
         conds, masks = self.encode_conditions(params, raw_conds)
+        conds.update(derived_conditions(self.spec, tokens))
         return self.dit.apply(params["dit"], tokens, sigma, conds, masks, cond_keep, known, valid)

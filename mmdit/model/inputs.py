@@ -14,6 +14,8 @@ Fields (per example; a batch adds a leading ``B``):
   ``tokens``, when the byte text encoder is on) or precomputed *features* ``c`` float32 ``[L, C]``
   (role ``features``) with an optional padding mask ``c_mask`` bool ``[L]`` (role ``mask``, all True
   when absent);
+* a *derived* condition (``model.conditions.<c>.derived``, e.g. ``first_frame``) has no field: the
+  model computes it from its own input tokens (:mod:`mmdit.model.derived_conditions`);
 * ``speaking_frames`` int32 ``[F]`` (role ``speaking``; ``F`` = latent frames of the time-reference
   stream), when a condition has ``silence_embedding``: 1 where the subject speaks, 0 in silence mode
   (a listening phase), where the learned silence embedding replaces that condition's tokens. Optional
@@ -168,7 +170,8 @@ def input_spec(model_spec, encoded_conditions: tuple[str, ...] = ()) -> InputSpe
         for a in model_spec.streams
     ]
     for c in model_spec.conditions:
-        fields += condition_fields(c, c.name in encoded_conditions)
+        if c.derived is None:  # a derived condition is computed from the tokens (mmdit.model.derived_conditions)
+            fields += condition_fields(c, c.name in encoded_conditions)
     silence = [c for c in model_spec.conditions if c.silence_embedding]
     if silence:
         labels = any(c.silence_labels for c in silence)

@@ -9,6 +9,8 @@ Call signature (all dicts keyed by stream / condition name)::
 * ``sigma[s]``: per-token noise level ``[B, S_s]`` in [0, 1] (timestep input is ``1000 * sigma``);
 * ``conds[c]``: condition features ``[B, L_c, C_c]``; ``cond_masks[c]`` ``[B, L_c]`` valid flags;
   ``cond_keep[c]`` ``[B]`` -- False drops the condition for that sample (classifier-free guidance);
+  with ``model.joint_guidance``, ``cond_keep["joint"]`` ``[B]`` False confines that sample's tokens to their
+  own stream in every layer (no cross-stream attention: the partner stream guided like a condition);
   a condition in ``model.streams.<s>.concat`` is per token, ``[B, S_s, C_c]``, joined to the stream's tokens
   before its patch embedding; one with ``added_to=h`` is attended inside ``h``'s cross-attention (Wan I2V);
 * ``known[s]`` ``[B, S_s]`` clean tokens (default ``sigma == 0``); ``valid[s]`` ``[B, S_s]`` (False:
@@ -47,7 +49,7 @@ from mmdit.model.layers import (
 from mmdit.model.inputs import FACE_BOX, SPEAKING_FRAMES
 from mmdit.model.rope import angles as rope_angles
 from mmdit.model.rope import apply_rope, stream_angles
-from mmdit.model.spec import ModelSpec, StreamArch
+from mmdit.model.spec import JOINT_KEEP, ModelSpec, StreamArch
 
 _REMAT_POLICIES = {
     "full": None,
@@ -160,7 +162,8 @@ class Block(nn.Module):
             ang = ctx["angles"][name]
             qs[name] = nn.with_logical_constraint(apply_rope(q, ang), names)
             ks[name] = nn.with_logical_constraint(apply_rope(raw_k[name], ang), names)
-        joint_group = lambda m: m._replace(group=jnp.where(is_joint, jnp.zeros_like(m.stream), m.stream))  # noqa: E731
+        together = is_joint if ctx.get("keep_joint") is None else is_joint & ctx["keep_joint"][:, None]  # [] or [B, 1]
+        joint_group = lambda m: m._replace(group=jnp.where(together, jnp.zeros_like(m.stream), m.stream))  # noqa: E731
         meta = joint_group(ctx["meta"])
         if cached is None:
             bm = None
@@ -299,6 +302,11 @@ class MMDiT(nn.Module):
         if known is None:
             known = {n: sigma[n] == 0 for n in sp.names if n in sigma}
         cond_keep = {c.name: jnp.ones((batch,), bool) for c in sp.conditions} | dict(cond_keep or {})
+        if JOINT_KEEP in cond_keep and JOINT_KEEP not in sp.keep_names:
+            raise ValueError(f"cond_keep[{JOINT_KEEP!r}] switches cross-stream attention, which needs model.joint_guidance=True")
+        keep_joint = None
+        if sp.joint_guidance:
+            keep_joint = jnp.broadcast_to(jnp.asarray(cond_keep.get(JOINT_KEEP, True), bool), (batch,))
         io = {a.name: StreamIO(a, sp, name=a.name) for a in sp.streams}
         xs, temb, mod, cemb = {}, {}, {}, {}
         for a in sp.streams:
@@ -321,7 +329,8 @@ class MMDiT(nn.Module):
             "conds": cemb,
             "cond_keep": {k: v.astype(jnp.float32) for k, v in cond_keep.items()},
             "cross_meta": self._cross_meta(batch, cond_masks, valid, conds.get(FACE_BOX)),
-            "block_maps": None if kv_context is not None else self._block_maps(meta),
+            "block_maps": None if kv_context is not None else self._block_maps(meta, keep_joint),
+            "keep_joint": keep_joint,
         }
         cached = None
         if kv_context is not None:
@@ -330,8 +339,12 @@ class MMDiT(nn.Module):
             cached = {"k": kv_context["k"], "v": kv_context["v"]}
             if kv_context.get("cross") is not None:  # the conditions' cross-attention keys/values, per layer
                 cached["cross"] = kv_context["cross"]
-        static_full = (
-            isinstance(sp.rule, masks.Full) and valid is None and len(sp.joint_layers) == sp.num_layers and cached is None
+        static_full = (  # per-sample joint switching (model.joint_guidance) makes the groups traced
+            isinstance(sp.rule, masks.Full)
+            and valid is None
+            and len(sp.joint_layers) == sp.num_layers
+            and cached is None
+            and not sp.joint_guidance
         )
         flags = jnp.asarray(sp.layer_is_joint())
         block = Block
@@ -429,14 +442,16 @@ class MMDiT(nn.Module):
                 out[a.name][c] = (q_c, k)
         return out
 
-    def _block_maps(self, meta):
-        """(joint, per-stream) block maps, computed once per forward for block-sparse kernels."""
+    def _block_maps(self, meta, keep_joint=None):
+        """(joint, per-stream) block maps, computed once per forward for block-sparse kernels. ``keep_joint``
+        (bool ``[B]`` or None): samples whose joint layers keep their streams apart (``model.joint_guidance``)."""
         sp = self.spec
         if not attention_registry.needs_block_map(sp.attention.impl) or sp.sequence_parallel != "none":
             return None
         pred = sp.rule.bind(sp.names)
         bq, bk = sp.attention.block_q, sp.attention.block_k
-        joint = masks.block_map(pred, meta, meta, bq, bk)
+        joint_meta = meta if keep_joint is None else meta._replace(group=jnp.where(keep_joint[:, None], 0, meta.stream))
+        joint = masks.block_map(pred, joint_meta, joint_meta, bq, bk)
         sep_meta = meta._replace(group=meta.stream)
         separate = masks.block_map(pred, sep_meta, sep_meta, bq, bk)
         return joint, separate

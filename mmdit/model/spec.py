@@ -14,10 +14,14 @@ import numpy as np
 from mmdit.attention import masks
 from mmdit.attention import registry as attention_registry
 from mmdit.attention.registry import AttentionOptions
+from mmdit.model.derived_conditions import check_derived_conditions
 from mmdit.model.streams import StreamSpec, aligned_times, build_streams, time_reference
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "offload")
+# The keep-name of cross-stream attention (``model.joint_guidance``): ``cond_keep[JOINT_KEEP]`` False confines a
+# sample's tokens to their own stream in every layer, so dropout and CFG can treat the partner stream as a condition.
+JOINT_KEEP = "joint"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +40,7 @@ class ConditionArch:
     silence_embedding: bool = False
     silence_labels: bool = False
     face_local: bool = False  # grid streams attend it only from tokens inside the clip's ``face_box``
+    derived: str | None = None  # computed from the model's own tokens, never an input (mmdit.model.derived_conditions)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +83,7 @@ class ModelSpec:
     reference_rate: float  # latents/s of the time-reference stream (the unit of aligned time)
     sequence_parallel: str = "none"
     time_reference: str | None = None  # the stream whose latent frames are the unit of aligned time
+    joint_guidance: bool = False  # keep-name JOINT_KEEP switches cross-stream attention per sample (model.joint_guidance)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -90,8 +96,10 @@ class ModelSpec:
     @property
     def keep_names(self) -> tuple[str, ...]:
         """What condition dropout and CFG can drop (the step's ``cond_keep`` keys): the conditions,
-        then the condition streams."""
-        return tuple(c.name for c in self.conditions) + tuple(s.name for s in self.streams if s.geometry.condition)
+        then the condition streams, then ``JOINT_KEEP`` with ``model.joint_guidance`` (no embedding, no
+        params: False makes that sample's streams attend only within themselves in every layer)."""
+        names = tuple(c.name for c in self.conditions) + tuple(s.name for s in self.streams if s.geometry.condition)
+        return names + ((JOINT_KEEP,) if self.joint_guidance else ())
 
     def added_condition(self, host: str) -> str | None:
         """The condition attended inside ``host``'s cross-attention (``model.conditions.*.added_to``), or None."""
@@ -254,6 +262,7 @@ def build_spec(model_cfg, platform: str | None = None) -> ModelSpec:
                 silence_embedding=bool(c.get("silence_embedding", False)),
                 silence_labels=bool(c.get("silence_labels", False)),
                 face_local=bool(c.get("face_local", False)),
+                derived=c.get("derived", None),
             )
         )
         if c.get("window", None) is not None and c.get("rate", None) is None:
@@ -261,6 +270,7 @@ def build_spec(model_cfg, platform: str | None = None) -> ModelSpec:
     cond_names = [c.name for c in conditions]
     _check_condition_roles(model_cfg, conditions, streams)
     _check_silence_and_face(model_cfg, conditions, streams)
+    check_derived_conditions(model_cfg, conditions, streams)
     archs = []
     for name, spec in streams.items():
         if name == "blocks" or name in cond_names:
@@ -322,6 +332,18 @@ def build_spec(model_cfg, platform: str | None = None) -> ModelSpec:
     sp = model_cfg.get("sequence_parallel", "none")
     if sp not in ("none", "ulysses", "ring"):
         raise ValueError(f"model.sequence_parallel={sp!r}: choose 'none', 'ulysses' or 'ring'")
+    joint_guidance = bool(model_cfg.get("joint_guidance", False))
+    clash = [n for n in list(streams) + cond_names if n == JOINT_KEEP]
+    if joint_guidance and clash:
+        raise ValueError(
+            f"model.joint_guidance=True reserves the keep-name {JOINT_KEEP!r} (cross-stream attention), but a stream or "
+            f"condition is named {JOINT_KEEP!r}; rename it"
+        )
+    if joint_guidance and len(streams) < 2:
+        raise ValueError(
+            f"model.joint_guidance=True switches cross-stream attention, but the model has one stream ({list(streams)}); "
+            "set model.joint_guidance=False"
+        )
     spec = ModelSpec(
         streams=tuple(archs),
         conditions=tuple(conditions),
@@ -344,5 +366,11 @@ def build_spec(model_cfg, platform: str | None = None) -> ModelSpec:
         reference_rate=time_reference(model_cfg, streams).rate,
         sequence_parallel=sp,
         time_reference=time_reference(model_cfg, streams).name,
+        joint_guidance=joint_guidance,
     )
+    if joint_guidance and not spec.joint_layers:
+        raise ValueError(
+            "model.joint_guidance=True switches the cross-stream attention of the joint layers, but "
+            "model.joint_layers is empty; give joint layers or set model.joint_guidance=False"
+        )
     return spec

@@ -689,8 +689,10 @@ def prepare_task_inputs(
     encoders = encoders if encoders is not None else condition_encoders(sampler.cfg, spec)
     feature_codec = feature_codec_of(sampler.cfg) if audio else None
     raw, cond_sources = {}, {}
+    derived = {c.name for c in spec.conditions if c.derived is not None}  # computed by the model from the latents
+    read = {c.name for c in spec.conditions} - derived - {"text"}  # not the streams, not the "joint" keep-name
     for c, flags in masks.present.items():
-        if c != "text" and c not in spec.names and bool(np.any(np.asarray(flags))):
+        if c in read and bool(np.any(np.asarray(flags))):
             found = condition_from_files(
                 task, spec.condition(c), media, encoders, num, ref_audio=ref_audio, audio=audio, feature_codec=feature_codec
             )
@@ -706,7 +708,7 @@ def prepare_task_inputs(
     if any(c.face_local for c in spec.conditions):
         raw[FACE_BOX], cond_sources[FACE_BOX] = face_boxes(evals, num, face_box, note=media.note)
     for c in spec.conditions:  # conditions the task leaves out: the schema's zeros (dropped by the masks)
-        if c.name != "text" and c.name not in raw:
+        if c.name != "text" and c.name not in raw and c.name not in derived:
             raw[c.name] = np.zeros((num, c.length, c.dim), np.float32)
     needed = [
         a.name

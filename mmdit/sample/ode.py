@@ -10,6 +10,13 @@ of patchified tokens, per-token σ ``dict[str, float32[B, S_stream]]``, known ma
 ``dict[str, bool[B, S_stream]]``. Known tokens are held at their clean values and given σ = 0 at
 every step. The integrators are pure and jit-friendly (one ``jax.lax.fori_loop``); guidance is
 applied inside the caller's ``velocity_fn`` (see :mod:`mmdit.sample.guidance`).
+
+Solvers (``sample.solver``, :func:`solver_update`): ``euler`` integrates the ODE; ``renoise`` is the
+few-step rule a distilled student is trained with (Self-Forcing / DMD's backward simulation): predict
+``x0 = x − σ_k·v`` and re-noise it with *fresh* noise, ``x = (1 − σ_{k+1})·x0 + σ_{k+1}·ε``
+(:func:`renoised`), so the last step (σ = 0) returns ``x0``. With one step both are ``x − σ·v``. The
+fresh noise is :func:`chunk_noise`, the draw the distillation rollouts use (:mod:`mmdit.distill`),
+so a student samples with the very rule and numbers it was trained on.
 """
 
 from __future__ import annotations
@@ -19,9 +26,19 @@ from typing import Callable, Mapping
 import jax
 import jax.numpy as jnp
 
+from mmdit.config_spec import SAMPLE_SOLVERS
 from mmdit.flow import Array, Streams, _f32, _mask, shift_sigma
 
-__all__ = ["sampling_sigmas", "euler_sample", "heun_sample"]
+__all__ = [
+    "SAMPLE_SOLVERS",
+    "sampling_sigmas",
+    "chunk_noise",
+    "renoised",
+    "solver_update",
+    "euler_sample",
+    "renoise_sample",
+    "heun_sample",
+]
 
 
 def sampling_sigmas(num_steps: int, shift: float = 1.0) -> Array:
@@ -30,6 +47,37 @@ def sampling_sigmas(num_steps: int, shift: float = 1.0) -> Array:
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     return shift_sigma(jnp.linspace(1.0, 0.0, num_steps + 1, dtype=jnp.float32), shift)
+
+
+def chunk_noise(rng, chunk, draw, index: int, shape) -> Array:
+    """Standard normal noise ``float32 shape`` (one causal chunk of one stream, ``[B, T_s, C]``):
+    ``fold_in(fold_in(fold_in(rng, chunk), draw), index)``. ``draw`` 0 is a chunk's starting noise in
+    the distillation rollouts, ``1 + k`` the fresh noise of the ``renoise`` solver after step ``k``;
+    ``index`` is the stream's position in the sorted generated names. ``chunk``/``draw`` may be traced.
+    A whole-clip sampler is chunk 0."""
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(rng, chunk), draw), index)
+    return jax.random.normal(key, shape, jnp.float32)
+
+
+def renoised(x0: Array, sigma_next, noise: Array) -> Array:
+    """``(1 − σ_{k+1})·x0 + σ_{k+1}·ε``: the clean estimate ``x0`` put back on the flow path at
+    ``sigma_next`` with fresh noise ``ε`` (same shape as ``x0``)."""
+    return (1.0 - sigma_next) * x0 + sigma_next * noise
+
+
+def solver_update(solver: str, x: Array, v: Array, sigma, sigma_next, noise: Array | None = None) -> Array:
+    """One sampler step of one stream from ``x [B, S, C]`` at ``sigma`` to ``sigma_next`` with the
+    velocity ``v`` (same shape; σ's are scalars or broadcastable).
+
+    ``euler``: ``x + (σ_{k+1} − σ_k)·v``. ``renoise``: :func:`renoised` of ``x0 = x − σ_k·v`` with the
+    fresh ``noise`` (needed when ``sigma_next`` may be > 0; at σ_{k+1} = 0 it is ``x0``)."""
+    if solver == "euler":
+        return x + (sigma_next - sigma) * v
+    if solver == "renoise":
+        if noise is None:
+            raise ValueError("solver 'renoise' needs the step's fresh noise")
+        return renoised(x - sigma * v, sigma_next, noise)
+    raise ValueError(f"sample.solver={solver!r}: choose one of {list(SAMPLE_SOLVERS)}")
 
 
 def _stream_schedules(sigmas, names) -> dict[str, Array]:
@@ -47,8 +95,9 @@ def _stream_schedules(sigmas, names) -> dict[str, Array]:
     return out
 
 
-def _ode_sample(velocity_fn, noise, sigmas, known, known_values, callback, heun: bool):
-    """The shared loop of :func:`euler_sample` (``heun=False``) and :func:`heun_sample` (same arguments)."""
+def _ode_sample(velocity_fn, noise, sigmas, known, known_values, callback, method: str, rng=None):
+    """The shared loop of :func:`euler_sample`, :func:`renoise_sample` and :func:`heun_sample`
+    (``method``: ``euler`` | ``renoise`` | ``heun``; ``rng``: the re-noising key of ``renoise``)."""
     names = sorted(noise)
     if known is not None and known_values is None:
         raise ValueError("known tokens need known_values (their clean values)")
@@ -76,9 +125,12 @@ def _ode_sample(velocity_fn, noise, sigmas, known, known_values, callback, heun:
         s = {n: sigmas[n][i] for n in names}
         s_next = {n: sigmas[n][i + 1] for n in names}
         v = velocity(x, s, i)
-        x_euler = {n: x[n] + (s_next[n] - s[n]) * v[n] for n in names}
-        x_next = x_euler
-        if heun:
+        if method == "renoise":
+            fresh = {n: chunk_noise(rng, 0, 1 + i, names.index(n), x[n].shape).astype(x[n].dtype) for n in names}
+            x_next = {n: solver_update("renoise", x[n], v[n], s[n], s_next[n], fresh[n]) for n in names}
+        else:
+            x_next = x_euler = {n: solver_update("euler", x[n], v[n], s[n], s_next[n]) for n in names}
+        if method == "heun":
 
             def correct():
                 v2 = velocity(hold(x_euler), s_next, i + 1)
@@ -129,7 +181,24 @@ def euler_sample(
     Returns:
       The final ``dict[stream, [B, S, C]]`` in ``noise``'s dtypes (the state is carried in float32).
     """
-    return _ode_sample(velocity_fn, noise, sigmas, known, known_values, callback, heun=False)
+    return _ode_sample(velocity_fn, noise, sigmas, known, known_values, callback, "euler")
+
+
+def renoise_sample(
+    velocity_fn,
+    noise: Streams,
+    sigmas: Array,
+    *,
+    rng,
+    known: Mapping[str, Array] | None = None,
+    known_values: Streams | None = None,
+    callback: Callable | None = None,
+):
+    """The ``renoise`` solver (module docstring): step i predicts ``x0 = x − σ_i·v`` and re-noises it to
+    σ_{i+1} with :func:`chunk_noise` ``(rng, 0, 1 + i, stream index)``; the last step (σ = 0) returns
+    ``x0``. Same arguments as :func:`euler_sample` plus ``rng``, the key of the fresh noise (a whole
+    clip is chunk 0). One step gives :func:`euler_sample`'s ``x − σ·v`` (to rounding)."""
+    return _ode_sample(velocity_fn, noise, sigmas, known, known_values, callback, "renoise", rng)
 
 
 def heun_sample(
@@ -144,4 +213,4 @@ def heun_sample(
     """Second-order Heun integration (EDM): an Euler predictor to σ_{i+1}, then the trapezoidal
     corrector with a second evaluation at ``(x_pred, σ_{i+1}, i + 1)``; a step that ends at σ = 0
     stays Euler. Twice the evaluations per step of :func:`euler_sample`; same arguments."""
-    return _ode_sample(velocity_fn, noise, sigmas, known, known_values, callback, heun=True)
+    return _ode_sample(velocity_fn, noise, sigmas, known, known_values, callback, "heun")

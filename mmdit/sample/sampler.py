@@ -19,8 +19,9 @@ Each step makes ONE forward pass over the ``P·B`` stacked rows (``guidance.repe
 condition keep flags are ``guidance.cfg_keep_flags`` ANDed with the task's ``present`` flags, then
 ``guidance.combine_cfg`` with the (scheduled) scales. Known tokens (``tasks.task_masks``,
 ``known.known_tokens``) get σ = 0 and are held at their clean values, so they come back bit-exact;
-invalid (absent) streams come back as zeros. The loop is ``ode.euler_sample`` (a ``fori_loop``)
-inside one ``jax.jit``, cached per traced program: (batch, steps, guidance structure, progress).
+invalid (absent) streams come back as zeros. The loop is ``ode.euler_sample`` (``sample.solver``
+``euler``) or ``ode.renoise_sample`` (``renoise``: a distilled student's rule), a ``fori_loop``
+inside one ``jax.jit``, cached per traced program: (batch, steps, guidance structure, progress, solver).
 Scale values, σ schedule (shift) and task masks are *arguments*, so changing them -- or the task,
 when its guidance plan is the same -- reuses the compiled loop.
 """
@@ -231,7 +232,7 @@ class Sampler:
             self._bar.n = int(i) + 1
             self._bar.refresh()
 
-    def _loop(self, batch: int, steps: int, guidance: Guidance, progress: bool) -> Callable:
+    def _loop(self, batch: int, steps: int, guidance: Guidance, progress: bool, solver: str) -> Callable:
         """The jitted sampling loop for one traced program (see the module docstring)."""
         gen = self.generated
 
@@ -245,25 +246,27 @@ class Sampler:
             def report(i, x_next, x0_hat):  # host-side tick of the tqdm bar, in step order
                 jax.debug.callback(self._on_step, i, ordered=True)
 
-            x = ode.euler_sample(
-                velocity,
-                self.noise(k_noise, batch),
-                sigmas,
-                known={n: masks.known[n] for n in gen},
-                known_values=held,
-                callback=report if progress else None,
-            )
+            known = {n: masks.known[n] for n in gen}
+            callback = report if progress else None
+            if solver == "renoise":  # re-noising draws from the noise key too (ode.chunk_noise, chunk 0)
+                x = ode.renoise_sample(
+                    velocity, self.noise(k_noise, batch), sigmas, rng=k_noise, known=known, known_values=held, callback=callback
+                )
+            else:
+                x = ode.euler_sample(
+                    velocity, self.noise(k_noise, batch), sigmas, known=known, known_values=held, callback=callback
+                )
             return {n: jnp.where(masks.valid[n][..., None], x[n], 0.0) for n in gen}
 
         return jax.jit(run)
 
-    def _executable(self, batch: int, steps: int, guidance: Guidance, progress: bool, args):
-        """The compiled loop, cached per (batch, steps, guidance structure, progress, arg avals)."""
+    def _executable(self, batch: int, steps: int, guidance: Guidance, progress: bool, solver: str, args):
+        """The compiled loop, cached per (batch, steps, guidance structure, progress, solver, arg avals)."""
         leaves, treedef = jax.tree.flatten(args)
         avals = tuple((tuple(np.shape(a)), str(getattr(a, "dtype", type(a)))) for a in leaves)
-        key = (batch, steps, guidance.structure(), progress, treedef, avals)
+        key = (batch, steps, guidance.structure(), progress, solver, treedef, avals)
         if key not in self._compiled:
-            lowered = self._loop(batch, steps, guidance, progress).lower(*args)
+            lowered = self._loop(batch, steps, guidance, progress, solver).lower(*args)
             self._compiled[key] = lowered.compile(compiler_options=self.compiler_options)
         return self._compiled[key]
 
@@ -290,6 +293,7 @@ class Sampler:
         guidance_schedule: str | None = None,
         progress: bool | None = None,
         regions: Mapping[str, Any] | None = None,
+        solver: str | None = None,
     ) -> dict:
         """Samples ``batch`` examples of ``task``.
 
@@ -300,11 +304,12 @@ class Sampler:
           task: a name in ``mmdit.tasks.TASKS`` the model supports.
           batch: samples ``B``.
           known_latents: ``{stream: float [B, *latent_shape]}`` clean latents of every stream with
-            known tokens in the task (ti2av: the visual stream, only its first latent frame is read;
+            known tokens in the task (ti2av: the visual stream, only its first latent frame is read --
+            it is also what a ``first_frame`` condition tiles, :mod:`mmdit.model.derived_conditions`;
             tv2a: visual; a2v: audio; inpaint: all generated) and of every condition stream.
           raw_conds: raw conditions (``text_tokens`` int32 ``[B, L]`` for the byte text path, or
             features ``[B, L_c, C_c]`` + optional ``{c}_mask``).
-          steps, shift: Euler steps and schedule shift (default ``cfg.sample``).
+          steps, shift: sampler steps and schedule shift (default ``cfg.sample``).
           stream_shift: ``{stream: shift}`` overriding ``shift`` for some generated streams (default
             ``cfg.sample.stream_shift``): a smaller shift denoises that stream ahead of the others.
           guidance, guidance_mode, guidance_schedule: see :meth:`resolve_guidance`.
@@ -313,6 +318,8 @@ class Sampler:
             regenerate (e.g. ``{"audio": [(1.0, 2.5)]}``); every other token of the generated streams is
             known (``known_latents`` needed for all of them) and comes back bit-exact
             (:func:`mmdit.tasks.region_known`). None: the task's random spans.
+          solver: ``euler`` | ``renoise`` (:func:`mmdit.sample.ode.solver_update`; default
+            ``cfg.sample.solver``).
 
         Returns:
           ``{generated stream: float32 [B, *latent_shape]}``; known tokens equal the given latents
@@ -321,6 +328,7 @@ class Sampler:
         steps = int(steps if steps is not None else self.defaults.steps)
         shift = float(shift if shift is not None else self.defaults.shift)
         progress = self.progress if progress is None else progress
+        solver = self.defaults.solver if solver is None else config_spec.check_solver(solver)
         if batch < 1:
             raise ValueError(f"batch must be >= 1, got {batch}")
         k_noise, k_task = jax.random.split(rng)
@@ -340,7 +348,7 @@ class Sampler:
 
             self._bar = tqdm(total=steps, desc=f"compiling {task}", unit="step", leave=True)
         try:
-            fn = self._executable(batch, steps, g, progress, args)
+            fn = self._executable(batch, steps, g, progress, solver, args)
             if self._bar is not None:
                 self._bar.set_description(f"sampling {task}")
                 self._bar.reset(total=steps)

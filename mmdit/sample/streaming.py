@@ -5,9 +5,11 @@ stream's tokens of the same time span (both streams cut at the same instants). T
 with the sparse chunk-causal mask (``chunk_causal``: chunk c sees chunks {0, c-1, c}, TalkingMachines),
 so chunk c needs only the *sink* chunk 0 and the previous chunk as context. :class:`StreamingSampler`
 keeps their keys/values per layer and stream in a fixed-shape cache and runs the denoising steps of
-one chunk in ONE jitted call (a ``fori_loop`` over the steps), compiled once: the cache, the chunk
-index, the positions and the known tokens are arguments, so chunk 1,000 reuses chunk 1's executable,
-and memory and time per chunk do not grow with the stream.
+one chunk in ONE jitted call (an unrolled ``fori_loop`` over the steps, with the chunk's noise drawn
+and its latents unpatchified inside), compiled once: the cache, the chunk index and the known tokens
+are arguments, so chunk 1,000 reuses chunk 1's executable, and memory and time per chunk do not grow
+with the stream. The step rule is ``sample.solver`` (:func:`mmdit.sample.ode.solver_update`: ``euler``,
+or ``renoise``, the rule a distilled student is trained with by :mod:`mmdit.distill.cached_rollout`).
 
 **The cache** (:class:`StreamState.cache`): per stream ``s``, ``k``/``v`` ``[*D, L, N, 2·T_s, H, Dh]``
 (``L`` layers, ``N = P·B`` rows: every CFG pattern of every sample, ``T_s`` tokens per chunk; slot 0
@@ -56,11 +58,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmdit import config_spec
 from mmdit import tasks as tasks_lib
 from mmdit.attention import masks as masks_lib
 from mmdit.model import chunks as chunks_lib
+from mmdit.model.derived_conditions import derived_conditions
 from mmdit.model.diffusion import DiffusionModel
 from mmdit.sample import guidance as guidance_lib
+from mmdit.sample import ode
 from mmdit.sample.sampler import Sampler, canonical_raw_conds
 
 CACHE_MODES = ("per_step", "clean")
@@ -236,7 +241,10 @@ class StreamState:
     stream's key (chunk c's noise is ``fold_in(rng, c)``); ``conds``/``cond_masks``: encoded
     conditions ``[B, L_c, D_c]`` (computed once); ``task``, ``batch``, ``guidance``, ``sigmas``;
     ``masks``: the task's ``TaskMasks`` of chunk 0 and of later chunks; ``held0``: chunk 0's known
-    visual tokens (ti2av)."""
+    visual tokens (ti2av); ``solver``: ``euler`` | ``renoise`` (``sample.solver``); ``needs``: the
+    streams every chunk must be given (a2v: audio); ``chunk_inputs``: the jitted chunk's per-task inputs
+    of chunk 0 and of later chunks (``held``/``known``/``present``/``scales`` device arrays), made once
+    by :meth:`StreamingSampler.start` so a chunk converts nothing."""
 
     cache: dict
     chunk: int
@@ -250,6 +258,9 @@ class StreamState:
     masks: tuple
     held0: dict
     steps: int
+    solver: str = "euler"
+    needs: tuple = ()
+    chunk_inputs: tuple = ()
 
 
 def _timed(source: Iterator, timeout: float | None) -> Iterator:
@@ -316,6 +327,9 @@ class StreamingSampler:
         self._compiled: dict[tuple, Callable] = {}
         self._encode = jax.jit(self.model.encode_conditions)
         self._cross_fn = None
+        self._dit = None  # (params["dit"] object, unboxed, signature): see _unboxed_dit
+        self._zeros: dict[int, dict] = {}  # batch -> placeholders of what a chunk is not given: see _zero_inputs
+        self._noise_fn: dict[int, Callable] = {}  # batch -> compiled noise(): see noise
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -342,15 +356,18 @@ class StreamingSampler:
         guidance=None,
         guidance_mode: str | None = None,
         guidance_schedule: str | None = None,
+        solver: str | None = None,
     ) -> StreamState:
         """A new stream: encodes the conditions, resolves guidance, allocates the (empty) cache.
 
         ``image_latents``: ti2av's given first latent frame ``[B, 1, h, w, C]`` of the visual stream
-        (chunk 0's first frame)."""
+        (chunk 0's first frame; a ``first_frame`` condition gives it, tiled, to every chunk). ``solver``:
+        ``euler`` | ``renoise`` (default ``sample.solver``; :func:`mmdit.sample.ode.solver_update`)."""
         if task not in ("t2av", "ti2av", "a2v", "tv2a"):
             raise ValueError(f"streaming task {task!r}: use t2av, ti2av, a2v or tv2a")
         steps = int(steps if steps is not None else self.defaults.steps)
         shift = float(shift if shift is not None else self.defaults.shift)
+        solver = self.defaults.solver if solver is None else config_spec.check_solver(solver)
         k_task, k_noise = jax.random.split(rng)
         first = self.sampler.task_masks(task, k_task, batch)
         later = first
@@ -373,6 +390,9 @@ class StreamingSampler:
         g = self.sampler.resolve_guidance(guidance, guidance_mode, guidance_schedule, present=first.present)
         raw = canonical_raw_conds(self.model, raw_conds, batch)
         conds, cmasks = self._encode(nn.meta.unbox(params), raw)
+        # Derived conditions come from chunk 0's held tokens (ti2av: the given image tiled over the chunk), and
+        # every chunk reuses them: the reference stays in view after the given frame has left the window.
+        conds = {**conds, **derived_conditions(self.spec, held0)}
         rows = len(g.plan()) * batch
         shapes = self.cache_shapes(rows, steps)
         cache = {
@@ -382,7 +402,21 @@ class StreamingSampler:
             "cross": self._cross_kv(nn.meta.unbox(params["dit"]), conds, cmasks, len(g.plan()), batch),
         }
         sigmas = self.sampler.schedules(steps, shift, stream_shift)
-        return StreamState(cache, 0, k_noise, conds, cmasks, task, batch, g, sigmas, (first, later), held0, steps)
+        needs = tuple(n for n in self.generated if bool(np.any(np.asarray(later.known[n]))))  # a2v: audio, tv2a: video
+        zeros = {n: jnp.zeros_like(v) for n, v in held0.items()}
+        scales = g.scale_arrays()
+        chunk_inputs = tuple(
+            {
+                "held": held,
+                "known": {n: jnp.asarray(m.known[n]) for n in self.generated},
+                "present": {c: jnp.asarray(m.present.get(c, jnp.ones((batch,), bool)), bool) for c in self.spec.keep_names},
+                "scales": scales,
+            }
+            for m, held in ((first, held0), (later, zeros))
+        )
+        return StreamState(
+            cache, 0, k_noise, conds, cmasks, task, batch, g, sigmas, (first, later), held0, steps, solver, needs, chunk_inputs
+        )
 
     def _cross_kv(self, dit_params, conds, cmasks, patterns: int, batch: int) -> dict:
         """The conditions' cross-attention keys/values of every layer and stream, ``{s: {c: {"k", "v"}}}``
@@ -390,7 +424,7 @@ class StreamingSampler:
         if self._cross_fn is None:
             model = self.model
 
-            def fn(params, conds, cmasks, patterns):
+            def fn(params, conds, cmasks, patterns, batch):
                 rep = lambda t: jax.tree.map(lambda a: jnp.concatenate([a] * patterns, 0), t)  # noqa: E731
                 n = patterns * batch
                 tokens = {a.name: jnp.zeros((n, a.geometry.num_tokens, a.geometry.token_dim)) for a in model.spec.streams}
@@ -398,12 +432,22 @@ class StreamingSampler:
                 _, kv = model.dit.apply(params, tokens, sigma, rep(conds), rep(cmasks), return_kv=True)
                 return kv["cross"]
 
-            self._cross_fn = jax.jit(fn, static_argnums=(3,))
-        return self._cross_fn(dit_params, conds, cmasks, patterns)
+            self._cross_fn = jax.jit(fn, static_argnums=(3, 4))  # one function for every batch size
+        return self._cross_fn(dit_params, conds, cmasks, patterns, batch)
 
     def noise(self, state: StreamState, chunk: int) -> dict:
-        """Chunk ``chunk``'s initial noise ``{s: float32 [B, T_s, C_s]}`` (``fold_in(rng, chunk)``)."""
-        return self.sampler.noise(jax.random.fold_in(state.rng, chunk), state.batch)
+        """Chunk ``chunk``'s initial noise ``{s: float32 [B, T_s, C_s]}`` (``fold_in(rng, chunk)``), bit for
+        bit what the jitted chunk draws itself: compiled with the chunk's ``compiler_options`` (XLA's
+        optimisation level changes the normal draw's last bits), so ``step(noise=ss.noise(state, c))``
+        equals ``step()``; with the default options it also equals the eager draw."""
+        args = (state.rng, jnp.int32(chunk))
+        if state.batch not in self._noise_fn:
+            fn = jax.jit(self._chunk_noise, static_argnums=2).lower(*args, state.batch)
+            self._noise_fn[state.batch] = fn.compile(compiler_options=self.compiler_options)
+        return self._noise_fn[state.batch](*args)
+
+    def _chunk_noise(self, rng, chunk, batch: int) -> dict:
+        return self.sampler.noise(jax.random.fold_in(rng, chunk), batch)
 
     # -- one chunk -----------------------------------------------------------------------------
 
@@ -411,46 +455,53 @@ class StreamingSampler:
         """Generates the next chunk. Returns ``({generated s: float32 [B, *chunk_latent_shape]}, state)``.
 
         ``given``: ``{stream: latents [B, *chunk_latent_shape]}`` of the task's given stream for this
-        chunk (a2v: audio, tv2a: video). ``noise``: override the chunk's initial noise tokens
-        ``{s: [B, T_s, C]}`` (tests compare with the bidirectional sampler on the same noise)."""
+        chunk (a2v: audio, tv2a: video; no other stream). ``noise``: override the chunk's initial noise
+        tokens ``{s: [B, T_s, C]}`` (tests compare with the bidirectional sampler on the same noise); by
+        default the jitted chunk draws :meth:`noise` itself. The ``renoise`` solver's fresh noise of step
+        ``k`` is ``ode.chunk_noise(state.rng, chunk, 1 + k, stream index)``, the distill rollouts' draw."""
         c = state.chunk
-        masks = state.masks[0] if c == 0 else state.masks[1]
-        held = dict(state.held0) if c == 0 else {n: jnp.zeros_like(v) for n, v in state.held0.items()}
-        for n, lat in (given or {}).items():
+        given = dict(given or {})
+        for n, lat in given.items():
             if n not in self.generated:
                 raise ValueError(f"given stream {n!r} is not a generated stream ({self.generated})")
-            g = self.spec.stream(n).geometry
-            lat = jnp.asarray(lat, jnp.float32)
-            if tuple(lat.shape) != (state.batch,) + tuple(g.latent_shape):
+            if n not in state.needs:
+                raise ValueError(f"task {state.task!r} takes no given {n!r} chunks (its given streams: {list(state.needs)})")
+            want = (state.batch,) + tuple(self.spec.stream(n).geometry.latent_shape)
+            if tuple(np.shape(lat)) != want:
                 raise ValueError(
-                    f"given[{n!r}] chunk {c} has shape {tuple(lat.shape)}, expected {(state.batch,) + tuple(g.latent_shape)} "
+                    f"given[{n!r}] chunk {c} has shape {tuple(np.shape(lat))}, expected {want} "
                     f"({self.layout.latents[n]} latent steps = model.chunk_frames={self.layout.chunk_frames:g} reference frames)"
                 )
-            held[n] = g.patchify(lat)
-        needs = [n for n in self.generated if bool(np.any(np.asarray(state.masks[1].known[n])))]  # a2v: audio, tv2a: video
-        missing = [n for n in needs if n not in (given or {})]
+            if getattr(lat, "dtype", None) != np.float32:
+                given[n] = jnp.asarray(lat, jnp.float32)
+        missing = [n for n in state.needs if n not in given]
         if missing:
             raise ValueError(f"task {state.task!r}: chunk {c} needs the given stream(s) {missing} (given=...)")
-        x0 = dict(noise) if noise is not None else self.noise(state, c)
-        q_off, sink_off, prev_off = window_offsets(c, self.layout.chunk_frames, self.positions)
+        # every generated stream has a slot (zeros when not given): one executable serves every task
+        zeros = self._zero_inputs(state.batch)
+        given_flags = {n: np.bool_(n in given) for n in self.generated}
+        given = {n: given.get(n, zeros["latents"][n]) for n in self.generated}
+        if noise is None:
+            noise_given, noise = np.bool_(False), zeros["noise"]
+        else:
+            noise_given, noise = np.bool_(True), {n: jnp.asarray(v, jnp.float32) for n, v in noise.items()}
+        dit_params, dit_signature = self._unboxed_dit(params)
         args = (
-            nn.meta.unbox(params["dit"]),
+            dit_params,
             state.cache,
-            jnp.int32(c),
-            jnp.asarray([q_off, sink_off, prev_off], jnp.float32),
-            {n: jnp.asarray(v, jnp.float32) for n, v in x0.items()},
-            held,
-            {n: jnp.asarray(masks.known[n]) for n in self.generated},
+            np.int32(c),
+            state.rng,
+            noise,
+            noise_given,
+            given,
+            given_flags,
+            state.chunk_inputs[0 if c == 0 else 1],
             state.conds,
             state.cond_masks,
-            {c_: jnp.asarray(masks.present.get(c_, jnp.ones((state.batch,), bool)), bool) for c_ in self.spec.keep_names},
-            state.guidance.scale_arrays(),
             state.sigmas,
         )
-        fn = self._executable(state, args)
-        tokens, cache = fn(*args)
-        state = dataclasses.replace(state, cache=cache, chunk=c + 1)
-        return self.model.latents(tokens), state
+        latents, cache = self._executable(state, dit_signature, args)(*args)
+        return latents, dataclasses.replace(state, cache=cache, chunk=c + 1)
 
     def stream(
         self,
@@ -483,12 +534,35 @@ class StreamingSampler:
 
     # -- the jitted chunk ----------------------------------------------------------------------
 
-    def _executable(self, state: StreamState, args):
-        leaves, treedef = jax.tree.flatten(args)
+    def _unboxed_dit(self, params) -> tuple:
+        """``(unboxed params["dit"], its tree structure and leaf shapes/dtypes)``, computed once per
+        ``params["dit"]`` object: a stream passes the same tree every chunk, and unboxing and describing
+        its hundreds of leaves took milliseconds of every chunk."""
+        dit = params["dit"]
+        if self._dit is None or self._dit[0] is not dit:
+            unboxed = nn.meta.unbox(dit)
+            leaves, treedef = jax.tree.flatten(unboxed)
+            self._dit = (dit, unboxed, (treedef, tuple((tuple(np.shape(a)), str(a.dtype)) for a in leaves)))
+        return self._dit[1], self._dit[2]
+
+    def _zero_inputs(self, batch: int) -> dict:
+        """Placeholders of batch ``batch`` for the chunk's arguments that are not given: ``noise``
+        (``{s: float32 [B, T_s, C_s]}`` zeros, when the chunk draws its own) and ``latents`` (``{s: float32
+        [B, *chunk_latent_shape]}`` zeros, for streams the task does not give), made once: the chunk
+        keeps one executable with and without ``noise=`` and for every task."""
+        if batch not in self._zeros:
+            noise = jax.tree.map(jnp.zeros_like, self.sampler.noise(jax.random.key(0), batch))
+            latents = {n: jnp.zeros((batch,) + tuple(self.spec.stream(n).geometry.latent_shape)) for n in self.generated}
+            self._zeros[batch] = {"noise": noise, "latents": latents}
+        return self._zeros[batch]
+
+    def _executable(self, state: StreamState, dit_signature, args):
+        """The compiled chunk, cached per (batch, steps, guidance structure, solver, arg avals)."""
+        leaves, treedef = jax.tree.flatten(args[1:])
         avals = tuple((tuple(np.shape(a)), str(getattr(a, "dtype", type(a)))) for a in leaves)
-        key = (state.batch, state.steps, state.guidance.structure(), treedef, avals)
+        key = (state.batch, state.steps, state.guidance.structure(), state.solver, dit_signature, treedef, avals)
         if key not in self._compiled:
-            fn = jax.jit(self._chunk_fn(state.batch, state.steps, state.guidance), donate_argnums=(1,))
+            fn = jax.jit(self._chunk_fn(state.batch, state.steps, state.guidance, state.solver), donate_argnums=(1,))
             self._compiled[key] = fn.lower(*args).compile(compiler_options=self.compiler_options)
             self.compilations += 1
         return self._compiled[key]
@@ -499,8 +573,12 @@ class StreamingSampler:
     def _write(self, cache, c, kv, known):
         return write_cache(self.spec, self.layout, cache, c, kv, known)
 
-    def _chunk_fn(self, batch: int, steps: int, g: guidance_lib.Guidance):
+    def _chunk_fn(self, batch: int, steps: int, g: guidance_lib.Guidance, solver: str):
+        """The chunk as one function of arrays (:meth:`step`'s ``args``): draws the chunk's noise (or
+        takes ``noise`` when ``noise_given``), holds the given streams' tokens (``given_flags``), runs the ``steps`` steps of ``solver`` over the cached
+        context and returns ``(latents {s: [B, *chunk_latent_shape]}, the updated cache)``."""
         model, gen, plan = self.model, self.generated, g.plan()
+        order = sorted(gen)  # a stream's index in the re-noising draw (ode.chunk_noise), as the distill rollouts
         rep = lambda tree: guidance_lib.repeat_for_cfg(tree, plan)  # noqa: E731
         flags = guidance_lib.cfg_keep_flags(plan, batch)
 
@@ -520,7 +598,15 @@ class StreamingSampler:
                 return_kv=True,
             )
 
-        def run(dit_params, cache, c, offsets, x0, held, known, conds, cmasks, present, scales, sigmas):
+        def run(dit_params, cache, c, rng, noise, noise_given, given, given_flags, inputs, conds, cmasks, sigmas):
+            known, present, scales = inputs["known"], inputs["present"], inputs["scales"]
+            patchify = lambda n: model.spec.stream(n).geometry.patchify(given[n])  # noqa: E731
+            held = {n: jnp.where(given_flags[n], patchify(n), inputs["held"][n]) for n in gen}
+            offsets = window_offsets(c, self.layout.chunk_frames, self.positions)
+            # = StreamingSampler.noise(state, c) bit for bit: the barrier keeps XLA from fusing the draw's
+            # arithmetic into its consumers (which changes the last bits)
+            drawn = jax.lax.optimization_barrier(self._chunk_noise(rng, c, batch))
+            x0 = {n: jnp.where(noise_given, noise[n], drawn[n]) for n in gen}
             keep = {}
             for name in self.spec.keep_names:
                 keep[name] = rep(present[name]) & flags[name] if name in flags else rep(present[name])
@@ -539,7 +625,10 @@ class StreamingSampler:
                 v_rows, kv = forward(dit_params, x, sig, known, conds, cmasks, keep, kvc, c, offsets[0])
                 sc = guidance_lib.guidance_scale(scales, guidance_lib.step_progress(i, steps), g.schedule)
                 v = guidance_lib.combine_cfg(v_rows, plan, sc)
-                x_next = hold({n: x[n] + (s_next[n] - s[n]) * v[n].astype(x[n].dtype) for n in gen})
+                eps = {n: None for n in gen}
+                if solver == "renoise":  # fresh noise of step i (σ_{i+1} = 0 at the last step: unused)
+                    eps = {n: ode.chunk_noise(rng, c, 1 + i, order.index(n), x[n].shape) for n in gen}
+                x_next = hold({n: ode.solver_update(solver, x[n], v[n].astype(x[n].dtype), s[n], s_next[n], eps[n]) for n in gen})
                 if self.cache_mode == "per_step":
                     fresh = {f: {n: fresh[f][n].at[i].set(kv[f][n].astype(fresh[f][n].dtype)) for n in gen} for f in ("k", "v")}
                 return x_next, fresh
@@ -547,7 +636,7 @@ class StreamingSampler:
             fresh0 = None
             if self.cache_mode == "per_step":
                 fresh0 = {f: {n: jnp.zeros(kv_shapes[n], self.spec.dtype) for n in gen} for f in ("k", "v")}
-            x, fresh = jax.lax.fori_loop(0, steps, body, (hold(x0), fresh0))
+            x, fresh = jax.lax.fori_loop(0, steps, body, (hold(x0), fresh0), unroll=True)
             if self.cache_mode == "per_step":
                 new_known = {n: rep(known[n]) for n in gen}
             else:  # one clean forward of the finished chunk refreshes the cache (Self-Forcing)
@@ -557,7 +646,7 @@ class StreamingSampler:
                     dit_params, x, zero, clean, conds, cmasks, keep, self._context(cache, c, offsets, 0), c, offsets[0]
                 )
                 new_known = {n: rep(clean[n]) for n in gen}
-            return x, self._write(cache, c, fresh, new_known)
+            return model.latents(x), self._write(cache, c, fresh, new_known)
 
         return run
 
@@ -570,10 +659,15 @@ class StreamingSampler:
 def latent_chunks(latents, chunk_latents: int, *, axis: int = 1) -> Iterator:
     """Splits ``latents [B, T, ...]`` (e.g. a whole audio file through the codec) into chunks of
     ``chunk_latents`` along ``axis``; a partial last chunk is dropped (the stream ends with the
-    last whole chunk)."""
+    last whole chunk). A NumPy array yields NumPy views (the chunk's call copies them to the device)."""
     n = np.shape(latents)[axis] // chunk_latents
+    if isinstance(latents, np.ndarray):
+        for i in range(n):
+            yield latents[(slice(None),) * (axis % latents.ndim) + (slice(i * chunk_latents, (i + 1) * chunk_latents),)]
+        return
+    latents = jnp.asarray(latents)  # once, not per chunk
     for i in range(n):
-        yield jax.lax.slice_in_dim(jnp.asarray(latents), i * chunk_latents, (i + 1) * chunk_latents, axis=axis)
+        yield jax.lax.slice_in_dim(latents, i * chunk_latents, (i + 1) * chunk_latents, axis=axis)
 
 
 def chunks_for_seconds(seconds: float, sampler: StreamingSampler) -> int:

@@ -2,7 +2,9 @@
 
 ``batch`` (per step, global) holds ``<stream>_latents`` ``[B, *latent_shape]`` for every stream and
 the raw conditions the model needs (``model.input_spec()``: ``text_tokens`` or ``text`` features, ``ref_audio``...). Pure
-function of (state, batch): the step's randomness is ``fold_in(state.rng, state.step)``.
+function of (state, batch): the step's randomness is ``fold_in(state.rng, state.step)``. A derived condition
+(``first_frame``) is no batch key: the model computes it from the tokens it is given (in ti2av the first
+frame's, known and so clean), and the task's ``present`` flags keep it only where the task gives that frame.
 
 **Causal chunks** (``model.chunk_frames``, :mod:`mmdit.model.chunks`): σ is drawn per
 ``flow.chunk_noise`` (:func:`mmdit.flow.chunk_token_sigmas`): one per sample (``shared``), one per
