@@ -166,15 +166,11 @@ def use_reference_frame(c) -> None:
     :mod:`mmdit.model.derived_conditions`). It is computed from the video tokens, never read from records,
     and present only in TI2AV, where that frame is given clean; every other task (and a dropped sample)
     sees zeros there. Each video token then reads the reference identity directly instead of only through
-    attention to the first token. Width: the video token (``channels x prod(patch)``, 128 here), length: the
-    video tokens."""
-    video = c.model.streams.video
-    frames, h, w = video.shape
-    pt, ph, pw = video.patch
-    c.model.conditions.first_frame = dict(
-        dim=video.channels * pt * ph * pw, length=(frames // pt) * (h // ph) * (w // pw), derived="first_frame"
-    )
-    video.concat = ("first_frame",)
+    attention to the first token. ``dim``/``length`` are left unset: the model takes the video token width
+    (``channels x prod(patch)``, 128 here) and token count, so ``--set`` on the video's shape or patch stays
+    consistent."""
+    c.model.conditions.first_frame = dict(derived="first_frame")
+    c.model.streams.video.concat = ("first_frame",)
 
 
 def use_wan_groups(c, frames: int, latent_hw: int, temporal: int) -> None:

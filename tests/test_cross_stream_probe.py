@@ -12,8 +12,8 @@ from mmdit.eval.cross_stream import cross_stream_probe, format_probe
 from mmdit.model.diffusion import DiffusionModel
 
 
-def _setup(overrides=()):
-    cfg = config_lib.override(config_lib.load("configs/demo.py:tiny"), list(overrides))
+def _setup(overrides=(), config="configs/demo.py:tiny"):
+    cfg = config_lib.override(config_lib.load(config), list(overrides))
     model = DiffusionModel.from_config(cfg)
     params = nn.unbox(model.init(jax.random.key(0)))
     rng = np.random.default_rng(0)
@@ -27,7 +27,7 @@ def _setup(overrides=()):
 
 
 def test_without_joint_layers_the_other_stream_is_invisible():
-    model, params, latents, raw = _setup(["model.joint_layers=()"])
+    model, params, latents, raw = _setup(config="configs/demo.py:tiny,nojoint")  # model.joint_layers=()
     res = cross_stream_probe(model, params, latents, raw, sigmas=(0.5,), seeds=1)
     assert set(res) == {"audio", "video"}
     for per_sigma in res.values():

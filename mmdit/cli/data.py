@@ -24,7 +24,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="mmdit-data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("synth", help="synthetic talking clips -> records")
-    s.add_argument("--config", default="configs/demo.py", help="config with world/codecs/model.conditions.text sections")
+    s.add_argument(
+        "--config",
+        default="demo",
+        help="config file or preset name with world/codecs/model.conditions.text sections (default: the embedded demo)",
+    )
     s.add_argument("--out", required=True, help="output directory (train/ and eval/ are written inside)")
     s.add_argument("--num", type=int, default=None, help="training clips (default config.data.num_train)")
     s.add_argument("--num-eval", type=int, default=None, help="eval clips (default config.data.num_eval)")

@@ -250,11 +250,21 @@ def build_spec(model_cfg, platform: str | None = None) -> ModelSpec:
     head_dim = model_cfg.get("head_dim", None)
     conditions = []
     for name, c in model_cfg.get("conditions", {}).items():
+        dim, length = c.get("dim", None), c.get("length", None)
+        if c.get("derived", None) is not None:  # unset dim/length: those of the stream it is concatenated to
+            host = next((n for n in streams if name in tuple(model_cfg.streams[n].get("concat", ()))), None)
+            if host is not None:
+                dim = streams[host].token_dim if dim is None else dim
+                length = streams[host].num_tokens if length is None else length
+            else:  # no host stream: check_derived_conditions names the missing concat
+                dim, length = dim or 0, length or 0
+        if dim is None or length is None:
+            raise ValueError(f"model.conditions.{name}: set `dim` and `length` (features per position, positions)")
         conditions.append(
             ConditionArch(
                 name=name,
-                dim=int(c.dim),
-                length=int(c.length),
+                dim=int(dim),
+                length=int(length),
                 rate=c.get("rate", None),
                 window=c.get("window", None),
                 embedding=c.get("embedding", "mlp"),
