@@ -57,7 +57,7 @@ def test_bundle_layout_and_manifest(bundle_path):
     assert man["batch"] == "b" and man["inputs"]["x_tokens"]["['video']"]["shape"][0] == "b"
     assert man["params"]["format"] == "orbax.StandardCheckpointer"
     assert man["params"]["count"] == sum(np.size(a) for a in jax.tree.leaves(params))
-    assert man["guidance_order"] == ["text"]
+    assert man["guidance_order"] == ["text", "joint"]  # the demo guides by text, then by the partner stream
     hashed = [k for k in man["sha256"] if k.startswith("params/")]
     assert hashed and all(os.path.isfile(os.path.join(bundle_path, k)) for k in hashed)
     with open(os.path.join(bundle_path, "config.json")) as f:
