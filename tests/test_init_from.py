@@ -27,7 +27,7 @@ from mmdit.util import converted
 
 
 def twin_cfg():
-    return config_spec.load("configs/demo.py:tiny", ["train.global_batch_size=1", "model.num_layers=1"])
+    return config_spec.load("configs/demo.py:tiny,plain", ["train.global_batch_size=1", "model.num_layers=1"])
 
 
 def random_params(model, seed):
@@ -177,7 +177,7 @@ def test_converted_wan_fixture_initialises_twin_video_stream(tmp_path):
 
 
 def test_config_fields_validated():
-    cfg = config_spec.load("configs/demo.py:tiny", ["train.init_from=/some/ckpt"])
+    cfg = config_spec.load("configs/demo.py:tiny,plain", ["train.init_from=/some/ckpt"])
     spec = config_spec.train_spec(cfg)
     assert spec.init_from == "/some/ckpt" and spec.init_from_ignore == ()
     with cfg.unlocked():
@@ -195,11 +195,11 @@ def test_train_loop_initialises_fresh_run_only(tmp_path):
     from mmdit.train.loop import train
 
     base = ["model.num_layers=1", "train.global_batch_size=1", "train.async_checkpoint=False", "train.sample_every=0"]
-    cfg = config_spec.load("configs/demo.py:tiny", base)
+    cfg = config_spec.load("configs/demo.py:tiny,plain", base)
     synth(cfg, str(tmp_path / "data"), num=2, num_eval=0, progress=False)
     src_path, _ = save_source(tmp_path / "wan", video_only_dit_params(cfg))
     notes = []
-    run_cfg = config_spec.load("configs/demo.py:tiny", base + ["train.steps=1", f"train.init_from={src_path}"])
+    run_cfg = config_spec.load("configs/demo.py:tiny,plain", base + ["train.steps=1", f"train.init_from={src_path}"])
     train(run_cfg, str(tmp_path / "run"), data_dir=str(tmp_path / "data" / "train"), progress=False, log=notes.append)
     assert any(n.startswith(f"init_from {src_path} (converted") and "loaded" in n for n in notes), notes
     notes.clear()  # same command again: resumes (and, at train.steps, stops before compiling)
