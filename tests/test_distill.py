@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from student_fixtures import four_chunk_student
 
 from mmdit import config_lib
 from mmdit.distill import losses, ode_pairs
@@ -520,16 +521,9 @@ def four_chunks():
     on), perturbed params, ground truth, a batch of one t2av and one a2v sample."""
     import dataclasses
 
-    from configs import demo_stream
     from mmdit import tasks
-    from mmdit.model.diffusion import DiffusionModel
 
-    cfg = config_lib.load("configs/demo_distill.py:tiny")
-    cfg.model.chunk_frames = 2.0
-    demo_stream.set_clip_chunks(cfg, 4)
-    model = DiffusionModel.from_config(cfg)
-    params = nn.unbox(model.init(jax.random.key(0)))
-    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape, p.dtype), params)
+    cfg, model, params = four_chunk_student()
     B = 2
     clean = model.tokens(
         {

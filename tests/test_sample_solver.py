@@ -2,11 +2,11 @@
 the bidirectional sampler and the streaming sampler; the streaming ``renoise`` chunk reproduces the
 distillation's cached rollout (the rule and noise a student is trained with); bad values are named."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from student_fixtures import four_chunk_student
 
 from mmdit import config_lib, config_spec, tasks
 from mmdit.sample import ode
@@ -80,15 +80,7 @@ def test_bad_solver_is_named_in_config_and_overrides():
 def student():
     """The tiny chunk-causal student (configs/demo_distill.py:tiny) cut into 4 chunks of 2 frames,
     with perturbed params (velocities far from 0) and random text."""
-    from configs import demo_stream
-    from mmdit.model.diffusion import DiffusionModel
-
-    cfg = config_lib.load("configs/demo_distill.py:tiny")
-    cfg.model.chunk_frames = 2.0
-    demo_stream.set_clip_chunks(cfg, 4)
-    model = DiffusionModel.from_config(cfg)
-    params = nn.unbox(model.init(jax.random.key(0)))
-    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape, p.dtype), params)
+    cfg, model, params = four_chunk_student()
     raw = model.input_spec().zero_conditions(1)
     raw = {
         k: jax.random.randint(jax.random.key(9), v.shape, 1, 255).astype(v.dtype) if v.dtype == jnp.int32 else v
