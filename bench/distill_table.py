@@ -72,7 +72,7 @@ from mmdit import tasks as tasks_lib  # noqa: E402
 from mmdit.eval.chance import sync_levels  # noqa: E402
 from mmdit.eval.figures import ClipSet, task_figures  # noqa: E402
 from mmdit.eval.lipsync import evaluate_clip  # noqa: E402
-from mmdit.eval.run import _decoder, eval_batch, summarize  # noqa: E402
+from mmdit.eval.run import ClipDecoder, eval_batch, summarize  # noqa: E402
 
 TASKS = ("t2av", "a2v")
 # a generated stream's given partner per task: the streaming sampler takes it chunk by chunk
@@ -152,7 +152,7 @@ class Scorer:
         self.batch = eval_batch(data_dir, num)
         schema = model.input_spec()
         self.known, self.raw = schema.latents_of(self.batch), schema.conditions_of(self.batch)
-        self.decode = _decoder(cfg, model.spec, self.known, self.raw)
+        self.decode = ClipDecoder(cfg, model.spec, self.known, self.raw)
         gt_frames, gt_waves = self.decode(self.known)
         self.max_offset = 8 if gt_frames.shape[1] >= 40 else 4  # as mmdit.eval.run.evaluate
         self.media_seconds = gt_frames.shape[1] / self.decode.fps
@@ -210,7 +210,7 @@ def time_row(row: Row, scorer: Scorer, task: str, repeats: int, seed: int, batch
         for key, overlap in (("with_decode_s", False), ("with_decode_overlapped_s", True)):
             out[key] = median_seconds(lambda o=overlap: row.sample(task, rng, 1, known, raw, codecs, o), repeats)
     else:
-        decode = _decoder(row.info["cfg"], row.info["spec"], known, raw)
+        decode = ClipDecoder(row.info["cfg"], row.info["spec"], known, raw)
         out["with_decode_s"] = median_seconds(lambda: decode(row.sample(task, rng, 1, known, raw)), repeats)
     clips = {key: 1 for key in out}
     if batch > 1:

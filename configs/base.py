@@ -36,6 +36,11 @@ def get_config(arg=None):
     # True: cond_keep["joint"] (a keep-name, no params) switches a sample's cross-stream attention off in every layer,
     # so flow.condition_dropout.joint trains the streams apart and sample.guidance.joint guides by the partner stream
     c.model.joint_guidance = False
+    # velocity | x0: what the output heads predict. x0 (JiT's x-prediction, "Back to Basics", 2025): the heads give the
+    # clean tokens and the model returns v = (x_sigma - x0) / max(sigma, 0.05), so losses and samplers are unchanged;
+    # a head then never has to carry its input's noise through (a token wider than the model dim cannot), and a
+    # target that is 0 (a static background in a residual codec) asks for a 0 output, not a copy of the noise
+    c.model.prediction = "velocity"
     c.model.mask = "full"  # mask rule expression, see mmdit/attention/masks.py
     c.model.chunk_frames = mlc.FieldReference(None, field_type=float)  # causal chunk length (ref. latent frames)
     c.model.time_reference = mlc.FieldReference(None, field_type=str)  # default: first grid stream
@@ -62,6 +67,9 @@ def get_config(arg=None):
     c.flow.chunk_noise = "shared"  # shared | independent | clean_context: sigma per causal chunk (mmdit/flow.py)
     c.flow.stream_weights = mlc.ConfigDict()  # stream -> loss weight (default 1)
     c.flow.condition_dropout = mlc.ConfigDict()  # condition -> drop probability (for CFG)
+    # loss weight of each generated grid stream's first temporal token position against 1 for the others: the key
+    # frame a residual codec (codecs.video.residual_gain) codes every later frame against
+    c.flow.first_frame_weight = 1.0
     c.flow.silence_dropout = 0.0  # fraction of clips trained in silence mode (model.conditions.<c>.silence_embedding)
 
     c.tasks = mlc.ConfigDict(dict(t2av=1.0))  # task -> sampling weight (see mmdit/tasks.py)

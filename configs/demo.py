@@ -66,7 +66,9 @@ from mmdit import config_lib
 
 
 def get_config(arg=None):
-    v = config_lib.parse_arg(arg, tiny=False, wan4=False, plain=False, ref=False, jointcfg=False, nojoint=False)
+    v = config_lib.parse_arg(
+        arg, tiny=False, wan4=False, plain=False, ref=False, jointcfg=False, residual=False, x0=False, nojoint=False
+    )
     c = config_lib.sibling(__file__, "base")
 
     size, fps = 32, 25
@@ -141,6 +143,10 @@ def get_config(arg=None):
         use_wan_groups(c, frames, latent_hw, temporal=4)
     if v.ref or not v.plain:
         use_reference_frame(c)
+    if v.residual or not v.plain:
+        use_residual_frames(c, gain=RESIDUAL_GAIN)
+    if v.x0 or not v.plain:
+        c.model.prediction = "x0"  # JiT's x-prediction (configs/base.py): the heads give clean tokens
     if v.nojoint:  # the ablation: no cross-stream attention, so nothing for joint guidance to drop
         c.model.joint_layers = ()
     elif v.jointcfg or not v.plain:
@@ -171,6 +177,19 @@ def use_reference_frame(c) -> None:
     consistent."""
     c.model.conditions.first_frame = dict(derived="first_frame")
     c.model.streams.video.concat = ("first_frame",)
+
+
+RESIDUAL_GAIN = 2.0
+
+
+def use_residual_frames(c, gain: float, first_frame_weight: float = 16.0) -> None:
+    """The ``residual`` variant: the pixels codec codes every frame after the first as ``gain`` times its
+    difference from frame 0 (``codecs.video.residual_gain``, :mod:`mmdit.codecs.pixels`), so a static background
+    is exact zeros after the first latent frame and the mouth's motion is the whole signal there; frame 0's
+    tokens, the key frame every later frame is decoded against, weigh ``first_frame_weight`` in the video loss
+    (``flow.first_frame_weight``; at 1 the T2AV key frame came out grey and blurred, and sync with it)."""
+    c.codecs.video.residual_gain = gain
+    c.flow.first_frame_weight = first_frame_weight
 
 
 def use_wan_groups(c, frames: int, latent_hw: int, temporal: int) -> None:

@@ -74,24 +74,43 @@ def load(spec: str) -> mlc.ConfigDict:
     module_spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise ValueError(f"config file {path} has no get_config(arg=None) function")
-    cfg = module.get_config(arg)
+    try:
+        cfg = module.get_config(arg)
+    except UnknownVariantError as e:
+        if e.config is not None:  # raised by a sibling config that get_config loaded: already names its file
+            raise
+        raise UnknownVariantError(e.unknown, e.known, spec.partition(":")[0]) from None  # the file as the user named it
     if not isinstance(cfg, mlc.ConfigDict):
         cfg = mlc.ConfigDict(cfg)
     return cfg
 
 
+class UnknownVariantError(ValueError):
+    """A config variant name its ``get_config`` does not know (:func:`parse_arg`). ``unknown``: the
+    names given that are not variants; ``known``: the valid variant names; ``config``: the config file
+    (set by :func:`load`, which knows it), for the example in the message."""
+
+    def __init__(self, unknown: list[str], known: list[str], config: str | None = None):
+        self.unknown, self.known, self.config = list(unknown), sorted(known), config
+        where = config or "CONFIG.py"
+        if not self.known:
+            fix = f"this config has no variants: pass {where} alone"
+        else:
+            example = "tiny" if "tiny" in self.known else self.known[0]
+            fix = f"valid variants: {', '.join(self.known)} (one, or several joined by commas), e.g. {where}:{example}"
+        super().__init__(f"config {where}: unknown variant(s) {', '.join(map(repr, self.unknown))}; {fix}")
+
+
 def parse_arg(arg: str | None, **variants: bool):
     """A config's variants (big_vision style): ``arg`` is a comma-separated list of variant names
     (``"tiny"``, ``"tiny,ovi"``), each one of ``variants`` (name -> default). Returns a frozen
-    namespace ``v`` with ``v.<name>`` True for each given one. An unknown name is an error listing
-    the known ones (so ``demo.py:tinyy`` never silently becomes the full-size config)."""
+    namespace ``v`` with ``v.<name>`` True for each given one. An unknown name is an
+    :class:`UnknownVariantError` listing the valid names with an example (so ``demo.py:tinyy`` never
+    silently becomes the full-size config)."""
     given = [a.strip() for a in (arg or "").split(",") if a.strip()]
     unknown = [a for a in given if a not in variants]
     if unknown:
-        raise ValueError(
-            f"config variant(s) {unknown} unknown; this config knows {sorted(variants) or 'none'} "
-            f"(combine with commas, e.g. ':{','.join(sorted(variants)) or 'tiny'}')"
-        )
+        raise UnknownVariantError(unknown, list(variants))
     values = {k: bool(d) or k in given for k, d in variants.items()}
     return types.SimpleNamespace(**values)
 

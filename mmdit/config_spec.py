@@ -158,6 +158,7 @@ class FlowSpec:
     condition_dropout: Mapping[str, float]
     chunk_noise: str = "shared"  # flow.CHUNK_NOISE_MODES; other than "shared" only with model.chunk_frames
     silence_dropout: float = 0.0  # fraction of clips put in silence mode (flow.silence_dropout)
+    first_frame_weight: float = 1.0  # loss weight of a grid stream's first temporal token position (its key frame)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,6 +268,7 @@ def flow_spec(cfg, model: ModelSpec) -> FlowSpec:
         condition_dropout=drops,
         chunk_noise=chunk_noise,
         silence_dropout=_silence_dropout(f.silence_dropout, model),
+        first_frame_weight=_number("flow", "first_frame_weight", f.get("first_frame_weight", 1.0), lo=0, lo_open=True),
     )
 
 

@@ -325,12 +325,13 @@ def flow_loss(
     stream_weights: Mapping[str, float] | None = None,
     valid: Mapping[str, Array] | None = None,
     sample_weights: Array | None = None,
+    token_weights: Mapping[str, Array] | None = None,
 ):
     """Masked flow-matching MSE over streams.
 
     Per stream s and sample b: the squared error is averaged over channels, then over the
     *supervised* tokens -- unknown (``known`` False) and valid (``valid`` True) -- of that sample:
-    ``l[b, s] = Σ_t w·mse / max(Σ_t w, 1)``. A stream with no supervised token in a sample
+    ``l[b, s] = Σ_t w·mse / max(Σ_t w, 1)``, ``w`` = supervised (0/1) times ``token_weights[s][t]``. A stream with no supervised token in a sample
     contributes exactly 0 for that sample (no NaN, no gradient). The total is the mean over
     *active* samples (those with at least one supervised token in any stream; normally all B) of
     ``sample_weights[b] · Σ_s stream_weights[s] · l[b, s]``.
@@ -343,6 +344,8 @@ def flow_loss(
         stream means all valid.
       sample_weights: optional ``[B]`` per-sample weights (e.g. task weights), absolute scales
         (the total is not renormalised by their sum).
+      token_weights: optional ``dict[stream, float[S]]`` relative weights of a stream's tokens (> 0; the
+        per-sample mean is renormalised by their sum over the supervised tokens); a missing stream: all 1.
 
     Returns:
       ``(total, metrics)``: scalar float32 loss and a dict with ``loss/total`` and, per stream,
@@ -362,9 +365,11 @@ def flow_loss(
         mse = jnp.mean(jnp.square(p.astype(jnp.float32) - t.astype(jnp.float32)), axis=-1)
         w = (~_mask(known, n, mse.shape, False)) & _mask(valid, n, mse.shape, True)
         w = w.astype(jnp.float32)
+        if token_weights is not None and n in token_weights:
+            w = w * jnp.asarray(token_weights[n], jnp.float32)[None]
         count = jnp.sum(w, axis=1)  # [B]
         # [B]; exactly 0 (and NaN-free) for a sample with no supervised token in this stream.
-        l_bs = jnp.sum(jnp.where(w > 0, mse, 0.0), axis=1) / jnp.maximum(count, 1.0)
+        l_bs = jnp.sum(jnp.where(w > 0, w * mse, 0.0), axis=1) / jnp.maximum(count, 1.0)
         has = (count > 0).astype(jnp.float32)
         metrics[f"loss/{n}"] = jnp.sum(l_bs * has) / jnp.maximum(jnp.sum(has), 1.0)
         sw = 1.0 if stream_weights is None else stream_weights.get(n, 1.0)

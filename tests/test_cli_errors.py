@@ -125,7 +125,11 @@ def _cases(rd, fresh):
     t, s, e, x = "mmdit.cli.train", "mmdit.cli.sample", "mmdit.cli.export", "mmdit.cli.eval"
     return [
         ("mmdit.cli.info", ["--config", "/nonexistent/dir/demo.py:tiny"], ["/nonexistent/dir/demo.py", "no file"]),
-        ("mmdit.cli.info", ["--config", "configs/demo.py:tinyy"], ["tinyy", "knows [", "'tiny'", "'plain'"]),
+        (
+            "mmdit.cli.info",
+            ["--config", "configs/demo.py:tinyy"],
+            ["'tinyy'", "valid variants: ", "plain", "e.g. configs/demo.py:tiny"],
+        ),
         ("mmdit.cli.info", ["--config", "README.md"], ["README.md", "not a Python config"]),
         ("mmdit.cli.info", ["--config", "no_such_preset"], ["no_such_preset", "presets"]),
         ("mmdit.cli.info", ["--config", CONFIG, "--batch", "-4"], ["--batch -4"]),

@@ -65,6 +65,30 @@ def test_pixel_codec_lossless_when_keeping_every_coefficient(clips):
     np.testing.assert_allclose(codec.decode(codec.encode(x)), x, atol=1e-5)
 
 
+@pytest.mark.parametrize("temporal", [1, 4])
+def test_pixel_codec_residual_frames(clips, temporal):
+    """``residual_gain``: frame 0 absolute, later latent frames g * (difference from frame 0); the same pictures
+    out, and a static clip codes as exact zeros after its first latent frame."""
+    absolute = PixelCodec(temporal=temporal, luma_coeffs=64, chroma_coeffs=64)
+    residual = PixelCodec(temporal=temporal, luma_coeffs=64, chroma_coeffs=64, residual_gain=4.0)
+    x = _frames(clips[0])
+    za, zr = absolute.encode(x), residual.encode(x)
+    np.testing.assert_array_equal(zr[:, :1], za[:, :1])
+    np.testing.assert_allclose(zr[:, 1:], 4.0 * (za[:, 1:] - za[:, :1]), atol=1e-4)
+    np.testing.assert_allclose(residual.decode(zr, clip=False), x, atol=1e-5)
+    static = np.repeat(x[:, :1], 49, axis=1)
+    assert np.abs(residual.encode(static)[:, 1:]).max() < 1e-5
+    # an error e in a later latent frame decodes to e / gain of a change
+    bump = np.zeros_like(zr)
+    bump[:, 3] = 1.0
+    change = residual.decode(zr + bump, clip=False) - residual.decode(zr, clip=False)
+    np.testing.assert_allclose(
+        change, absolute.decode(za + bump, clip=False) / 4.0 - absolute.decode(za, clip=False) / 4.0, atol=1e-5
+    )
+    with pytest.raises(ValueError, match="residual_gain"):
+        PixelCodec(residual_gain=0.0)
+
+
 def test_pixel_codec_is_a_projection():
     codec = PixelCodec()
     z = np.random.default_rng(0).standard_normal((1, 3, 8, 8, 64)).astype(np.float32)

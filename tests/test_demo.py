@@ -72,3 +72,11 @@ def test_mmdit_demo_tiny_end_to_end(tmp_path):
             assert r["right"] > 0 and r["ratio_other_clip"] > 0 and r["ratio_time_shifted"] > 0
     assert (tmp_path / "eval2" / "t2av_0.mp4").exists()
     assert eval_cli.main(["--workdir", str(tmp_path / "nope")]) == 2
+
+    # the same workdir under other codecs: its records would be read as something else -> refused, nothing lost
+    again = [sys.executable, "-m", "mmdit.cli.main", "demo", "--config", "configs/demo.py:tiny", "--workdir", str(wd)]
+    out = subprocess.run(again + ["--set", "codecs.video.residual_gain=3.0"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 2 and "codecs.video.residual_gain" in out.stderr and "new --workdir" in out.stderr, out.stderr[
+        -2000:
+    ]
+    assert (wd / "data" / "train" / "manifest.json").exists() and (wd / "eval" / "eval.json").exists()

@@ -364,6 +364,65 @@ def test_prepared_pairs_feed_the_regression_loss(tmp_path):
     assert np.isfinite(last["gen/regression_loss"]) and last["gen/regression_loss"] > 0
 
 
+def reference_frame_student(teacher):
+    """``configs/demo_distill.py:tiny`` as the twin of the default tiny demo: the derived ``first_frame``
+    condition and joint guidance's keep-name ``joint`` (the student still samples without CFG)."""
+    from configs.demo import use_reference_frame
+
+    cfg = config_lib.load("configs/demo_distill.py:tiny")
+    use_reference_frame(cfg)
+    cfg.model.joint_guidance = True
+    return config_lib.override(
+        cfg,
+        [f"distill.teacher={teacher}", "train.steps=2", "train.async_checkpoint=False", "distill.critic_steps=1"]
+        + ["data.examples_per_shard=4"],
+    )
+
+
+@pytest.mark.slow
+def test_a_teacher_with_a_reference_frame_and_joint_guidance_distils(tmp_path):
+    """The default tiny demo (derived ``first_frame`` + joint guidance) as the teacher: two DMD + regression
+    iterations run end to end on the KV-cached rollouts. In the distill tasks (t2av, a2v) the first frame is
+    never given: ``first_frame`` is absent (dropped) and zeros in every pass, as in training; cross-stream
+    attention (``joint``) is kept in every pass, and only the teacher is guided by it."""
+    from mmdit import tasks
+    from mmdit.data.synth_records import synth
+    from mmdit.distill.cached_rollout import CachedRollout
+    from mmdit.distill.loop import distill
+    from mmdit.model.diffusion import DiffusionModel
+    from mmdit.sample.sampler import Sampler
+
+    teacher_cfg = untrained_teacher(tmp_path / "teacher", "configs/demo.py:tiny")
+    assert teacher_cfg.model.conditions.first_frame.derived == "first_frame" and teacher_cfg.model.joint_guidance
+    cfg = reference_frame_student(tmp_path / "teacher")
+    teacher, student = DiffusionModel.from_config(teacher_cfg), DiffusionModel.from_config(cfg)
+    assert Sampler(teacher, teacher_cfg).resolve_guidance(None).conditions == ["text", "joint"]  # the real score's CFG
+    assert Sampler(student, cfg).resolve_guidance(None).conditions == []  # the student: no CFG
+
+    B = 4
+    tm = tasks.sample_tasks(jax.random.key(0), student.spec, B, dict(t2av=0.5, a2v=0.5), cfg.model)
+    assert not np.any(np.asarray(tm.present["first_frame"])) and np.all(np.asarray(tm.present["joint"]))
+    params = nn.unbox(student.init(jax.random.key(0)))
+    clean = student.tokens({a.name: jnp.ones((B,) + tuple(a.geometry.latent_shape)) for a in student.spec.streams})
+    given = {n: jnp.where(tm.known[n][..., None], clean[n], 0.0) for n in student.spec.generated}
+    cached = CachedRollout(student, cfg)
+    conds, _ = cached.conditions(params, student.input_spec().zero_conditions(B), given)
+    assert conds["first_frame"].shape[1] == cached.layout.tokens["video"] < clean["video"].shape[1]  # one chunk's
+    assert not np.any(np.asarray(conds["first_frame"]))  # no sample gives its video's first frame
+
+    synth(teacher_cfg, str(tmp_path / "data"), num=4, num_eval=0, progress=False)
+    last = distill(
+        cfg,
+        str(tmp_path / "run"),
+        data_dir=str(tmp_path / "data" / "train"),
+        progress=False,
+        compiler_options={"xla_backend_optimization_level": 0},
+    )
+    for key in ("gen/dmd_loss", "gen/regression_loss", "critic/loss"):
+        assert np.isfinite(last[key]) and last[key] > 0, (key, last)
+    assert (tmp_path / "run" / "student" / "checkpoints" / "2").is_dir()
+
+
 # ------------------------------------------------------------------------------------------------
 # the distill section's defaults (configs/base.py), the logging rule, the warm-up and student_init
 

@@ -177,6 +177,39 @@ def test_loss_sample_weights_and_fully_known_batch():
     assert all(np.all(np.asarray(v) == 0) for v in g.values())
 
 
+def test_loss_token_weights():
+    """``token_weights``: a per-token relative weight inside each sample's mean (train's ``flow.first_frame_weight``)."""
+    target = {"video": jnp.zeros((1, 5, 3)), "audio": jnp.zeros((1, 4, 2))}
+    pred = {"video": jnp.zeros((1, 5, 3)).at[:, 0].set(1.0), "audio": jnp.ones((1, 4, 2))}
+    base, _ = flow.flow_loss(pred, target, None)
+    np.testing.assert_allclose(base, 1 / 5 + 1, rtol=1e-6)
+    w = {"video": jnp.array([8.0, 1, 1, 1, 1])}  # audio missing: all 1
+    weighted, _ = flow.flow_loss(pred, target, None, token_weights=w)
+    np.testing.assert_allclose(weighted, 8 / 12 + 1, rtol=1e-6)
+    # a known token drops out of both the sum and the normaliser, weighted or not
+    known = {"video": jnp.array([[True, False, False, False, False]])}
+    np.testing.assert_allclose(flow.flow_loss(pred, target, known, token_weights=w)[0], 0 + 1, rtol=1e-6)
+
+
+def test_first_frame_weight_reaches_the_train_loss():
+    """``flow.first_frame_weight``: the video (grid) stream's first latent frame tokens get the weight, audio
+    (sequence) none; validated by ``config_spec.flow_spec``."""
+    from mmdit import config_lib, config_spec
+    from mmdit.model.diffusion import DiffusionModel
+    from mmdit.train.step import first_frame_weights
+
+    cfg = config_lib.load("demo:tiny")
+    spec = DiffusionModel.from_config(cfg).spec
+    assert first_frame_weights(spec, 1.0) is None
+    w = first_frame_weights(spec, 4.0)
+    video = spec.stream("video").geometry
+    assert set(w) == {"video"} and w["video"].shape == (video.num_tokens,)
+    assert (w["video"][: video.tokens_per_frame] == 4).all() and (w["video"][video.tokens_per_frame :] == 1).all()
+    assert config_spec.flow_spec(config_lib.override(cfg, ["flow.first_frame_weight=4"]), spec).first_frame_weight == 4
+    with pytest.raises(ValueError, match="flow.first_frame_weight"):
+        config_spec.flow_spec(config_lib.override(cfg, ["flow.first_frame_weight=0"]), spec)
+
+
 # ------------------------------------------------------------------------------ condition dropout
 
 

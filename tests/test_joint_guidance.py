@@ -240,6 +240,7 @@ def test_cli_trains_and_samples_t2av_with_joint_guidance(tmp_path):
         saved = json.load(f)
     assert saved["samples"][0]["task"] == "t2av"
     assert saved["guidance"] == {"text": 2.0, "joint": {"video": 2.0, "audio": 1.5}}  # (written with sorted keys)
+    assert saved["guidance_order"] == ["text", "joint"]  # the nested order used (sorted keys would say joint first)
 
 
 _SEQUENCE_PARALLEL_SCRIPT = """

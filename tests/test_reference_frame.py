@@ -5,7 +5,7 @@
   no record / sampler input field;
 * through the task masks and the sampler's input assembly the model sees it in ti2av and zeros in
   t2av / tv2a / a2v (and in a CFG row that drops it);
-* config errors name the field and the expected value; distillation refuses such a config;
+* config errors name the field and the expected value;
 * the streaming sampler gives every chunk the tiled image: per-step cache + absolute positions equal
   the bidirectional sampler on the whole sequence (ti2av);
 * ``mmdit data synth`` -> ``mmdit train`` -> ``mmdit sample --task ti2av`` -> ``mmdit eval`` run on
@@ -176,16 +176,6 @@ def test_no_grid_stream_is_refused():
     cfg.model.streams.video.channels = 128
     with pytest.raises(ValueError, match=r"first_frame\.derived='first_frame'.*no generated grid stream"):
         DiffusionModel.from_config(cfg)
-
-
-def test_distill_refuses_a_derived_condition(tmp_path):
-    from mmdit.distill.teacher import check_teacher
-
-    cfg = config_lib.load("configs/demo_distill.py:tiny")
-    demo.use_reference_frame(cfg)
-    cfg.distill.teacher = str(tmp_path)  # refused before the teacher is read
-    with pytest.raises(ValueError, match=r"model\.conditions\.first_frame\.derived: distillation does not support"):
-        check_teacher(cfg)
 
 
 @pytest.mark.slow

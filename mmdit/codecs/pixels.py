@@ -20,6 +20,14 @@ Encode (frames ``float32 [B, N, H, W, 3]`` in [-1, 1], ``N = 1 + t*k``):
    constants were measured on the synthetic world at ``spatial=8`` (over 64 identities: every kept
    channel has |mean| < 0.15 and std 0.7..1.3) and are reused unchanged for other data and sizes.
 
+5. **Frames after the first as differences (``residual_gain``, optional).** With ``residual_gain=g`` every
+   latent frame ``f >= 1`` holds ``g * (z_f - z_0)``, its normalised coefficients minus frame 0's (each slot
+   minus frame 0), and latent frame 0 stays absolute -- frame 0 is the anchor, as in a causal video VAE
+   (Wan's encodes frame 0 alone) or a codec's key frame. A static background then codes as exact zeros in
+   every later frame, the same target in every clip, instead of an identity-dependent value the model must
+   copy frame after frame; an error ``e`` in a later latent decodes to ``e / g`` of a change. Still linear and
+   exact to invert; decoding any later latent frames needs latent frame 0 (the stream decoder keeps it).
+
 Decode is the exact transpose (the projection is orthonormal), so ``decode(encode(x))`` is the
 orthogonal projection of ``x`` onto the kept frequencies: **exact** (to float32 rounding, ~1e-6) when all
 ``s*s`` coefficients are kept, otherwise a per-block low-pass. Frame 0 decodes as the mean of its ``t``
@@ -73,9 +81,20 @@ class PixelCodec(VideoCodec):
     ``K = luma_coeffs + 2*chroma_coeffs``, channel index ``slot*K + k`` (slot = frame within the group;
     k: luma coefficients, then C1, then C2, each in zig-zag order)."""
 
-    def __init__(self, spatial: int = 8, temporal: int = 4, fps: float = 25.0, luma_coeffs: int = 10, chroma_coeffs: int = 3):
+    def __init__(
+        self,
+        spatial: int = 8,
+        temporal: int = 4,
+        fps: float = 25.0,
+        luma_coeffs: int = 10,
+        chroma_coeffs: int = 3,
+        residual_gain: float | None = None,
+    ):
         if spatial < 1 or temporal < 1:
             raise ValueError(f"PixelCodec needs spatial >= 1 and temporal >= 1, got {spatial}, {temporal}")
+        if residual_gain is not None and not float(residual_gain) > 0:
+            raise ValueError(f"PixelCodec.residual_gain={residual_gain!r} must be > 0 (or None: every frame absolute)")
+        self.residual_gain = None if residual_gain is None else float(residual_gain)
         for name, value in (("luma_coeffs", luma_coeffs), ("chroma_coeffs", chroma_coeffs)):
             if not 0 <= value <= spatial * spatial:
                 raise ValueError(f"PixelCodec.{name}={value} must be in [0, spatial**2 = {spatial * spatial}]")
@@ -102,7 +121,9 @@ class PixelCodec(VideoCodec):
     def __repr__(self) -> str:
         return (
             f"PixelCodec(spatial={self.spatial_compression}, temporal={self.temporal_compression}, "
-            f"fps={self.fps:g}, luma_coeffs={self.luma_coeffs}, chroma_coeffs={self.chroma_coeffs})"
+            f"fps={self.fps:g}, luma_coeffs={self.luma_coeffs}, chroma_coeffs={self.chroma_coeffs}"
+            + ("" if self.residual_gain is None else f", residual_gain={self.residual_gain:g}")
+            + ")"
         )
 
     def encode(self, frames, trim: bool = False):
@@ -123,7 +144,9 @@ class PixelCodec(VideoCodec):
         f = groups.shape[1]
         blocks = groups.reshape(b, f, t, h // s, s, w // s, s, 3).transpose(0, 1, 3, 5, 2, 4, 6, 7)
         coef = blocks.reshape(b, f, h // s, w // s, t, s * s * 3) @ xp.asarray(self.projection.T)
-        coef = (coef - xp.asarray(self.offset)) / xp.asarray(self.scale)
+        coef = (coef - xp.asarray(self.offset)) / xp.asarray(self.scale)  # [b, f, h/s, w/s, t, K]
+        if self.residual_gain is not None:
+            coef = xp.concatenate([coef[:, :1], self.residual_gain * (coef[:, 1:] - coef[:, :1])], axis=1)
         return coef.reshape(b, f, h // s, w // s, t * self.coeffs_per_frame)
 
     def decode(self, latents, clip: bool = True):
@@ -136,7 +159,11 @@ class PixelCodec(VideoCodec):
             raise ValueError(f"latents must be [B, F, h, w, {self.latent_channels}] for {self!r}, got shape {shape}")
         b, f, hl, wl, _ = shape
         s, t, k = self.spatial_compression, self.temporal_compression, self.coeffs_per_frame
-        coef = latents.astype(xp.float32).reshape(b, f, hl, wl, t, k) * xp.asarray(self.scale) + xp.asarray(self.offset)
+        z = latents.astype(xp.float32).reshape(b, f, hl, wl, t, k)
+        if self.residual_gain is not None:
+            first = z[:, :1].mean(axis=4, keepdims=True)  # frame 0 (decoded as the mean of its slots)
+            z = xp.concatenate([z[:, :1], first + z[:, 1:] / self.residual_gain], axis=1)
+        coef = z * xp.asarray(self.scale) + xp.asarray(self.offset)
         blocks = (coef @ xp.asarray(self.projection)).reshape(b, f, hl, wl, t, s, s, 3)
         groups = blocks.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, f, t, hl * s, wl * s, 3)
         frames = xp.concatenate([groups[:, :1].mean(axis=2), groups[:, 1:].reshape(b, (f - 1) * t, hl * s, wl * s, 3)], axis=1)

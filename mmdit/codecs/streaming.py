@@ -126,10 +126,12 @@ class PixelStreamDecoder(_VideoDecoder):
         if f == 0:
             return self._empty()
         if self._pushed == f:  # this chunk starts the stream: latent frame 0 is the single frame 0
+            self._anchor = z[:, :1]
             return np.asarray(self.codec.decode(z), np.float32)
-        # A later chunk: every latent frame holds t frames. Decode it behind a copy of its own first latent frame
-        # (which becomes the dropped single frame 0), so each frame comes from the same per-block projection.
-        frames = self.codec.decode(np.concatenate([z[:, :1], z], axis=1))
+        # A later chunk: every latent frame holds t frames. Decode it behind the stream's latent frame 0 (dropped
+        # again after decoding), so each frame comes from the same per-block projection -- and a codec that codes
+        # later frames as differences from frame 0 (``residual_gain``) finds its anchor.
+        frames = self.codec.decode(np.concatenate([self._anchor, z], axis=1))
         return np.asarray(frames[:, 1:], np.float32)
 
 

@@ -261,6 +261,7 @@ def write_split(cfg, out_dir: str, indices, *, audio_only: bool = False, progres
         examples_per_shard=config_spec.data_spec(cfg).examples_per_shard,
         overwrite=True,
         producer="mmdit-data synth",
+        metadata={"codecs": synth_codecs(cfg)},
     ) as writer:
         for i in indices:
             ex = maker.record(i, audio_only=audio_only)
@@ -272,6 +273,40 @@ def write_split(cfg, out_dir: str, indices, *, audio_only: bool = False, progres
     if bar is not None:
         bar.close()
     return manifest
+
+
+def synth_codecs(cfg) -> dict:
+    """The ``codecs`` section that encodes a config's records (plain JSON), as synth writes it into each split's
+    manifest ``metadata.codecs``."""
+    import json
+
+    return json.loads(json.dumps(plain(config_spec.complete(cfg).codecs) or {}))
+
+
+def check_synth_codecs(cfg, split_dir: str) -> None:
+    """Refuses records in ``split_dir`` that another ``codecs`` section encoded (their latents would be read,
+    and decoded, as something else), naming the first differing field and the fix."""
+    import json
+
+    with open(os.path.join(split_dir, "manifest.json")) as f:
+        written = json.load(f).get("metadata", {}).get("codecs")
+    now = synth_codecs(cfg)
+    if written is None:
+        raise ValueError(
+            f"{split_dir}: these records do not say which codecs encoded them (written by an older mmdit); "
+            f"delete {os.path.dirname(os.path.abspath(split_dir))} to re-synthesise them, or use a new --workdir"
+        )
+    if written != now:
+        fields = sorted(
+            f"codecs.{k}.{a}"
+            for k in set(written) | set(now)
+            for a in set(written.get(k) or {}) | set(now.get(k) or {})
+            if (written.get(k) or {}).get(a) != (now.get(k) or {}).get(a)
+        )
+        raise ValueError(
+            f"{split_dir}: these records were encoded with other codecs than the config's ({', '.join(fields[:4])} "
+            f"differ); use a new --workdir, or delete {os.path.dirname(os.path.abspath(split_dir))} to re-synthesise"
+        )
 
 
 def synth(cfg, out_dir: str, num: int | None = None, num_eval: int | None = None, progress: bool = True) -> dict:

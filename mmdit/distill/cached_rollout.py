@@ -30,8 +30,9 @@ forwards), which makes the gradient equal the full-sequence rollout's (the test 
 uses the default ``False``.
 
 Conditions are encoded once per rollout; the cross-attention keys/values are recomputed per forward
-(they carry the exit step's gradient). Tasks must keep every token valid (``distill.tasks``: t2av,
-a2v).
+(they carry the exit step's gradient). Derived conditions (``model.conditions.<c>.derived``) are computed
+once from chunk 0's given tokens, as :meth:`~mmdit.sample.streaming.StreamingSampler.start` does
+(:meth:`CachedRollout.conditions`). Tasks must keep every token valid (``distill.tasks``: t2av, a2v).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from mmdit.distill.losses import clean_prediction
+from mmdit.model.derived_conditions import derived_conditions
 from mmdit.sample import streaming
 from mmdit.sample.ode import chunk_noise, renoised
 
@@ -120,6 +122,16 @@ class CachedRollout:
         )
         return clean_prediction(x, v, sig), {"k": kv["k"], "v": kv["v"]}
 
+    def conditions(self, params, raw, given) -> tuple[dict, dict]:
+        """``(features {c: [B, L_c, D_c]}, masks {c: [B, L_c]})`` of every condition for the one-chunk model:
+        ``raw`` encoded by the full model, plus the derived conditions computed from chunk 0 of ``given``
+        ``{generated s: float32 [B, S_s, C]}`` (the given tokens' values, 0 elsewhere), which every chunk
+        reuses, as :meth:`mmdit.sample.streaming.StreamingSampler.start` computes them. The distill tasks
+        (t2av, a2v) give no first frame, so a ``first_frame`` condition is zeros here, and the task marks
+        it absent (``cond_keep`` False: dropped) in every pass, as in training."""
+        conds, cmasks = self.full_model.encode_conditions(params, raw)
+        return {**conds, **derived_conditions(self.spec, self._slice(given, 0))}, cmasks
+
     def _offsets(self, c):
         return streaming.window_offsets(c, self.layout.chunk_frames, self.positions)
 
@@ -152,12 +164,12 @@ class CachedRollout:
         mode = "clean" if teacher_forced else self.cache_mode  # teacher forcing: every step reads the clean truth
         sigmas = jnp.asarray(tuple(step_list) + (0.0,), jnp.float32)
         B = clean[gen[0]].shape[0]
-        conds = self.full_model.encode_conditions(params, raw)  # once; the exit steps' gradient reaches the encoder
+        out = {n: jnp.where(masks.known[n][..., None], clean[n].astype(jnp.float32), 0.0) for n in gen}
+        conds = self.conditions(params, raw, out)  # once; the exit steps' gradient reaches the encoder
         dit = params["dit"]
         quiet, quiet_conds = _stop(dit), _stop(conds)
         ctx_dit, ctx_conds = (dit, conds) if context_gradient else (quiet, quiet_conds)
         maybe_stop = (lambda t: t) if context_gradient else _stop  # noqa: E731
-        out = {n: jnp.where(masks.known[n][..., None], clean[n].astype(jnp.float32), 0.0) for n in gen}
         cache = self._empty_cache(B, K, mode)
         if mode == "per_step":
             L, H, Dh = self.spec.num_layers, self.spec.heads, self.spec.head_dim
@@ -212,7 +224,8 @@ class CachedRollout:
         :func:`mmdit.distill.rollout.predict_chunks` (``{generated s: float32 [B, S, C]}``)."""
         gen = self.generated
         B = x_noisy[gen[0]].shape[0]
-        conds = self.full_model.encode_conditions(params, raw)
+        given = {n: jnp.where(masks.known[n][..., None], context[n].astype(jnp.float32), 0.0) for n in gen}
+        conds = self.conditions(params, raw, given)
         quiet, quiet_conds = _stop(params["dit"]), _stop(conds)
         out = {n: context[n].astype(jnp.float32) for n in gen}
 

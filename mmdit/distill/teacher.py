@@ -2,8 +2,9 @@
 
 Teacher, fake score and student share ONE param tree: the student may differ from the teacher only
 in fields that carry no params (:data:`FREE_FIELDS`: the attention mask rule, ``chunk_frames``
-and execution choices). :func:`check_compatible` compares the two configs' ``model`` sections and
-refuses any other difference, naming every differing field, before anything is written.
+and execution choices). :func:`check_compatible` compares the models the two configs' ``model``
+sections build (:func:`mmdit.model.spec_diff.model_differences`: one model spelled two ways is no
+difference) and refuses any other difference, naming every differing field, before anything is written.
 """
 
 from __future__ import annotations
@@ -13,29 +14,22 @@ import os
 
 from mmdit import config_lib
 from mmdit.distill.spec import distill_spec
+from mmdit.model import spec_diff
 from mmdit.train import checkpoint
 
 # model.* fields the student may change: no params depend on them.
 FREE_FIELDS = ("mask", "chunk_frames", "attention", "remat", "scan", "sequence_parallel", "dtype")
 
 
-def _diff(a, b, prefix: str) -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b)):
-            if prefix == "model" and k in FREE_FIELDS:
-                continue
-            out += _diff(a.get(k), b.get(k), f"{prefix}.{k}")
-        return out
-    norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
-    return [] if norm(a) == norm(b) else [f"{prefix}: teacher {a!r}, student {b!r}"]
+def _teacher_student(path: str, teacher, student) -> str:
+    return f"{path}: teacher {teacher!r}, student {student!r}"
 
 
 def model_differences(teacher_cfg, student_cfg) -> list[str]:
-    """The ``model.*`` fields (outside :data:`FREE_FIELDS`) whose values differ, one line each."""
+    """The ``model.*`` fields (outside :data:`FREE_FIELDS`) in which the built models differ, one line each."""
     t = json.loads(config_lib.to_json(teacher_cfg)).get("model", {})
     s = json.loads(config_lib.to_json(student_cfg)).get("model", {})
-    return _diff(t, s, "model")
+    return spec_diff.model_differences(t, s, ignore=FREE_FIELDS, say=_teacher_student)
 
 
 def load_teacher_config(teacher: str):
@@ -69,12 +63,6 @@ def check_teacher(cfg):
     """``(distill spec, teacher config)`` of a distill config once its student is known to be the
     teacher's twin; ValueError / FileNotFoundError naming the field otherwise. Writes nothing."""
     dspec = distill_spec(cfg)
-    derived = [n for n, c in (cfg.model.get("conditions", None) or {}).items() if c.get("derived", None)]
-    if derived:  # the KV-cached rollouts encode conditions per chunk and do not compute derived ones
-        raise ValueError(
-            f"model.conditions.{derived[0]}.derived: distillation does not support derived conditions yet; distil a "
-            f"teacher without it (drop model.conditions.{derived[0]} and its model.streams.*.concat entry)"
-        )
     teacher_cfg = load_teacher_config(dspec.teacher)
     check_compatible(teacher_cfg, cfg, dspec.teacher)
     return dspec, teacher_cfg

@@ -59,9 +59,15 @@ def summarize(per_clip: list[dict]) -> dict:
     return out
 
 
-class _decoder:
-    """``decode(latents {stream: [B, ...]}) -> (frames uint8 [B, N, H, W, 3], waves [B, T])``: the audio
-    stream's sound, or for a video-only model its driving audio features' (``mmdit.sample.run.Soundtrack``)."""
+class ClipDecoder:
+    """Decodes sampled latents of a batch of eval clips to what lip sync is scored on.
+
+    ``ClipDecoder(cfg, spec, known, raw)(latents) -> (frames, waves)``: ``latents`` ``{stream: [B, *latent_shape]}``
+    (the sampled streams; ``known`` ``{stream: [B, *latent_shape]}``, the batch's given latents, fill the
+    others) -> ``frames`` uint8 ``[B, N, H, W, 3]`` at ``fps`` frames/s and ``waves`` float ``[B, T]`` at
+    ``sample_rate`` Hz: the audio stream's sound, or for a video-only model its driving audio features'
+    (:class:`mmdit.sample.run.Soundtrack`; ``raw``: the batch's raw conditions). ``cfg``: the experiment config
+    (``codecs.video``, ``codecs.audio``), ``spec``: its ``ModelSpec``."""
 
     def __init__(self, cfg, spec, known, raw):
         from mmdit.codecs.registry import make_video_codec
@@ -116,7 +122,7 @@ def evaluate(
         preflight.check_output_dir(out_dir, len(tasks) * num * MP4_BYTES_ESTIMATE, f"{len(tasks) * num} MP4(s)")
     schema = model.input_spec()
     known, raw = schema.latents_of(batch), schema.conditions_of(batch)
-    decode = _decoder(cfg, model.spec, known, raw)
+    decode = ClipDecoder(cfg, model.spec, known, raw)
     results, files = {}, []
     gt_frames, gt_waves = decode(known)
     # ±8 frames (SyncNet's window) where the clip is long enough for it, else ±4 (short test clips).

@@ -49,7 +49,7 @@ from mmdit.model.layers import (
 from mmdit.model.inputs import FACE_BOX, SPEAKING_FRAMES
 from mmdit.model.rope import angles as rope_angles
 from mmdit.model.rope import apply_rope, stream_angles
-from mmdit.model.spec import JOINT_KEEP, ModelSpec, StreamArch
+from mmdit.model.spec import JOINT_KEEP, X0_MIN_SIGMA, ModelSpec, StreamArch
 
 _REMAT_POLICIES = {
     "full": None,
@@ -224,6 +224,15 @@ class StreamIO(nn.Module):
         return self.head(x, temb)
 
 
+def velocity_from_x0(x_sigma, sigma, x0):
+    """The velocity ``v = noise - x0`` implied by a clean-token prediction (``model.prediction="x0"``):
+    ``x_sigma = (1 - σ) x0 + σ noise`` gives ``v = (x_sigma - x0) / σ``, with σ clamped below at
+    ``X0_MIN_SIGMA`` (JiT's clip: a bounded loss weight near σ = 0, where a sampler's last step still lands
+    on ``x0``). ``x_sigma``, ``x0``: ``[B, S, C]``; ``sigma``: ``[B, S]``; returns float32 ``[B, S, C]``."""
+    s = jnp.maximum(jnp.asarray(sigma, jnp.float32), X0_MIN_SIGMA)[..., None]
+    return (x_sigma.astype(jnp.float32) - x0) / s
+
+
 def _in_box(arch: StreamArch, box):
     """bool ``[B, S]``: grid tokens whose patch cell overlaps the normalised box ``[B, 4]`` (x0, y0, x1, y1)."""
     g = arch.geometry
@@ -308,9 +317,10 @@ class MMDiT(nn.Module):
         if sp.joint_guidance:
             keep_joint = jnp.broadcast_to(jnp.asarray(cond_keep.get(JOINT_KEEP, True), bool), (batch,))
         io = {a.name: StreamIO(a, sp, name=a.name) for a in sp.streams}
-        xs, temb, mod, cemb = {}, {}, {}, {}
+        xs, temb, mod, cemb, sigs = {}, {}, {}, {}, {}
         for a in sp.streams:
             sig = sigma[a.name] if a.name in sigma else jnp.zeros((batch, a.geometry.num_tokens), jnp.float32)
+            sigs[a.name] = sig
             tok = tokens[a.name]
             if a.geometry.condition and a.name in cond_keep:
                 tok = tok * cond_keep[a.name][:, None, None].astype(tok.dtype)  # in-sequence condition dropout
@@ -374,6 +384,8 @@ class MMDiT(nn.Module):
             for a in sp.streams
             if not a.geometry.condition
         }
+        if sp.prediction == "x0":
+            out = {n: velocity_from_x0(tokens[n], sigs[n], x0) for n, x0 in out.items()}
         return (out, kv) if return_kv else out
 
     # -- helpers -------------------------------------------------------------------------------

@@ -19,6 +19,11 @@ from mmdit.model.streams import StreamSpec, aligned_times, build_streams, time_r
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "offload")
+# model.prediction: the heads predict the velocity ``v = noise - x0`` directly, or the clean tokens ``x0`` (JiT's
+# x-prediction), turned into ``v = (x_sigma - x0) / max(sigma, X0_MIN_SIGMA)`` inside the model (mmdit.model.mmdit)
+PREDICTIONS = ("velocity", "x0")
+X0_MIN_SIGMA = 0.05
+
 # The keep-name of cross-stream attention (``model.joint_guidance``): ``cond_keep[JOINT_KEEP]`` False confines a
 # sample's tokens to their own stream in every layer, so dropout and CFG can treat the partner stream as a condition.
 JOINT_KEEP = "joint"
@@ -84,6 +89,7 @@ class ModelSpec:
     sequence_parallel: str = "none"
     time_reference: str | None = None  # the stream whose latent frames are the unit of aligned time
     joint_guidance: bool = False  # keep-name JOINT_KEEP switches cross-stream attention per sample (model.joint_guidance)
+    prediction: str = "velocity"  # what the output heads predict (model.prediction; the model returns velocities)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -343,6 +349,9 @@ def build_spec(model_cfg, platform: str | None = None) -> ModelSpec:
     if sp not in ("none", "ulysses", "ring"):
         raise ValueError(f"model.sequence_parallel={sp!r}: choose 'none', 'ulysses' or 'ring'")
     joint_guidance = bool(model_cfg.get("joint_guidance", False))
+    prediction = model_cfg.get("prediction", "velocity")
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"model.prediction={prediction!r}: choose one of {PREDICTIONS}")
     clash = [n for n in list(streams) + cond_names if n == JOINT_KEEP]
     if joint_guidance and clash:
         raise ValueError(
@@ -377,6 +386,7 @@ def build_spec(model_cfg, platform: str | None = None) -> ModelSpec:
         sequence_parallel=sp,
         time_reference=time_reference(model_cfg, streams).name,
         joint_guidance=joint_guidance,
+        prediction=prediction,
     )
     if joint_guidance and not spec.joint_layers:
         raise ValueError(

@@ -284,6 +284,7 @@ def sample_to_files(
             "shift": float(shift if shift is not None else defaults.shift),
             "stream_shift": stream_shift or dict(defaults.stream_shift),
             "guidance": dict(g.scales),
+            "guidance_order": g.conditions,  # the nested order (the file's keys are written sorted)
             "guidance_mode": g.mode,
             "guidance_schedule": g.schedule,
             "fps": media_io.video_codec.fps,

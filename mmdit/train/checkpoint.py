@@ -227,17 +227,24 @@ def restore_step(
     return None, None
 
 
+# model.* fields a resumed run may change: how the model executes, not what it computes.
+EXECUTION_FIELDS = ("attention", "remat", "scan", "sequence_parallel")
+
+
 def check_config_matches(workdir: str, cfg) -> None:
-    """Refuses to resume a workdir whose saved model/task config differs from ``cfg``."""
+    """Refuses to resume a workdir whose saved config builds a different model than ``cfg`` (compared on
+    the built model spec, :func:`mmdit.model.spec_diff.model_differences`: spelling the same model
+    differently is no difference; :data:`EXECUTION_FIELDS` may change); the message names the fields."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path) or not os.path.isdir(checkpoint_dir(workdir)):
         return
     with open(path) as f:
         saved = json.load(f)
     from mmdit.config_lib import to_json
+    from mmdit.model.spec_diff import model_differences
 
     now = json.loads(to_json(cfg))
-    diffs = _diff(saved.get("model", {}), now.get("model", {}), "model")
+    diffs = model_differences(saved.get("model", {}), now.get("model", {}), ignore=EXECUTION_FIELDS)
     if diffs:
         raise ValueError(
             f"{workdir} holds checkpoints of a different model: "
@@ -245,18 +252,6 @@ def check_config_matches(workdir: str, cfg) -> None:
             + ". Use a new --workdir, or the config in "
             + path
         )
-
-
-def _diff(a, b, prefix):
-    out = []
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
-            if k in ("attention", "remat", "scan", "sequence_parallel"):  # execution choices: free to change
-                continue
-            out += _diff(a.get(k), b.get(k), f"{prefix}.{k}")
-        return out
-    norm = lambda v: list(v) if isinstance(v, tuple) else v
-    return [] if norm(a) == norm(b) else [f"{prefix} was {a!r}, now {b!r}"]
 
 
 def load_config(workdir: str) -> mlc.ConfigDict:

@@ -33,6 +33,7 @@ and the step counter per microbatch).
 from __future__ import annotations
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec
@@ -63,6 +64,19 @@ def make_loss_fn(model, cfg):
         return _loss(params, model, fl, task_weights, model_cfg, batch, rng)
 
     return loss_fn
+
+
+def first_frame_weights(spec, weight: float) -> dict | None:
+    """``flow.first_frame_weight`` as ``flow_loss``'s ``token_weights``: ``{grid stream: float32[S]}``, ``weight``
+    on the stream's first temporal token position (``tokens_per_frame`` tokens), 1 elsewhere; None when 1."""
+    if weight == 1.0:
+        return None
+    out = {}
+    for n in spec.generated:
+        g = spec.stream(n).geometry
+        if g.kind == "grid":
+            out[n] = np.where(np.arange(g.num_tokens) < g.tokens_per_frame, weight, 1.0).astype(np.float32)
+    return out or None
 
 
 def _loss(params, model, fl, task_weights, model_cfg, batch, rng):
@@ -97,7 +111,10 @@ def _loss(params, model, fl, task_weights, model_cfg, batch, rng):
     inputs = {**tokens, **x_sigma}
     pred = model.velocity(params, inputs, sigma, raw, cond_keep=keep, known={**tm.known, **gen}, valid=valid)
     weights = dict(fl.stream_weights)
-    loss, metrics = flow.flow_loss(pred, target, gen, stream_weights=weights, valid={n: valid[n] for n in spec.generated})
+    token_weights = first_frame_weights(spec, fl.first_frame_weight)
+    loss, metrics = flow.flow_loss(
+        pred, target, gen, stream_weights=weights, valid={n: valid[n] for n in spec.generated}, token_weights=token_weights
+    )
     task_names = list(task_weights)
     for i, name in enumerate(task_names):  # per-task loss (diagnostic, not differentiated)
         w = (tm.task == i).astype(jnp.float32)
@@ -108,6 +125,7 @@ def _loss(params, model, fl, task_weights, model_cfg, batch, rng):
             stream_weights=weights,
             valid={n: valid[n] for n in spec.generated},
             sample_weights=w,
+            token_weights=token_weights,
         )
         metrics[f"loss_task/{name}"] = per_task * B / jnp.maximum(w.sum(), 1.0)
         metrics[f"task_fraction/{name}"] = w.mean()
