@@ -18,48 +18,62 @@ Video patch ``1x2x2``, so 52 video + 13 audio tokens, each exactly 128 wide: a t
 model dim (``1x4x4`` video, or 64-mel audio: 512) cannot carry its own noise through the 128-d
 residual, and training stalls (audio/video loss 1.07/0.93 at step 900, against 0.57/0.30 with
 128-wide tokens and 0.43/0.23 for the default).
-Measured (2,400 steps, ``bench/demo_quality.py --config configs/demo.py:wan4``, 8 eval clips, on
-2 heavily loaded cores: 23 min of training logged): the cross-stream probe's audio time-shift
-ratio at sigma 0.9 is 0.54 (the default: 0.40 for the same 4-frame shift; untrained: 1.00), so the
-audio reads the video's timing; strict lag-0 sync, fraction of the way from chance to ceiling,
-T2AV 0.21, TI2AV 0.21, TV2A 0.32, A2V 0.24 (r@0 0.20..0.27 against chance -0.01..0.02, ceiling
-0.87; change correlation 0.13/0.10/0.27/0.09): above chance in every task, but well short of the
-default's per-frame tokens (0.55/0.51/0.73/0.67) at the same step count.
+Measured with the default's four additions (2,400 steps, ``python3 bench/demo_quality.py --config demo:wan4
+--skip-ablation --num 16``, 8.1 min of training on 2 shared cores; ``bench/results/demo_quality_wan4.json``): strict
+sync, fraction of the way from chance to ceiling (lag-0 / change), T2AV 0.69 / 0.55, TI2AV 0.76 / 0.64, TV2A
+0.93 / 0.86, A2V 0.78 / 0.67 (T2AV r@0 0.60 against chance 0.01, ceiling 0.87; untrained at chance); the
+cross-stream probe's audio time-shift ratio at sigma 0.9 is 0.19 (untrained 1.00), so the audio reads the
+video's timing; the frames' Fréchet distance sits at the ground truth's floor (1.84 vs 1.86), TI2AV identity
+0.88 (ground truth 0.92). Without the additions (``wan4,plain``, 8 clips, measured earlier) T2AV's lag-0 fraction
+was 0.21 with probe ratio 0.54: the 4-frame layout now learns sync, still below the per-frame default.
 
 Text: byte tokens through a small trainable encoder, cross-attended by both streams.
 
-The default adds two things to that model (the ``plain`` variant leaves both out):
+The default adds four things to that model (the ``plain`` variant leaves all four out; ``plain,<name>`` adds one):
 
-* **Joint guidance** (:func:`use_joint_guidance`): cross-stream attention is dropped for 10% of the
+* **Joint guidance** (``jointcfg``, :func:`use_joint_guidance`): cross-stream attention is dropped for 10% of the
   training samples (each stream then attends only to itself) and sampling guides by it,
   ``v = v_text + 3 (v_text,joint - v_text)`` per stream (Mirage's per-modality CFG; MMAudio's CFG on the
   video), so each stream takes more of its timing from its partner;
-* **the reference frame as channels** (:func:`use_reference_frame`): in TI2AV the given first frame is
-  tiled over every video token as extra input channels (Wan2.1 I2V's channel concat), zeros elsewhere.
+* **the reference frame as channels** (``ref``, :func:`use_reference_frame`): in TI2AV the given first frame is
+  tiled over every video token as extra input channels (Wan2.1 I2V's channel concat), zeros elsewhere;
+* **a key-frame residual codec** (``residual``, :func:`use_residual_frames`): every frame after the first is coded
+  as twice its difference from frame 0 (``codecs.video.residual_gain=2``), so a static background is exact zeros
+  and the mouth's motion is the whole signal there; frame 0's token weighs 16 in the video loss;
+* **x-prediction** (``x0``): the output heads predict the clean tokens and the model returns the implied velocity
+  (``model.prediction="x0"``, JiT), so no head has to carry its 128-wide input's noise through.
 
-Measured on 2 cores (2,400 steps, 7.2 min of training; ``mmdit-eval`` figures on 16 eval clips, fraction
-of the way from chance to the ground-truth ceiling, lag-0 / change correlation):
+Measured on 2 cores (2,400 steps, ~7 min of training; ``mmdit-eval`` figures, fraction of the way from chance to
+the ground-truth ceiling, lag-0 / change correlation; one training seed per row, so differences of ~0.05 are
+within run-to-run spread; FD = Fréchet distance of frame features to the ground truth over its floor, which
+depends on the clip count; flicker = the background's mean squared frame-to-frame change, ground truth 2e-6):
 
-=========================  ===========  ===========  ===========  ===========  ==============
-run                        T2AV         TI2AV        TV2A         A2V          TI2AV identity
-=========================  ===========  ===========  ===========  ===========  ==============
-``plain`` (old default)    0.57 / 0.38  0.51 / 0.39  0.73 / 0.62  0.67 / 0.54  0.29 (GT 0.92)
-``plain,ref``              0.61 / 0.47  0.59 / 0.43  0.67 / 0.57  0.73 / 0.62  0.53
-``plain,jointcfg`` @2      0.80 / 0.62  --           --           0.70 / 0.54  --
-same, guided @3 / @4 / @6  T2AV 0.88 / 0.73, 0.92 / 0.79, 0.94 / 0.82 (Fréchet distance 2.52, 2.69, 2.90)
-default (ref + joint @3)   0.84 / 0.68  0.84 / 0.68  0.90 / 0.80  0.85 / 0.74  0.45 (GT 0.92)
-=========================  ===========  ===========  ===========  ===========  ==============
+=============================  ===========  ===========  ===========  ===========  ===========  =========  ========
+run (clips)                    T2AV         TI2AV        TV2A         A2V          TI2AV ident  T2AV FD    T2AV flk
+=============================  ===========  ===========  ===========  ===========  ===========  =========  ========
+``plain`` (16; others 8)       0.57 / 0.38  0.51 / 0.39  0.73 / 0.62  0.67 / 0.54  0.29         2.66/1.86  6.6e-3
+``ref`` + ``jointcfg`` (16)    0.84 / 0.68  0.84 / 0.68  0.90 / 0.80  0.85 / 0.74  0.45         2.56/1.86  5.5e-3
++ ``x0`` alone (8)             0.90 / 0.83  0.88 / 0.82  0.60 / 0.54  0.94 / 0.88  0.65         2.58/4.05  9.2e-5
++ residual, weight 1 (8)       0.46 / 0.31  0.89 / 0.71  0.99 / 0.91  0.56 / 0.38  0.74         4.38/4.05  1.2e-3
++ residual, weight 16 (8)      0.93 / 0.79  0.94 / 0.81  1.02 / 0.96  0.85 / 0.73  0.65         9.84/4.05  2.0e-3
+**default** (+ ``x0``, 16)     0.89 / 0.80  0.91 / 0.82  1.01 / 1.00  0.89 / 0.80  0.91         3.28/1.86  9.0e-5
+default, residual gain 4 (8)   0.80 / 0.73  0.93 / 0.84  0.99 / 0.94  0.92 / 0.85  0.91         5.65/4.05  2.2e-4
+=============================  ===========  ===========  ===========  ===========  ===========  =========  ========
 
-(16 clips, except ``plain``'s TI2AV/TV2A/A2V and the ``plain,ref`` row: 8; one training seed each, so
-differences of ~0.05 are within run-to-run spread.) Joint guidance moves sync most; guided harder, sync keeps rising while the frames'
-Fréchet distance to the ground truth starts to grow (@6), hence 3. The reference channels roughly double
-TI2AV's colour-histogram similarity to the given frame but stay well short of the ground truth, and
-neither change removes the background flicker (5.5e-3 vs the ground truth's 2e-6, a static background).
+(TI2AV identity: colour-histogram similarity to the given frame; the ground truth's is 0.92.) Joint guidance
+moves sync most; guided harder (4, 6) sync keeps rising while the Fréchet distance grows, hence 3. The residual
+codec alone loses T2AV: its key frame is one token of 49 and came out grey and blurred until it weighed 16.
+x-prediction is what cleans the frames (alone, on the absolute codec: ``plain,ref,jointcfg,x0``, T2AV flicker
+down ~60x, its frames at the ground truth's Fréchet floor); with the residual codec TI2AV also keeps the given
+identity at the ground truth's level and its flicker drops another 9x, and TV2A is exact. The background still
+flickers ~40x the ground truth's static background in T2AV (most clips ~1e-5, a few with a single wrong frame),
+8x in TI2AV.
 
 Variants: ``tiny`` (tests: 2 layers, 48-wide, 17 frames, few steps); ``wan4`` (above; combines
-with the others); ``plain`` (neither addition: the model ``demo_stream`` and ``demo_distill`` build on);
-``plain,ref`` / ``plain,jointcfg`` (one of them); ``nojoint`` (the ablation: ``model.joint_layers=()``, no
-cross-stream attention at all, so no joint guidance either; ``bench/demo_quality.py`` trains it).
+with the others); ``plain`` (none of the four: the model ``demo_stream`` and ``demo_distill`` build on);
+``plain,ref`` / ``plain,jointcfg`` / ``plain,residual`` / ``plain,x0`` (one of them; combine with commas);
+``nojoint`` (the ablation: ``model.joint_layers=()``, no cross-stream attention at all, so no joint guidance
+either; ``bench/demo_quality.py`` trains it).
 """
 
 from mmdit import config_lib

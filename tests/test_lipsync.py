@@ -110,6 +110,17 @@ def test_bad_input_raises_naming_the_argument(clips):
         locate_portrait(np.zeros((5, 64, 64, 3), np.uint8))
 
 
+def test_a_clip_without_a_face_scores_instead_of_failing(clips):
+    """A generated clip with no face (a failed sample) is measured at a centred face's mouth: it gets figures
+    (near chance) and ``face_found`` 0, and the eval of the other clips goes on; a real clip has ``face_found`` 1."""
+    clip = clips[0]
+    rng = np.random.default_rng(0)
+    blank = np.full_like(clip.video, 90) + rng.integers(0, 3, clip.video.shape).astype(np.uint8)
+    m = lipsync.evaluate_clip(blank, clip.audio)
+    assert m["face_found"] == 0.0 and np.isfinite(m["sync_corr_at_0"]) and abs(m["sync_corr_at_0"]) < 0.5
+    assert lipsync.evaluate_clip(clip.video, clip.audio)["face_found"] == 1.0
+
+
 def test_identity_metrics_detect_an_identity_change():
     world = SyntheticWorld(WorldConfig(seed=0, min_seconds=2.0, max_seconds=2.0))
     a = world.clip(0)

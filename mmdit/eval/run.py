@@ -54,7 +54,7 @@ def summarize(per_clip: list[dict]) -> dict:
         "num": len(per_clip),
     }
     for k in per_clip[0]:
-        if k.startswith("identity") or k.startswith("background") or k.startswith("hist"):
+        if k.startswith(("identity", "background", "hist", "face_found")):
             out[k] = float(np.mean([m[k] for m in per_clip]))
     return out
 
