@@ -23,8 +23,10 @@ an Euler step that keeps the starting noise correlated with the output. Measured
 student (bench/distill_table.py, 16 clips), against Euler sampling: lag-0 sync frac T2AV 0.77 -> 0.81,
 A2V 0.83 -> 0.90, background flicker 7.6e-3 -> 5.5e-3.
 
-Variants: ``tiny`` (tests: the tiny demo world, a few iterations), ``steps4`` (a 4-step student)
-and ``warmup`` (the regression-only warm-up above); combine with commas (``tiny,warmup``). Other
+Variants: ``tiny`` (tests: the tiny demo world, a few iterations), ``steps4`` (a 4-step student),
+``warmup`` (the regression-only warm-up above) and ``full`` (the student of the demo's default teacher, with its
+four additions -- reference channels, joint guidance, the residual codec, x-prediction -- instead of ``plain``;
+the teacher's text-then-joint CFG is what DMD distils); combine with commas (``tiny,warmup``). Other
 chunk sizes: ``--set model.chunk_frames=N``.
 """
 
@@ -32,8 +34,9 @@ from mmdit import config_lib
 
 
 def get_config(arg=None):
-    v = config_lib.parse_arg(arg, tiny=False, steps4=False, warmup=False)
-    c = config_lib.sibling(__file__, "demo", "tiny,plain" if v.tiny else "plain")
+    v = config_lib.parse_arg(arg, tiny=False, steps4=False, warmup=False, full=False)
+    base = ("tiny," if v.tiny else "") + ("" if v.full else "plain")
+    c = config_lib.sibling(__file__, "demo", base.strip(",") or None)
 
     # latent frames (= video frames here) per causal chunk, a divisor of the clip's frames (49 = 7 x 7; the
     # tiny world's 17 is prime): 280 ms at 25 fps
@@ -50,6 +53,7 @@ def get_config(arg=None):
     # The distilled student samples without CFG (the teacher's guidance is distilled into it).
     c.sample.steps = 4 if v.steps4 else 2
     c.sample.guidance = {}
+    c.sample.guidance_order = ()
     c.sample.solver = "renoise"  # the distill rollouts' x0-and-fresh-noise rule (docstring)
     c.sample.tasks = ("t2av", "a2v")  # what the TensorBoard samples (train.sample_every) show
 

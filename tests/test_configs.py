@@ -105,7 +105,7 @@ def test_variants_combine_and_unknown_variants_fail():
     ):
         config_lib.load("configs/demo.py:tiny,tinyy")
     with pytest.raises(
-        ValueError, match=r"unknown variant\(s\) 'x'; valid variants: steps4, tiny, warmup .* e\.g\. demo_distill:tiny$"
+        ValueError, match=r"unknown variant\(s\) 'x'; valid variants: full, steps4, tiny, warmup .* e\.g\. demo_distill:tiny$"
     ):
         config_lib.load("demo_distill:x")  # a preset name: the example names it as given
 

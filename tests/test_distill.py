@@ -365,13 +365,11 @@ def test_prepared_pairs_feed_the_regression_loss(tmp_path):
 
 
 def reference_frame_student(teacher):
-    """``configs/demo_distill.py:tiny`` as the twin of the default tiny demo: the derived ``first_frame``
-    condition and joint guidance's keep-name ``joint`` (the student still samples without CFG)."""
-    from configs.demo import use_reference_frame
-
-    cfg = config_lib.load("configs/demo_distill.py:tiny")
-    use_reference_frame(cfg)
-    cfg.model.joint_guidance = True
+    """``configs/demo_distill.py:tiny,full``: the twin of the default tiny demo, with its derived ``first_frame``
+    condition, joint guidance's keep-name ``joint`` (the student still samples without CFG), the residual codec and
+    x-prediction."""
+    cfg = config_lib.load("configs/demo_distill.py:tiny,full")
+    assert cfg.model.prediction == "x0" and cfg.codecs.video.residual_gain
     return config_lib.override(
         cfg,
         [f"distill.teacher={teacher}", "train.steps=2", "train.async_checkpoint=False", "distill.critic_steps=1"]
@@ -381,7 +379,7 @@ def reference_frame_student(teacher):
 
 @pytest.mark.slow
 def test_a_teacher_with_a_reference_frame_and_joint_guidance_distils(tmp_path):
-    """The default tiny demo (derived ``first_frame`` + joint guidance) as the teacher: two DMD + regression
+    """The default tiny demo (derived ``first_frame`` + joint guidance, residual codec, x0) as the teacher: two DMD + regression
     iterations run end to end on the KV-cached rollouts. In the distill tasks (t2av, a2v) the first frame is
     never given: ``first_frame`` is absent (dropped) and zeros in every pass, as in training; cross-stream
     attention (``joint``) is kept in every pass, and only the teacher is guided by it."""

@@ -17,8 +17,9 @@ from mmdit.model.spec import X0_MIN_SIGMA
 
 
 def _models():
-    cfg = config_lib.load("demo:tiny")
-    return DiffusionModel.from_config(cfg), DiffusionModel.from_config(config_lib.override(cfg, ["model.prediction=x0"]))
+    cfg = config_lib.load("demo:tiny")  # the demo's default predicts x0
+    by_v = DiffusionModel.from_config(config_lib.override(cfg, ["model.prediction=velocity"]))
+    return by_v, DiffusionModel.from_config(config_lib.override(cfg, ["model.prediction=x0"]))
 
 
 def test_x0_prediction_returns_the_implied_velocity():
