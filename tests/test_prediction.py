@@ -42,6 +42,7 @@ def test_x0_prediction_returns_the_implied_velocity():
         np.testing.assert_allclose(np.asarray(x_end)[far], np.asarray(head[n])[far], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_x0_prediction_trains_and_rejects_unknown_values():
     from mmdit.train.step import make_loss_fn
 

@@ -34,6 +34,7 @@ attended) -- the records keep the model's schema so one pipeline reads every spl
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import numpy as np
@@ -278,16 +279,12 @@ def write_split(cfg, out_dir: str, indices, *, audio_only: bool = False, progres
 def synth_codecs(cfg) -> dict:
     """The ``codecs`` section that encodes a config's records (plain JSON), as synth writes it into each split's
     manifest ``metadata.codecs``."""
-    import json
-
     return json.loads(json.dumps(plain(config_spec.complete(cfg).codecs) or {}))
 
 
 def check_synth_codecs(cfg, split_dir: str) -> None:
     """Refuses records in ``split_dir`` that another ``codecs`` section encoded (their latents would be read,
     and decoded, as something else), naming the first differing field and the fix."""
-    import json
-
     with open(os.path.join(split_dir, "manifest.json")) as f:
         written = json.load(f).get("metadata", {}).get("codecs")
     now = synth_codecs(cfg)

@@ -108,20 +108,27 @@ def locate_portrait(frames, name: str = "frames") -> PortraitLayout:
     fh, fw = bottom - top, right - left
     if fh < 6 or fw < 6:
         raise ValueError(f"{name}: the face region found is only {fh}x{fw} pixels; is the clip a portrait?")
-    cx = 0.5 * (left + right)
-    box = lambda y0, y1, half: (
+    return _portrait_layout(background, skin, (top, bottom, left, right), skin_mask)
+
+
+def _portrait_layout(background, skin, face: tuple[int, int, int, int], skin_mask, found: bool = True) -> PortraitLayout:
+    """A :class:`PortraitLayout` with the mouth and cheek boxes placed inside ``face`` (top, bottom, left, right)."""
+    top, bottom, left, right = face
+    fh, fw, cx = bottom - top, right - left, 0.5 * (left + right)
+    box = lambda y0, y1, half: (  # noqa: E731
         top + int(round(y0 * fh)),
-        top + int(round(y1 * fh)),  # noqa: E731
+        top + int(round(y1 * fh)),
         int(round(cx - half * fw)),
         int(round(cx + half * fw)),
     )
     return PortraitLayout(
-        background.astype(np.float32),
-        skin.astype(np.float32),
-        (top, bottom, left, right),
+        np.asarray(background, np.float32),
+        np.asarray(skin, np.float32),
+        face,
         mouth=box(0.57, 0.93, 0.3),
         cheeks=box(0.45, 0.55, 0.2),
         skin_mask=skin_mask,
+        found=found,
     )
 
 
@@ -132,26 +139,12 @@ def centred_layout(frames, name: str = "frames") -> PortraitLayout:
     scores near chance instead of stopping the whole evaluation."""
     x = to_unit_frames(frames, name)
     _, h, w, _ = x.shape
-    top, bottom, left, right = h // 4, h - h // 4, w // 4, w - w // 4
-    fh, fw, cx = bottom - top, right - left, 0.5 * w
-    box = lambda y0, y1, half: (  # noqa: E731
-        top + int(round(y0 * fh)),
-        top + int(round(y1 * fh)),
-        int(round(cx - half * fw)),
-        int(round(cx + half * fw)),
-    )
+    face = (h // 4, h - h // 4, w // 4, w - w // 4)
     med = np.median(x, axis=0)
     skin_mask = np.zeros((h, w), bool)
-    skin_mask[top:bottom, left:right] = True
-    return PortraitLayout(
-        np.median(border_colours(med[None]), axis=0).astype(np.float32),
-        np.median(med[skin_mask], axis=0).astype(np.float32),
-        (top, bottom, left, right),
-        mouth=box(0.57, 0.93, 0.3),
-        cheeks=box(0.45, 0.55, 0.2),
-        skin_mask=skin_mask,
-        found=False,
-    )
+    skin_mask[face[0] : face[1], face[2] : face[3]] = True
+    background = np.median(border_colours(med[None]), axis=0)
+    return _portrait_layout(background, np.median(med[skin_mask], axis=0), face, skin_mask, found=False)
 
 
 def locate_or_centre(frames, name: str = "frames") -> PortraitLayout:

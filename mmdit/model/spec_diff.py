@@ -18,9 +18,8 @@ import dataclasses
 from typing import Callable, Iterable
 
 import jax.numpy as jnp
-import ml_collections as mlc
-
 from mmdit.model.spec import ModelSpec, build_spec
+from mmdit.util.plain import config_from_json
 
 # model.* keys that build_spec reads: compared on the built spec; any other key is compared as written.
 SPEC_KEYS = (
@@ -95,19 +94,6 @@ def spec_fields(spec: ModelSpec) -> dict:
     }
 
 
-def _as_config(model: dict) -> mlc.ConfigDict:
-    """A JSON ``model`` section (lists for tuples) as the ConfigDict build_spec reads."""
-
-    def fix(v):
-        if isinstance(v, dict):
-            return {k: fix(x) for k, x in v.items()}
-        if isinstance(v, list):
-            return tuple(fix(x) for x in v)
-        return v
-
-    return mlc.ConfigDict(fix(model))
-
-
 def _diff(a, b, path: str, skip: set, say: Callable[[str, object, object], str]) -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
@@ -141,9 +127,9 @@ def model_differences(
     as written throughout.
     """
     skip = {f"model.{k}" for k in ignore}
-    new = spec_fields(build_spec(_as_config(after)))
+    new = spec_fields(build_spec(config_from_json(after)))
     try:
-        old = spec_fields(build_spec(_as_config(before)))
+        old = spec_fields(build_spec(config_from_json(before)))
     except (ValueError, KeyError, TypeError, AttributeError):
         return _diff(before, after, "model", skip, say)
     rest = lambda m: {k: v for k, v in m.items() if k not in SPEC_KEYS}

@@ -31,6 +31,7 @@ import orbax.checkpoint as ocp
 
 from mmdit.data import pipeline
 from mmdit.util.files import file_sha256, write_json_atomic
+from mmdit.util.plain import config_from_json
 
 STATE_ITEM = "state"
 CHECKSUMS = "sha256.json"
@@ -259,18 +260,7 @@ def load_config(workdir: str) -> mlc.ConfigDict:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: is {workdir!r} a training workdir (mmdit-train --workdir)?")
     with open(path) as f:
-        return _to_config(json.load(f))
-
-
-def _to_config(d):
-    def fix(v):
-        if isinstance(v, dict):
-            return {k: fix(x) for k, x in v.items()}
-        if isinstance(v, list):
-            return tuple(fix(x) for x in v)
-        return v
-
-    return mlc.ConfigDict(fix(d))
+        return config_from_json(json.load(f))
 
 
 def restore_inference(workdir: str, step: int | None = None, which: str = "ema", *, verify: bool = True):
