@@ -1,7 +1,8 @@
 """``mmdit demo``: the whole system on the embedded default (``configs/demo.py``), on one CPU.
 
 1. ``mmdit-data synth``: render the synthetic talking world, encode it with the weight-free codecs,
-   write train/eval record shards (skipped if ``WORKDIR/data`` already holds them);
+   write train/eval record shards (skipped if ``WORKDIR/data`` already holds them; records another
+   ``codecs`` section encoded are refused, naming the field: use a new ``--workdir`` or delete ``WORKDIR/data``);
 2. ``mmdit-train``: train the tiny twin-stream MM-DiT (resumes if ``WORKDIR`` has checkpoints);
 3. ``mmdit-eval``: sample every task in ``config.sample.tasks`` (T2AV, TI2AV, TV2A, A2V) from the
    EMA params, write MP4s and contact sheets, and measure lip-sync strictly (mouth-opening vs
