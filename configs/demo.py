@@ -31,7 +31,7 @@ Text: byte tokens through a small trainable encoder, cross-attended by both stre
 
 The default adds four things to that model (the ``plain`` variant leaves all four out; ``plain,<name>`` adds one):
 
-* **Joint guidance** (``jointcfg``, :func:`use_joint_guidance`): cross-stream attention is dropped for 10% of the
+* **Joint guidance** (``jointcfg``, :func:`mmdit.config_lib.use_joint_guidance`): cross-stream attention is dropped for 10% of the
   training samples (each stream then attends only to itself) and sampling guides by it,
   ``v = v_text + 3 (v_text,joint - v_text)`` per stream (Mirage's per-modality CFG; MMAudio's CFG on the
   video), so each stream takes more of its timing from its partner;
@@ -164,20 +164,8 @@ def get_config(arg=None):
     if v.nojoint:  # the ablation: no cross-stream attention, so nothing for joint guidance to drop
         c.model.joint_layers = ()
     elif v.jointcfg or not v.plain:
-        use_joint_guidance(c, scale=3.0)
+        config_lib.use_joint_guidance(c, scale=3.0)
     return c
-
-
-def use_joint_guidance(c, dropout: float = 0.1, scale: float = 2.0) -> None:
-    """The ``jointcfg`` variant: per-modality CFG on the partner stream (Mirage; MMAudio's CFG on the video).
-    ``model.joint_guidance`` makes cross-stream attention a keep-name ``joint``; training drops it for a
-    ``dropout`` fraction of samples (their streams attend only within themselves), and sampling guides
-    ``v = v_nojoint + scale * (v_joint - v_nojoint)`` after the text term (nested order text, then joint: the
-    joint term is taken with the text present, ``v_text,joint - v_text``)."""
-    c.model.joint_guidance = True
-    c.flow.condition_dropout.joint = dropout
-    c.sample.guidance.joint = dict(video=scale, audio=scale)
-    c.sample.guidance_order = ("text", "joint")
 
 
 def use_reference_frame(c) -> None:

@@ -261,6 +261,22 @@ def sequence_stream(*, seconds, rate, channels, patch=1, dim, ffn, cross=(), con
     return out
 
 
+def use_joint_guidance(c, dropout: float = 0.1, scale: float = 2.0) -> mlc.ConfigDict:
+    """Joint guidance: per-modality CFG on the partner stream (Mirage; MMAudio's CFG on the video).
+    ``model.joint_guidance`` makes cross-stream attention a keep-name ``joint``; training drops it for a
+    ``dropout`` fraction of samples (their streams attend only within themselves), and sampling guides
+    ``v = v_nojoint + scale * (v_joint - v_nojoint)`` after the text term (nested order text, then joint: the
+    joint term is taken with the text present, ``v_text,joint - v_text``): the joint term comes last in
+    ``sample.guidance_order``, after the guidance ``c`` already has, at ``scale`` for every generated stream."""
+    streams = [n for n, s in c.model.streams.items() if not s.get("condition", False)]
+    order = tuple(c.sample.get("guidance_order", ()) or sorted(c.sample.guidance.keys()))
+    c.model.joint_guidance = True
+    c.flow.condition_dropout.joint = dropout
+    c.sample.guidance.joint = {n: scale for n in streams}
+    c.sample.guidance_order = tuple(k for k in order if k != "joint") + ("joint",)
+    return c
+
+
 def tiny_audio_driven_cpu_setup(c: mlc.ConfigDict, *, side: int, seconds: float, feature_dim: int) -> None:
     """The ``:tiny`` CPU setup the audio-driven video-only presets share (Mirage, TalkingMachines): the
     synthetic world at ``side`` px and ``seconds`` per clip, the weight-free ``pixels`` codec in Wan's

@@ -139,6 +139,11 @@ def _cases(rd, fresh):
         (t, ["--config", CONFIG, "--workdir", fresh, "--set", "train.steps=0"], ["train.steps=0"]),
         (t, ["--config", CONFIG, "--workdir", fresh, "--data", fresh + "/nodata"], ["nodata", "manifest.json"]),
         (t, ["--config", CONFIG, "--workdir", rd, "--set", "model.num_layers=3"], ["different model", "model.num_layers"]),
+        (
+            t,
+            ["--config", CONFIG, "--workdir", fresh, "--data", rd + "/data/train", "--set", "codecs.video.residual_gain=3.0"],
+            ["data/train", "other codecs", "codecs.video.residual_gain"],
+        ),
         ("mmdit.cli.data", ["synth", "--config", CONFIG, "--out", fresh, "--num", "0"], ["--num 0"]),
         (x, ["--workdir", rd, "--num", "0"], ["--num 0"]),
         (x, ["--workdir", fresh + "/nope"], ["nope", "no such directory"]),

@@ -121,8 +121,9 @@ def test_unmatched_source_param_is_an_error():
         init_from.plan({"x/y": [[1], "float32"]}, target, ignore=["x/*"])
 
 
-def test_from_training_workdir_ema(tmp_path):
-    """A training workdir (checkpoints/<step>/state) initialises from its EMA, text encoder included."""
+def test_from_training_workdir_ema(tmp_path, caplog):
+    """A training workdir (checkpoints/<step>/state) initialises from its EMA, text encoder included, without
+    orbax's warning that the state item has no step metadata of its own."""
     cfg = twin_cfg()
     model = DiffusionModel.from_config(cfg)
     tx = optax.sgd(0.1)
@@ -137,6 +138,7 @@ def test_from_training_workdir_ema(tmp_path):
     assert "workdir, step 3 ema" in notes[0] and " 0 fresh" in notes[0]
     for k, v in flat(state.params).items():
         np.testing.assert_allclose(v, flat(src_state.ema)[k], err_msg=k)
+    assert not [r for r in caplog.records if "Metadata file does not exist" in r.getMessage()]
 
 
 def test_missing_source_is_clear(tmp_path):

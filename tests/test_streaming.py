@@ -135,6 +135,13 @@ def test_bounded_positions_translation_invariant_and_constant(setup):
     shapes = lambda st: jax.tree.map(lambda a: a.shape, st.cache)  # noqa: E731
     assert shapes(st3) == shapes(st500)
     assert ss.compilations == 1  # chunk 0 .. chunk 500: one executable
+    # a second stream reuses the task's constants and the executable; a mis-shaped noise= is named
+    again = ss.start(params, jax.random.key(7), task="t2av", batch=1, raw_conds=raw)
+    assert again.signature == state.signature and again.cache["k"] is not state.cache["k"]
+    with pytest.raises(ValueError, match=r"noise= has shapes"):
+        ss.step(params, again, noise={s: v[:, :1] for s, v in nz.items()})
+    out0, _ = ss.step(params, again)
+    assert ss.compilations == 1 and set(out0) == set(out3)
 
 
 def test_stream_generator_ends_with_source_and_checks_given(setup):

@@ -10,7 +10,14 @@ import pytest
 from mmdit.data.synthetic import SyntheticWorld, WorldConfig
 from mmdit.eval import contact_sheet
 from mmdit.eval.chance import sync_levels, with_ceiling
-from mmdit.eval.image_quality import background_flicker, frame_features, frechet_distance, identity_vs_reference, split_fd
+from mmdit.eval.image_quality import (
+    background_flicker,
+    background_flicker_pairs,
+    frame_features,
+    frechet_distance,
+    identity_vs_reference,
+    split_fd,
+)
 from mmdit.eval.sync_metrics import block_shuffle, change_correlation, fraction_of_way, pair_metrics
 
 N = 120  # frames per synthetic track
@@ -116,6 +123,30 @@ def test_background_flicker(clips):
     rng = np.random.default_rng(0)
     noisy = np.clip(video.astype(np.float32) + rng.normal(0, 8, video.shape), 0, 255).astype(np.uint8)
     assert background_flicker(noisy) > 100 * max(truth, 1e-7)
+
+
+def test_flicker_pairs_tell_a_glitched_frame_from_a_shimmer(clips):
+    from mmdit.eval.chance import sync_levels
+    from mmdit.eval.figures import ClipSet, task_figures
+
+    video = np.repeat(clips[0].video[:1], len(clips[0].video), axis=0)  # a still clip
+    glitch = video.copy()
+    glitch[4] = np.clip(glitch[4].astype(np.int16) + 40, 0, 255).astype(np.uint8)  # one frame off by 40 levels
+    pairs = background_flicker_pairs(glitch)
+    assert pairs.shape == (len(video) - 1,) and np.count_nonzero(pairs) == 2  # into and out of the glitched frame
+    assert background_flicker(glitch) == pytest.approx(pairs.mean())
+    rng = np.random.default_rng(0)
+    shimmer = np.clip(video.astype(np.int16) + rng.integers(-1, 2, video.shape), 0, 255).astype(np.uint8)
+    waves = [c.audio for c in clips[:3]]
+    truth = ClipSet.measure([video] * 3, waves)
+    fig = task_figures(
+        ClipSet.measure([glitch, video, shimmer], waves), truth, sync_levels(truth.mouths, truth.envelopes, 2), "t2av", 2
+    )
+    assert fig["flicker_gt"] == fig["flicker_median_gt"] == fig["flicker_worst_pair_gt"] == 0.0
+    # the glitched clip dominates the mean and the worst pair; the median is the typical (shimmering) clip
+    assert fig["flicker_worst_pair"] == pytest.approx(pairs.max())
+    assert fig["flicker_median"] == pytest.approx(background_flicker(shimmer))
+    assert fig["flicker"] > 3 * fig["flicker_median"]
 
 
 def test_identity_vs_given_frame(clips):

@@ -55,10 +55,11 @@ def _demo(cfg, args) -> int:
         print(f"[1/3] synthesising {cfg.data.num_train} train + {cfg.data.num_eval} eval clips -> {data}")
         synth(cfg, data, progress=not args.no_progress)
     else:
-        from mmdit.data.synth_records import check_synth_codecs
+        from mmdit.data.codec_stamp import check_codecs
 
+        fix = f"use a new --workdir, or delete {data} to re-synthesise the records"
         for split in ("train", "eval"):
-            check_synth_codecs(cfg, os.path.join(data, split))
+            check_codecs(cfg, os.path.join(data, split), require_stamp=True, fix=fix)
         print(f"[1/3] using existing records in {data}")
     times["data"] = time.perf_counter() - t
 

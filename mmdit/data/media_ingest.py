@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from mmdit.data.codec_stamp import codecs_stamp
 from mmdit.data.ingest import read_checked_mp4
 from mmdit.data.record_fields import RecordMaker, Window
 from mmdit.data.records import (
@@ -390,7 +391,7 @@ def commit_if_complete(out_dir: str, process_count: int, common: str, cfg=None) 
             "process_count": process_count,
             "fingerprint": common,
             "counts": summary["counts"],
-            "codecs": _plain(cfg.get("codecs")) if cfg is not None else None,
+            "codecs": codecs_stamp(cfg) if cfg is not None else None,
             "clip_seconds": float(cfg.clip.seconds) if cfg is not None else None,
         },
         "schema": {k: {**s, "optional": key_counts[k] < total} for k, s in sorted(schema.items())},

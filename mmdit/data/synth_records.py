@@ -34,7 +34,6 @@ attended) -- the records keep the model's schema so one pipeline reads every spl
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import numpy as np
@@ -42,6 +41,7 @@ import numpy as np
 from mmdit import config_spec
 from mmdit.codecs.registry import make_audio_codec, make_video_codec
 from mmdit.codecs.text import ByteTokenizer
+from mmdit.data.codec_stamp import codecs_stamp
 from mmdit.data.records import ShardWriter
 from mmdit.data.speaking import SpeakingRule, latent_frame_spans
 from mmdit.data.synthetic import SyntheticWorld, WorldConfig
@@ -262,7 +262,7 @@ def write_split(cfg, out_dir: str, indices, *, audio_only: bool = False, progres
         examples_per_shard=config_spec.data_spec(cfg).examples_per_shard,
         overwrite=True,
         producer="mmdit-data synth",
-        metadata={"codecs": synth_codecs(cfg)},
+        metadata={"codecs": codecs_stamp(cfg)},
     ) as writer:
         for i in indices:
             ex = maker.record(i, audio_only=audio_only)
@@ -274,36 +274,6 @@ def write_split(cfg, out_dir: str, indices, *, audio_only: bool = False, progres
     if bar is not None:
         bar.close()
     return manifest
-
-
-def synth_codecs(cfg) -> dict:
-    """The ``codecs`` section that encodes a config's records (plain JSON), as synth writes it into each split's
-    manifest ``metadata.codecs``."""
-    return json.loads(json.dumps(plain(config_spec.complete(cfg).codecs) or {}))
-
-
-def check_synth_codecs(cfg, split_dir: str) -> None:
-    """Refuses records in ``split_dir`` that another ``codecs`` section encoded (their latents would be read,
-    and decoded, as something else), naming the first differing field and the fix."""
-    with open(os.path.join(split_dir, "manifest.json")) as f:
-        written = json.load(f).get("metadata", {}).get("codecs")
-    now = synth_codecs(cfg)
-    if written is None:
-        raise ValueError(
-            f"{split_dir}: these records do not say which codecs encoded them (written by an older mmdit); "
-            f"delete {os.path.dirname(os.path.abspath(split_dir))} to re-synthesise them, or use a new --workdir"
-        )
-    if written != now:
-        fields = sorted(
-            f"codecs.{k}.{a}"
-            for k in set(written) | set(now)
-            for a in set(written.get(k) or {}) | set(now.get(k) or {})
-            if (written.get(k) or {}).get(a) != (now.get(k) or {}).get(a)
-        )
-        raise ValueError(
-            f"{split_dir}: these records were encoded with other codecs than the config's ({', '.join(fields[:4])} "
-            f"differ); use a new --workdir, or delete {os.path.dirname(os.path.abspath(split_dir))} to re-synthesise"
-        )
 
 
 def synth(cfg, out_dir: str, num: int | None = None, num_eval: int | None = None, progress: bool = True) -> dict:

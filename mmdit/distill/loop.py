@@ -41,7 +41,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mmdit import config_lib, config_spec, parallel
-from mmdit.data import records
+from mmdit.data import codec_stamp, records
 from mmdit.data.sharded_iterator import data_iterator
 from mmdit.distill import state as state_lib
 from mmdit.distill import student_init as student_init_lib
@@ -208,12 +208,23 @@ def _distill_locked(
     batch_size = spec.train.global_batch_size
     data_dir = data_dir or default_data_dir(cfg, workdir)
     records.open_dataset(data_dir)  # manifest and shards readable (a clear error before compiling)
+    note = codec_stamp.check_codecs(
+        cfg, data_dir, require_stamp=False, fix="distil on the records of the teacher's codecs (--data TEACHER/data/train)"
+    )
+    if note:
+        log(note)
     block = sharding.process_batch_block(next(iter(batch_sh.values())), batch_size)
     data_iter = data_iterator(cfg, data_dir, block)
 
     note = sampling_mismatch(cfg, dspec)
     if note:
         log(note)
+    first_frame_weight = config_spec.flow_spec(cfg, student_model.spec).first_frame_weight
+    if first_frame_weight != 1.0:
+        log(
+            f"note: flow.first_frame_weight={first_frame_weight:g} weighs the key frame in training's flow loss (the "
+            "teacher's); distillation's DMD, fake-score and regression losses weigh every token alike"
+        )
     teacher_step = _teacher_step(workdir, dspec.teacher_step)
     _, teacher_params, teacher_step = teacher_lib.load_teacher(dspec.teacher, teacher_step, dspec.teacher_params)
     teacher_params = jax.device_put(teacher_params, teacher_sh)

@@ -15,7 +15,7 @@ import numpy as np
 
 from mmdit.eval import contact_sheet
 from mmdit.eval.chance import sync_levels, with_ceiling
-from mmdit.eval.image_quality import background_flicker, identity_vs_reference, split_fd
+from mmdit.eval.image_quality import background_flicker_pairs, identity_vs_reference, split_fd
 from mmdit.eval.lipsync import FPS, SAMPLE_RATE, clip_tracks
 from mmdit.eval.sync_metrics import change_correlation
 
@@ -50,7 +50,10 @@ def task_figures(clips: ClipSet, truth: ClipSet, truth_levels: dict, task: str |
 
     Keys: ``sync`` (per metric: score, chance_mismatched, chance_shuffled, ceiling, fraction);
     ``fraction_at_0`` / ``fraction_change`` (the headline: strict metrics, chance -> ceiling);
-    ``fd`` / ``fd_floor``; ``flicker`` / ``flicker_gt`` (mean over clips); for ``ti2av`` also
+    ``fd`` / ``fd_floor``; ``flicker`` / ``flicker_gt`` (mean over clips), ``flicker_median`` /
+    ``flicker_median_gt`` (median over clips: the typical clip, unmoved by one glitched clip) and
+    ``flicker_worst_pair`` / ``flicker_worst_pair_gt`` (the largest change between two consecutive frames of any
+    clip: a glitched frame); for ``ti2av`` also
     ``identity_ref_hist_sim`` / ``identity_ref_thumb_cos`` vs the given first frame and their ``_gt``
     ceilings.
     """
@@ -61,9 +64,13 @@ def task_figures(clips: ClipSet, truth: ClipSet, truth_levels: dict, task: str |
         "fraction_at_0": sync["sync_corr_at_0"]["fraction"],
         "fraction_change": sync["change_corr"]["fraction"],
         **split_fd(clips.frames, truth.frames),
-        "flicker": float(np.mean([background_flicker(x) for x in clips.frames])),
-        "flicker_gt": float(np.mean([background_flicker(x) for x in truth.frames])),
     }
+    for key, frames in (("flicker", clips.frames), ("flicker_gt", truth.frames)):
+        pairs = [background_flicker_pairs(x) for x in frames]
+        per_clip = [float(p.mean()) for p in pairs]
+        out[key] = float(np.mean(per_clip))
+        out[key.replace("flicker", "flicker_median")] = float(np.median(per_clip))
+        out[key.replace("flicker", "flicker_worst_pair")] = float(max(p.max() for p in pairs))
     if task == "ti2av":
         ref = [identity_vs_reference(x, t[0]) for x, t in zip(clips.frames, truth.frames)]
         ceil = [identity_vs_reference(t, t[0]) for t in truth.frames]

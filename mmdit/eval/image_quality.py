@@ -17,7 +17,10 @@ ground-truth ``[:h]`` with the same ``[h:]`` (same sample sizes, so the small-sa
 **Background flicker** (:func:`background_flicker`): mean over frame pairs and background pixels of the
 squared frame-to-frame RGB difference (units: [0, 1]^2). Background = pixels of the clip's median frame
 that are not foreground (colour far from the border colour) nor within 2 pixels of it, nor in the face
-box :func:`mmdit.eval.identity.locate_portrait` finds; a static clip scores 0.
+box :func:`mmdit.eval.identity.locate_portrait` finds; a static clip scores 0. Its mean over clips hides what
+kind of flicker it is: a background that shimmers by a grey level in every frame, or a clean clip with one
+glitched frame. :func:`background_flicker_pairs` gives the per-frame-pair values the eval summarises both ways
+(median over clips; the worst single frame pair).
 """
 
 from __future__ import annotations
@@ -115,15 +118,23 @@ def background_mask(frames, name: str = "frames") -> np.ndarray:
     return mask
 
 
-def background_flicker(frames, name: str = "frames") -> float:
-    """Mean squared frame-to-frame RGB difference over the background pixels of ``frames``
-    (``[N >= 2, H, W, 3]``), in [0, 1]^2 units; 0 for a static clip."""
+def background_flicker_pairs(frames, name: str = "frames") -> np.ndarray:
+    """``float [N - 1]``: per consecutive frame pair of ``frames`` (``[N >= 2, H, W, 3]``), the mean squared
+    RGB difference over the background pixels, in [0, 1]^2 units (one grey level of change on every
+    background pixel is ``1 / 255**2 = 1.5e-5``)."""
     x = to_unit_frames(frames, name)
     if len(x) < 2:
         raise ValueError(f"{name}: flicker needs >= 2 frames, got {len(x)}")
     mask = background_mask(x, name)
     d = np.diff(x, axis=0)[:, mask]  # [N - 1, P, 3]
-    return float((d * d).mean())
+    return (d * d).mean(axis=(1, 2))
+
+
+def background_flicker(frames, name: str = "frames") -> float:
+    """Mean squared frame-to-frame RGB difference over the background pixels of ``frames``
+    (``[N >= 2, H, W, 3]``), in [0, 1]^2 units; 0 for a static clip (the mean of
+    :func:`background_flicker_pairs`)."""
+    return float(background_flicker_pairs(frames, name).mean())
 
 
 def identity_vs_reference(frames, reference, name: str = "frames") -> dict[str, float]:

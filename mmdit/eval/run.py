@@ -180,7 +180,8 @@ def format_table(results: dict) -> str:
     ceiling, the lenient best-lag figure, image quality, and TI2AV identity vs the given frame."""
     head = (
         f"{'task':<13}{'frac@0':>7}{'fracΔ':>7} |{'r@0':>6}{'chance':>7}{'ceil':>6} |{'rΔ':>6}{'chance':>7}{'ceil':>6} |"
-        f"{'best':>6}{'chance':>7}{'off':>5} |{'FD':>8}{'floor':>8}{'FDtex':>8}{'floor':>8} |{'flicker':>9}{'gt':>9}{'n':>4}"
+        f"{'best':>6}{'chance':>7}{'off':>5} |{'FD':>8}{'floor':>8}{'FDtex':>8}{'floor':>8} |{'flicker':>9}{'median':>9}{'worst':>9}"
+        f"{'gt':>9}{'n':>4}"
     )
     lines = [head]
     for task, r in results.items():
@@ -193,14 +194,20 @@ def format_table(results: dict) -> str:
             f"{_num(c.get('score'), 6)}{_num(c.get('chance_mismatched'), 7)}{_num(c.get('ceiling'), 6)} |"
             f"{_num(r['sync_corr_mean'], 6)}{_num(b.get('chance_mismatched'), 7)}{r['sync_offset_median']:>5.1f} |"
             f"{_num(r.get('fd'), 8)}{_num(r.get('fd_floor'), 8)}{_num(r.get('fd_texture'), 8)}"
-            f"{_num(r.get('fd_texture_floor'), 8)} |{_exp(r.get('flicker'))}{_exp(r.get('flicker_gt'))}{r['num']:>4}"
+            f"{_num(r.get('fd_texture_floor'), 8)} |{_exp(r.get('flicker'))}{_exp(r.get('flicker_median'))}"
+            f"{_exp(r.get('flicker_worst_pair'))}{_exp(r.get('flicker_gt'))}{r['num']:>4}"
         )
     lines.append(
         "frac = (score - chance) / (ceiling - chance); chance = mismatched clips (video i, audio j != i); "
         "r@0 = lag-0 correlation, rΔ = correlation of frame-to-frame changes, best = max over lags (lenient); "
         "FD = Fréchet distance to ground-truth frames (tex: gradient features only), floor = ground truth vs ground truth; "
-        "flicker = mean squared frame-to-frame change of the background"
+        "flicker = mean squared frame-to-frame change of the background ([0,1]^2; one grey level everywhere = 1.5e-5), "
+        "mean and median over clips, worst = the largest change between two consecutive frames of any clip"
     )
+    for task, r in results.items():
+        if r.get("face_found", 1.0) < 1.0:
+            lost = round((1.0 - r["face_found"]) * r["num"])
+            lines.append(f"{task}: no face found in {lost} of {r['num']} clips (scored on the centred portrait layout)")
     for task, r in results.items():
         if "identity_ref_hist_sim" in r:
             lines.append(

@@ -244,7 +244,9 @@ class StreamState:
     visual tokens (ti2av); ``solver``: ``euler`` | ``renoise`` (``sample.solver``); ``needs``: the
     streams every chunk must be given (a2v: audio); ``chunk_inputs``: the jitted chunk's per-task inputs
     of chunk 0 and of later chunks (``held``/``known``/``present``/``scales`` device arrays), made once
-    by :meth:`StreamingSampler.start` so a chunk converts nothing."""
+    by :meth:`StreamingSampler.start` so a chunk converts nothing; ``signature``: what selects the chunk's
+    executable besides the params (batch, steps, guidance structure, solver, the conditions' shapes), so a
+    chunk does not describe its hundreds of argument leaves to find it."""
 
     cache: dict
     chunk: int
@@ -261,6 +263,7 @@ class StreamState:
     solver: str = "euler"
     needs: tuple = ()
     chunk_inputs: tuple = ()
+    signature: tuple = ()
 
 
 def _timed(source: Iterator, timeout: float | None) -> Iterator:
@@ -325,9 +328,13 @@ class StreamingSampler:
         self.generated = list(self.spec.generated)
         self.compilations = 0
         self._compiled: dict[tuple, Callable] = {}
-        self._encode = jax.jit(self.model.encode_conditions)
+        self._encode = jax.jit(self._encode_fn)
+        self._tasks: dict[tuple, dict] = {}  # (task, batch) -> see _task_constants
+        self._sigmas: dict[tuple, dict] = {}  # (steps, shift, stream_shift) -> σ schedules
+        self._cache_fns: dict[tuple, Callable] = {}  # (rows, steps) -> jitted empty cache
         self._cross_fn = None
         self._dit = None  # (params["dit"] object, unboxed, signature): see _unboxed_dit
+        self._params = None  # (params' top-level entries, unboxed tree): see _unboxed
         self._zeros: dict[int, dict] = {}  # batch -> placeholders of what a chunk is not given: see _zero_inputs
         self._noise_fn: dict[int, Callable] = {}  # batch -> compiled noise(): see noise
 
@@ -368,16 +375,11 @@ class StreamingSampler:
         steps = int(steps if steps is not None else self.defaults.steps)
         shift = float(shift if shift is not None else self.defaults.shift)
         solver = self.defaults.solver if solver is None else config_spec.check_solver(solver)
-        k_task, k_noise = jax.random.split(rng)
-        first = self.sampler.task_masks(task, k_task, batch)
-        later = first
-        held0 = {
-            n: jnp.zeros((batch, self.layout.tokens[n], self.spec.stream(n).geometry.token_dim), jnp.float32)
-            for n in self.generated
-        }
+        _, k_noise = jax.random.split(rng)  # (the first key drew nothing: the streaming tasks' masks are fixed)
+        t = self._task_constants(task, batch)
+        first, later, held0 = t["masks"][0], t["masks"][1], t["zeros"]
         if task == "ti2av":
             visual = tasks_lib.roles(self.spec, self.cfg.model).visual
-            later = dataclasses.replace(first, known={**first.known, visual: jnp.zeros_like(first.known[visual])})
             if image_latents is None:
                 raise ValueError("task 'ti2av' needs image_latents [B, 1, h, w, C] (the given first latent frame)")
             g = self.spec.stream(visual).geometry
@@ -386,37 +388,94 @@ class StreamingSampler:
             if tuple(img.shape) != want:
                 raise ValueError(f"image_latents has shape {tuple(img.shape)}, expected {want} (model.streams.{visual})")
             frames = jnp.zeros((batch,) + tuple(g.latent_shape), jnp.float32).at[:, :1].set(img)
-            held0[visual] = g.patchify(frames)
+            held0 = {**held0, visual: g.patchify(frames)}
         g = self.sampler.resolve_guidance(guidance, guidance_mode, guidance_schedule, present=first.present)
         raw = canonical_raw_conds(self.model, raw_conds, batch)
-        conds, cmasks = self._encode(nn.meta.unbox(params), raw)
         # Derived conditions come from chunk 0's held tokens (ti2av: the given image tiled over the chunk), and
         # every chunk reuses them: the reference stays in view after the given frame has left the window.
-        conds = {**conds, **derived_conditions(self.spec, held0)}
+        unboxed = self._unboxed(params)
+        conds, cmasks = self._encode(unboxed, raw, held0)
         rows = len(g.plan()) * batch
-        shapes = self.cache_shapes(rows, steps)
         cache = {
-            "k": {s: jnp.zeros(v, self.spec.dtype) for s, v in shapes["k"].items()},
-            "v": {s: jnp.zeros(v, self.spec.dtype) for s, v in shapes["v"].items()},
-            "known": {s: jnp.zeros(v, bool) for s, v in shapes["known"].items()},
-            "cross": self._cross_kv(nn.meta.unbox(params["dit"]), conds, cmasks, len(g.plan()), batch),
+            **self._empty_cache(rows, steps),
+            "cross": self._cross_kv(unboxed["dit"], conds, cmasks, len(g.plan()), batch),
         }
-        sigmas = self.sampler.schedules(steps, shift, stream_shift)
-        needs = tuple(n for n in self.generated if bool(np.any(np.asarray(later.known[n]))))  # a2v: audio, tv2a: video
-        zeros = {n: jnp.zeros_like(v) for n, v in held0.items()}
+        sig_key = (steps, shift, None if stream_shift is None else tuple(sorted(dict(stream_shift).items())))
+        if sig_key not in self._sigmas:
+            self._sigmas[sig_key] = self.sampler.schedules(steps, shift, stream_shift)
         scales = g.scale_arrays()
         chunk_inputs = tuple(
-            {
-                "held": held,
-                "known": {n: jnp.asarray(m.known[n]) for n in self.generated},
-                "present": {c: jnp.asarray(m.present.get(c, jnp.ones((batch,), bool)), bool) for c in self.spec.keep_names},
-                "scales": scales,
-            }
-            for m, held in ((first, held0), (later, zeros))
+            {**inputs, "held": held, "scales": scales} for inputs, held in ((t["inputs"][0], held0), (t["inputs"][1], t["zeros"]))
         )
+        leaves, treedef = jax.tree.flatten((conds, cmasks))
+        signature = (batch, steps, g.structure(), solver, treedef, tuple((tuple(a.shape), str(a.dtype)) for a in leaves))
         return StreamState(
-            cache, 0, k_noise, conds, cmasks, task, batch, g, sigmas, (first, later), held0, steps, solver, needs, chunk_inputs
+            cache,
+            0,
+            k_noise,
+            conds,
+            cmasks,
+            task,
+            batch,
+            g,
+            self._sigmas[sig_key],
+            (first, later),
+            held0,
+            steps,
+            solver,
+            t["needs"],
+            chunk_inputs,
+            signature,
         )
+
+    def _encode_fn(self, params, raw, held0):
+        conds, cmasks = self.model.encode_conditions(params, raw)
+        return {**conds, **derived_conditions(self.spec, held0)}, cmasks
+
+    def _task_constants(self, task: str, batch: int) -> dict:
+        """What a stream of ``task`` and ``batch`` starts from and does not vary between streams, made once:
+        ``masks`` (``TaskMasks`` of chunk 0 and of later chunks: ti2av gives its image in chunk 0 only),
+        ``needs`` (the streams every chunk must be given: a2v audio, tv2a video), ``zeros`` (held tokens of a
+        chunk given nothing) and ``inputs`` (the jitted chunk's ``known``/``present`` device arrays of
+        chunk 0 and of later chunks)."""
+        key = (task, batch)
+        if key not in self._tasks:
+            first = self.sampler.task_masks(task, jax.random.key(0), batch)
+            later = first
+            if task == "ti2av":
+                visual = tasks_lib.roles(self.spec, self.cfg.model).visual
+                later = dataclasses.replace(first, known={**first.known, visual: jnp.zeros_like(first.known[visual])})
+            zeros = {
+                n: jnp.zeros((batch, self.layout.tokens[n], self.spec.stream(n).geometry.token_dim), jnp.float32)
+                for n in self.generated
+            }
+            inputs = tuple(
+                {
+                    "known": {n: jnp.asarray(m.known[n]) for n in self.generated},
+                    "present": {c: jnp.asarray(m.present.get(c, jnp.ones((batch,), bool)), bool) for c in self.spec.keep_names},
+                }
+                for m in (first, later)
+            )
+            needs = tuple(n for n in self.generated if bool(np.any(np.asarray(later.known[n]))))
+            self._tasks[key] = {"masks": (first, later), "needs": needs, "zeros": zeros, "inputs": inputs}
+        return self._tasks[key]
+
+    def _empty_cache(self, rows: int, steps: int) -> dict:
+        """A fresh zero cache (``k``, ``v``, ``known``) for ``rows`` rows: one compiled call that allocates
+        every buffer (the chunk donates them, so each stream needs its own)."""
+        key = (rows, steps)
+        if key not in self._cache_fns:
+            shapes = self.cache_shapes(rows, steps)
+
+            def empty():
+                return {
+                    "k": {s: jnp.zeros(v, self.spec.dtype) for s, v in shapes["k"].items()},
+                    "v": {s: jnp.zeros(v, self.spec.dtype) for s, v in shapes["v"].items()},
+                    "known": {s: jnp.zeros(v, bool) for s, v in shapes["known"].items()},
+                }
+
+            self._cache_fns[key] = jax.jit(empty)
+        return self._cache_fns[key]()
 
     def _cross_kv(self, dit_params, conds, cmasks, patterns: int, batch: int) -> dict:
         """The conditions' cross-attention keys/values of every layer and stream, ``{s: {c: {"k", "v"}}}``
@@ -484,6 +543,10 @@ class StreamingSampler:
         if noise is None:
             noise_given, noise = np.bool_(False), zeros["noise"]
         else:
+            want = {n: tuple(v.shape) for n, v in zeros["noise"].items()}
+            got = {n: tuple(np.shape(v)) for n, v in noise.items()}
+            if got != want:
+                raise ValueError(f"noise= has shapes {got}, expected {want} (one chunk's tokens of every generated stream)")
             noise_given, noise = np.bool_(True), {n: jnp.asarray(v, jnp.float32) for n, v in noise.items()}
         dit_params, dit_signature = self._unboxed_dit(params)
         args = (
@@ -545,6 +608,20 @@ class StreamingSampler:
             self._dit = (dit, unboxed, (treedef, tuple((tuple(np.shape(a)), str(a.dtype)) for a in leaves)))
         return self._dit[1], self._dit[2]
 
+    def _unboxed(self, params) -> dict:
+        """The whole unboxed ``params`` tree, remade only when one of its top-level entries is another object
+        than last time (``"dit"`` shared with :meth:`_unboxed_dit`): a server starts many streams on one tree."""
+        dit, _ = self._unboxed_dit(params)
+        entries = tuple(params.items())
+        cached = self._params
+        if (
+            cached is None
+            or len(cached[0]) != len(entries)
+            or any(a[0] != b[0] or a[1] is not b[1] for a, b in zip(cached[0], entries))
+        ):
+            cached = self._params = (entries, {k: dit if k == "dit" else nn.meta.unbox(v) for k, v in entries})
+        return cached[1]
+
     def _zero_inputs(self, batch: int) -> dict:
         """Placeholders of batch ``batch`` for the chunk's arguments that are not given: ``noise``
         (``{s: float32 [B, T_s, C_s]}`` zeros, when the chunk draws its own) and ``latents`` (``{s: float32
@@ -557,10 +634,15 @@ class StreamingSampler:
         return self._zeros[batch]
 
     def _executable(self, state: StreamState, dit_signature, args):
-        """The compiled chunk, cached per (batch, steps, guidance structure, solver, arg avals)."""
-        leaves, treedef = jax.tree.flatten(args[1:])
-        avals = tuple((tuple(np.shape(a)), str(getattr(a, "dtype", type(a)))) for a in leaves)
-        key = (state.batch, state.steps, state.guidance.structure(), state.solver, dit_signature, treedef, avals)
+        """The compiled chunk, cached per (batch, steps, guidance structure, solver, arg avals): the state's
+        ``signature`` stands for the avals when :meth:`start` made it (every other argument's shape follows
+        from it), else they are read off ``args``."""
+        if state.signature:
+            key = (state.signature, dit_signature)
+        else:
+            leaves, treedef = jax.tree.flatten(args[1:])
+            avals = tuple((tuple(np.shape(a)), str(getattr(a, "dtype", type(a)))) for a in leaves)
+            key = (state.batch, state.steps, state.guidance.structure(), state.solver, dit_signature, treedef, avals)
         if key not in self._compiled:
             fn = jax.jit(self._chunk_fn(state.batch, state.steps, state.guidance, state.solver), donate_argnums=(1,))
             self._compiled[key] = fn.lower(*args).compile(compiler_options=self.compiler_options)

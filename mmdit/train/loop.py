@@ -31,7 +31,7 @@ from mmdit.train.metrics import MetricWriter
 from mmdit.train.resume import restore_latest, trim_metrics  # noqa: F401  (trim_metrics: kept for callers)
 from mmdit.train.state import make_optimizer
 from mmdit import config_spec
-from mmdit.data import records
+from mmdit.data import codec_stamp, records
 from mmdit.util import preflight
 from mmdit.util.lock import DirLock
 
@@ -89,7 +89,7 @@ def _train_locked(cfg, spec, workdir, data_dir, stop_after, progress, sample_hoo
     tx = make_optimizer(spec.train)
     run = sharding.setup(cfg, model, tx)  # validates mesh/rules/batch before anything compiles
     data_dir = data_dir or default_data_dir(cfg, workdir)
-    _check_data(data_dir, verify_data, log)
+    _check_data(cfg, data_dir, verify_data, log)
     data_iter = data_iterator(cfg, data_dir, run.batch_block())
     if jax.process_index() == 0:
         state_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(run.abstract_state))
@@ -158,10 +158,16 @@ def _train_locked(cfg, spec, workdir, data_dir, stop_after, progress, sample_hoo
     return last
 
 
-def _check_data(data_dir: str, verify: bool | None, log) -> None:
+def _check_data(cfg, data_dir: str, verify: bool | None, log) -> None:
     """Reads the data manifest and checks every shard (size, record count; sha256 when ``verify``,
-    or when ``verify`` is None and the shards are small). ValueError naming the shard otherwise."""
+    or when ``verify`` is None and the shards are small), and that the codecs which encoded the latents
+    are ``cfg``'s (:mod:`mmdit.data.codec_stamp`). ValueError naming the shard or the fields otherwise."""
     manifest = records.read_manifest(data_dir)
+    note = codec_stamp.check_codecs(
+        cfg, data_dir, require_stamp=False, fix="train with the config that made the records, or re-make them with this one"
+    )
+    if note:
+        log(note)
     size = sum(int(s.get("num_bytes", 0)) for s in manifest.get("shards", []))
     if verify is None:
         verify = size <= VERIFY_DATA_MAX_BYTES

@@ -16,7 +16,9 @@ checkpoints load through it without importing :mod:`mmdit.convert`.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 from typing import Any, Callable
 
@@ -130,7 +132,7 @@ def abstract_params(manifest: dict) -> dict:
 def tree_metadata(orbax_dir: str) -> dict[str, list]:
     """``{"a/b/c": [shape, dtype name]}`` of every array in any orbax PyTree checkpoint directory
     (converted params, a serving bundle's ``params/``, a training step's ``state/``); reads metadata only."""
-    with ocp.PyTreeCheckpointer() as ckptr:
+    with _without_step_metadata_warning(), ocp.PyTreeCheckpointer() as ckptr:
         meta = ckptr.metadata(orbax_dir)
     tree = getattr(getattr(meta, "item_metadata", meta), "tree", None)
     if tree is None:
@@ -169,10 +171,28 @@ def restore_tree(orbax_dir: str, spec: dict[str, list], shardings=None, partial:
 
     restore_args = _unflatten(spec, args)
     item = _unflatten(spec, lambda _k, shape, dtype: jax.ShapeDtypeStruct(shape, np.dtype(dtype)))
-    with ocp.PyTreeCheckpointer() as ckptr:
+    with _without_step_metadata_warning(), ocp.PyTreeCheckpointer() as ckptr:
         return ckptr.restore(
             orbax_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=partial)
         )
+
+
+class _StepMetadataWarning(logging.Filter):
+    """Drops orbax's "Metadata file does not exist" warning: a tree restored on its own (a converted
+    checkpoint's ``params/``, a training step's ``state/``) has no step-level ``_CHECKPOINT_METADATA`` by design."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Metadata file does not exist")
+
+
+@contextlib.contextmanager
+def _without_step_metadata_warning():
+    quiet, logger = _StepMetadataWarning(), logging.getLogger("absl")
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 def load(out_dir: str, mesh: jax.sharding.Mesh | None = None, shardings=None):
