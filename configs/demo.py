@@ -25,7 +25,11 @@ sync, fraction of the way from chance to ceiling (lag-0 / change), T2AV 0.69 / 0
 cross-stream probe's audio time-shift ratio at sigma 0.9 is 0.19 (untrained 1.00), so the audio reads the
 video's timing; the frames' Fréchet distance sits at the ground truth's floor (1.84 vs 1.86), TI2AV identity
 0.88 (ground truth 0.92). Without the additions (``wan4,plain``, 8 clips, measured earlier) T2AV's lag-0 fraction
-was 0.21 with probe ratio 0.54: the 4-frame layout now learns sync, still below the per-frame default.
+was 0.21 with probe ratio 0.54: the 4-frame layout now learns sync, still below the per-frame default. One addition
+at a time (16 clips): ``wan4,plain,x0`` gives 0.78 / 0.64, 0.81 / 0.67, 0.05 / 0.07 (TV2A at chance), 0.81 / 0.72
+(``bench/results/demo_quality_wan4_plain_x0.json``), ``wan4,plain,jointcfg`` 0.11 / 0.08, 0.14 / 0.09, 0.30 / 0.25,
+0.13 / 0.10 (``..._jointcfg.json``): x-prediction is what carries sync into this layout (``configs/mirage.py`` now
+predicts x0).
 
 Text: byte tokens through a small trainable encoder, cross-attended by both streams.
 

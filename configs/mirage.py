@@ -10,13 +10,23 @@ Codecs: the Wan2.1 VAE (``wan_vae``; set ``codecs.video.checkpoint`` to an ``mmd
 the features from a converted wav2vec2-large (``encoders.audio_features``; set it). ``tiny`` runs on
 CPU with the demo codecs: ``pixels`` (8x/4x, 16 channels) and, in place of wav2vec2, a 16-band 50 Hz
 log-mel (``codecs.audio_features``, weight-free; it also gives the sampled MP4s their audio track).
+
+Prediction: the output heads predict clean tokens (``model.prediction="x0"``, JiT's x-prediction; the model still
+returns velocities, so losses and samplers are unchanged); ``velocity`` (variant) restores velocity heads. Mirage
+trains from scratch, so no velocity-trained weights are lost. The evidence is the demo world in Wan's 4-frame
+layout (``bench/results/demo_quality_wan4_plain_x0.json``, 16 clips, 2,400 steps on 2 cores): x-prediction alone
+lifts audio-driven video (A2V) lag-0 sync from 0.24 to 0.81 of the way from chance to the ground-truth ceiling
+(T2AV 0.78, TI2AV 0.81) and its frames reach the ground truth's Fréchet floor (1.78 vs 1.86); joint guidance
+alone leaves A2V at 0.13 (``demo_quality_wan4_plain_jointcfg.json``). That model is the demo's twin with its
+audio a generated stream, not Mirage's audio-feature condition stream: the transfer is by analogy. (Audio
+*generation* given video, TV2A, fell to chance with x-prediction alone there; Mirage generates no audio.)
 """
 
 from mmdit import config_lib
 
 
 def get_config(arg=None):
-    v = config_lib.parse_arg(arg, tiny=False)
+    v = config_lib.parse_arg(arg, tiny=False, velocity=False)
     c = config_lib.sibling(__file__, "base")
 
     vdim, vffn, adim, affn, layers, heads, head_dim = 4096, 16384, 1024, 4096, 44, 32, 128
@@ -40,6 +50,7 @@ def get_config(arg=None):
     c.model.heads = heads
     c.model.head_dim = head_dim
     c.model.mask = "no_peek"
+    c.model.prediction = "velocity" if v.velocity else "x0"  # docstring: evidence from the 4-frame demo world
     c.model.dtype = "bfloat16"
     c.model.remat = "full"
     c.tasks = dict(a2v_features=1.0)

@@ -139,6 +139,17 @@ def test_from_training_workdir_ema(tmp_path, caplog):
     for k, v in flat(state.params).items():
         np.testing.assert_allclose(v, flat(src_state.ema)[k], err_msg=k)
     assert not [r for r in caplog.records if "Metadata file does not exist" in r.getMessage()]
+    # heads trained for another prediction: noted, not refused (the weights still load)
+    assert init_from.source_prediction(init_from.open_source(str(tmp_path))) is None  # no config.json: unknown
+    (tmp_path / "config.json").write_text('{"model": {"prediction": "velocity"}}')
+    notes = []
+    init_from.init_state_from(fresh, str(tmp_path), log=notes.append, prediction="x0")
+    assert any("trained with velocity heads" in n and "predicts x0" in n for n in notes), notes
+    notes = []
+    init_from.init_state_from(fresh, str(tmp_path), log=notes.append, prediction="velocity")
+    assert not any("heads" in n for n in notes[1:]), notes
+    converted_source = init_from.Source("converted", str(tmp_path), "", "", {})
+    assert init_from.source_prediction(converted_source) == "velocity"
 
 
 def test_missing_source_is_clear(tmp_path):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import json
 import os
 from typing import Callable, Iterable
 
@@ -189,12 +190,33 @@ def load_params(source: Source, the_plan: Plan, target_params, shardings=None):
     return jax.tree_util.tree_map_with_path(place, target_params)
 
 
-def init_state_from(state, path: str, ignore: Iterable[str] = (), shardings=None, log=print):
+def source_prediction(source: Source) -> str | None:
+    """What ``source``'s output heads predict (``model.prediction``): ``velocity`` for a converted checkpoint
+    (every ported family is a flow model with velocity heads), the saved config's for a training workdir or a
+    bundle (``velocity`` when it predates the field), None when no config is found."""
+    if source.kind == "converted":
+        return "velocity"
+    f = os.path.join(source.path, "config.json")
+    if not os.path.isfile(f):
+        return None
+    with open(f) as fh:
+        return ((json.load(fh).get("model") or {}).get("prediction")) or "velocity"
+
+
+def init_state_from(state, path: str, ignore: Iterable[str] = (), shardings=None, log=print, prediction: str | None = None):
     """``state`` (a fresh :class:`mmdit.train.state.TrainState`) with params and EMA initialised
-    from ``path``; ``shardings``: the params' shardings (``run.state_shardings.params``)."""
+    from ``path``; ``shardings``: the params' shardings (``run.state_shardings.params``). ``prediction``: the
+    new model's ``model.prediction``; a note is logged when the source's heads were trained for the other one
+    (the weights load, but the heads start out predicting the wrong quantity)."""
     source = open_source(path)
     target_spec = converted.tree_spec(state.params)
     the_plan = plan(source.spec, target_spec, ignore, source_name=path)
     log(the_plan.report(source))
+    had = source_prediction(source)
+    if prediction is not None and had is not None and had != prediction:
+        log(
+            f"note: train.init_from={path} was trained with {had} heads and this model predicts {prediction} "
+            "(model.prediction): its output heads start out predicting the wrong quantity and must re-learn it"
+        )
     params = load_params(source, the_plan, state.params, shardings)
     return state.replace(params=params, ema=jax.tree_util.tree_map(jnp.copy, params))

@@ -113,7 +113,14 @@ def _train_locked(cfg, spec, workdir, data_dir, stop_after, progress, sample_hoo
         if spec.train.init_from:  # pretrained start of a fresh run (a resumed run keeps its checkpoint)
             from mmdit.train.init_from import init_state_from
 
-            state = init_state_from(state, spec.train.init_from, spec.train.init_from_ignore, run.state_shardings.params, log=log)
+            state = init_state_from(
+                state,
+                spec.train.init_from,
+                spec.train.init_from_ignore,
+                run.state_shardings.params,
+                log=log,
+                prediction=model.spec.prediction,
+            )
     start = int(state.step)
     writer = MetricWriter(workdir)
     tokens_per_step = spec.train.global_batch_size * model.spec.num_tokens
