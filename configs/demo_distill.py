@@ -30,7 +30,10 @@ the teacher's text-then-joint CFG is what DMD distils); combine with commas (``t
 Measured (``full``, 16 clips, ``bench/results/distill_table_full.json``): the x-predicting default teacher keeps
 its sync at 2 Euler steps (T2AV lag-0 r 0.78 vs 0.79 at 25), and the 2-step student reaches 0.69 in T2AV, 0.82 in
 A2V (teacher 0.79), 5.5x faster than the 25-step teacher at batch 1, 12x at batch 16. Other
-chunk sizes: ``--set model.chunk_frames=N``.
+chunk sizes: ``--set model.chunk_frames=N``; the small-chunk cells of Table 1 (``model.chunk_frames=1.0``: 40 ms
+chunks, 49 per clip; ``bench/results/distill_table.json``) reach T2AV lag-0 r 0.68 (2 steps) / 0.75 (4 steps)
+against the plain teacher's 0.51 at 25 steps (A2V 0.76 / 0.80 vs 0.39), but at batch 1 on a CPU a chunk this
+small is all per-call overhead: 1.4-3.2x (2 steps) and 0.6-1.6x (4 steps) the teacher's speed per generated second.
 """
 
 from mmdit import config_lib
