@@ -16,6 +16,9 @@ context, decode overlap, constant memory (issue 12).
 * **Decode overlap**: chunk latents -> frames + audio with the codecs, decode on a worker thread
   overlapped with the next chunk's DiT vs decode in line (``mmdit.sample.stream_media``).
 * **Memory**: cache bytes and process RSS at chunk 3 and at the last chunk.
+* **Stream start** (``--starts N``): ``StreamingSampler.start`` after a warm-up one (conditions encoded, cross-attention
+  K/V, empty cache): median wall time until the cache is ready, and the process CPU time spent before the call
+  returns (Python-side dispatch; XLA's threads may add to it).
 
 Params: the workdir's EMA params when ``--workdir`` is given, else a random init (speed does not depend on
 the weights).
@@ -77,6 +80,7 @@ def main(argv=None):
     p.add_argument("--chunks", type=int, default=220)
     p.add_argument("--decode-chunks", type=int, default=30, help="chunks for the decode-overlap case (0: skip)")
     p.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=True, help="time the cacheless baselines")
+    p.add_argument("--starts", type=int, default=20, help="stream starts to time after a warm-up one (0: skip)")
     p.add_argument("--out", default=os.path.join(REPO, "bench", "results", "stream.json"))
     args = p.parse_args(argv)
 
@@ -97,6 +101,9 @@ def main(argv=None):
     ss = StreamingSampler(model, cfg)
     results["seconds_per_chunk"] = ss.seconds_per_chunk
     state = ss.start(params, jax.random.key(0), task="t2av", batch=1, raw_conds=raw)
+    if args.starts:
+        results["start"] = _start_times(ss, params, raw, args.starts)
+        print(json.dumps(results["start"]), file=sys.stderr)
     times, rss = [], {}
     for c in range(args.chunks):
         t0 = time.perf_counter()
@@ -152,6 +159,18 @@ def main(argv=None):
         json.dump(results, f, indent=1)
     os.replace(args.out + ".tmp", args.out)
     print(json.dumps(results, indent=1))
+
+
+def _start_times(ss, params, raw, n: int) -> dict:
+    """Median wall and Python-side CPU ms of ``n`` stream starts (the sampler already started one)."""
+    wall, cpu = [], []
+    for i in range(n):
+        w0, c0 = time.perf_counter(), time.process_time()
+        state = ss.start(params, jax.random.key(100 + i), task="t2av", batch=1, raw_conds=raw)
+        cpu.append(time.process_time() - c0)
+        jax.block_until_ready(state.cache)
+        wall.append(time.perf_counter() - w0)
+    return {"starts": n, "wall_ms_median": 1e3 * float(np.median(wall)), "cpu_ms_median": 1e3 * float(np.median(cpu))}
 
 
 def _decode_overlap(ss, params, raw, cfg, n):

@@ -9,8 +9,15 @@ from mmdit.data.codec_stamp import check_codecs, codec_differences, codecs_stamp
 
 
 def _manifest(path, metadata):
+    from mmdit.data import records
+
     path.mkdir(parents=True, exist_ok=True)
-    (path / "manifest.json").write_text(json.dumps({"format": "mmdit.records", "metadata": metadata}))
+    head = {
+        "format": records.MANIFEST_FORMAT,
+        "format_version": records.MANIFEST_VERSION,
+        "record_format": records.RECORD_FORMAT_VERSION,
+    }
+    (path / "manifest.json").write_text(json.dumps({**head, "metadata": metadata}))
     return str(path)
 
 

@@ -38,7 +38,12 @@ def build_parser():
     p.add_argument(
         "--teacher", default=None, metavar="WORKDIR", help="the teacher's training workdir (= --set distill.teacher=...)"
     )
-    p.add_argument("--data", default=None, help="record directory (default: config.data.dir or WORKDIR/data/train)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="record directory (default: config.data.dir or WORKDIR/data/train); records another codecs section "
+        "encoded are refused, naming the differing codecs.* fields",
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-verify", action="store_true", help="restore checkpoints without checking their sha256.json")

@@ -26,7 +26,12 @@ def build_parser():
     p = argparse.ArgumentParser(prog="mmdit-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="config file (configs/X.py[:arg]) or preset name")
     p.add_argument("--workdir", required=True, help="run directory: checkpoints, TensorBoard logs, config.json")
-    p.add_argument("--data", default=None, help="record directory (default: config.data.dir or WORKDIR/data/train)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="record directory (default: config.data.dir or WORKDIR/data/train); records another codecs section "
+        "encoded (manifest metadata.codecs) are refused, naming the differing codecs.* fields",
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(

@@ -10,9 +10,9 @@ config's codecs with every default filled in, plain JSON), and a reader compares
 from __future__ import annotations
 
 import json
-import os
 
 from mmdit import config_spec
+from mmdit.data.records import read_manifest
 from mmdit.util.plain import plain
 
 __all__ = ["codecs_stamp", "codec_differences", "check_codecs"]
@@ -40,14 +40,15 @@ def codec_differences(written: dict, now: dict) -> list[str]:
     return sorted(out)
 
 
-def check_codecs(cfg, data_dir: str, *, require_stamp: bool, fix: str) -> str | None:
-    """Compares the ``metadata.codecs`` stamp of ``data_dir/manifest.json`` with ``cfg``'s codecs.
+def check_codecs(cfg, data_dir: str, *, require_stamp: bool, fix: str, manifest: dict | None = None) -> str | None:
+    """Compares the ``metadata.codecs`` stamp of ``data_dir``'s manifest (``manifest`` when the caller has read it
+    already) with ``cfg``'s codecs.
 
     ValueError naming ``data_dir``, the differing fields and ``fix`` (what the caller's user should do) when
     they differ, or when the stamp is missing and ``require_stamp``. Returns a note (for the log) when the
     stamp is missing and not required (records from an older mmdit or another writer: trusted), else None."""
-    with open(os.path.join(data_dir, "manifest.json")) as f:
-        written = (json.load(f).get("metadata") or {}).get("codecs")
+    manifest = read_manifest(data_dir) if manifest is None else manifest
+    written = (manifest.get("metadata") or {}).get("codecs")
     if written is None:
         if require_stamp:
             raise ValueError(f"{data_dir}: these records do not say which codecs encoded them (written by an older mmdit); {fix}")

@@ -65,12 +65,12 @@ def task_figures(clips: ClipSet, truth: ClipSet, truth_levels: dict, task: str |
         "fraction_change": sync["change_corr"]["fraction"],
         **split_fd(clips.frames, truth.frames),
     }
-    for key, frames in (("flicker", clips.frames), ("flicker_gt", truth.frames)):
+    for suffix, frames in (("", clips.frames), ("_gt", truth.frames)):
         pairs = [background_flicker_pairs(x) for x in frames]
         per_clip = [float(p.mean()) for p in pairs]
-        out[key] = float(np.mean(per_clip))
-        out[key.replace("flicker", "flicker_median")] = float(np.median(per_clip))
-        out[key.replace("flicker", "flicker_worst_pair")] = float(max(p.max() for p in pairs))
+        out["flicker" + suffix] = float(np.mean(per_clip))
+        out["flicker_median" + suffix] = float(np.median(per_clip))
+        out["flicker_worst_pair" + suffix] = float(max(p.max() for p in pairs))
     if task == "ti2av":
         ref = [identity_vs_reference(x, t[0]) for x, t in zip(clips.frames, truth.frames)]
         ceil = [identity_vs_reference(t, t[0]) for t in truth.frames]

@@ -377,7 +377,8 @@ class StreamingSampler:
         solver = self.defaults.solver if solver is None else config_spec.check_solver(solver)
         _, k_noise = jax.random.split(rng)  # (the first key drew nothing: the streaming tasks' masks are fixed)
         t = self._task_constants(task, batch)
-        first, later, held0 = t["masks"][0], t["masks"][1], t["zeros"]
+        zero_tokens = self._zero_inputs(batch)["tokens"]
+        first, later, held0 = t["masks"][0], t["masks"][1], zero_tokens
         if task == "ti2av":
             visual = tasks_lib.roles(self.spec, self.cfg.model).visual
             if image_latents is None:
@@ -405,7 +406,8 @@ class StreamingSampler:
             self._sigmas[sig_key] = self.sampler.schedules(steps, shift, stream_shift)
         scales = g.scale_arrays()
         chunk_inputs = tuple(
-            {**inputs, "held": held, "scales": scales} for inputs, held in ((t["inputs"][0], held0), (t["inputs"][1], t["zeros"]))
+            {**inputs, "held": held, "scales": scales}
+            for inputs, held in ((t["inputs"][0], held0), (t["inputs"][1], zero_tokens))
         )
         leaves, treedef = jax.tree.flatten((conds, cmasks))
         signature = (batch, steps, g.structure(), solver, treedef, tuple((tuple(a.shape), str(a.dtype)) for a in leaves))
@@ -435,8 +437,7 @@ class StreamingSampler:
     def _task_constants(self, task: str, batch: int) -> dict:
         """What a stream of ``task`` and ``batch`` starts from and does not vary between streams, made once:
         ``masks`` (``TaskMasks`` of chunk 0 and of later chunks: ti2av gives its image in chunk 0 only),
-        ``needs`` (the streams every chunk must be given: a2v audio, tv2a video), ``zeros`` (held tokens of a
-        chunk given nothing) and ``inputs`` (the jitted chunk's ``known``/``present`` device arrays of
+        ``needs`` (the streams every chunk must be given: a2v audio, tv2a video) and ``inputs`` (the jitted chunk's ``known``/``present`` device arrays of
         chunk 0 and of later chunks)."""
         key = (task, batch)
         if key not in self._tasks:
@@ -445,10 +446,6 @@ class StreamingSampler:
             if task == "ti2av":
                 visual = tasks_lib.roles(self.spec, self.cfg.model).visual
                 later = dataclasses.replace(first, known={**first.known, visual: jnp.zeros_like(first.known[visual])})
-            zeros = {
-                n: jnp.zeros((batch, self.layout.tokens[n], self.spec.stream(n).geometry.token_dim), jnp.float32)
-                for n in self.generated
-            }
             inputs = tuple(
                 {
                     "known": {n: jnp.asarray(m.known[n]) for n in self.generated},
@@ -457,7 +454,7 @@ class StreamingSampler:
                 for m in (first, later)
             )
             needs = tuple(n for n in self.generated if bool(np.any(np.asarray(later.known[n]))))
-            self._tasks[key] = {"masks": (first, later), "needs": needs, "zeros": zeros, "inputs": inputs}
+            self._tasks[key] = {"masks": (first, later), "needs": needs, "inputs": inputs}
         return self._tasks[key]
 
     def _empty_cache(self, rows: int, steps: int) -> dict:
@@ -541,9 +538,9 @@ class StreamingSampler:
         given_flags = {n: np.bool_(n in given) for n in self.generated}
         given = {n: given.get(n, zeros["latents"][n]) for n in self.generated}
         if noise is None:
-            noise_given, noise = np.bool_(False), zeros["noise"]
+            noise_given, noise = np.bool_(False), zeros["tokens"]
         else:
-            want = {n: tuple(v.shape) for n, v in zeros["noise"].items()}
+            want = {n: tuple(v.shape) for n, v in zeros["tokens"].items()}
             got = {n: tuple(np.shape(v)) for n, v in noise.items()}
             if got != want:
                 raise ValueError(f"noise= has shapes {got}, expected {want} (one chunk's tokens of every generated stream)")
@@ -623,14 +620,14 @@ class StreamingSampler:
         return cached[1]
 
     def _zero_inputs(self, batch: int) -> dict:
-        """Placeholders of batch ``batch`` for the chunk's arguments that are not given: ``noise``
-        (``{s: float32 [B, T_s, C_s]}`` zeros, when the chunk draws its own) and ``latents`` (``{s: float32
-        [B, *chunk_latent_shape]}`` zeros, for streams the task does not give), made once: the chunk
-        keeps one executable with and without ``noise=`` and for every task."""
+        """Placeholders of batch ``batch`` for the chunk's arguments that are not given, made once: ``tokens``
+        (``{s: float32 [B, T_s, C_s]}`` zeros: the noise when the chunk draws its own, and the held tokens of a
+        chunk given nothing) and ``latents`` (``{s: float32 [B, *chunk_latent_shape]}`` zeros, for streams the
+        task does not give). The chunk keeps one executable with and without ``noise=`` and for every task."""
         if batch not in self._zeros:
-            noise = jax.tree.map(jnp.zeros_like, self.sampler.noise(jax.random.key(0), batch))
+            tokens = jax.tree.map(jnp.zeros_like, self.sampler.noise(jax.random.key(0), batch))
             latents = {n: jnp.zeros((batch,) + tuple(self.spec.stream(n).geometry.latent_shape)) for n in self.generated}
-            self._zeros[batch] = {"noise": noise, "latents": latents}
+            self._zeros[batch] = {"tokens": tokens, "latents": latents}
         return self._zeros[batch]
 
     def _executable(self, state: StreamState, dit_signature, args):

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import json
 import os
 from typing import Callable, Iterable
 
@@ -33,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmdit.train import checkpoint
 from mmdit.util import converted
 
 BUNDLE_MANIFEST = "bundle.json"  # mmdit.serve.export.MANIFEST (serve is a higher layer: not imported)
@@ -196,11 +196,9 @@ def source_prediction(source: Source) -> str | None:
     bundle (``velocity`` when it predates the field), None when no config is found."""
     if source.kind == "converted":
         return "velocity"
-    f = os.path.join(source.path, "config.json")
-    if not os.path.isfile(f):
+    if not os.path.isfile(os.path.join(source.path, "config.json")):
         return None
-    with open(f) as fh:
-        return ((json.load(fh).get("model") or {}).get("prediction")) or "velocity"
+    return checkpoint.load_config(source.path).get("model", {}).get("prediction", None) or "velocity"
 
 
 def init_state_from(state, path: str, ignore: Iterable[str] = (), shardings=None, log=print, prediction: str | None = None):

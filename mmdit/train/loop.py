@@ -171,7 +171,11 @@ def _check_data(cfg, data_dir: str, verify: bool | None, log) -> None:
     are ``cfg``'s (:mod:`mmdit.data.codec_stamp`). ValueError naming the shard or the fields otherwise."""
     manifest = records.read_manifest(data_dir)
     note = codec_stamp.check_codecs(
-        cfg, data_dir, require_stamp=False, fix="train with the config that made the records, or re-make them with this one"
+        cfg,
+        data_dir,
+        require_stamp=False,
+        fix="train with the config that made the records, or re-make them with this one",
+        manifest=manifest,
     )
     if note:
         log(note)
