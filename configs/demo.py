@@ -77,7 +77,9 @@ Variants: ``tiny`` (tests: 2 layers, 48-wide, 17 frames, few steps); ``wan4`` (a
 with the others); ``plain`` (none of the four: the model ``demo_stream`` and ``demo_distill`` build on);
 ``plain,ref`` / ``plain,jointcfg`` / ``plain,residual`` / ``plain,x0`` (one of them; combine with commas);
 ``nojoint`` (the ablation: ``model.joint_layers=()``, no cross-stream attention at all, so no joint guidance
-either; ``bench/demo_quality.py`` trains it).
+either; ``bench/demo_quality.py`` trains it); ``keyframe`` (``model.streams.video.key_frame_embedding``: a learned
+vector added to the first frame's video tokens, the residual codec's key frame, which relative RoPE alone does not
+single out).
 """
 
 from mmdit import config_lib
@@ -85,7 +87,16 @@ from mmdit import config_lib
 
 def get_config(arg=None):
     v = config_lib.parse_arg(
-        arg, tiny=False, wan4=False, plain=False, ref=False, jointcfg=False, residual=False, x0=False, nojoint=False
+        arg,
+        tiny=False,
+        wan4=False,
+        plain=False,
+        ref=False,
+        jointcfg=False,
+        residual=False,
+        x0=False,
+        nojoint=False,
+        keyframe=False,
     )
     c = config_lib.sibling(__file__, "base")
 
@@ -163,6 +174,8 @@ def get_config(arg=None):
         use_reference_frame(c)
     if v.residual or not v.plain:
         use_residual_frames(c, gain=RESIDUAL_GAIN)
+    if v.keyframe:  # a learned vector on the residual codec's key frame (model.streams.*.key_frame_embedding)
+        c.model.streams.video.key_frame_embedding = True
     if v.x0 or not v.plain:
         c.model.prediction = "x0"  # JiT's x-prediction (configs/base.py): the heads give clean tokens
     if v.nojoint:  # the ablation: no cross-stream attention, so nothing for joint guidance to drop

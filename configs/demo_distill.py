@@ -28,12 +28,14 @@ Variants: ``tiny`` (tests: the tiny demo world, a few iterations), ``steps4`` (a
 four additions -- reference channels, joint guidance, the residual codec, x-prediction -- instead of ``plain``;
 the teacher's text-then-joint CFG is what DMD distils); combine with commas (``tiny,warmup``).
 Measured (``full``, 16 clips, ``bench/results/distill_table_full.json``): the x-predicting default teacher keeps
-its sync at 2 Euler steps (T2AV lag-0 r 0.78 vs 0.79 at 25), and the 2-step student reaches 0.69 in T2AV, 0.82 in
-A2V (teacher 0.79), 5.5x faster than the 25-step teacher at batch 1, 12x at batch 16. Other
+its sync at 2 Euler steps (T2AV lag-0 r 0.78 vs 0.79 at 25), and the 2-step student reaches 0.72 in T2AV, 0.81 in
+A2V (teacher 0.79; 0.69 / 0.82 before the distill losses weighed the key frame like training's
+``flow.first_frame_weight``), 7.7x faster than the 25-step teacher at batch 1, 15x at batch 16. Other
 chunk sizes: ``--set model.chunk_frames=N``; the small-chunk cells of Table 1 (``model.chunk_frames=1.0``: 40 ms
 chunks, 49 per clip; ``bench/results/distill_table.json``) reach T2AV lag-0 r 0.68 (2 steps) / 0.75 (4 steps)
 against the plain teacher's 0.51 at 25 steps (A2V 0.76 / 0.80 vs 0.39), but at batch 1 on a CPU a chunk this
-small is all per-call overhead: 1.4-3.2x (2 steps) and 0.6-1.6x (4 steps) the teacher's speed per generated second.
+small is all per-call overhead: 2.6x (2 steps) and 1.1-1.4x (4 steps) the teacher's speed per generated second
+(one retimed run; the 7-frame 2-step student 5.6x, 10x at batch 16).
 """
 
 from mmdit import config_lib

@@ -18,6 +18,7 @@ from student_fixtures import four_chunk_student
 from mmdit import config_lib
 from mmdit.distill import losses, ode_pairs
 from mmdit.distill.spec import distill_spec
+from mmdit.model.spec import build_spec
 
 # ------------------------------------------------------------------------------------------------
 # 1-D Gaussian toys with analytic scores
@@ -90,6 +91,36 @@ def test_dmd_gradient_is_the_normalised_score_difference():
         expect = (np.asarray(fake["a"][b] - real["a"][b]) / norm)[sup] / (sup.sum() * C * B)
         np.testing.assert_allclose(np.asarray(g[b])[sup], expect, rtol=1e-5, atol=1e-7)
         assert np.all(np.asarray(g[b])[~sup] == 0)
+
+
+def test_every_distill_loss_weighs_the_key_frame_as_the_teachers_training():
+    """``token_weights`` (``flow.first_frame_weight`` via ``first_frame_weights``) scale each token's share of
+    the DMD gradient, the critic's and the regression loss exactly as in training's flow loss."""
+    from mmdit.train.step import first_frame_weights
+
+    k = jax.random.split(jax.random.key(1), 3)
+    B, S, C, w = 2, 6, 3, 16.0
+    x = {"a": jax.random.normal(k[0], (B, S, C))}
+    real = {"a": jax.random.normal(k[1], (B, S, C))}
+    fake = {"a": jax.random.normal(k[2], (B, S, C))}
+    weights = {"a": jnp.asarray([w] + [1.0] * (S - 1))}
+    g1 = jax.grad(lambda x: losses.dmd_generator_loss(x, real, fake)[0])(x)["a"]
+    gw = jax.grad(lambda x: losses.dmd_generator_loss(x, real, fake, token_weights=weights)[0])(x)["a"]
+    ratio = np.asarray(gw / g1)  # per token: w_t / mean(w) of the sample, times S / S
+    np.testing.assert_allclose(ratio[:, 0] / ratio[:, 1:].mean(axis=1), w, rtol=1e-4)
+    # an error on token 0 alone: weight w of (w + S - 1) instead of 1 of S
+    err = {"a": jnp.zeros((B, S, C)).at[:, 0].set(1.0)}
+    zero = {"a": jnp.zeros((B, S, C))}
+    reg, _ = losses.regression_loss(err, zero, token_weights=weights)
+    np.testing.assert_allclose(float(reg), w / (w + S - 1), rtol=1e-6)
+    critic, _ = losses.fake_score_loss({"a": err["a"] - 1.0}, zero, {"a": -jnp.ones((B, S, C))}, token_weights=weights)
+    np.testing.assert_allclose(float(critic), w / (w + S - 1), rtol=1e-6)  # target noise − x = −1, prediction off at token 0
+    # the distill step builds the same weights as training from the config (the tiny demo: residual codec, 16)
+    spec = build_spec(config_lib.load("configs/demo.py:tiny").model)
+    tw = first_frame_weights(spec, 16.0)
+    g = spec.stream("video").geometry
+    assert set(tw) == {"video"} and tw["video"][: g.tokens_per_frame].tolist() == [16.0] * g.tokens_per_frame
+    assert first_frame_weights(spec, 1.0) is None
 
 
 def test_regression_loss_is_zero_for_the_teacher_ode_map():

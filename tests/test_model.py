@@ -117,6 +117,30 @@ def test_remat_and_scan_do_not_change_the_function():
         np.testing.assert_allclose(out[n], ref[n], atol=1e-5)
 
 
+def test_key_frame_embedding_marks_the_first_frame_of_chunk_0_only():
+    """``key_frame_embedding``: a zero-initialised [D] vector; zero leaves the function of the model without it,
+    and set it reaches the first temporal position's tokens (then the rest through attention), in chunk 0 only."""
+    spec, model, params, data = build()
+    params = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(1), a.shape), params)  # off the zero heads
+    spec_k = build_spec(tiny_model_cfg(**{"streams.video.key_frame_embedding": True}))
+    model_k = MMDiT(spec_k)
+    params_k = model_k.init(jax.random.key(0), *data)
+    vec = params_k["params"]["video"]["key_frame"]
+    assert vec.value.shape == (spec_k.stream("video").dim,) and not np.any(np.asarray(vec.value))
+    assert vec.names == ("embed",)
+    with_zero = {"params": {**params["params"], "video": {**params["params"]["video"], "key_frame": vec}}}
+    np.testing.assert_array_equal(model_k.apply(with_zero, *data)["video"], model.apply(params, *data)["video"])
+    ref = model.apply(params, *data)["video"]
+    with_key = jax.tree.map(lambda a: a, with_zero)
+    # (not a constant vector: the blocks' LayerNorm removes a token's mean)
+    with_key["params"]["video"]["key_frame"] = vec.replace_boxed(jax.random.normal(jax.random.key(2), vec.value.shape))
+    per_token = np.abs(np.asarray(model_k.apply(with_key, *data)["video"] - ref)).mean(axis=(0, 2))
+    first = spec_k.stream("video").geometry.tokens_per_frame
+    assert per_token[:first].min() > 3 * per_token[first:].max() > 0
+    later = model_k.apply(with_key, *data, chunk_index=jnp.int32(1))["video"]  # (one-chunk spec: any chunk > 0)
+    np.testing.assert_array_equal(later, ref)
+
+
 def test_dropping_a_condition_removes_its_contribution():
     spec, model, params, (t, s, c) = build()
     keep = {"text": jnp.array([True, False])}
@@ -164,6 +188,8 @@ def test_condition_stream_has_no_output_and_drives_video():
         ({"streams.video.shape": (3, 5, 4)}, r"model.streams.video: latent H=5 is not divisible by patch 2"),
         ({"attention": {"impl": "flash9"}}, r"model.attention.impl='flash9'"),
         ({"remat": "some"}, r"model.remat='some'"),
+        ({"streams.audio.key_frame_embedding": True}, r"model.streams.audio.key_frame_embedding=True: only a generated grid"),
+        ({"streams.video.key_frame_embedding": 1}, r"model.streams.video.key_frame_embedding=1: use True or False"),
     ],
 )
 def test_bad_configs_name_the_field(over, match):

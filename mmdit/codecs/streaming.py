@@ -36,6 +36,8 @@ import abc
 
 import numpy as np
 
+from mmdit.codecs.stft import HannSTFT
+
 
 class StreamDecoder(abc.ABC):
     """One stream's incremental decode (module docstring). ``kind`` is ``"video"`` or ``"audio"``;
@@ -196,7 +198,8 @@ class MelStreamDecoder(StreamDecoder):
     are no larger than inside chunks. Lookahead 1..4 changes these little.
 
     Latency: ``lookahead`` latents (default 2 = 80 ms at 25 latents/s) plus ``n_fft/2`` samples of overlap.
-    Cost per push: ``griffin_lim_iters`` STFT/ISTFT pairs over (new frames + ~8 frames).
+    Cost per push: ``griffin_lim_iters`` STFT/ISTFT pairs over (new frames + ~8 frames), through
+    :class:`mmdit.codecs.stft.HannSTFT` (librosa's transforms without their per-call set-up).
     """
 
     kind = "audio"
@@ -208,6 +211,7 @@ class MelStreamDecoder(StreamDecoder):
         self.rate = float(codec.sample_rate)
         self.lookahead = int(lookahead)
         self.hop, self.n_fft = codec.hop_length, codec.n_fft
+        self._stft = HannSTFT(self.n_fft, self.hop)
         self._context = -(-self.n_fft // self.hop)  # frozen frames that overlap a free frame
         bins = self.n_fft // 2 + 1
         self._base = 0  # global index of the first stored frame
@@ -250,9 +254,7 @@ class MelStreamDecoder(StreamDecoder):
             self._phase = np.concatenate([self._phase, np.exp(2j * np.pi * new).astype(np.complex64)], axis=-1)
         lo = start - self._base
         fixed = self._frozen - start  # frozen frames at the head of the window
-        wave, phase = _griffin_lim(
-            self._mag[..., lo:], self._phase[..., lo:], fixed, self.codec.griffin_lim_iters, self.n_fft, hop
-        )
+        wave, phase = _griffin_lim(self._mag[..., lo:], self._phase[..., lo:], fixed, self.codec.griffin_lim_iters, self._stft)
         out = wave[:, self._emitted - hop * start : end - hop * start]
         self._phase[..., lo:] = phase
         # freeze every frame that touched an emitted sample; keep only what the next window needs
@@ -263,26 +265,23 @@ class MelStreamDecoder(StreamDecoder):
         return np.clip(out, -1.0, 1.0).astype(np.float32)
 
 
-def _griffin_lim(mag, phase, fixed: int, n_iter: int, n_fft: int, hop: int) -> tuple[np.ndarray, np.ndarray]:
+def _griffin_lim(mag, phase, fixed: int, n_iter: int, stft: HannSTFT) -> tuple[np.ndarray, np.ndarray]:
     """Fast Griffin-Lim (librosa's update) over frames ``mag [B, F, n]`` from unit phasors ``phase [B, F, n]``,
     the first ``fixed`` frames' phases held. Returns ``(wave [B, hop*(n-1)] from the window's first frame's
     centre, final unit phasors [B, F, n])``."""
-    import librosa
-
-    kw = dict(n_fft=n_fft, hop_length=hop, win_length=n_fft, center=True)
-    length = hop * (mag.shape[-1] - 1)
+    length = stft.hop * (mag.shape[-1] - 1)
     angles = (mag * phase).astype(np.complex64)
     held = angles[..., :fixed].copy()
     eps = np.finfo(np.float32).tiny
     momentum = 0.99
     tprev = None
     for _ in range(n_iter):
-        rebuilt = librosa.stft(librosa.istft(angles, length=length, **kw), pad_mode="constant", **kw)
+        rebuilt = stft.project(angles, length)
         angles = rebuilt - (momentum / (1 + momentum)) * tprev if tprev is not None else rebuilt.copy()
         angles /= np.abs(angles) + eps
         angles *= mag
         angles[..., :fixed] = held
         tprev = rebuilt
-    wave = librosa.istft(angles, length=length, **kw)
+    wave = stft.istft(angles, length)
     unit = np.where(mag > 0, angles / np.maximum(mag, eps), phase)
     return wave.astype(np.float32), unit.astype(np.complex64)

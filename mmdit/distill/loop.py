@@ -219,12 +219,6 @@ def _distill_locked(
     note = sampling_mismatch(cfg, dspec)
     if note:
         log(note)
-    first_frame_weight = config_spec.flow_spec(cfg, student_model.spec).first_frame_weight
-    if first_frame_weight != 1.0:
-        log(
-            f"note: flow.first_frame_weight={first_frame_weight:g} weighs the key frame in training's flow loss (the "
-            "teacher's); distillation's DMD, fake-score and regression losses weigh every token alike"
-        )
     teacher_step = _teacher_step(workdir, dspec.teacher_step)
     _, teacher_params, teacher_step = teacher_lib.load_teacher(dspec.teacher, teacher_step, dspec.teacher_params)
     teacher_params = jax.device_put(teacher_params, teacher_sh)

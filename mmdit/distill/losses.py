@@ -58,7 +58,9 @@ def dmd_normaliser(x: Streams, x0_real: Streams, weights: Streams) -> jax.Array:
     return jnp.maximum(total / jnp.maximum(count, 1.0), NORM_EPS)
 
 
-def dmd_generator_loss(x: Streams, x0_real: Streams, x0_fake: Streams, known=None, valid=None, stream_weights=None):
+def dmd_generator_loss(
+    x: Streams, x0_real: Streams, x0_fake: Streams, known=None, valid=None, stream_weights=None, token_weights=None
+):
     """The DMD generator loss of the student's sample ``x`` (module docstring).
 
     Args:
@@ -67,6 +69,8 @@ def dmd_generator_loss(x: Streams, x0_real: Streams, x0_fake: Streams, known=Non
         ``x`` (gradients are stopped here).
       known, valid: ``{s: bool [B, S]}`` (supervised = valid and not known).
       stream_weights: ``{s: float}`` (default 1).
+      token_weights: ``{s: float32 [S]}`` relative weights of a stream's tokens (``flow_loss``'s; e.g.
+        :func:`mmdit.train.step.first_frame_weights`); the normaliser stays unweighted.
 
     Returns:
       ``(loss, metrics)``: scalar float32 and ``{"dmd/grad_abs": mean |grad| over supervised elements, "dmd/normaliser":
@@ -79,22 +83,29 @@ def dmd_generator_loss(x: Streams, x0_real: Streams, x0_fake: Streams, known=Non
     norm = jax.lax.stop_gradient(dmd_normaliser(jax.lax.stop_gradient(dict(x)), x0_real, w))
     grad = {n: (x0_fake[n] - x0_real[n]) / norm[:, None, None] for n in x}
     target = {n: jax.lax.stop_gradient(x[n].astype(jnp.float32) - grad[n]) for n in x}
-    mse, _ = flow.flow_loss(dict(x), target, known, valid=valid, stream_weights=stream_weights)
+    mse, _ = flow.flow_loss(dict(x), target, known, valid=valid, stream_weights=stream_weights, token_weights=token_weights)
     count = sum(jnp.sum(w[n]) * x[n].shape[-1] for n in x)
     grad_abs = sum(jnp.sum(jnp.abs(grad[n]) * w[n][..., None]) for n in x) / jnp.maximum(count, 1.0)
     return 0.5 * mse, {"dmd/grad_abs": grad_abs, "dmd/normaliser": jnp.mean(norm)}
 
 
-def fake_score_loss(pred_velocity: Streams, x: Streams, noise: Streams, known=None, valid=None, stream_weights=None):
+def fake_score_loss(
+    pred_velocity: Streams, x: Streams, noise: Streams, known=None, valid=None, stream_weights=None, token_weights=None
+):
     """The critic's flow-matching loss: its velocity ``pred_velocity`` at ``x`` noised with
-    ``noise`` against ``noise − x`` (``x`` the student's sample, gradient stopped). ``(loss, metrics)``."""
+    ``noise`` against ``noise − x`` (``x`` the student's sample, gradient stopped), tokens weighted as
+    the teacher's training weighed them (``token_weights``). ``(loss, metrics)``."""
     x = jax.tree.map(jax.lax.stop_gradient, dict(x))
     target = flow.velocity_target(x, dict(noise))
-    return flow.flow_loss(dict(pred_velocity), target, known, valid=valid, stream_weights=stream_weights)
+    return flow.flow_loss(
+        dict(pred_velocity), target, known, valid=valid, stream_weights=stream_weights, token_weights=token_weights
+    )
 
 
-def regression_loss(x0_student: Streams, x0_teacher: Streams, known=None, valid=None, stream_weights=None):
+def regression_loss(x0_student: Streams, x0_teacher: Streams, known=None, valid=None, stream_weights=None, token_weights=None):
     """Masked MSE of the student's clean prediction against the teacher's ODE endpoint
     (``x0_teacher``, gradient stopped). ``(loss, metrics)``; exactly 0 when they agree."""
     target = jax.tree.map(jax.lax.stop_gradient, dict(x0_teacher))
-    return flow.flow_loss(dict(x0_student), target, known, valid=valid, stream_weights=stream_weights)
+    return flow.flow_loss(
+        dict(x0_student), target, known, valid=valid, stream_weights=stream_weights, token_weights=token_weights
+    )

@@ -36,7 +36,7 @@ from mmdit.distill.cached_rollout import IMPLS, CachedRollout, serving_impl
 from mmdit.distill.rollout import predict_chunks, renoise, student_rollout
 from mmdit.distill.spec import PAIR_STATE, PAIR_TARGET
 from mmdit.sample.sampler import Sampler
-from mmdit.train.step import apply_gradients, split_batch
+from mmdit.train.step import apply_gradients, first_frame_weights, split_batch
 
 
 def guided_teacher(teacher_model, teacher_cfg, guidance):
@@ -69,6 +69,8 @@ def make_step(
     fl = config_spec.flow_spec(cfg, spec)
     ema_decay = config_spec.train_spec(cfg).ema_decay
     stream_weights = dict(fl.stream_weights)
+    # the key frame weighs in every loss as in the teacher's training (flow.first_frame_weight; None when 1)
+    token_weights = first_frame_weights(spec, fl.first_frame_weight)
     step_list = tuple(dspec.denoising_step_list)
     K = len(step_list)
     teacher_velocity = guided_teacher(teacher_model, teacher_cfg, dspec.guidance)
@@ -129,7 +131,7 @@ def make_step(
                 )
                 x0_real = losses.clean_prediction(x_t, v_real, sig)
                 x0_fake = losses.clean_prediction(x_t, v_fake, sig)
-                l_dmd, m = losses.dmd_generator_loss(x, x0_real, x0_fake, gen_known, gen_valid, stream_weights)
+                l_dmd, m = losses.dmd_generator_loss(x, x0_real, x0_fake, gen_known, gen_valid, stream_weights, token_weights)
                 total = dspec.dmd_weight * l_dmd
                 m = {**m, "gen/dmd_loss": l_dmd}
                 if dspec.regression_weight > 0:
@@ -165,7 +167,7 @@ def make_step(
                 pred = predict(params, jax.lax.stop_gradient(x_k), context, sigma_k, masks, raw, keep_k)
                 known_k = {n: masks.known[n] for n in spec.generated}
                 valid_k = {n: masks.valid[n] for n in spec.generated}
-                loss, _ = losses.regression_loss(pred, endpoint, known_k, valid_k, stream_weights)
+                loss, _ = losses.regression_loss(pred, endpoint, known_k, valid_k, stream_weights, token_weights)
                 return loss
 
             (g_loss, g_metrics), grads = jax.value_and_grad(generator_loss, has_aux=True)(student.params)
@@ -182,7 +184,7 @@ def make_step(
 
         def critic_loss(params):
             v = teacher_model.velocity(params, {**clean, **x_t}, sig, raw, cond_keep=keep, known=tm.known, valid=tm.valid)
-            return losses.fake_score_loss(v, x, noise, gen_known, gen_valid, stream_weights)
+            return losses.fake_score_loss(v, x, noise, gen_known, gen_valid, stream_weights, token_weights)
 
         (c_loss, _), c_grads = jax.value_and_grad(critic_loss, has_aux=True)(state.critic.params)
         updates, opt_state = critic_tx.update(c_grads, state.critic.opt_state, state.critic.params)

@@ -207,9 +207,18 @@ class StreamIO(nn.Module):
         self.silence = {c: SilenceEmbedding(a.dim, sp.param_dtype, name=f"silence_{c}") for c in silent}
         if not a.geometry.condition:
             self.head = OutputHead(a.dim, a.geometry.token_dim, sp.eps, sp.dtype, sp.param_dtype)
+        if a.key_frame_embedding:
+            init = nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",))
+            self.key_frame = self.param("key_frame", init, (a.dim,), sp.param_dtype)
 
-    def embed(self, tokens, sigma, conds):
+    def embed(self, tokens, sigma, conds, chunk_index=0):
+        """``(x [B, S, D], temb, modulation, condition embeddings)``. With ``key_frame_embedding`` the tokens of the
+        stream's first temporal position get the learned ``key_frame`` vector added -- in a streaming chunk model
+        only in chunk 0 (``chunk_index``, int32 scalar, may be traced)."""
         x = self.patch_embedding(tokens).astype(jnp.float32)
+        if self.arch.key_frame_embedding:
+            first = jnp.asarray(self.arch.geometry.positions()[:, 0] == 0) & (jnp.asarray(chunk_index) == 0)
+            x = x + first[None, :, None].astype(jnp.float32) * self.key_frame.astype(jnp.float32)
         temb, mod = self.time_embedding(sigma)
         c = {name: self.cond_embedding[name](conds[name]) for name in self.spec.attended(self.arch)}
         for name, silence in self.silence.items():  # silence mode: the learned embedding where speaking_frames is 0
@@ -327,7 +336,7 @@ class MMDiT(nn.Module):
             if a.concat:  # Wan I2V: per-token condition channels joined to the tokens (= channel concat before patchify)
                 extra = [conds[c] * cond_keep[c][:, None, None].astype(conds[c].dtype) for c in a.concat]
                 tok = jnp.concatenate([tok] + [e.astype(tok.dtype) for e in extra], axis=-1)
-            xs[a.name], temb[a.name], mod[a.name], cemb[a.name] = io[a.name].embed(tok, sig, conds)
+            xs[a.name], temb[a.name], mod[a.name], cemb[a.name] = io[a.name].embed(tok, sig, conds, chunk_index)
             xs[a.name] = nn.with_logical_constraint(xs[a.name], ("batch", "length", "embed"))
         meta = self.token_meta(batch, known, valid, chunk_index, time_offset)
         rope = lambda a, t: stream_angles(a.geometry, t, sp.head_dim, sp.rope_theta)  # noqa: E731

@@ -59,6 +59,7 @@ class StreamArch:
     cross: tuple[str, ...]  # conditions this stream cross-attends (outputs summed)
     time_factor: float | None = None
     concat: tuple[str, ...] = ()  # per-token conditions concatenated to the tokens before the patch embedding
+    key_frame_embedding: bool = False  # a learned vector added to the stream's first temporal token position
 
     @property
     def name(self) -> str:
@@ -307,7 +308,15 @@ def build_spec(model_cfg, platform: str | None = None) -> ModelSpec:
                     f"model.streams.{name}.cross names condition {c!r}, which is not in "
                     f"model.conditions ({cond_names}); add it there or remove it from the stream"
                 )
-        archs.append(StreamArch(spec, dim, int(s.ffn), cross, s.get("time_factor", None), tuple(s.get("concat", ()))))
+        key_frame = s.get("key_frame_embedding", False)
+        if not isinstance(key_frame, bool):
+            raise ValueError(f"model.streams.{name}.key_frame_embedding={key_frame!r}: use True or False")
+        if key_frame and (spec.kind != "grid" or spec.condition):
+            raise ValueError(
+                f"model.streams.{name}.key_frame_embedding=True: only a generated grid (video) stream has a key frame; "
+                "remove it from this stream"
+            )
+        archs.append(StreamArch(spec, dim, int(s.ffn), cross, s.get("time_factor", None), tuple(s.get("concat", ())), key_frame))
     if head_dim is None:
         dims = {a.dim for a in archs}
         if len(dims) > 1:

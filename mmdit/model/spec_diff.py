@@ -66,6 +66,7 @@ def spec_fields(spec: ModelSpec) -> dict:
             "cross": list(a.cross),
             "time_factor": a.time_factor,
             "concat": list(a.concat),
+            "key_frame_embedding": a.key_frame_embedding,
         }
     conditions = {
         c.name: {f.name: getattr(c, f.name) for f in dataclasses.fields(c) if f.name != "name"} for c in spec.conditions
