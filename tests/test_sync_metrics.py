@@ -147,6 +147,11 @@ def test_flicker_pairs_tell_a_glitched_frame_from_a_shimmer(clips):
     assert fig["flicker_worst_pair"] == pytest.approx(pairs.max())
     assert fig["flicker_median"] == pytest.approx(background_flicker(shimmer))
     assert fig["flicker"] > 3 * fig["flicker_median"]
+    assert fig["flicker_glitch_clips"] == pytest.approx(1 / 3) and fig["flicker_glitch_clips_gt"] == 0.0
+    from mmdit.eval.run import format_table
+
+    table = format_table({"t2av": {**fig, "num": 3, "sync_corr_mean": 0.5, "sync_offset_median": 0.0}})
+    assert "t2av: a glitched frame (background change > 1e-3 between two frames) in 1 of 3 clips (ground truth 0)" in table
 
 
 def test_identity_vs_given_frame(clips):

@@ -43,6 +43,9 @@ class ClipSet:
         return out
 
 
+GLITCH_PAIR = 1e-3  # a frame pair's background change above this (~8 grey levels on every pixel) is a glitched frame
+
+
 def task_figures(clips: ClipSet, truth: ClipSet, truth_levels: dict, task: str | None, max_offset: int) -> dict:
     """JSON-able figures of ``clips`` (one task's samples; ``task=None`` for the ground truth itself)
     against ``truth`` (the same eval records decoded from their true latents) whose
@@ -53,7 +56,8 @@ def task_figures(clips: ClipSet, truth: ClipSet, truth_levels: dict, task: str |
     ``fd`` / ``fd_floor``; ``flicker`` / ``flicker_gt`` (mean over clips), ``flicker_median`` /
     ``flicker_median_gt`` (median over clips: the typical clip, unmoved by one glitched clip) and
     ``flicker_worst_pair`` / ``flicker_worst_pair_gt`` (the largest change between two consecutive frames of any
-    clip: a glitched frame); for ``ti2av`` also
+    clip: a glitched frame), ``flicker_glitch_clips`` / ``_gt`` (the share of clips with a frame pair above
+    :data:`GLITCH_PAIR`); for ``ti2av`` also
     ``identity_ref_hist_sim`` / ``identity_ref_thumb_cos`` vs the given first frame and their ``_gt``
     ceilings.
     """
@@ -71,6 +75,7 @@ def task_figures(clips: ClipSet, truth: ClipSet, truth_levels: dict, task: str |
         out["flicker" + suffix] = float(np.mean(per_clip))
         out["flicker_median" + suffix] = float(np.median(per_clip))
         out["flicker_worst_pair" + suffix] = float(max(p.max() for p in pairs))
+        out["flicker_glitch_clips" + suffix] = float(np.mean([p.max() > GLITCH_PAIR for p in pairs]))
     if task == "ti2av":
         ref = [identity_vs_reference(x, t[0]) for x, t in zip(clips.frames, truth.frames)]
         ceil = [identity_vs_reference(t, t[0]) for t in truth.frames]

@@ -205,6 +205,13 @@ def format_table(results: dict) -> str:
         "mean and median over clips, worst = the largest change between two consecutive frames of any clip"
     )
     for task, r in results.items():
+        if r.get("flicker_glitch_clips", 0.0) > 0.0:
+            lines.append(
+                f"{task}: a glitched frame (background change > 1e-3 between two frames) in "
+                f"{round(r['flicker_glitch_clips'] * r['num'])} of {r['num']} clips "
+                f"(ground truth {round(r.get('flicker_glitch_clips_gt', 0.0) * r['num'])})"
+            )
+    for task, r in results.items():
         if r.get("face_found", 1.0) < 1.0:
             lost = round((1.0 - r["face_found"]) * r["num"])
             lines.append(f"{task}: no face found in {lost} of {r['num']} clips (scored on the centred portrait layout)")
