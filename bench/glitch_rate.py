@@ -3,7 +3,7 @@
 A glitched frame (a frame pair whose background changes by more than ``mmdit.eval.figures.GLITCH_PAIR``, ~8 grey
 levels on every pixel) turns up in a few percent of the demo's T2AV clips, too rarely for the 16-clip eval to
 compare two models. This samples ``--seeds`` x the eval clips per workdir (the same clips and seeds for every
-workdir, EMA params) and prints, per workdir, the clips with a glitch, the flicker figures and the strict sync
+workdir, EMA params; ``mmdit.eval.run.evaluate`` once per seed) and prints, per workdir, the clips with a glitch, the flicker figures and the strict sync
 fractions (``mmdit.eval.figures.task_figures``, averaged over seeds), with the ground truth's beside them. JSON
 to ``--out``.
 
@@ -16,16 +16,11 @@ import argparse
 import os
 import sys
 
-import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mmdit.eval.chance import sync_levels  # noqa: E402
-from mmdit.eval.figures import ClipSet, task_figures  # noqa: E402
-from mmdit.eval.run import ClipDecoder, eval_batch  # noqa: E402
-from mmdit.model.diffusion import DiffusionModel  # noqa: E402
-from mmdit.sample.sampler import Sampler  # noqa: E402
+from mmdit.eval.run import evaluate  # noqa: E402
 from mmdit.train.checkpoint import restore_inference_params  # noqa: E402
 from mmdit.util.files import write_json_atomic  # noqa: E402
 
@@ -33,28 +28,16 @@ KEYS = ("fraction_at_0", "fraction_change", "fd", "flicker", "flicker_median", "
 
 
 def measure(workdir: str, data: str, task: str, seeds: int, num: int) -> dict:
+    """``mmdit.eval.run.evaluate`` of ``task`` at sampling seeds ``0 .. seeds-1``, its figures averaged over seeds
+    (the worst pair: the max) and the glitched clips counted."""
     cfg, params = restore_inference_params(workdir)
-    model = DiffusionModel.from_config(cfg)
-    batch = eval_batch(data, num)
-    schema = model.input_spec()
-    known, raw = schema.latents_of(batch), schema.conditions_of(batch)
-    decode = ClipDecoder(cfg, model.spec, known, raw)
-    truth = ClipSet.measure(*decode(known))
-    levels = sync_levels(truth.mouths, truth.envelopes, 8)
-    sampler = Sampler(model, cfg)
-    per_seed = []
-    for s in range(seeds):
-        lat = sampler.sample(
-            params, jax.random.fold_in(jax.random.key(s), 0), task=task, batch=num, known_latents=known, raw_conds=raw
-        )
-        per_seed.append(task_figures(ClipSet.measure(*decode(lat)), truth, levels, task, 8))
+    per_seed = [evaluate(cfg, params, data, num=num, seed=s, tasks=(task,), write_videos=False)[task] for s in range(seeds)]
     out = {k: float(np.mean([f[k] for f in per_seed])) for k in KEYS}
     out["flicker_worst_pair"] = max(f["flicker_worst_pair"] for f in per_seed)
     out["clips"] = seeds * num
     out["clips_with_glitch"] = int(round(sum(f["flicker_glitch_clips"] * num for f in per_seed)))
-    out.update(
-        {k + "_gt": per_seed[0][k + "_gt"] for k in ("flicker", "flicker_median", "flicker_worst_pair", "flicker_glitch_clips")}
-    )
+    gt = ("flicker", "flicker_median", "flicker_worst_pair", "flicker_glitch_clips")
+    out.update({k + "_gt": per_seed[0][k + "_gt"] for k in gt})
     out["fd_floor"] = per_seed[0]["fd_floor"]
     return out
 

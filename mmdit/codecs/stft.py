@@ -7,7 +7,10 @@ librosa rebuilds the window (through scipy) and the window's sum of squares on e
 pads its input, ~0.35 ms a call, which is most of a streamed chunk's audio decode when Griffin-Lim runs
 32 STFT/ISTFT pairs over a window of a few frames (``MelStreamDecoder``). Here the window is a constant,
 framing is a strided view, the transforms are ``numpy.fft.rfft`` / ``irfft`` and the overlap-add and its
-normalisation (the window's sum of squares per output length) are cached per frame count.
+normalisation (the window's sum of squares per output length) are cached per frame count. scipy's reusable
+``scipy.signal.ShortTimeFFT`` was the library candidate; at the streaming decoder's size (1024-point frames, hop
+640, 10 frames) it took 331 us per STFT against 53 us here (and 648 us per STFT+ISTFT against 101 us for
+:meth:`HannSTFT.project`), so it would give back most of the gain.
 """
 
 from __future__ import annotations

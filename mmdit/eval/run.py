@@ -23,7 +23,7 @@ from mmdit.data import media
 from mmdit.data.records import open_dataset
 from mmdit.eval import contact_sheet
 from mmdit.eval.chance import sync_levels
-from mmdit.eval.figures import ClipSet, sheet, task_figures
+from mmdit.eval.figures import GLITCH_PAIR, ClipSet, sheet, task_figures
 from mmdit.eval.lipsync import evaluate_clip
 from mmdit import tasks as tasks_lib
 from mmdit.util import preflight
@@ -207,7 +207,7 @@ def format_table(results: dict) -> str:
     for task, r in results.items():
         if r.get("flicker_glitch_clips", 0.0) > 0.0:
             lines.append(
-                f"{task}: a glitched frame (background change > 1e-3 between two frames) in "
+                f"{task}: a glitched frame (background change > {GLITCH_PAIR:g} between two frames) in "
                 f"{round(r['flicker_glitch_clips'] * r['num'])} of {r['num']} clips "
                 f"(ground truth {round(r.get('flicker_glitch_clips_gt', 0.0) * r['num'])})"
             )
