@@ -70,6 +70,8 @@ def get_config(arg=None):
     # loss weight of each generated grid stream's first temporal token position against 1 for the others: the key
     # frame a residual codec (codecs.video.residual_gain) codes every later frame against
     c.flow.first_frame_weight = 1.0
+    # weight of the error of frame-to-frame changes on grid streams (flow.temporal_difference_loss; 0: off)
+    c.flow.temporal_difference_weight = 0.0
     c.flow.silence_dropout = 0.0  # fraction of clips trained in silence mode (model.conditions.<c>.silence_embedding)
 
     c.tasks = mlc.ConfigDict(dict(t2av=1.0))  # task -> sampling weight (see mmdit/tasks.py)

@@ -18,14 +18,17 @@ Video patch ``1x2x2``, so 52 video + 13 audio tokens, each exactly 128 wide: a t
 model dim (``1x4x4`` video, or 64-mel audio: 512) cannot carry its own noise through the 128-d
 residual, and training stalls (audio/video loss 1.07/0.93 at step 900, against 0.57/0.30 with
 128-wide tokens and 0.43/0.23 for the default).
-Measured with the default's four additions (2,400 steps, ``python3 bench/demo_quality.py --config demo:wan4
---skip-ablation --num 16``, 8.1 min of training on 2 shared cores; ``bench/results/demo_quality_wan4.json``): strict
-sync, fraction of the way from chance to ceiling (lag-0 / change), T2AV 0.69 / 0.55, TI2AV 0.76 / 0.64, TV2A
-0.93 / 0.86, A2V 0.78 / 0.67 (T2AV r@0 0.60 against chance 0.01, ceiling 0.87; untrained at chance); the
+Measured with the default's five additions (2,400 steps, ``python3 bench/demo_quality.py --config demo:wan4
+--skip-ablation --num 16``, 5.4 min of training on 2 cores; ``bench/results/demo_quality_wan4.json``): strict
+sync, fraction of the way from chance to ceiling (lag-0 / change), T2AV 0.94 / 0.87, TI2AV 0.93 / 0.84, TV2A
+0.99 / 0.96, A2V 0.88 / 0.78 (T2AV r@0 0.81 against chance -0.01, ceiling 0.87; untrained at chance); the
 cross-stream probe's audio time-shift ratio at sigma 0.9 is 0.19 (untrained 1.00), so the audio reads the
-video's timing; the frames' Fréchet distance sits at the ground truth's floor (1.84 vs 1.86), TI2AV identity
-0.88 (ground truth 0.92). Without the additions (``wan4,plain``, 8 clips, measured earlier) T2AV's lag-0 fraction
-was 0.21 with probe ratio 0.54: the 4-frame layout now learns sync, still below the per-frame default. One addition
+video's timing; T2AV's Fréchet distance 2.50 (floor 1.86), TI2AV identity 0.89 (ground truth 0.92), T2AV flicker
+1.1e-4 (ground truth 2.1e-6). With the first four only (before the temporal-difference loss,
+``bench/results/demo_quality_wan4_before_tdiff.json``, one training seed each) it was 0.69 / 0.55, 0.76 / 0.64,
+0.93 / 0.86, 0.78 / 0.67, Fréchet 1.84, flicker 1.5e-4: the term that prices frame-to-frame changes also lifted
+this layout's sync to the per-frame default's level. Without the additions (``wan4,plain``, 8 clips, measured
+earlier) T2AV's lag-0 fraction was 0.21 with probe ratio 0.54. One addition
 at a time (16 clips): ``wan4,plain,x0`` gives 0.78 / 0.64, 0.81 / 0.67, 0.05 / 0.07 (TV2A at chance), 0.81 / 0.72
 (``bench/results/demo_quality_wan4_plain_x0.json``), ``wan4,plain,jointcfg`` 0.11 / 0.08, 0.14 / 0.09, 0.30 / 0.25,
 0.13 / 0.10 (``..._jointcfg.json``): x-prediction is what carries sync into this layout (``configs/mirage.py`` now
@@ -33,7 +36,7 @@ predicts x0).
 
 Text: byte tokens through a small trainable encoder, cross-attended by both streams.
 
-The default adds four things to that model (the ``plain`` variant leaves all four out; ``plain,<name>`` adds one):
+The default adds five things to that model (the ``plain`` variant leaves all five out; ``plain,<name>`` adds one):
 
 * **Joint guidance** (``jointcfg``, :func:`mmdit.config_lib.use_joint_guidance`): cross-stream attention is dropped for 10% of the
   training samples (each stream then attends only to itself) and sampling guides by it,
@@ -46,6 +49,15 @@ The default adds four things to that model (the ``plain`` variant leaves all fou
   and the mouth's motion is the whole signal there; frame 0's token weighs 16 in the video loss;
 * **x-prediction** (``x0``): the output heads predict the clean tokens and the model returns the implied velocity
   (``model.prediction="x0"``, JiT), so no head has to carry its 128-wide input's noise through.
+* **the error of frame-to-frame changes in the loss** (``tdiff``, ``flow.temporal_difference_weight=1``,
+  :func:`mmdit.flow.temporal_difference_loss`): besides each frame's error, the error of each change between
+  consecutive video frames (after the key frame), so a mistake that stays put costs less than one that jumps.
+  It is what removed the rare glitched frame (a whole frame off in colour): over 16 eval clips x 10 sampling seeds
+  (``python3 bench/glitch_rate.py --workdir <run> --seeds 10``, ``bench/results/glitch_rate_tdiff.json``), T2AV clips
+  with a glitched frame went 10 -> 0 of 160 (training seed 0) and 15 -> 1 (seed 1), mean background flicker
+  5.6e-5 -> 1.9e-5 and 7.4e-5 -> 2.2e-5 (median clip 2.1e-5 -> 1.6e-5, 2.3e-5 -> 1.9e-5; ground truth 2.1e-6), lag-0 /
+  change sync 0.88 / 0.79 -> 0.91 / 0.84 and 0.91 / 0.83 -> 0.91 / 0.85, T2AV Fréchet distance 2.66 -> 2.30 and
+  2.66 -> 2.95 (floor 1.86). Weight 4 (seed 0): 1 of 160 glitched, flicker 1.7e-5, FD 2.96, so 1.
 
 Measured on 2 cores (2,400 steps, ~7 min of training; ``mmdit-eval`` figures, fraction of the way from chance to
 the ground-truth ceiling, lag-0 / change correlation; one training seed per row, so differences of ~0.05 are
@@ -60,8 +72,9 @@ run (clips)                    T2AV         TI2AV        TV2A         A2V       
 + ``x0`` alone (8)             0.90 / 0.83  0.88 / 0.82  0.60 / 0.54  0.94 / 0.88  0.65         2.58/4.05  9.2e-5
 + residual, weight 1 (8)       0.46 / 0.31  0.89 / 0.71  0.99 / 0.91  0.56 / 0.38  0.74         4.38/4.05  1.2e-3
 + residual, weight 16 (8)      0.93 / 0.79  0.94 / 0.81  1.02 / 0.96  0.85 / 0.73  0.65         9.84/4.05  2.0e-3
-**default** (+ ``x0``, 16)     0.89 / 0.80  0.91 / 0.82  1.01 / 1.00  0.89 / 0.80  0.91         3.28/1.86  9.0e-5
-default, residual gain 4 (8)   0.80 / 0.73  0.93 / 0.84  0.99 / 0.94  0.92 / 0.85  0.91         5.65/4.05  2.2e-4
++ ``x0`` (16)                  0.89 / 0.80  0.91 / 0.82  1.01 / 1.00  0.89 / 0.80  0.91         3.28/1.86  9.0e-5
+**default** (+ ``tdiff``, 16)  0.92 / 0.85  0.95 / 0.89  1.00 / 0.98  0.91 / 0.86  0.91         2.18/1.86  1.8e-5
++ ``x0``, residual gain 4 (8)  0.80 / 0.73  0.93 / 0.84  0.99 / 0.94  0.92 / 0.85  0.91         5.65/4.05  2.2e-4
 =============================  ===========  ===========  ===========  ===========  ===========  =========  ========
 
 (TI2AV identity: colour-histogram similarity to the given frame; the ground truth's is 0.92.) Joint guidance
@@ -69,12 +82,12 @@ moves sync most; guided harder (4, 6) sync keeps rising while the Fréchet dista
 codec alone loses T2AV: its key frame is one token of 49 and came out grey and blurred until it weighed 16.
 x-prediction is what cleans the frames (alone, on the absolute codec: ``plain,ref,jointcfg,x0``, T2AV flicker
 down ~60x, its frames at the ground truth's Fréchet floor); with the residual codec TI2AV also keeps the given
-identity at the ground truth's level and its flicker drops another 9x, and TV2A is exact. The background still
-flickers ~40x the ground truth's static background in T2AV (most clips ~1e-5, a few with a single wrong frame),
-8x in TI2AV.
+identity at the ground truth's level and its flicker drops another 9x, and TV2A is exact. The temporal-difference
+loss then took out the rare single wrong frame that kept T2AV's mean flicker at ~40x the ground truth's static
+background (below); it still flickers ~9x in T2AV and ~7x in TI2AV (most clips ~1-2e-5, one grey level of shimmer).
 
 Variants: ``tiny`` (tests: 2 layers, 48-wide, 17 frames, few steps); ``wan4`` (above; combines
-with the others); ``plain`` (none of the four: the model ``demo_stream`` and ``demo_distill`` build on);
+with the others); ``plain`` (none of the five: the model ``demo_stream`` and ``demo_distill`` build on);
 ``plain,ref`` / ``plain,jointcfg`` / ``plain,residual`` / ``plain,x0`` (one of them; combine with commas);
 ``nojoint`` (the ablation: ``model.joint_layers=()``, no cross-stream attention at all, so no joint guidance
 either; ``bench/demo_quality.py`` trains it); ``keyframe`` (``model.streams.video.key_frame_embedding``: a learned
@@ -101,6 +114,7 @@ def get_config(arg=None):
         x0=False,
         nojoint=False,
         keyframe=False,
+        tdiff=False,
     )
     c = config_lib.sibling(__file__, "base")
 
@@ -182,6 +196,8 @@ def get_config(arg=None):
         c.model.streams.video.key_frame_embedding = True
     if v.x0 or not v.plain:
         c.model.prediction = "x0"  # JiT's x-prediction (configs/base.py): the heads give clean tokens
+    if v.tdiff or not v.plain:  # the error of frame-to-frame changes in the loss (flow.temporal_difference_loss)
+        c.flow.temporal_difference_weight = TEMPORAL_DIFFERENCE_WEIGHT
     if v.nojoint:  # the ablation: no cross-stream attention, so nothing for joint guidance to drop
         c.model.joint_layers = ()
     elif v.jointcfg or not v.plain:
@@ -203,6 +219,7 @@ def use_reference_frame(c) -> None:
 
 
 RESIDUAL_GAIN = 2.0
+TEMPORAL_DIFFERENCE_WEIGHT = 1.0  # 4 measured no cleaner and a worse T2AV Fréchet distance (module docstring)
 
 
 def use_residual_frames(c, gain: float, first_frame_weight: float = 16.0) -> None:

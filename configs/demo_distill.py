@@ -25,9 +25,11 @@ A2V 0.83 -> 0.90, background flicker 7.6e-3 -> 5.5e-3.
 
 Variants: ``tiny`` (tests: the tiny demo world, a few iterations), ``steps4`` (a 4-step student),
 ``warmup`` (the regression-only warm-up above) and ``full`` (the student of the demo's default teacher, with its
-four additions -- reference channels, joint guidance, the residual codec, x-prediction -- instead of ``plain``;
+additions -- reference channels, joint guidance, the residual codec, x-prediction, the temporal-difference loss --
+instead of ``plain``;
 the teacher's text-then-joint CFG is what DMD distils); combine with commas (``tiny,warmup``).
-Measured (``full``, 16 clips, ``bench/results/distill_table_full.json``): the x-predicting default teacher keeps
+Measured (``full``, 16 clips, ``bench/results/distill_table_full.json``; its teacher trained before the temporal-difference
+loss joined the default): the x-predicting default teacher keeps
 its sync at 2 Euler steps (T2AV lag-0 r 0.78 vs 0.79 at 25), and the 2-step student reaches 0.72 in T2AV, 0.81 in
 A2V (teacher 0.79; 0.69 / 0.82 before the distill losses weighed the key frame like training's
 ``flow.first_frame_weight``), 7.7x faster than the 25-step teacher at batch 1, 15x at batch 16. Other

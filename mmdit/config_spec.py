@@ -159,6 +159,7 @@ class FlowSpec:
     chunk_noise: str = "shared"  # flow.CHUNK_NOISE_MODES; other than "shared" only with model.chunk_frames
     silence_dropout: float = 0.0  # fraction of clips put in silence mode (flow.silence_dropout)
     first_frame_weight: float = 1.0  # loss weight of a grid stream's first temporal token position (its key frame)
+    temporal_difference_weight: float = 0.0  # weight of flow.temporal_difference_loss on grid streams (0: off)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,6 +270,7 @@ def flow_spec(cfg, model: ModelSpec) -> FlowSpec:
         chunk_noise=chunk_noise,
         silence_dropout=_silence_dropout(f.silence_dropout, model),
         first_frame_weight=_number("flow", "first_frame_weight", f.get("first_frame_weight", 1.0), lo=0, lo_open=True),
+        temporal_difference_weight=_number("flow", "temporal_difference_weight", f.get("temporal_difference_weight", 0.0), lo=0),
     )
 
 

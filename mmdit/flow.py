@@ -382,6 +382,43 @@ def flow_loss(
     return total, metrics
 
 
+def temporal_difference_loss(
+    pred: Streams,
+    target: Streams,
+    known: Mapping[str, Array] | None,
+    frame_tokens: Mapping[str, int],
+    *,
+    valid: Mapping[str, Array] | None = None,
+):
+    """Squared error of frame-to-frame *changes*: for each stream ``s`` in ``frame_tokens`` (tokens per
+    temporal position, frame-major), ``e = pred - target`` and ``d_t = e[t+1] - e[t]`` between same-place
+    tokens of consecutive temporal positions ``t >= 1`` (the first position, a residual codec's key frame,
+    is coded unlike the rest). Per sample the mean over channels and over the pairs whose both tokens are
+    supervised (unknown and valid); then the mean over samples with such a pair, summed over streams.
+
+    Errors that are independent from frame to frame cost ``2x`` their per-frame loss here; errors that
+    move together (a steady offset) cost nothing: the term asks for temporally coherent mistakes, which a
+    viewer sees as steady frames rather than flicker. With x-prediction, a velocity error is the x0 error
+    over σ, so the term weighs like :func:`flow_loss`.
+
+    Returns ``(total, {"loss/<s>_tdiff": ...})``; streams without two supervised positions add 0."""
+    total, metrics = jnp.float32(0.0), {}
+    for n in sorted(frame_tokens):
+        k = int(frame_tokens[n])
+        e = pred[n].astype(jnp.float32) - target[n].astype(jnp.float32)  # [B, S, C]
+        sup = (~_mask(known, n, e.shape[:2], False)) & _mask(valid, n, e.shape[:2], True)
+        if e.shape[1] < 3 * k:
+            continue
+        d = jnp.mean(jnp.square(e[:, 2 * k :] - e[:, k:-k]), axis=-1)  # pairs (t, t+1), t >= 1: [B, S - 2k]
+        w = (sup[:, 2 * k :] & sup[:, k:-k]).astype(jnp.float32)
+        count = jnp.sum(w, axis=1)
+        l_b = jnp.sum(jnp.where(w > 0, w * d, 0.0), axis=1) / jnp.maximum(count, 1.0)
+        has = (count > 0).astype(jnp.float32)
+        metrics[f"loss/{n}_tdiff"] = jnp.sum(l_b * has) / jnp.maximum(jnp.sum(has), 1.0)
+        total = total + metrics[f"loss/{n}_tdiff"]
+    return total, metrics
+
+
 # ----------------------------------------------------------------------------------------------
 # Condition dropout
 # ----------------------------------------------------------------------------------------------

@@ -210,6 +210,59 @@ def test_first_frame_weight_reaches_the_train_loss():
         config_spec.flow_spec(config_lib.override(cfg, ["flow.first_frame_weight=0"]), spec)
 
 
+def test_temporal_difference_loss_prices_flicker_not_steady_error():
+    """``flow.temporal_difference_loss``: an error that stays put from frame to frame costs 0, one that
+    alternates costs its jumps; the first temporal position (a key frame), known and invalid tokens drop out;
+    ``tokens_per_frame`` pairs same-place tokens of consecutive frames."""
+    B, F, k, C = 2, 5, 2, 3  # 5 frames of 2 tokens each
+    target = {"video": jnp.zeros((B, F * k, C))}
+    steady = {"video": jnp.ones((B, F * k, C))}
+    total, m = flow.temporal_difference_loss(steady, target, None, {"video": k})
+    assert float(total) == 0.0 and float(m["loss/video_tdiff"]) == 0.0
+    sign = jnp.repeat(jnp.array([1.0, 1.0, -1.0, 1.0, -1.0]), k)  # frame 0 (the key frame) agrees with frame 1
+    flicker = {"video": sign[None, :, None] * jnp.ones((B, 1, C))}
+    np.testing.assert_allclose(flow.temporal_difference_loss(flicker, target, None, {"video": k})[0], 4.0, rtol=1e-6)
+    # a change between frame 0 and 1 only: the key frame's pair is not counted
+    key_only = {"video": jnp.zeros((B, F * k, C)).at[:, :k].set(5.0)}
+    assert float(flow.temporal_difference_loss(key_only, target, None, {"video": k})[0]) == 0.0
+    # a jump into a known frame is not supervised: frame 3 known leaves only pair (1, 2), a jump of 2
+    known = {"video": jnp.repeat(jnp.array([False, False, False, True, False]), k)[None].repeat(B, 0)}
+    np.testing.assert_allclose(flow.temporal_difference_loss(flicker, target, known, {"video": k})[0], 4.0, rtol=1e-6)
+    steady_then_jump = {"video": jnp.zeros((B, F * k, C)).at[:, 3 * k :].set(1.0)}  # jump into frame 3 only
+    np.testing.assert_allclose(flow.temporal_difference_loss(steady_then_jump, target, None, {"video": k})[0], 1 / 3, rtol=1e-6)
+    assert float(flow.temporal_difference_loss(steady_then_jump, target, known, {"video": k})[0]) == 0.0
+    # a stream not in frame_tokens (audio, a sequence) adds nothing
+    both = {**flicker, "audio": jnp.ones((B, 4, 2))}
+    np.testing.assert_allclose(
+        flow.temporal_difference_loss(both, {**target, "audio": jnp.zeros((B, 4, 2))}, None, {"video": k})[0], 4.0, rtol=1e-6
+    )
+
+
+@pytest.mark.slow  # two loss compiles of the tiny demo model
+def test_temporal_difference_weight_reaches_the_train_loss():
+    """``flow.temporal_difference_weight``: off (0) the train loss has no ``_tdiff`` term; on, the loss grows by
+    the weight times the logged term; a negative weight is refused naming the field."""
+    from mmdit import config_lib, config_spec
+    from mmdit.model.diffusion import DiffusionModel
+    from mmdit.train import step as train_step
+
+    cfg = config_lib.load("demo:tiny")
+    model = DiffusionModel.from_config(cfg)
+    params = model.init(jax.random.key(0))
+    rng = np.random.default_rng(0)
+    _, _, raw = model.dummy_inputs(2)
+    latents = {f.name: rng.standard_normal((2, *f.shape)).astype(np.float32) for f in model.input_spec().latent_fields}
+    batch = {**latents, **raw}
+    off, m_off = train_step.make_loss_fn(model, cfg)(params, batch, jax.random.key(1))
+    assert not any(k.endswith("_tdiff") for k in m_off)
+    on_cfg = config_lib.override(cfg, ["flow.temporal_difference_weight=3"])
+    on, m_on = train_step.make_loss_fn(model, on_cfg)(params, batch, jax.random.key(1))
+    np.testing.assert_allclose(on, off + 3 * m_on["loss/video_tdiff"], rtol=1e-5)
+    assert float(m_on["loss/video_tdiff"]) > 0
+    with pytest.raises(ValueError, match="flow.temporal_difference_weight"):
+        config_spec.flow_spec(config_lib.override(cfg, ["flow.temporal_difference_weight=-1"]), model.spec)
+
+
 # ------------------------------------------------------------------------------ condition dropout
 
 

@@ -238,14 +238,15 @@ def _per_token_embedding(params, sigma, freq_dim):
 @pytest.mark.parametrize(
     "sigma, by_palette",
     [
-        ([[0.3] * 5 + [0.0] * 3, [0.7] * 8], True),  # training: one sigma per sample, 0 on known tokens
-        ([[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8], [0.5] * 8], False),  # 8 distinct > SIGMA_PALETTE: per token
+        ([[0.3] * 12 + [0.0] * 8, [0.7] * 20], True),  # training: one sigma per sample, 0 on known tokens
+        ([[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8] + [0.5] * 12, [0.5] * 20], False),  # 8 distinct > SIGMA_PALETTE
+        ([[0.3] * 5 + [0.0] * 3, [0.7] * 8], False),  # fewer than PALETTE_MIN_TOKENS (a streaming chunk): per token
     ],
 )
 def test_time_embedding_by_palette_equals_per_token(sigma, by_palette):
     import flax.linen as nn
 
-    from mmdit.model.layers import sigma_palette
+    from mmdit.model.layers import PALETTE_MIN_TOKENS, sigma_palette
 
     sigma = jnp.asarray(sigma, jnp.float32)
     m = TimestepEmbedding(dim=16, freq_dim=32)
@@ -261,7 +262,9 @@ def test_time_embedding_by_palette_equals_per_token(sigma, by_palette):
     for g, w in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want)):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=1e-4 * float(np.abs(w).max()))
     values, onehot, fits = sigma_palette(sigma)
-    assert bool(fits) == by_palette
+    long_enough = sigma.shape[1] >= PALETTE_MIN_TOKENS
+    assert bool(fits and long_enough) == by_palette
+    assert ("cond" in str(jax.make_jaxpr(m.apply)(params, sigma))) == long_enough  # the run-time check exists
     if by_palette:  # every token selects exactly the column holding its value
         np.testing.assert_array_equal(np.asarray(onehot.sum(-1)), 1.0)
         np.testing.assert_array_equal(np.asarray(jnp.einsum("bsk,bk->bs", onehot, values)), np.asarray(sigma))

@@ -128,6 +128,9 @@ def modulate(x_normed, shift, scale):
 
 
 SIGMA_PALETTE = 4  # distinct σ per sample the time embedding computes once each (training has 2: 0 and σ)
+# Sequences this short run the time embedding per token: the palette's selection and run-time ``cond`` are
+# ~50 small XLA kernels per stream, which at a streaming chunk's few tokens cost more than the MLP itself.
+PALETTE_MIN_TOKENS = 17
 
 
 def sigma_palette(sigma, size: int = SIGMA_PALETTE):
@@ -222,7 +225,7 @@ class TimestepEmbedding(nn.Module):
             _DenseParams(self.dim, self.num_mod * self.dim, ("embed", "mlp"), pd, name="time_proj")(),
         )
         sigma = jnp.asarray(sigma_tokens, jnp.float32)
-        if sigma.ndim != 2:  # not [B, S]: per element
+        if sigma.ndim != 2 or sigma.shape[1] < PALETTE_MIN_TOKENS:  # per element
             temb, mod = timestep_mlp(weights, sigma, self.freq_dim)
         else:
             values, onehot, fits = sigma_palette(sigma)

@@ -115,6 +115,15 @@ def _loss(params, model, fl, task_weights, model_cfg, batch, rng):
     loss, metrics = flow.flow_loss(
         pred, target, gen, stream_weights=weights, valid={n: valid[n] for n in spec.generated}, token_weights=token_weights
     )
+    if fl.temporal_difference_weight > 0:
+        frame_tokens = {
+            n: spec.stream(n).geometry.tokens_per_frame for n in spec.generated if spec.stream(n).geometry.kind == "grid"
+        }
+        tdiff, tmetrics = flow.temporal_difference_loss(
+            pred, target, gen, frame_tokens, valid={n: valid[n] for n in spec.generated}
+        )
+        loss = loss + fl.temporal_difference_weight * tdiff
+        metrics = {**metrics, **tmetrics}
     task_names = list(task_weights)
     for i, name in enumerate(task_names):  # per-task loss (diagnostic, not differentiated)
         w = (tm.task == i).astype(jnp.float32)
