@@ -241,12 +241,12 @@ def test_temporal_difference_loss_prices_flicker_not_steady_error():
 @pytest.mark.slow  # two loss compiles of the tiny demo model
 def test_temporal_difference_weight_reaches_the_train_loss():
     """``flow.temporal_difference_weight``: off (0) the train loss has no ``_tdiff`` term; on, the loss grows by
-    the weight times the logged term; a negative weight is refused naming the field."""
+    the weight times the logged term; a negative weight is refused naming the field; the demo's default has it on."""
     from mmdit import config_lib, config_spec
     from mmdit.model.diffusion import DiffusionModel
     from mmdit.train import step as train_step
 
-    cfg = config_lib.load("demo:tiny")
+    cfg = config_lib.override(config_lib.load("demo:tiny"), ["flow.temporal_difference_weight=0"])
     model = DiffusionModel.from_config(cfg)
     params = model.init(jax.random.key(0))
     rng = np.random.default_rng(0)
@@ -261,6 +261,8 @@ def test_temporal_difference_weight_reaches_the_train_loss():
     assert float(m_on["loss/video_tdiff"]) > 0
     with pytest.raises(ValueError, match="flow.temporal_difference_weight"):
         config_spec.flow_spec(config_lib.override(cfg, ["flow.temporal_difference_weight=-1"]), model.spec)
+    assert config_spec.flow_spec(config_lib.load("demo:tiny"), model.spec).temporal_difference_weight == 1.0
+    assert config_spec.flow_spec(config_lib.load("demo:tiny,plain"), model.spec).temporal_difference_weight == 0.0
 
 
 # ------------------------------------------------------------------------------ condition dropout

@@ -6,6 +6,9 @@ function of (state, batch): the step's randomness is ``fold_in(state.rng, state.
 (``first_frame``) is no batch key: the model computes it from the tokens it is given (in ti2av the first
 frame's, known and so clean), and the task's ``present`` flags keep it only where the task gives that frame.
 
+The flow loss weighs a grid stream's key frame by ``flow.first_frame_weight``; ``flow.temporal_difference_weight``
+adds the error of frame-to-frame changes (:func:`mmdit.flow.temporal_difference_loss`, logged as ``loss/<s>_tdiff``).
+
 **Causal chunks** (``model.chunk_frames``, :mod:`mmdit.model.chunks`): σ is drawn per
 ``flow.chunk_noise`` (:func:`mmdit.flow.chunk_token_sigmas`): one per sample (``shared``), one per
 (sample, chunk) (``independent``), or teacher forcing (``clean_context``: the chunks before a random
