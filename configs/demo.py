@@ -27,7 +27,9 @@ video's timing; T2AV's Fréchet distance 2.50 (floor 1.86), TI2AV identity 0.89 
 1.1e-4 (ground truth 2.1e-6). With the first four only (before the temporal-difference loss,
 ``bench/results/demo_quality_wan4_before_tdiff.json``, one training seed each) it was 0.69 / 0.55, 0.76 / 0.64,
 0.93 / 0.86, 0.78 / 0.67, Fréchet 1.84, flicker 1.5e-4: the term that prices frame-to-frame changes also lifted
-this layout's sync to the per-frame default's level. Without the additions (``wan4,plain``, 8 clips, measured
+this layout's sync to the per-frame default's level; a second training seed (``--set seed=1``, which also draws
+another world; ``bench/results/demo_quality_wan4_seed1.json``, no run without the term beside it) gave 1.00 / 0.96,
+0.98 / 0.91, 0.99 / 0.99, 0.95 / 0.90. Without the additions (``wan4,plain``, 8 clips, measured
 earlier) T2AV's lag-0 fraction was 0.21 with probe ratio 0.54. One addition
 at a time (16 clips): ``wan4,plain,x0`` gives 0.78 / 0.64, 0.81 / 0.67, 0.05 / 0.07 (TV2A at chance), 0.81 / 0.72
 (``bench/results/demo_quality_wan4_plain_x0.json``), ``wan4,plain,jointcfg`` 0.11 / 0.08, 0.14 / 0.09, 0.30 / 0.25,
