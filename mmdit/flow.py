@@ -59,6 +59,19 @@ def _f32(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
+def _supervised(known, valid, name: str, shape) -> Array:
+    """bool ``[B, S]``: the tokens a loss scores, unknown (``known`` False) and valid."""
+    return (~_mask(known, name, shape, False)) & _mask(valid, name, shape, True)
+
+
+def _sample_means(values: Array, w: Array) -> tuple[Array, Array]:
+    """``(l [B], has [B])``: the ``w``-weighted mean of ``values [B, S]`` per sample (exactly 0, NaN-free and
+    without gradient where ``w`` is all 0) and float 1/0 flags of the samples with any weight."""
+    count = jnp.sum(w, axis=1)
+    l_b = jnp.sum(jnp.where(w > 0, w * values, 0.0), axis=1) / jnp.maximum(count, 1.0)
+    return l_b, (count > 0).astype(jnp.float32)
+
+
 def _mask(masks: Mapping[str, Array] | None, name: str, shape, default: bool) -> Array:
     """``masks[name]`` as a bool ``[B, S]`` array, or a constant mask when absent (also used by
     ``mmdit/sample/ode.py``)."""
@@ -363,14 +376,10 @@ def flow_loss(
         if p.shape != t.shape:
             raise ValueError(f"stream {n!r}: pred shape {p.shape} != target shape {t.shape}")
         mse = jnp.mean(jnp.square(p.astype(jnp.float32) - t.astype(jnp.float32)), axis=-1)
-        w = (~_mask(known, n, mse.shape, False)) & _mask(valid, n, mse.shape, True)
-        w = w.astype(jnp.float32)
+        w = _supervised(known, valid, n, mse.shape).astype(jnp.float32)
         if token_weights is not None and n in token_weights:
             w = w * jnp.asarray(token_weights[n], jnp.float32)[None]
-        count = jnp.sum(w, axis=1)  # [B]
-        # [B]; exactly 0 (and NaN-free) for a sample with no supervised token in this stream.
-        l_bs = jnp.sum(jnp.where(w > 0, w * mse, 0.0), axis=1) / jnp.maximum(count, 1.0)
-        has = (count > 0).astype(jnp.float32)
+        l_bs, has = _sample_means(mse, w)  # [B]; exactly 0 for a sample with no supervised token in this stream
         metrics[f"loss/{n}"] = jnp.sum(l_bs * has) / jnp.maximum(jnp.sum(has), 1.0)
         sw = 1.0 if stream_weights is None else stream_weights.get(n, 1.0)
         per_sample = per_sample + sw * l_bs
@@ -389,12 +398,14 @@ def temporal_difference_loss(
     frame_tokens: Mapping[str, int],
     *,
     valid: Mapping[str, Array] | None = None,
+    stream_weights: Mapping[str, float] | None = None,
 ):
     """Squared error of frame-to-frame *changes*: for each stream ``s`` in ``frame_tokens`` (tokens per
     temporal position, frame-major), ``e = pred - target`` and ``d_t = e[t+1] - e[t]`` between same-place
     tokens of consecutive temporal positions ``t >= 1`` (the first position, a residual codec's key frame,
     is coded unlike the rest). Per sample the mean over channels and over the pairs whose both tokens are
-    supervised (unknown and valid); then the mean over samples with such a pair, summed over streams.
+    supervised (unknown and valid); then the mean over samples with such a pair, summed over streams
+    weighted by ``stream_weights`` (:func:`flow_loss`'s; a missing stream weighs 1).
 
     Errors that are independent from frame to frame cost ``2x`` their per-frame loss here; errors that
     move together (a steady offset) cost nothing: the term asks for temporally coherent mistakes, which a
@@ -406,16 +417,14 @@ def temporal_difference_loss(
     for n in sorted(frame_tokens):
         k = int(frame_tokens[n])
         e = pred[n].astype(jnp.float32) - target[n].astype(jnp.float32)  # [B, S, C]
-        sup = (~_mask(known, n, e.shape[:2], False)) & _mask(valid, n, e.shape[:2], True)
         if e.shape[1] < 3 * k:
             continue
+        sup = _supervised(known, valid, n, e.shape[:2])
         d = jnp.mean(jnp.square(e[:, 2 * k :] - e[:, k:-k]), axis=-1)  # pairs (t, t+1), t >= 1: [B, S - 2k]
-        w = (sup[:, 2 * k :] & sup[:, k:-k]).astype(jnp.float32)
-        count = jnp.sum(w, axis=1)
-        l_b = jnp.sum(jnp.where(w > 0, w * d, 0.0), axis=1) / jnp.maximum(count, 1.0)
-        has = (count > 0).astype(jnp.float32)
+        l_b, has = _sample_means(d, (sup[:, 2 * k :] & sup[:, k:-k]).astype(jnp.float32))
         metrics[f"loss/{n}_tdiff"] = jnp.sum(l_b * has) / jnp.maximum(jnp.sum(has), 1.0)
-        total = total + metrics[f"loss/{n}_tdiff"]
+        sw = 1.0 if stream_weights is None else stream_weights.get(n, 1.0)
+        total = total + sw * metrics[f"loss/{n}_tdiff"]
     return total, metrics
 
 

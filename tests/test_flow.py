@@ -231,6 +231,10 @@ def test_temporal_difference_loss_prices_flicker_not_steady_error():
     steady_then_jump = {"video": jnp.zeros((B, F * k, C)).at[:, 3 * k :].set(1.0)}  # jump into frame 3 only
     np.testing.assert_allclose(flow.temporal_difference_loss(steady_then_jump, target, None, {"video": k})[0], 1 / 3, rtol=1e-6)
     assert float(flow.temporal_difference_loss(steady_then_jump, target, known, {"video": k})[0]) == 0.0
+    # flow.stream_weights scale a stream's term as they scale its flow loss
+    np.testing.assert_allclose(
+        flow.temporal_difference_loss(flicker, target, None, {"video": k}, stream_weights={"video": 0.5})[0], 2.0, rtol=1e-6
+    )
     # a stream not in frame_tokens (audio, a sequence) adds nothing
     both = {**flicker, "audio": jnp.ones((B, 4, 2))}
     np.testing.assert_allclose(

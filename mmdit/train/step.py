@@ -69,16 +69,19 @@ def make_loss_fn(model, cfg):
     return loss_fn
 
 
+def grid_frame_tokens(spec) -> dict[str, int]:
+    """``{generated grid stream: tokens per temporal position}``: the streams that have frames (and a key frame)."""
+    return {n: spec.stream(n).geometry.tokens_per_frame for n in spec.generated if spec.stream(n).geometry.kind == "grid"}
+
+
 def first_frame_weights(spec, weight: float) -> dict | None:
     """``flow.first_frame_weight`` as ``flow_loss``'s ``token_weights``: ``{grid stream: float32[S]}``, ``weight``
     on the stream's first temporal token position (``tokens_per_frame`` tokens), 1 elsewhere; None when 1."""
     if weight == 1.0:
         return None
     out = {}
-    for n in spec.generated:
-        g = spec.stream(n).geometry
-        if g.kind == "grid":
-            out[n] = np.where(np.arange(g.num_tokens) < g.tokens_per_frame, weight, 1.0).astype(np.float32)
+    for n, per_frame in grid_frame_tokens(spec).items():
+        out[n] = np.where(np.arange(spec.stream(n).geometry.num_tokens) < per_frame, weight, 1.0).astype(np.float32)
     return out or None
 
 
@@ -115,15 +118,11 @@ def _loss(params, model, fl, task_weights, model_cfg, batch, rng):
     pred = model.velocity(params, inputs, sigma, raw, cond_keep=keep, known={**tm.known, **gen}, valid=valid)
     weights = dict(fl.stream_weights)
     token_weights = first_frame_weights(spec, fl.first_frame_weight)
-    loss, metrics = flow.flow_loss(
-        pred, target, gen, stream_weights=weights, valid={n: valid[n] for n in spec.generated}, token_weights=token_weights
-    )
+    gen_valid = {n: valid[n] for n in spec.generated}
+    loss, metrics = flow.flow_loss(pred, target, gen, stream_weights=weights, valid=gen_valid, token_weights=token_weights)
     if fl.temporal_difference_weight > 0:
-        frame_tokens = {
-            n: spec.stream(n).geometry.tokens_per_frame for n in spec.generated if spec.stream(n).geometry.kind == "grid"
-        }
         tdiff, tmetrics = flow.temporal_difference_loss(
-            pred, target, gen, frame_tokens, valid={n: valid[n] for n in spec.generated}
+            pred, target, gen, grid_frame_tokens(spec), valid=gen_valid, stream_weights=weights
         )
         loss = loss + fl.temporal_difference_weight * tdiff
         metrics = {**metrics, **tmetrics}
@@ -135,7 +134,7 @@ def _loss(params, model, fl, task_weights, model_cfg, batch, rng):
             target,
             gen,
             stream_weights=weights,
-            valid={n: valid[n] for n in spec.generated},
+            valid=gen_valid,
             sample_weights=w,
             token_weights=token_weights,
         )
