@@ -85,6 +85,8 @@ def get_config(arg=None):
     # nested-CFG order of sample.guidance's conditions (a ConfigDict sorts its keys); (): that sorted order
     c.sample.guidance_order = ()
     c.sample.guidance_schedule = "constant"  # constant | cosine
+    # CFG only at the steps whose sigma is in (lo, hi] (Kynkaenniemi et al. 2024), unguided elsewhere; (0, 1): every step
+    c.sample.guidance_interval = (0.0, 1.0)
     c.sample.tasks = ("t2av",)  # what mmdit-eval / mmdit-sample / the training sample hook sample
     c.sample.num_per_task = 4  # clips per task for mmdit-eval and mmdit-sample
     c.sample.solver = "euler"  # euler (the ODE) | renoise (x0, then fresh noise: how a distilled student is trained)

@@ -18,7 +18,8 @@ Video patch ``1x2x2``, so 52 video + 13 audio tokens, each exactly 128 wide: a t
 model dim (``1x4x4`` video, or 64-mel audio: 512) cannot carry its own noise through the 128-d
 residual, and training stalls (audio/video loss 1.07/0.93 at step 900, against 0.57/0.30 with
 128-wide tokens and 0.43/0.23 for the default).
-Measured with the default's five additions (2,400 steps, ``python3 bench/demo_quality.py --config demo:wan4
+Measured with the default's five model additions, sampled with guidance at every step (before the guidance
+interval joined the default; not re-measured) (2,400 steps, ``python3 bench/demo_quality.py --config demo:wan4
 --skip-ablation --num 16``, 5.4 min of training on 2 cores; ``bench/results/demo_quality_wan4.json``): strict
 sync, fraction of the way from chance to ceiling (lag-0 / change), T2AV 0.94 / 0.87, TI2AV 0.93 / 0.84, TV2A
 0.99 / 0.96, A2V 0.88 / 0.78 (T2AV r@0 0.81 against chance -0.01, ceiling 0.87; untrained at chance); the
@@ -38,7 +39,8 @@ predicts x0).
 
 Text: byte tokens through a small trainable encoder, cross-attended by both streams.
 
-The default adds five things to that model (the ``plain`` variant leaves all five out; ``plain,<name>`` adds one):
+The default adds five things to that model and one to its sampler (the ``plain`` variant leaves all six out;
+``plain,<name>`` adds one):
 
 * **Joint guidance** (``jointcfg``, :func:`mmdit.config_lib.use_joint_guidance`): cross-stream attention is dropped for 10% of the
   training samples (each stream then attends only to itself) and sampling guides by it,
@@ -61,6 +63,16 @@ The default adds five things to that model (the ``plain`` variant leaves all fiv
   change sync 0.88 / 0.79 -> 0.91 / 0.84 and 0.91 / 0.83 -> 0.91 / 0.85, T2AV Fréchet distance 2.66 -> 2.30 and
   2.66 -> 2.95 (floor 1.86). Weight 4 (seed 0): 1 of 160 glitched, flicker 1.7e-5, FD 2.96, so 1.
 
+The sampler then guides only while sigma > 0.5 (``interval``, ``sample.guidance_interval=(0.5, 1.0)``, the first
+19 of 25 steps; Kynkaenniemi et al. 2024), unguided after: CFG (text 2, joint 3) amplifies the model's per-frame
+errors late in sampling, when sync is long laid out (unguided, the median clip is cleanest but a few clips glitch;
+guided throughout, none glitches and every clip shimmers). Over 160 T2AV clips of one trained model
+(``python3 bench/glitch_rate.py --workdir <run> --sample 'sample.guidance_interval=(0.0,1.0)' --seeds 10``,
+``bench/results/glitch_rate_interval.json``): flicker mean 1.9e-5 -> 1.4e-5, median clip 1.6e-5 -> 1.1e-5, 0 -> 0
+glitched clips, lag-0 / change sync 0.91 / 0.84 -> 0.96 / 0.90, Fréchet distance 2.30 -> 2.06; A2V and TI2AV alike
+(BUILD.md, "Guidance interval"). Lower bounds 0.3 and 0.7 measured alike. It is a sampling setting: the trained
+model is the same, so ``plain`` leaves it out and any run can be re-sampled either way.
+
 Measured on 2 cores (2,400 steps, ~7 min of training; ``mmdit-eval`` figures, fraction of the way from chance to
 the ground-truth ceiling, lag-0 / change correlation; one training seed per row, so differences of ~0.05 are
 within run-to-run spread; FD = Fréchet distance of frame features to the ground truth over its floor, which
@@ -75,7 +87,8 @@ run (clips)                    T2AV         TI2AV        TV2A         A2V       
 + residual, weight 1 (8)       0.46 / 0.31  0.89 / 0.71  0.99 / 0.91  0.56 / 0.38  0.74         4.38/4.05  1.2e-3
 + residual, weight 16 (8)      0.93 / 0.79  0.94 / 0.81  1.02 / 0.96  0.85 / 0.73  0.65         9.84/4.05  2.0e-3
 + ``x0`` (16)                  0.89 / 0.80  0.91 / 0.82  1.01 / 1.00  0.89 / 0.80  0.91         3.28/1.86  9.0e-5
-**default** (+ ``tdiff``, 16)  0.92 / 0.85  0.95 / 0.89  1.00 / 0.98  0.91 / 0.86  0.91         2.18/1.86  1.8e-5
++ ``tdiff`` (16)               0.92 / 0.85  0.95 / 0.89  1.00 / 0.98  0.91 / 0.86  0.91         2.18/1.86  1.8e-5
+**default** (+ interval, 16)   0.96 / 0.91  0.98 / 0.94  1.00 / 0.98  0.98 / 0.97  0.93         1.96/1.86  1.1e-5
 + ``x0``, residual gain 4 (8)  0.80 / 0.73  0.93 / 0.84  0.99 / 0.94  0.92 / 0.85  0.91         5.65/4.05  2.2e-4
 =============================  ===========  ===========  ===========  ===========  ===========  =========  ========
 
@@ -86,11 +99,13 @@ x-prediction is what cleans the frames (alone, on the absolute codec: ``plain,re
 down ~60x, its frames at the ground truth's Fréchet floor); with the residual codec TI2AV also keeps the given
 identity at the ground truth's level and its flicker drops another 9x, and TV2A is exact. The temporal-difference
 loss then took out the rare single wrong frame that kept T2AV's mean flicker at ~40x the ground truth's static
-background (below); it still flickers ~9x in T2AV and ~7x in TI2AV (most clips ~1-2e-5, one grey level of shimmer).
+background (below); guided only while sigma > 0.5 (below the table) it still flickers ~5x in T2AV and ~4x in TI2AV
+(most clips ~1e-5, under a grey level of shimmer).
 
 Variants: ``tiny`` (tests: 2 layers, 48-wide, 17 frames, few steps); ``wan4`` (above; combines
-with the others); ``plain`` (none of the five: the model ``demo_stream`` and ``demo_distill`` build on);
-``plain,ref`` / ``plain,jointcfg`` / ``plain,residual`` / ``plain,x0`` (one of them; combine with commas);
+with the others); ``plain`` (none of the six: the model ``demo_stream`` and ``demo_distill`` build on);
+``plain,ref`` / ``plain,jointcfg`` / ``plain,residual`` / ``plain,x0`` / ``plain,tdiff`` / ``plain,interval`` (one of
+them; combine with commas);
 ``nojoint`` (the ablation: ``model.joint_layers=()``, no cross-stream attention at all, so no joint guidance
 either; ``bench/demo_quality.py`` trains it); ``keyframe`` (``model.streams.video.key_frame_embedding``: a learned
 vector added to the first frame's video tokens, the residual codec's key frame, which relative RoPE alone does not
@@ -117,6 +132,7 @@ def get_config(arg=None):
         nojoint=False,
         keyframe=False,
         tdiff=False,
+        interval=False,
     )
     c = config_lib.sibling(__file__, "base")
 
@@ -204,6 +220,8 @@ def get_config(arg=None):
         c.model.joint_layers = ()
     elif v.jointcfg or not v.plain:
         config_lib.use_joint_guidance(c, scale=3.0)
+    if v.interval or not v.plain:  # CFG only while sigma > 0.5 (sample.guidance_interval; module docstring)
+        c.sample.guidance_interval = GUIDANCE_INTERVAL
     return c
 
 
@@ -221,6 +239,7 @@ def use_reference_frame(c) -> None:
 
 
 RESIDUAL_GAIN = 2.0
+GUIDANCE_INTERVAL = (0.5, 1.0)  # 0.3 and 0.7 measured alike (module docstring)
 TEMPORAL_DIFFERENCE_WEIGHT = 1.0  # 4 measured no cleaner and a worse T2AV Fréchet distance (module docstring)
 
 

@@ -32,7 +32,10 @@ Measured (``full``, 16 clips, ``bench/results/distill_table_full.json``; its tea
 loss joined the default): the x-predicting default teacher keeps
 its sync at 2 Euler steps (T2AV lag-0 r 0.78 vs 0.79 at 25), and the 2-step student reaches 0.72 in T2AV, 0.81 in
 A2V (teacher 0.79; 0.69 / 0.82 before the distill losses weighed the key frame like training's
-``flow.first_frame_weight``), 7.7x faster than the 25-step teacher at batch 1, 15x at batch 16. Other
+``flow.first_frame_weight``), 7.7x faster than the 25-step teacher at batch 1, 15x at batch 16. From the current
+default teacher (with the temporal-difference loss; ``bench/results/distill_table_full_tdiff.json``) the student
+falls further behind in T2AV (0.65 vs 0.81 at 25 steps, 0.78 at 2 Euler steps) and leads in A2V (0.87 vs 0.82),
+6.8x / 15x faster. Other
 chunk sizes: ``--set model.chunk_frames=N``; the small-chunk cells of Table 1 (``model.chunk_frames=1.0``: 40 ms
 chunks, 49 per clip; ``bench/results/distill_table.json``) reach T2AV lag-0 r 0.68 (2 steps) / 0.75 (4 steps)
 against the plain teacher's 0.51 at 25 steps (A2V 0.76 / 0.80 vs 0.39), but at batch 1 on a CPU a chunk this

@@ -132,6 +132,23 @@ def normalize_guidance(scales, conditions, generated) -> dict[str, Any]:
     return out
 
 
+def check_guidance_interval(interval) -> tuple[float, float]:
+    """``sample.guidance_interval`` (or ``--guidance-interval``) as ``(lo, hi)`` floats: CFG applies at the steps
+    whose σ lies in ``(lo, hi]``; ValueError naming the field unless ``0 <= lo < hi``."""
+    if isinstance(interval, str):
+        interval = interval.replace(",", " ").split()
+    try:
+        lo, hi = (float(b) for b in interval)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"sample.guidance_interval={interval!r}: give two noise levels (lo, hi), e.g. (0.5, 1.0) to guide only "
+            "the steps with 0.5 < sigma <= 1"
+        ) from None
+    if not (0.0 <= lo < hi) or not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"sample.guidance_interval=({lo:g}, {hi:g}): need 0 <= lo < hi (sigma runs from 1 down to 0)")
+    return lo, hi
+
+
 def _guidance_in_order(guidance: dict, order) -> dict:
     """``guidance`` reordered by ``sample.guidance_order`` (empty: unchanged), which must list exactly its conditions."""
     order = (order,) if isinstance(order, str) else tuple(order or ())
@@ -176,6 +193,7 @@ class SampleSpec:
     tasks: tuple[str, ...]
     num_per_task: int
     solver: str = "euler"  # SAMPLE_SOLVERS
+    guidance_interval: tuple[float, float] = (0.0, 1.0)  # guide the steps whose sigma is in (lo, hi]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -312,6 +330,7 @@ def sample_spec(cfg, model: ModelSpec, *, check_tasks: bool = True) -> SampleSpe
         tasks=task_names,
         num_per_task=_number("sample", "num_per_task", s.num_per_task, lo=1, integer=True),
         solver=check_solver(s.solver),
+        guidance_interval=check_guidance_interval(s.guidance_interval),
     )
 
 

@@ -106,6 +106,51 @@ def test_guidance_schedule():
     np.testing.assert_allclose(guidance.step_progress(0, 1), 0.0)
 
 
+def test_guidance_interval_gates_each_stream_by_its_own_sigma():
+    scales = {"text": 2.0, "joint": {"video": 3.0, "audio": 4.0}}
+    sigma = {"video": jnp.float32(0.8), "audio": jnp.float32(0.3)}
+    out = guidance.guidance_scale(scales, 0.5, sigma=sigma, interval=(0.5, 1.0))
+    got = jax.tree.map(float, out)
+    assert got == {"text": {"video": 2.0, "audio": 1.0}, "joint": {"video": 3.0, "audio": 1.0}}
+    # the upper bound is inclusive, the lower exclusive
+    edge = guidance.guidance_scale(scales, 0.0, sigma={"video": 1.0, "audio": 0.5}, interval=(0.5, 1.0))
+    assert jax.tree.map(float, edge) == {"text": {"video": 2.0, "audio": 1.0}, "joint": {"video": 3.0, "audio": 1.0}}
+    # composes with the cosine schedule: annealed inside the interval, 1 outside
+    cos = guidance.guidance_scale(scales, 0.5, "cosine", sigma=sigma, interval=(0.5, 1.0))
+    np.testing.assert_allclose(float(cos["text"]["video"]), 1.5, atol=1e-6)
+    np.testing.assert_allclose(float(cos["joint"]["audio"]), 1.0)
+    # the full interval leaves the scales as they are (no sigma needed)
+    assert guidance.guidance_scale(scales, 0.5, interval=(0.0, 1.0)) is scales
+    assert guidance.is_full_interval((0.0, 1.0)) and not guidance.is_full_interval((0.2, 1.0))
+    with pytest.raises(ValueError, match="sigma per stream"):
+        guidance.guidance_scale(scales, 0.5, interval=(0.5, 1.0))
+
+
+def _defaults():
+    return config_spec.SampleSpec(
+        steps=4,
+        shift=1.0,
+        stream_shift={},
+        guidance={"text": 4.0},
+        guidance_mode="nested",
+        guidance_schedule="constant",
+        tasks=("t2av",),
+        num_per_task=1,
+    )
+
+
+def test_guidance_interval_validation_and_structure():
+    d = _defaults()
+    for bad in ((0.5, 0.2), (-0.1, 1.0), (0.5,), "x,y"):
+        with pytest.raises(ValueError, match=r"sample.guidance_interval"):
+            guidance.resolve_guidance(None, defaults=d, conditions=["text"], generated=["video"], interval=bad)
+    g = guidance.resolve_guidance(None, defaults=d, conditions=["text"], generated=["video"], interval="0.5,1")
+    assert g.interval == (0.5, 1.0)
+    full = guidance.resolve_guidance(None, defaults=d, conditions=["text"], generated=["video"])
+    assert full.interval == (0.0, 1.0)
+    assert g.structure() != full.structure()  # the gate is compiled into the sampler's loop
+
+
 def test_resolve_guidance_plain_arguments():
     """resolve_guidance needs no model: defaults from the sample section, validation by name."""
     defaults = config_spec.SampleSpec(
@@ -124,7 +169,7 @@ def test_resolve_guidance_plain_arguments():
     g = guidance.resolve_guidance({"ref_audio": 2, "text": {"video": 3}}, None, "cosine", **kw)
     assert list(g.scales) == ["ref_audio", "text"] and g.scales["text"] == {"audio": 1.0, "video": 3.0}
     assert g.plan() == guidance.cfg_batch_plan(["ref_audio", "text"], "independent")
-    assert g.structure() == ((("ref_audio", None), ("text", ("audio", "video"))), "independent", "cosine")
+    assert g.structure() == ((("ref_audio", None), ("text", ("audio", "video"))), "independent", "cosine", None)
     # A condition absent from every sample is dropped; unguided settings share one structure.
     g = guidance.resolve_guidance({"text": 2.0}, "nested", None, present={"text": np.zeros(3, bool)}, **kw)
     assert g.scales == {} and g.structure() == ((), "nested", "constant")

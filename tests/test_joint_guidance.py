@@ -235,12 +235,14 @@ def test_cli_trains_and_samples_t2av_with_joint_guidance(tmp_path):
     assert np.isfinite(metrics["loss/video"]) and np.isfinite(metrics["loss/audio"])
     out = str(tmp_path / "samples")
     argv = ["--workdir", work, "--task", "t2av", "--num", "1", "--steps", "2", "--out", out, "--no-progress"]
-    assert sample_cli.main(argv + ["--guidance", "text=2;joint=video:2,audio:1.5"]) == 0
+    assert sample_cli.main(argv + ["--guidance", "text=2;joint=video:2,audio:1.5", "--guidance-interval", "0.5,1"]) == 0
     with open(os.path.join(out, "samples.json")) as f:
         saved = json.load(f)
     assert saved["samples"][0]["task"] == "t2av"
     assert saved["guidance"] == {"text": 2.0, "joint": {"video": 2.0, "audio": 1.5}}  # (written with sorted keys)
     assert saved["guidance_order"] == ["text", "joint"]  # the nested order used (sorted keys would say joint first)
+    assert saved["guidance_interval"] == [0.5, 1.0]
+    assert sample_cli.main(argv + ["--guidance-interval", "1,0.5"]) == 2  # one error line naming the field
 
 
 _SEQUENCE_PARALLEL_SCRIPT = """

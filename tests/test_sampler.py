@@ -151,6 +151,24 @@ def test_nested_cfg_at_scale_one_equals_unguided_conditional(setup, sampler):
         assert np.abs(np.asarray(other[n]) - np.asarray(plain[n])).max() > 1e-2  # guidance does act
 
 
+def test_guidance_interval_guides_only_the_steps_inside_it(setup, sampler):
+    """``guidance_interval``: no step inside -> the unguided sample; every step inside -> the guided one;
+    a partial interval is neither (and compiles its own loop)."""
+    _, model, params = setup
+    latents, raw = tiny_inputs(model)
+    kw = dict(task="t2av", batch=B, known_latents=latents, raw_conds=raw, guidance={"text": {"video": 3.0, "audio": 3.0}})
+    guided = sampler.sample(params, jax.random.key(6), **kw)
+    everywhere = sampler.sample(params, jax.random.key(6), guidance_interval=(0.0, 1.0), **kw)
+    nowhere = sampler.sample(params, jax.random.key(6), guidance_interval=(1.0, 2.0), **kw)
+    partial = sampler.sample(params, jax.random.key(6), guidance_interval=(0.8, 1.0), **kw)
+    plain = sampler.sample(params, jax.random.key(6), **{**kw, "guidance": {}})
+    for n in plain:
+        np.testing.assert_array_equal(everywhere[n], guided[n])
+        np.testing.assert_allclose(nowhere[n], plain[n], atol=2e-4, rtol=1e-4)
+        assert np.abs(np.asarray(partial[n]) - np.asarray(plain[n])).max() > 1e-3
+        assert np.abs(np.asarray(partial[n]) - np.asarray(guided[n])).max() > 1e-3
+
+
 def test_batched_cfg_equals_separate_evaluations_by_hand(setup, sampler):
     """sample() stacks [uncond; cond] into ONE forward pass per step; here each row set is its own
     call, combined with per-stream scales, the cosine schedule and per-stream σ schedules (audio

@@ -65,9 +65,15 @@ def _stream(ss, params, raw, task, noise, given=None, n=4):
     return {s: np.concatenate([o[s] for o in outs], axis=1) for s in outs[0]}, caches, ss
 
 
-@pytest.mark.parametrize("task", ["t2av", "a2v"])
-def test_per_step_stream_equals_bidirectional_chunk_causal(setup, task):
+@pytest.mark.parametrize("task,interval", [("t2av", False), ("a2v", False), ("t2av", True)])
+def test_per_step_stream_equals_bidirectional_chunk_causal(setup, task, interval):
+    """``interval``: CFG limited to the first steps (``sample.guidance_interval``): both samplers gate the
+    same steps."""
     cfg, model, params, raw = setup
+    if interval:
+        assert cfg.sample.guidance, "the interval case needs a guided config"
+        sig = np.asarray(Sampler(model, cfg).schedules(STEPS, cfg.sample.shift)["video"])
+        cfg = config_lib.override(cfg.copy_and_resolve_references(), [f"sample.guidance_interval=({(sig[1] + sig[2]) / 2}, 1.0)"])
     full = Sampler(model, cfg, compiler_options=FAST)
     k_noise, _ = jax.random.split(jax.random.key(3))
     noise = full.noise(k_noise, 1)

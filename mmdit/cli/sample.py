@@ -99,6 +99,12 @@ def _parser() -> argparse.ArgumentParser:
         "--guidance", action="append", help="CFG scales: 'text=3', 'text=video:4,audio:3', ';'-separated conditions, or 'none'"
     )
     p.add_argument("--guidance-schedule", choices=("constant", "cosine"), default=None)
+    p.add_argument(
+        "--guidance-interval",
+        metavar="LO,HI",
+        default=None,
+        help="guide only the steps whose sigma is in (LO, HI], e.g. '0.5,1' (default: sample.guidance_interval)",
+    )
     p.add_argument("--guidance-mode", choices=("nested", "independent"), default=None)
     p.add_argument("--out", help="output directory (default: WORKDIR/samples; required with --bundle)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
@@ -184,6 +190,7 @@ def run(args) -> list[str]:
         guidance=guidance,
         guidance_mode=args.guidance_mode,
         guidance_schedule=args.guidance_schedule,
+        guidance_interval=args.guidance_interval,
         progress=not args.no_progress,
         on_file=lambda path: print(path, flush=True),
         note=_note,

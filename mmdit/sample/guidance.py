@@ -7,7 +7,9 @@ evaluates; one batched forward pass covers them all, pattern-major: every ``[B, 
 to ``[P·B, ...]`` (:func:`repeat_for_cfg`) with keep flags ``{c: bool[P·B]}`` (:func:`cfg_keep_flags`),
 and the ``[P·B, S, C]`` velocities are unstacked and combined (:func:`combine_cfg`,
 :func:`guided_velocity`). Scales are per condition or per (condition, stream), and may be annealed
-over the steps (:func:`guidance_scale`, :func:`step_progress`).
+over the steps (:func:`guidance_scale`, :func:`step_progress`) and limited to an interval of noise levels
+(``sample.guidance_interval``: Kynkäänniemi et al. 2024, "Applying Guidance in a Limited Interval Improves
+Sample and Distribution Quality in Diffusion Models").
 
 :func:`resolve_guidance` validates a user / config guidance setting against a model's condition
 and stream names and returns a :class:`Guidance`; it takes plain arguments so that every sampler
@@ -24,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmdit.config_spec import GUIDANCE_MODES, GUIDANCE_SCHEDULES, SampleSpec, normalize_guidance
+from mmdit.config_spec import GUIDANCE_MODES, GUIDANCE_SCHEDULES, SampleSpec, check_guidance_interval, normalize_guidance
 from mmdit.flow import Array, Streams, _f32
 
 __all__ = [
@@ -35,6 +37,7 @@ __all__ = [
     "combine_cfg",
     "guidance_scale",
     "step_progress",
+    "is_full_interval",
     "Guidance",
     "resolve_guidance",
 ]
@@ -154,21 +157,45 @@ def combine_cfg(stacked_v: Streams, plan: Sequence[Mapping[str, bool]], scales: 
     return guided_velocity(evals, {c: scales[c] for c in conditions}, mode)
 
 
-def guidance_scale(scale, progress, schedule: str = "constant"):
+def guidance_scale(scale, progress, schedule: str = "constant", *, sigma=None, interval=None):
     """Guidance scale at sampling ``progress`` ∈ [0, 1] (0 at the first step, σ = 1; 1 at the last).
 
     ``constant``: ``scale``. ``cosine`` (Mirage-style CFG annealing): ``1 + (scale − 1)·(1 +
     cos(π·progress))/2``, i.e. the full ``scale`` at progress 0 annealed to 1.0 (no guidance) at
     progress 1. ``scale`` may be a number or a pytree of numbers (e.g. a ``scales`` dict for
     :func:`guided_velocity`); ``progress`` may be traced (see :func:`step_progress`).
+
+    ``interval = (lo, hi)`` (``sample.guidance_interval``) guides only the steps whose σ lies in ``(lo, hi]``
+    and gives 1.0 (no guidance) elsewhere, per stream: ``sigma`` is the step's σ ``{stream: scalar}`` (streams
+    may have their own shift) and ``scale`` the ``{cond: s | {stream: s}}`` dict of :func:`guided_velocity`,
+    returned with per-stream scales. ``None`` or ``(0, >= 1)``: every step is guided.
     """
-    if schedule == "constant":
-        return scale
-    if schedule != "cosine":
+    if schedule not in ("constant", "cosine"):
         raise ValueError(f"unknown guidance schedule {schedule!r}; use 'constant' or 'cosine'")
-    p = jnp.clip(jnp.asarray(progress, jnp.float32), 0.0, 1.0)
-    w = 0.5 * (1.0 + jnp.cos(jnp.pi * p))
-    return jax.tree.map(lambda s: 1.0 + (s - 1.0) * w, scale)
+    if schedule == "cosine":
+        p = jnp.clip(jnp.asarray(progress, jnp.float32), 0.0, 1.0)
+        w = 0.5 * (1.0 + jnp.cos(jnp.pi * p))
+        scale = jax.tree.map(lambda s: 1.0 + (s - 1.0) * w, scale)
+    if interval is None or is_full_interval(interval):
+        return scale
+    if sigma is None or not isinstance(scale, Mapping):
+        raise ValueError("a guidance interval needs the step's sigma per stream and a {condition: scale} dict")
+    lo, hi = (float(b) for b in interval)
+    on = {n: (jnp.asarray(s, jnp.float32) > lo) & (jnp.asarray(s, jnp.float32) <= hi) for n, s in sigma.items()}
+    gate = lambda s, n: jnp.where(on[n], jnp.asarray(s, jnp.float32), 1.0)  # noqa: E731
+    out = {}
+    for c, s in scale.items():
+        per = dict(s) if isinstance(s, Mapping) else {n: s for n in on}
+        if set(per) - set(on):
+            raise ValueError(f"guidance {c!r} names streams {sorted(set(per) - set(on))} without a sigma (have {sorted(on)})")
+        out[c] = {n: gate(v, n) for n, v in per.items()}
+    return out
+
+
+def is_full_interval(interval) -> bool:
+    """True when ``interval = (lo, hi)`` admits every step's σ ∈ (0, 1]: guidance is not limited."""
+    lo, hi = (float(b) for b in interval)
+    return lo <= 0.0 and hi >= 1.0
 
 
 def step_progress(step_index, num_steps: int):
@@ -187,12 +214,19 @@ class Guidance:
 
     ``scales``: ordered ``{condition: s}`` or ``{condition: {stream: s}}`` (order = nested order;
     ``{}`` = no guidance: one conditional evaluation per step); ``mode``: ``nested`` |
-    ``independent``; ``schedule``: ``constant`` | ``cosine`` (scale annealed to 1 at the last step).
+    ``independent``; ``schedule``: ``constant`` | ``cosine`` (scale annealed to 1 at the last step);
+    ``interval``: ``(lo, hi)``, the steps whose σ lies in ``(lo, hi]`` are guided (:func:`guidance_scale`).
     """
 
     scales: Mapping[str, Any]
     mode: str = "nested"
     schedule: str = "constant"
+    interval: tuple[float, float] = (0.0, 1.0)
+
+    def scale_at(self, scales, step_index, num_steps: int, sigma):
+        """The scales of step ``step_index`` of ``num_steps`` (traced index allowed) whose σ per stream is
+        ``sigma`` ``{stream: scalar}``: the schedule's value, gated by the interval."""
+        return guidance_scale(scales, step_progress(step_index, num_steps), self.schedule, sigma=sigma, interval=self.interval)
 
     @property
     def conditions(self) -> list[str]:
@@ -205,9 +239,10 @@ class Guidance:
     def structure(self) -> tuple:
         """What changes the traced program (scale *values* do not)."""
         shape = tuple((c, tuple(s) if isinstance(s, Mapping) else None) for c, s in self.scales.items())
-        if not shape:  # unguided: mode and schedule do not enter the program
+        if not shape:  # unguided: mode, schedule and interval do not enter the program
             return (), "nested", "constant"
-        return shape, self.mode, self.schedule
+        interval = None if is_full_interval(self.interval) else tuple(float(b) for b in self.interval)
+        return shape, self.mode, self.schedule, interval
 
     def scale_arrays(self):
         """The scales as a float32 pytree (jit arguments)."""
@@ -223,6 +258,7 @@ def resolve_guidance(
     conditions: Sequence[str],
     generated: Sequence[str],
     present: Mapping[str, Any] | None = None,
+    interval=None,
 ) -> Guidance:
     """Validates and normalises a guidance setting into a :class:`Guidance`.
 
@@ -238,9 +274,11 @@ def resolve_guidance(
       generated: the model's generated stream names (keys of per-stream scale dicts).
       present: optional ``{cond: bool[B]}`` of the task; a condition absent from every sample (all
         False) is dropped, since its guidance term is identically zero.
+      interval: ``(lo, hi)``: guide only the steps whose σ lies in ``(lo, hi]`` (None:
+        ``defaults.guidance_interval``).
 
     Raises ValueError naming the field (``sample.guidance*``) on an unknown mode, schedule,
-    condition or stream.
+    condition or stream, or an interval that is not ``0 <= lo < hi``.
     """
     scales = normalize_guidance(defaults.guidance if guidance is None else guidance, conditions, generated)
     mode = mode or defaults.guidance_mode
@@ -249,6 +287,7 @@ def resolve_guidance(
         raise ValueError(f"guidance mode {mode!r}: use 'nested' or 'independent' (sample.guidance_mode)")
     if schedule not in GUIDANCE_SCHEDULES:
         raise ValueError(f"guidance schedule {schedule!r}: use 'constant' or 'cosine' (sample.guidance_schedule)")
+    interval = check_guidance_interval(defaults.guidance_interval if interval is None else interval)
     if present is not None:
         scales = {c: s for c, s in scales.items() if c not in present or np.any(np.asarray(present[c]))}
-    return Guidance(scales, mode, schedule)
+    return Guidance(scales, mode, schedule, interval)

@@ -139,6 +139,7 @@ def sample_to_files(
     guidance=None,
     guidance_mode: str | None = None,
     guidance_schedule: str | None = None,
+    guidance_interval=None,
     progress: bool = True,
     on_file: Callable[[str], None] | None = None,
     note: Callable[[str], None] | None = None,
@@ -159,7 +160,7 @@ def sample_to_files(
         regenerates, the listening phases and the face region of face-local models
         (:func:`mmdit.sample.inputs.prepare_task_inputs`).
       eval_dir: record directory whose examples fill inputs not given (a workdir's ``W/data/eval``).
-      steps, shift, stream_shift, guidance, guidance_mode, guidance_schedule: ``Sampler.sample``
+      steps, shift, stream_shift, guidance, guidance_mode, guidance_schedule, guidance_interval: ``Sampler.sample``
         settings (None: ``cfg.sample``); parse strings with ``mmdit.sample.inputs.parse_*``.
       progress: tqdm bars on stderr.
       on_file: called with each MP4 path once it is written.
@@ -250,6 +251,7 @@ def sample_to_files(
         guidance=guidance,
         guidance_mode=guidance_mode,
         guidance_schedule=guidance_schedule,
+        guidance_interval=guidance_interval,
     )
     paths, entries = [], []
     for p in plans:
@@ -274,7 +276,7 @@ def sample_to_files(
             )
             if on_file is not None:
                 on_file(path)
-    g = sampler.resolve_guidance(guidance, guidance_mode, guidance_schedule)
+    g = sampler.resolve_guidance(guidance, guidance_mode, guidance_schedule, interval=guidance_interval)
     write_json_atomic(
         os.path.join(out_dir, "samples.json"),
         {
@@ -287,6 +289,7 @@ def sample_to_files(
             "guidance_order": g.conditions,  # the nested order (the file's keys are written sorted)
             "guidance_mode": g.mode,
             "guidance_schedule": g.schedule,
+            "guidance_interval": list(g.interval),
             "fps": media_io.video_codec.fps,
             "sample_rate": soundtrack.sample_rate,
             "samples": entries,

@@ -11,7 +11,8 @@ per-token σ, tasks are masks over tokens):
 * :class:`~mmdit.sample.guidance.Guidance` (``mmdit/sample/guidance.py``, built by
   ``guidance.resolve_guidance``) -- which conditions are guided (ordered), their scales (per
   condition, or per condition and stream), the mode (``nested`` / ``independent``,
-  ``guidance.cfg_batch_plan``) and the schedule (``constant`` / ``cosine``, ``guidance.guidance_scale``).
+  ``guidance.cfg_batch_plan``), the schedule (``constant`` / ``cosine``, ``guidance.guidance_scale``) and the σ interval it applies in
+  (``sample.guidance_interval``).
 * :class:`Sampler` -- ``sample(params, rng, task=..., batch=..., known_latents=..., raw_conds=...)``
   -> ``{generated stream: latents [B, *latent_shape]}``.
 
@@ -174,7 +175,12 @@ class Sampler:
         }
 
     def resolve_guidance(
-        self, guidance=None, mode: str | None = None, schedule: str | None = None, present: Mapping[str, Any] | None = None
+        self,
+        guidance=None,
+        mode: str | None = None,
+        schedule: str | None = None,
+        present: Mapping[str, Any] | None = None,
+        interval=None,
     ) -> Guidance:
         """Validates and normalises a guidance setting (defaults: ``cfg.sample``); see
         :func:`mmdit.sample.guidance.resolve_guidance` (this model's conditions and generated streams).
@@ -182,7 +188,8 @@ class Sampler:
         ``guidance``: ``{cond: s}`` / ``{cond: {stream: s}}`` in nested order (None: the config's;
         ``{}``: unguided). Per-stream dicts are completed with 1.0 for unnamed generated streams.
         Conditions absent from every sample of the task (``present`` all False) are dropped: their
-        guidance term is identically zero.
+        guidance term is identically zero. ``interval``: ``(lo, hi)``, guide only the steps with σ in
+        ``(lo, hi]`` (None: ``cfg.sample.guidance_interval``).
         """
         return guidance_lib.resolve_guidance(
             guidance,
@@ -192,6 +199,7 @@ class Sampler:
             conditions=self.spec.keep_names,
             generated=self.generated,
             present=present,
+            interval=interval,
         )
 
     # -- one step ----------------------------------------------------------------------------------
@@ -240,7 +248,7 @@ class Sampler:
             masks = tasks_lib.TaskMasks(m["known"], m["valid"], m["present"], None)
 
             def velocity(x, sigma_tokens, i):
-                s = guidance_lib.guidance_scale(scales, guidance_lib.step_progress(i, steps), guidance.schedule)
+                s = guidance.scale_at(scales, i, steps, {n: sigmas[n][i] for n in gen})
                 return self.guided_velocity(params, {**x, **cond_tokens}, sigma_tokens, raw, masks, guidance, s)
 
             def report(i, x_next, x0_hat):  # host-side tick of the tqdm bar, in step order
@@ -294,6 +302,7 @@ class Sampler:
         progress: bool | None = None,
         regions: Mapping[str, Any] | None = None,
         solver: str | None = None,
+        guidance_interval=None,
     ) -> dict:
         """Samples ``batch`` examples of ``task``.
 
@@ -312,7 +321,7 @@ class Sampler:
           steps, shift: sampler steps and schedule shift (default ``cfg.sample``).
           stream_shift: ``{stream: shift}`` overriding ``shift`` for some generated streams (default
             ``cfg.sample.stream_shift``): a smaller shift denoises that stream ahead of the others.
-          guidance, guidance_mode, guidance_schedule: see :meth:`resolve_guidance`.
+          guidance, guidance_mode, guidance_schedule, guidance_interval: see :meth:`resolve_guidance`.
           progress: show a tqdm bar of the steps (default: the constructor's).
           regions: task ``inpaint`` only: ``{generated stream: [(start_s, end_s), ...]}`` the spans to
             regenerate (e.g. ``{"audio": [(1.0, 2.5)]}``); every other token of the generated streams is
@@ -337,7 +346,7 @@ class Sampler:
             if task != "inpaint":
                 raise ValueError(f"regions= chooses the spans task 'inpaint' regenerates; got task {task!r}")
             masks = tasks_lib.with_regions(masks, self.spec, regions)
-        g = self.resolve_guidance(guidance, guidance_mode, guidance_schedule, present=masks.present)
+        g = self.resolve_guidance(guidance, guidance_mode, guidance_schedule, present=masks.present, interval=guidance_interval)
         held, cond_tokens = known_tokens(self.spec, task, masks.known, known_latents, batch)
         raw = canonical_raw_conds(self.model, raw_conds, batch)
         m = {"known": dict(masks.known), "valid": dict(masks.valid), "present": dict(masks.present)}

@@ -364,6 +364,7 @@ class StreamingSampler:
         guidance_mode: str | None = None,
         guidance_schedule: str | None = None,
         solver: str | None = None,
+        guidance_interval=None,
     ) -> StreamState:
         """A new stream: encodes the conditions, resolves guidance, allocates the (empty) cache.
 
@@ -390,7 +391,9 @@ class StreamingSampler:
                 raise ValueError(f"image_latents has shape {tuple(img.shape)}, expected {want} (model.streams.{visual})")
             frames = jnp.zeros((batch,) + tuple(g.latent_shape), jnp.float32).at[:, :1].set(img)
             held0 = {**held0, visual: g.patchify(frames)}
-        g = self.sampler.resolve_guidance(guidance, guidance_mode, guidance_schedule, present=first.present)
+        g = self.sampler.resolve_guidance(
+            guidance, guidance_mode, guidance_schedule, present=first.present, interval=guidance_interval
+        )
         raw = canonical_raw_conds(self.model, raw_conds, batch)
         # Derived conditions come from chunk 0's held tokens (ti2av: the given image tiled over the chunk), and
         # every chunk reuses them: the reference stays in view after the given frame has left the window.
@@ -702,7 +705,7 @@ class StreamingSampler:
                 sig = {n: jnp.where(known[n], 0.0, s[n]) for n in gen}
                 kvc = self._context(cache, c, offsets, i)
                 v_rows, kv = forward(dit_params, x, sig, known, conds, cmasks, keep, kvc, c, offsets[0])
-                sc = guidance_lib.guidance_scale(scales, guidance_lib.step_progress(i, steps), g.schedule)
+                sc = g.scale_at(scales, i, steps, s)
                 v = guidance_lib.combine_cfg(v_rows, plan, sc)
                 eps = {n: None for n in gen}
                 if solver == "renoise":  # fresh noise of step i (σ_{i+1} = 0 at the last step: unused)
