@@ -153,16 +153,7 @@ def test_guidance_interval_validation_and_structure():
 
 def test_resolve_guidance_plain_arguments():
     """resolve_guidance needs no model: defaults from the sample section, validation by name."""
-    defaults = config_spec.SampleSpec(
-        steps=4,
-        shift=1.0,
-        stream_shift={},
-        guidance={"text": 4.0},
-        guidance_mode="independent",
-        guidance_schedule="constant",
-        tasks=("t2av",),
-        num_per_task=1,
-    )
+    defaults = dataclasses.replace(_defaults(), guidance_mode="independent")
     kw = dict(defaults=defaults, conditions=["text", "ref_audio"], generated=["audio", "video"])
     g = guidance.resolve_guidance(**kw)
     assert g == guidance.Guidance({"text": 4.0}, "independent", "constant")

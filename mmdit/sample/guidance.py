@@ -170,7 +170,7 @@ def guidance_scale(scale, progress, schedule: str = "constant", *, sigma=None, i
     may have their own shift) and ``scale`` the ``{cond: s | {stream: s}}`` dict of :func:`guided_velocity`,
     returned with per-stream scales. ``None`` or ``(0, >= 1)``: every step is guided.
     """
-    if schedule not in ("constant", "cosine"):
+    if schedule not in GUIDANCE_SCHEDULES:
         raise ValueError(f"unknown guidance schedule {schedule!r}; use 'constant' or 'cosine'")
     if schedule == "cosine":
         p = jnp.clip(jnp.asarray(progress, jnp.float32), 0.0, 1.0)
