@@ -33,12 +33,17 @@ variants (scan, remat, attention implementation, mask-free attention, per-sample
 XLA CPU flags in a child process); they are measurement aids (monkeypatches active only while the
 variant is traced), the default model is not changed by them.
 
+``--dots`` times the step's matmul shapes (``DOT_SHAPES``: projections, ffn, the weight- and input-gradient
+forms, the attention batches) one call at a time in each library, in a child process per side
+(``torch.matmul`` vs a jitted ``jnp.matmul``, which XLA's CPU backend runs through its YNNPACK dot fusions):
+what the two step times owe to the matmul libraries alone, before any difference in the rest of the graph.
+
 Writes JSON to ``--out`` (default ``bench/results/cpu_step.json``). Needs torch + diffusers (the
 ``parity`` extra: ``pip install -e .[parity]``).
 
 Example::
 
-    python3 bench/cpu_step.py --iters 10 --warmup 3 --repeats 2 [--ablate]   # 2 threads per side
+    python3 bench/cpu_step.py --iters 10 --warmup 3 --repeats 2 [--ablate] [--dots]   # 2 threads per side
     python3 bench/cpu_step.py --threads 1 --repeats 2 --out /tmp/cpu_step_1t.json  # per-core, robust to load
 """
 
@@ -329,6 +334,62 @@ def ablations(params, peer_in, warmup, iters) -> dict:
     return rows
 
 
+# The matmuls of one fwd+bwd at this shape (B*S = 640 tokens, D = 256, ffn 1024, 4 heads x 64, S = 320), one
+# call each: (label, lhs shape, rhs shape, rhs transposed). Batched ones are [B*H, ...].
+DOT_SHAPES = (
+    ("proj x W [640,256]x[256,256]", (640, 256), (256, 256), False),
+    ("ffn up x W [640,256]x[256,1024]", (640, 256), (256, 1024), False),
+    ("ffn down x W [640,1024]x[1024,256]", (640, 1024), (1024, 256), False),
+    ("dgrad g W^T [640,1024]x[256,1024]^T", (640, 1024), (256, 1024), True),
+    ("wgrad x^T g [256,640]x[640,1024]", (256, 640), (640, 1024), False),
+    ("scores q k^T [8,320,64]x[8,64,320]", (8, 320, 64), (8, 64, 320), False),
+    ("values p v [8,320,320]x[8,320,64]", (8, 320, 320), (8, 320, 64), False),
+)
+
+
+def dot_calls(side: str, seed: int) -> dict:
+    """``{label: {"dot": fn}}``: each of :data:`DOT_SHAPES` as one float32 matmul call on ``side``'s library
+    (``peer``: ``torch.matmul``; ``mmdit``: a jitted ``jnp.matmul``, ``block_until_ready``), random operands."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    calls = {}
+    for label, a, b, t in DOT_SHAPES:
+        x, w = rng.standard_normal(a, np.float32), rng.standard_normal(b, np.float32)
+        if side == "peer":
+            import torch
+
+            xt, wt = torch.from_numpy(x), torch.from_numpy(w)
+            calls[label] = {"dot": (lambda xt=xt, wt=wt, t=t: torch.matmul(xt, wt.mT if t else wt))}
+        else:
+            import jax
+            import jax.numpy as jnp
+
+            f = jax.jit(lambda x, w, t=t: jnp.matmul(x, jnp.swapaxes(w, -1, -2) if t else w))
+            xj, wj = jax.device_put(x), jax.device_put(w)
+            calls[label] = {"dot": (lambda f=f, xj=xj, wj=wj: jax.block_until_ready(f(xj, wj)))}
+    return calls
+
+
+def print_dots(peer: dict, ours: dict) -> dict:
+    """Prints the per-shape table; returns ``{label: {peer_ms, mmdit_ms, ratio, gflops_peer, gflops_mmdit}}``."""
+    out = {}
+    print(f"  {'matmul':40s} {'torch ms':>9s} {'XLA ms':>8s} {'torch/XLA':>9s} {'GFLOP/s torch':>14s} {'XLA':>6s}")
+    for label, a, b, t in DOT_SHAPES:
+        m, k = a[-2], a[-1]
+        n = b[-2] if t else b[-1]
+        flops = 2.0 * m * k * n * (a[0] if len(a) == 3 else 1)
+        tp, tm = peer[label]["dot"]["median_s"], ours[label]["dot"]["median_s"]
+        out[label] = dict(
+            peer_ms=tp * 1e3, mmdit_ms=tm * 1e3, ratio=tp / tm, gflops_peer=flops / tp / 1e9, gflops_mmdit=flops / tm / 1e9
+        )
+        r = out[label]
+        print(
+            f"  {label:40s} {r['peer_ms']:9.3f} {r['mmdit_ms']:8.3f} {r['ratio']:9.2f} {r['gflops_peer']:14.1f} {r['gflops_mmdit']:6.1f}"
+        )
+    return out
+
+
 XLA_FLAG_ABLATIONS = ("--xla_cpu_experimental_ynn_fusion_type=",)  # YNNPACK fusions off: Eigen / XLA-emitted dots
 
 
@@ -348,7 +409,17 @@ def run_side(side: str, args, flags: str = "") -> dict:
 
 
 def child(args) -> int:
-    """``--side peer|mmdit|ablate``: time that side alone and write ``{variant: {pass: timings}}``."""
+    """``--side peer|mmdit|ablate|dots-peer|dots-mmdit``: time that side alone and write ``{variant: {pass: timings}}``."""
+    if args.side.startswith("dots-"):
+        side = args.side.split("-", 1)[1]
+        if side == "peer":
+            torch = _torch()[0]
+            torch.set_num_threads(args.threads)
+            torch.set_num_interop_threads(1)
+        res = interleaved(dot_calls(side, args.seed), args.warmup, max(args.iters, 20))
+        with open(args.out, "w") as f:
+            json.dump(res, f)
+        return 0
     torch, peer = build_peer(args.seed, args.threads)
     pin = peer_inputs(torch, args.seed)
     if args.side == "peer":
@@ -395,7 +466,14 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2, help="CPU threads for both sides")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ablate", action="store_true", help="also time mmdit-only variants (module docstring)")
-    p.add_argument("--side", choices=("peer", "mmdit", "ablate"), default=None, help=argparse.SUPPRESS)  # child
+    p.add_argument(
+        "--dots",
+        action="store_true",
+        help="also time the step's matmul shapes alone, torch.matmul vs XLA's jitted jnp.matmul (module docstring)",
+    )
+    p.add_argument(
+        "--side", choices=("peer", "mmdit", "ablate", "dots-peer", "dots-mmdit"), default=None, help=argparse.SUPPRESS
+    )  # child
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cpu_step.json"))
     args = p.parse_args(argv)
 
@@ -482,6 +560,9 @@ def main(argv=None):
                     f"fwd+bwd {r[k]['fwd_bwd']['median_s'] * 1e3:.1f} ms",
                     flush=True,
                 )
+    if args.dots:
+        print("\nthe step's matmuls alone (median of >= 20 calls each, one call = one matmul incl. dispatch):", flush=True)
+        out["dots"] = print_dots(run_side("dots-peer", args), run_side("dots-mmdit", args))
     out["loadavg_end"] = os.getloadavg()
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:

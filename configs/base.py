@@ -153,6 +153,7 @@ def get_config(arg=None):
             teacher_params="ema",  # ema | params
             student_init=None,  # None: the student starts as the teacher; or a warm-up run's workdir (W/student, W)
             guidance=None,  # the teacher's CFG scales (sample.guidance's form); None: the teacher config's
+            guidance_interval=None,  # (lo, hi): the teacher guides where sigma is in (lo, hi]; None: its sample.guidance_interval
             denoising_step_list=(1.0, 0.75),  # the student's sigmas, descending from 1.0
             rollout="self",  # self (Self-Forcing) | teacher_forced (CausVid)
             critic_steps=5,  # critic updates per generator update

@@ -212,6 +212,56 @@ def test_frozen_teacher_is_bit_identical_and_student_and_critic_update():
     assert changed(state.student.params) > n // 2 and changed(state.critic.params) > n // 2
 
 
+def test_the_real_score_is_guided_only_inside_the_teachers_interval():
+    """``distill.guidance_interval`` (None: the teacher's ``sample.guidance_interval``) gates the teacher's CFG by
+    the σ each sample is queried at: a sample re-noised above ``lo`` gets the guided velocity, one below it
+    the conditional one (nested CFG at scale 1), in one batch; the full interval guides both."""
+    from mmdit import tasks
+    from mmdit.distill.step import guided_teacher
+    from mmdit.model.diffusion import DiffusionModel
+    from mmdit.sample.sampler import Sampler
+
+    teacher_cfg = config_lib.load("configs/demo.py:tiny")
+    assert tuple(teacher_cfg.sample.guidance_interval) == (0.5, 1.0)
+    teacher = DiffusionModel.from_config(teacher_cfg)
+    params = nn.unbox(teacher.init(jax.random.key(0)))
+    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape, p.dtype), params)
+    B = 2
+    masks = tasks.task_masks("t2av", jax.random.key(0), teacher.spec, B, teacher_cfg.model)
+    tokens = teacher.tokens(
+        {
+            a.name: jax.random.normal(jax.random.key(3 + i), (B,) + tuple(a.geometry.latent_shape))
+            for i, a in enumerate(teacher.spec.streams)
+        }
+    )
+    per_sample = jnp.asarray([0.8, 0.3])  # sample 0 inside (0.5, 1], sample 1 below it
+    sigma = {n: jnp.broadcast_to(per_sample[:, None], tokens[n].shape[:2]) for n in tokens}
+    raw = teacher.input_spec().zero_conditions(B)
+    sampler = Sampler(teacher, teacher_cfg)
+    full = sampler.resolve_guidance(None, interval=(0.0, 1.0))
+    assert full.conditions == ["text", "joint"]
+    guided = sampler.guided_velocity(params, tokens, sigma, raw, masks, full)
+    conditional = sampler.guided_velocity(params, tokens, sigma, raw, masks, full, {c: 1.0 for c in full.scales})
+    got = guided_teacher(teacher, teacher_cfg, None)(params, tokens, sigma, raw, masks)
+    every = guided_teacher(teacher, teacher_cfg, None, (0.0, 1.0))(params, tokens, sigma, raw, masks)
+    for n in tokens:
+        assert float(jnp.max(jnp.abs(guided[n] - conditional[n]))) > 1e-3  # guidance matters here
+        np.testing.assert_allclose(got[n][0], guided[n][0], atol=1e-5)
+        np.testing.assert_allclose(got[n][1], conditional[n][1], atol=1e-5)
+        np.testing.assert_allclose(every[n], guided[n], atol=1e-5)
+
+
+def test_a_bad_distill_guidance_interval_is_named():
+    cfg = config_lib.load("configs/demo_distill.py:tiny")
+    cfg.distill.teacher = "somewhere"
+    assert distill_spec(cfg).guidance_interval is None
+    cfg.distill.guidance_interval = (0.2, 0.9)
+    assert distill_spec(cfg).guidance_interval == (0.2, 0.9)
+    cfg.distill.guidance_interval = (0.9, 0.2)
+    with pytest.raises(ValueError, match=r"distill.guidance_interval.*0 <= lo < hi"):
+        distill_spec(cfg)
+
+
 # ------------------------------------------------------------------------------------------------
 # CLI: a bad teacher, and the tiny run end to end
 

@@ -39,7 +39,7 @@ def prepare_pairs(cfg, data_dir: str, out_dir: str, *, batch: int = 4, overwrite
         dspec.ode_shift if dspec.ode_shift is not None else float(teacher_cfg.sample.shift),
         dspec.denoising_step_list,
     )
-    velocity_of = guided_teacher(teacher_model, teacher_cfg, dspec.guidance)
+    velocity_of = guided_teacher(teacher_model, teacher_cfg, dspec.guidance, dspec.guidance_interval)
     schema = student.input_spec()
     gen = sorted(student.spec.generated)
 

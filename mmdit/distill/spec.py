@@ -17,6 +17,10 @@ student_init               None (the student starts as the teacher) or a run who
                            its param tree must be the student's. Only a fresh run reads it.
 guidance                   the teacher's (real score's) CFG scales, ``sample.guidance``'s form;
                            None: the teacher config's ``sample.guidance``
+guidance_interval          ``(lo, hi)``: the teacher guides only where the σ it is queried at lies in
+                           ``(lo, hi]`` (the DMD real score at its re-noised σ, the regression
+                           pairs' ODE at each step), unguided elsewhere, as ``sample.guidance_interval``
+                           does in the sampler; None: the teacher config's ``sample.guidance_interval``
 denoising_step_list        the student's fixed σ list, descending, first 1.0 (e.g. ``(1.0, 0.75)``)
 rollout                    ``self`` (Self-Forcing: chunks conditioned on the student's own output)
                            or ``teacher_forced`` (CausVid: chunks conditioned on ground truth)
@@ -70,6 +74,7 @@ class DistillSpec:
     teacher_params: str
     student_init: str | None
     guidance: Mapping[str, Any] | None
+    guidance_interval: tuple[float, float] | None
     denoising_step_list: tuple[float, ...]
     rollout: str
     critic_steps: int
@@ -136,6 +141,16 @@ def distill_spec(cfg) -> DistillSpec:
         _fail("tasks", tasks, f"give non-negative weights over {', '.join(DISTILL_TASKS)} with a positive sum")
     if _num("dmd_weight", d["dmd_weight"], lo=0.0) + _num("regression_weight", d["regression_weight"], lo=0.0) <= 0:
         _fail("dmd_weight", d["dmd_weight"], "with distill.regression_weight=0 nothing trains; set either above 0")
+    interval = d["guidance_interval"]
+    if interval is not None:
+        try:
+            interval = config_spec.check_guidance_interval(interval)
+        except ValueError:
+            _fail(
+                "guidance_interval",
+                interval,
+                "give (lo, hi) with 0 <= lo < hi (the teacher guides where lo < sigma <= hi), or None",
+            )
     lo = _num("dmd_sigma_min", d["dmd_sigma_min"], lo=0.0, hi=1.0)
     hi = _num("dmd_sigma_max", d["dmd_sigma_max"], lo=0.0, hi=1.0)
     if hi <= lo:
@@ -146,6 +161,7 @@ def distill_spec(cfg) -> DistillSpec:
         teacher_params=d["teacher_params"],
         student_init=d["student_init"],
         guidance=None if d["guidance"] is None else dict(d["guidance"]),
+        guidance_interval=interval,
         denoising_step_list=steps,
         rollout=d["rollout"],
         critic_steps=_num("critic_steps", d["critic_steps"], lo=1, integer=True),

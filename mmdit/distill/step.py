@@ -10,7 +10,8 @@ truth of teacher-forced rollouts and the given modality of A2V, its conditions d
    the student with, :mod:`mmdit.distill.cached_rollout`, or full-sequence passes for a student that
    cannot stream, :mod:`mmdit.distill.rollout`), re-noised at one σ per sample
    drawn uniformly in ``[dmd_sigma_min, dmd_sigma_max]`` and shifted by ``flow.shift``; the teacher
-   (guided with ``distill.guidance``, :class:`mmdit.sample.sampler.Sampler`'s one-call CFG) and the
+   (guided with ``distill.guidance`` inside ``distill.guidance_interval``, :class:`mmdit.sample.sampler.Sampler`'s
+   one-call CFG) and the
    critic (conditional) predict its clean version; the DMD loss (:mod:`mmdit.distill.losses`) plus,
    with ``regression_weight > 0``, the regression loss of the student's teacher-forced predictions
    from the teacher's ODE state at a random σ of the step list (:mod:`mmdit.distill.ode_pairs`);
@@ -35,18 +36,30 @@ from mmdit.distill import losses, ode_pairs
 from mmdit.distill.cached_rollout import IMPLS, CachedRollout, serving_impl
 from mmdit.distill.rollout import predict_chunks, renoise, student_rollout
 from mmdit.distill.spec import PAIR_STATE, PAIR_TARGET
+from mmdit.sample.guidance import guidance_scale, is_full_interval
 from mmdit.sample.sampler import Sampler
 from mmdit.train.step import apply_gradients, first_frame_weights, split_batch
 
 
-def guided_teacher(teacher_model, teacher_cfg, guidance):
+def guided_teacher(teacher_model, teacher_cfg, guidance, interval=None):
     """``velocity(params, tokens, sigma, raw, masks) -> v``: the teacher's guided velocity (one
-    batched call over every CFG pattern)."""
+    batched call over every CFG pattern).
+
+    ``interval = (lo, hi)`` (None: the teacher config's ``sample.guidance_interval``): a sample's stream is
+    guided only where its σ -- the largest of its tokens' σ's, i.e. the σ it is being denoised at (known
+    tokens are at 0) -- lies in ``(lo, hi]``, and gets the conditional velocity elsewhere: the velocity field
+    of the teacher's own sampler (:func:`mmdit.sample.guidance.guidance_scale`), per sample, since the DMD
+    real score is queried at one σ per sample."""
     sampler = Sampler(teacher_model, teacher_cfg)
-    g = sampler.resolve_guidance(guidance)
+    g = sampler.resolve_guidance(guidance, interval=interval)
+    gated = bool(g.scales) and not is_full_interval(g.interval)
 
     def velocity(params, tokens, sigma, raw, masks):
-        return sampler.guided_velocity(params, tokens, sigma, raw, masks, g)
+        scales = None
+        if gated:  # per-sample scales [B, 1, 1], broadcast against the [B, S, C] velocities
+            at = {n: jnp.max(s, axis=1)[:, None, None] for n, s in sigma.items()}
+            scales = guidance_scale(g.scale_arrays(), 0.0, sigma=at, interval=g.interval)
+        return sampler.guided_velocity(params, tokens, sigma, raw, masks, g, scales)
 
     return velocity
 
@@ -73,7 +86,7 @@ def make_step(
     token_weights = first_frame_weights(spec, fl.first_frame_weight)
     step_list = tuple(dspec.denoising_step_list)
     K = len(step_list)
-    teacher_velocity = guided_teacher(teacher_model, teacher_cfg, dspec.guidance)
+    teacher_velocity = guided_teacher(teacher_model, teacher_cfg, dspec.guidance, dspec.guidance_interval)
     teacher_forced = dspec.rollout == "teacher_forced"
     impl = rollout_impl or serving_impl(student_model)
     if impl not in IMPLS:
