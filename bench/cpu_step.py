@@ -561,8 +561,23 @@ def main(argv=None):
                     flush=True,
                 )
     if args.dots:
-        print("\nthe step's matmuls alone (median of >= 20 calls each, one call = one matmul incl. dispatch):", flush=True)
-        out["dots"] = print_dots(run_side("dots-peer", args), run_side("dots-mmdit", args))
+        rounds = []
+        for i in range(args.repeats):
+            print(
+                f"\nthe step's matmuls alone, round {i + 1}/{args.repeats} (median of >= 20 calls each; one call = one "
+                "matmul, its dispatch and its output buffer):",
+                flush=True,
+            )
+            rounds.append(print_dots(run_side("dots-peer", args), run_side("dots-mmdit", args)))
+        out["dots"] = {
+            "rounds": rounds,
+            "ratio_median": {k: statistics.median(r[k]["ratio"] for r in rounds) for k in rounds[0]},
+            "ratio_range": {k: (min(r[k]["ratio"] for r in rounds), max(r[k]["ratio"] for r in rounds)) for k in rounds[0]},
+        }
+        print("torch/XLA per matmul, median (range) over rounds:")
+        for k, v in out["dots"]["ratio_median"].items():
+            lo, hi = out["dots"]["ratio_range"][k]
+            print(f"  {k:40s} {v:5.2f} ({lo:.2f}-{hi:.2f})")
     out["loadavg_end"] = os.getloadavg()
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:

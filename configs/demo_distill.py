@@ -33,9 +33,14 @@ loss joined the default): the x-predicting default teacher keeps
 its sync at 2 Euler steps (T2AV lag-0 r 0.78 vs 0.79 at 25), and the 2-step student reaches 0.72 in T2AV, 0.81 in
 A2V (teacher 0.79; 0.69 / 0.82 before the distill losses weighed the key frame like training's
 ``flow.first_frame_weight``), 7.7x faster than the 25-step teacher at batch 1, 15x at batch 16. From the current
-default teacher (with the temporal-difference loss; ``bench/results/distill_table_full_tdiff.json``) the student
-falls further behind in T2AV (0.65 vs 0.81 at 25 steps, 0.78 at 2 Euler steps) and leads in A2V (0.87 vs 0.82),
-6.8x / 15x faster. Other
+default teacher (temporal-difference loss, sampled with its guidance interval; the real score and the ODE pairs
+gated by the same interval, ``distill.guidance_interval``; ``bench/results/distill_table_full_interval.json``), T2AV
+lag-0 r: teacher 0.86 at 25 steps, 0.88 at 4, 0.78 at 2 Euler steps; the warm-up student alone 0.78; DMD from it
+with ``regression_weight=0.25`` 0.65 (Fréchet distance 1.93 vs the warm-up's 2.23, floor 1.86; flicker 5.1e-5 vs
+9.6e-5); with ``regression_weight=1.0`` (``bench/results/distill_table_full_interval_reg1.json``) 0.78 (FD 2.37,
+flicker 3.7e-5), A2V 0.88 vs the teacher's 0.87: DMD buys image quality at the cost of T2AV sync, and the heavier
+regression keeps the sync, so ``full`` uses 1.0 (one run each). With every σ guided instead
+(``distill_table_full_tdiff.json``, the 0.25 student) T2AV was 0.65 as well: the interval moved nothing here. Other
 chunk sizes: ``--set model.chunk_frames=N``; the small-chunk cells of Table 1 (``model.chunk_frames=1.0``: 40 ms
 chunks, 49 per clip; ``bench/results/distill_table.json``) reach T2AV lag-0 r 0.68 (2 steps) / 0.75 (4 steps)
 against the plain teacher's 0.51 at 25 steps (A2V 0.76 / 0.80 vs 0.39), but at batch 1 on a CPU a chunk this
@@ -61,7 +66,8 @@ def get_config(arg=None):
     # = the Euler schedule of sample.steps at sample.shift=3 without its final 0 (ode.sampling_sigmas), so the
     # exported student samples / streams on the very σ's it was distilled on
     c.distill.denoising_step_list = (1.0, 0.9, 0.75, 0.5) if v.steps4 else (1.0, 0.75)
-    c.distill.regression_weight = 0.25
+    # DMD alone loses the full teacher's T2AV sync (0.78 after the warm-up -> 0.65 at 0.25); the ODE map holds it (docstring)
+    c.distill.regression_weight = 1.0 if v.full else 0.25
     c.distill.tasks = dict(t2av=0.5, a2v=0.5)
     # The distilled student samples without CFG (the teacher's guidance is distilled into it).
     c.sample.steps = 4 if v.steps4 else 2
