@@ -29,8 +29,8 @@ sizes its intra-op Eigen pool from the visible cores, so the script pins the pro
 cores (``os.sched_setaffinity``) before importing jax; ``XLA_FLAGS`` is left as the caller set it.
 
 Ratios are ``peer time / mmdit time`` (>= 1: mmdit faster). ``--ablate`` adds mmdit-only fwd+bwd
-variants (scan, remat, attention implementation, mask-free attention, per-sample modulation, and
-XLA CPU flags in a child process); they are measurement aids (monkeypatches active only while the
+variants (scan, remat, attention implementation, mask-free attention, per-sample modulation, the dot
+library as compile options, and XLA CPU flags in a child process); they are measurement aids (monkeypatches active only while the
 variant is traced), the default model is not changed by them.
 
 ``--dots`` times the step's matmul shapes (``DOT_SHAPES``: projections, ffn, the weight- and input-gradient
@@ -323,6 +323,13 @@ def ablations(params, peer_in, warmup, iters) -> dict:
         with patch() if patch else contextlib.nullcontext():
             calls[label] = {"fwd_bwd": mmdit_calls(spec, params, mmdit_inputs(spec, peer_in))["fwd_bwd"]}
             calls[label]["fwd_bwd"]()  # traced and compiled under the patch; later calls hit the jit cache
+    # the dot libraries XLA's CPU backend can route to, as per-executable compile options (one process, interleaved)
+    spec = mmdit_spec(scan=True)
+    tok, tgt, sigma, text = mmdit_inputs(spec, peer_in)
+    _, vg = mmdit_fns(spec)
+    for label, opts in COMPILE_OPTION_ABLATIONS:
+        exe = vg.lower(params, tok, tgt, sigma, text).compile(compiler_options=opts)
+        calls[label] = {"fwd_bwd": (lambda exe=exe: jax.block_until_ready(exe(params, tok, tgt, sigma, text)))}
     rows = {k: v["fwd_bwd"] for k, v in interleaved(calls, warmup, iters).items()}
     base = rows["scan, remat=none (default)"]["median_s"]
     for label, r in rows.items():
@@ -390,6 +397,15 @@ def print_dots(peer: dict, ours: dict) -> dict:
     return out
 
 
+# XLA CPU compile options (``Lowered.compile(compiler_options=...)``) tried as --ablate rows: where the dots go
+COMPILE_OPTION_ABLATIONS = (
+    ("dots: YNNPACK fusions off (Eigen)", {"xla_cpu_experimental_ynn_fusion_type": ""}),
+    (
+        "dots: XNNPACK instead of YNNPACK",
+        {"xla_cpu_experimental_ynn_fusion_type": "", "xla_cpu_experimental_xnn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"},
+    ),
+    ("dots: oneDNN", {"xla_cpu_experimental_ynn_fusion_type": "", "xla_cpu_use_onednn": True}),
+)
 XLA_FLAG_ABLATIONS = ("--xla_cpu_experimental_ynn_fusion_type=",)  # YNNPACK fusions off: Eigen / XLA-emitted dots
 
 
