@@ -29,8 +29,8 @@ sizes its intra-op Eigen pool from the visible cores, so the script pins the pro
 cores (``os.sched_setaffinity``) before importing jax; ``XLA_FLAGS`` is left as the caller set it.
 
 Ratios are ``peer time / mmdit time`` (>= 1: mmdit faster). ``--ablate`` adds mmdit-only fwd+bwd
-variants (scan, remat, attention implementation, mask-free attention, per-sample modulation, the dot
-library as compile options, and XLA CPU flags in a child process); they are measurement aids (monkeypatches active only while the
+variants (scan, remat, attention implementation, mask-free attention, per-sample modulation, and the dot
+library as per-executable XLA compile options); they are measurement aids (monkeypatches active only while the
 variant is traced), the default model is not changed by them.
 
 ``--dots`` times the step's matmul shapes (``DOT_SHAPES``: projections, ffn, the weight- and input-gradient
@@ -215,13 +215,17 @@ def layer_params(spec, params):
     return {**params, "params": inner}
 
 
-def mmdit_calls(spec, params, inputs) -> dict:
-    """``{"fwd": fn, "fwd_bwd": fn}`` of mmdit (jitted; each call ends with ``block_until_ready``)."""
+def mmdit_calls(spec, params, inputs, compiler_options=None) -> dict:
+    """``{"fwd": fn, "fwd_bwd": fn}`` of mmdit (jitted; each call ends with ``block_until_ready``);
+    ``compiler_options``: XLA options for these two executables alone (``Lowered.compile``)."""
     import jax
 
     params = layer_params(spec, params)
     tok, tgt, sigma, text = inputs
     fwd, vg = mmdit_fns(spec)
+    if compiler_options is not None:
+        fwd = fwd.lower(params, tok, sigma, text).compile(compiler_options=compiler_options)
+        vg = vg.lower(params, tok, tgt, sigma, text).compile(compiler_options=compiler_options)
     return {
         "fwd": lambda: jax.block_until_ready(fwd(params, tok, sigma, text)),
         "fwd_bwd": lambda: jax.block_until_ready(vg(params, tok, tgt, sigma, text)),
@@ -323,13 +327,9 @@ def ablations(params, peer_in, warmup, iters) -> dict:
         with patch() if patch else contextlib.nullcontext():
             calls[label] = {"fwd_bwd": mmdit_calls(spec, params, mmdit_inputs(spec, peer_in))["fwd_bwd"]}
             calls[label]["fwd_bwd"]()  # traced and compiled under the patch; later calls hit the jit cache
-    # the dot libraries XLA's CPU backend can route to, as per-executable compile options (one process, interleaved)
     spec = mmdit_spec(scan=True)
-    tok, tgt, sigma, text = mmdit_inputs(spec, peer_in)
-    _, vg = mmdit_fns(spec)
-    for label, opts in COMPILE_OPTION_ABLATIONS:
-        exe = vg.lower(params, tok, tgt, sigma, text).compile(compiler_options=opts)
-        calls[label] = {"fwd_bwd": (lambda exe=exe: jax.block_until_ready(exe(params, tok, tgt, sigma, text)))}
+    for label, opts in COMPILE_OPTION_ABLATIONS:  # where the dots go, per executable, interleaved with the rest
+        calls[label] = {"fwd_bwd": mmdit_calls(spec, params, mmdit_inputs(spec, peer_in), opts)["fwd_bwd"]}
     rows = {k: v["fwd_bwd"] for k, v in interleaved(calls, warmup, iters).items()}
     base = rows["scan, remat=none (default)"]["median_s"]
     for label, r in rows.items():
@@ -360,18 +360,18 @@ def dot_calls(side: str, seed: int) -> dict:
     import numpy as np
 
     rng = np.random.default_rng(seed)
+    if side == "peer":
+        import torch
+    else:
+        import jax
+        import jax.numpy as jnp
     calls = {}
     for label, a, b, t in DOT_SHAPES:
         x, w = rng.standard_normal(a, np.float32), rng.standard_normal(b, np.float32)
         if side == "peer":
-            import torch
-
             xt, wt = torch.from_numpy(x), torch.from_numpy(w)
             calls[label] = {"dot": (lambda xt=xt, wt=wt, t=t: torch.matmul(xt, wt.mT if t else wt))}
         else:
-            import jax
-            import jax.numpy as jnp
-
             f = jax.jit(lambda x, w, t=t: jnp.matmul(x, jnp.swapaxes(w, -1, -2) if t else w))
             xj, wj = jax.device_put(x), jax.device_put(w)
             calls[label] = {"dot": (lambda f=f, xj=xj, wj=wj: jax.block_until_ready(f(xj, wj)))}
@@ -406,20 +406,18 @@ COMPILE_OPTION_ABLATIONS = (
     ),
     ("dots: oneDNN", {"xla_cpu_experimental_ynn_fusion_type": "", "xla_cpu_use_onednn": True}),
 )
-XLA_FLAG_ABLATIONS = ("--xla_cpu_experimental_ynn_fusion_type=",)  # YNNPACK fusions off: Eigen / XLA-emitted dots
 
 
-def run_side(side: str, args, flags: str = "") -> dict:
+def run_side(side: str, args) -> dict:
     """Times one side in a fresh child process (``--side``): torch's OpenMP pool and XLA's thread pool
     spin-wait after work, so timing both in one process slows whichever runs second."""
     import subprocess
 
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "r.json")
-        env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip())
         cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--iters", str(args.iters)]
         cmd += ["--warmup", str(args.warmup), "--threads", str(args.threads), "--seed", str(args.seed), "--out", out]
-        subprocess.run(cmd, env=env, check=True)
+        subprocess.run(cmd, check=True)
         with open(out) as f:
             return json.load(f)
 
@@ -567,15 +565,6 @@ def main(argv=None):
     if args.ablate:
         print("\nmmdit fwd+bwd ablations (scan unless stated):", flush=True)
         out["ablations_fwd_bwd"] = run_side("ablate", args)
-        for flags in XLA_FLAG_ABLATIONS:
-            r = run_side("mmdit", args, flags)
-            for k, label in (("mmdit_scan", ""), ("mmdit_noscan", ", no scan")):
-                out["ablations_fwd_bwd"][f"XLA_FLAGS={flags}{label}"] = r[k]["fwd_bwd"]
-                print(
-                    f"  XLA_FLAGS={flags}{label}: fwd {r[k]['fwd']['median_s'] * 1e3:.1f} ms, "
-                    f"fwd+bwd {r[k]['fwd_bwd']['median_s'] * 1e3:.1f} ms",
-                    flush=True,
-                )
     if args.dots:
         rounds = []
         for i in range(args.repeats):
