@@ -308,8 +308,28 @@ def ablations(params, peer_in, warmup, iters) -> dict:
         finally:
             layers.TimestepEmbedding.__call__ = orig
 
+    @contextlib.contextmanager
+    def separate_projections():
+        """q, k, v (and a cross-attention's k, v) as separate products, as before stacked_dense."""
+        from mmdit.model import attention
+
+        orig = attention.stacked_dense
+
+        def separate(x, params, dtype):
+            x, dims = x.astype(dtype), (((x.ndim - 1,), (0,)), ((), ()))
+            outs = [layers.dense_dot_general(x, k.astype(dtype), dims) + b.astype(dtype) for k, b in params]
+            return jnp.stack(outs, axis=-2)
+
+        attention.stacked_dense = separate
+        try:
+            yield
+        finally:
+            attention.stacked_dense = orig
+
     variants = [
         ("scan, remat=none (default)", dict(scan=True), None),
+        ("separate q/k/v projections", dict(scan=True), separate_projections),
+        ("separate q/k/v projections, no scan", dict(scan=False), separate_projections),
         ("no scan", dict(scan=False), None),
         ("scan, remat=full", dict(scan=True, remat="full"), None),
         ("scan, remat=dots", dict(scan=True, remat="dots"), None),

@@ -325,3 +325,44 @@ def test_dense_kernel_gradient_equals_autodiff_and_dots_stay_saveable():
     # remat=dots still keeps the product (it is a plain dot_general) instead of recomputing it
     saved = saved_residuals(jax.checkpoint(ours, policy=jax.checkpoint_policies.checkpoint_dots), x, w)
     assert any("dot_general" in why for _, why in saved), saved
+
+
+def test_stacked_dense_equals_separate_layers_in_value_and_gradient():
+    from mmdit.model.layers import stacked_dense
+
+    ks = jax.random.split(jax.random.key(5), 8)
+    x, g = jax.random.normal(ks[0], (2, 5, 8)), jax.random.normal(ks[1], (2, 5, 3, 4))
+    params = [(jax.random.normal(ks[2 + i], (8, 4)), jax.random.normal(ks[5 + i], (4,))) for i in range(3)]
+    ours = lambda x, p: jnp.sum(jnp.tanh(stacked_dense(x, p, jnp.float32)) * g)  # noqa: E731
+    plain = lambda x, p: jnp.sum(jnp.tanh(jnp.stack([x @ k + b for k, b in p], axis=-2)) * g)  # noqa: E731
+    np.testing.assert_allclose(ours(x, params), plain(x, params), rtol=1e-6)
+    got, want = jax.grad(ours, argnums=(0, 1))(x, params), jax.grad(plain, argnums=(0, 1))(x, params)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_qkv_params_equal_three_dense_layers():
+    """The stacked projection declares the params three ``dense`` layers did (names, shapes, init values),
+    so checkpoints and converters are unchanged; its q/k/v equal theirs."""
+    import flax.linen as nn
+
+    from mmdit.model.attention import QKV
+    from mmdit.model.layers import dense
+
+    class ThreeDense(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return [dense(8, ("embed", "heads"), jnp.float32, jnp.float32, name=n)(x) for n in ("to_q", "to_k", "to_v")]
+
+    x = jax.random.normal(jax.random.key(1), (1, 3, 16))
+    got = nn.unbox(QKV(2, 4).init(jax.random.key(0), x, None)["params"])
+    want = nn.unbox(ThreeDense().init(jax.random.key(0), x)["params"])
+    assert sorted(got) == ["norm_k", "norm_q", "to_k", "to_q", "to_v"]
+    for n in ("to_q", "to_k", "to_v"):
+        jax.tree.map(np.testing.assert_array_equal, got[n], want[n])
+    params = {**got, "norm_q": {"scale": jnp.ones(8)}, "norm_k": {"scale": jnp.ones(8)}}
+    q, k, v = QKV(2, 4).apply({"params": params}, x, None)
+    rms = lambda t: t * jax.lax.rsqrt(jnp.mean(t * t, -1, keepdims=True) + 1e-6)  # noqa: E731
+    ref = ThreeDense().apply({"params": want}, x)
+    for ours, theirs in zip((q, k, v), (rms(ref[0]), rms(ref[1]), ref[2])):
+        np.testing.assert_allclose(np.asarray(ours).reshape(theirs.shape), np.asarray(theirs), rtol=1e-5, atol=1e-5)

@@ -23,7 +23,7 @@ import numpy as np
 
 from mmdit.attention import masks
 from mmdit.attention import registry as attention_registry
-from mmdit.model.layers import RMSNorm, dense
+from mmdit.model.layers import RMSNorm, _DenseParams, dense, stacked_dense
 from mmdit.model.rope import apply_rope
 from mmdit.parallel import sequence_parallel_attention
 
@@ -42,15 +42,22 @@ class QKV(nn.Module):
         """``kv``: precomputed ``(k, v)`` ``[B, L, H, Dh]`` (e.g. a streaming cache of a condition's
         keys/values): only q is projected."""
         inner = self.heads * self.head_dim
-        kv_input = x if kv_input is None else kv_input
-        proj = lambda n: dense(inner, ("embed", "heads"), self.dtype, self.param_dtype, name=n)
         split = lambda t: t.reshape(t.shape[:2] + (self.heads, self.head_dim))
-        q = split(RMSNorm(self.eps, param_dtype=self.param_dtype, name="norm_q")(proj("to_q")(x)))
-        if kv is None:
-            k = split(RMSNorm(self.eps, param_dtype=self.param_dtype, name="norm_k")(proj("to_k")(kv_input)))
-            v = split(proj("to_v")(kv_input))
-        else:
+        norm = lambda n, t: RMSNorm(self.eps, param_dtype=self.param_dtype, name=n)(t)
+        params = lambda n, d: _DenseParams(d, inner, ("embed", "heads"), self.param_dtype, name=n)()
+        if kv is not None:  # q alone
+            q = stacked_dense(x, [params("to_q", x.shape[-1])], self.dtype)[..., 0, :]
             k, v = kv
+        elif kv_input is None:  # self-attention: q, k, v of x in one product
+            qkv = stacked_dense(x, [params(n, x.shape[-1]) for n in ("to_q", "to_k", "to_v")], self.dtype)
+            q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
+        else:  # cross-attention: q of x; k, v of the condition in one product
+            q = stacked_dense(x, [params("to_q", x.shape[-1])], self.dtype)[..., 0, :]
+            kv_pair = stacked_dense(kv_input, [params(n, kv_input.shape[-1]) for n in ("to_k", "to_v")], self.dtype)
+            k, v = kv_pair[..., 0, :], kv_pair[..., 1, :]
+        q = split(norm("norm_q", q))
+        if kv is None:
+            k, v = split(norm("norm_k", k)), split(v)
         if angles is not None:
             q, k = apply_rope(q, angles), apply_rope(k, angles)
         names = ("batch", "length", "heads", "kv")

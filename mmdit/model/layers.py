@@ -31,8 +31,10 @@ def _kernel_grad_fwd(x, kernel, out_shape):
 
 def _kernel_grad_bwd(out_shape, res, g):
     x, kernel = res
-    x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]).astype(x.dtype)
-    return jnp.zeros_like(x), jax.lax.dot_general(x2, g2, (((0,), (0,)), ((), ()))).astype(kernel.dtype)
+    x2 = x.reshape(-1, x.shape[-1])
+    g2 = g.reshape(x2.shape[0], -1).astype(x.dtype)  # [N, prod(kernel.shape[1:])]
+    grad = jax.lax.dot_general(x2, g2, (((0,), (0,)), ((), ())))
+    return jnp.zeros_like(x), grad.reshape(kernel.shape).astype(kernel.dtype)
 
 
 _kernel_grad.defvjp(_kernel_grad_fwd, _kernel_grad_bwd)
@@ -50,6 +52,23 @@ def dense_dot_general(x, kernel, dimension_numbers, precision=None, preferred_el
         return jax.lax.dot_general(x, kernel, dimension_numbers, precision, preferred_element_type)
     y = jax.lax.dot_general(x, jax.lax.stop_gradient(kernel), dimension_numbers, precision, preferred_element_type)
     return y + _kernel_grad(x, kernel, y.shape).astype(y.dtype)
+
+
+def stacked_dense(x, params, dtype):
+    """Several Dense layers applied to one input as one product: ``x [..., in]`` and ``params``, n
+    ``(kernel [in, out], bias [out])`` pairs -> ``[..., n, out]`` (same values as n separate layers).
+
+    The kernels are stacked on a new axis rather than concatenated along ``out``, so a tensor-sharded
+    ``out`` (logical ``heads``) stays sharded without communication. Forward, input gradient and
+    kernel gradient (``x^T g``, as in :func:`dense_dot_general`) are each one matmul over ``n * out``
+    columns instead of n narrow ones: on XLA CPU a 256-wide projection runs well below the matmul
+    library's large-shape rate (``bench/cpu_step.py --dots``)."""
+    kernel = jnp.stack([k for k, _ in params], axis=1).astype(dtype)  # [in, n, out]
+    bias = jnp.stack([b for _, b in params]).astype(dtype)  # [n, out]
+    x = x.astype(dtype)
+    dims = (((x.ndim - 1,), (0,)), ((), ()))
+    y = jax.lax.dot_general(x, jax.lax.stop_gradient(kernel), dims)
+    return y + _kernel_grad(x, kernel, y.shape).astype(y.dtype) + bias
 
 
 def dense(features, names, dtype, param_dtype, use_bias=True, name=None, kernel_init=None):
