@@ -7,15 +7,20 @@ fake score and student share one param tree). ``distill.teacher`` is the teacher
 workdir: ``--set distill.teacher=T`` (or ``mmdit distill --teacher T``). Only the fields that
 differ from ``configs/base.py``'s ``distill`` defaults are set here.
 
-The two-run recipe (CausVid: an ODE-regression warm-up, then DMD from it)::
+The recipe (CausVid: an ODE-regression warm-up, then DMD from it), with the teacher's ODE pairs
+computed once::
 
-    mmdit distill --config configs/demo_distill.py:warmup --teacher T --workdir W_warmup --data T/data/train
+    mmdit distill prepare --config configs/demo_distill.py:warmup --teacher T --data T/data/train --out P
+    mmdit distill --config configs/demo_distill.py:warmup --teacher T --workdir W_warmup --data P
     mmdit distill --config configs/demo_distill.py --teacher T --workdir W --data T/data/train \\
         --set distill.student_init=W_warmup/student
 
-The warm-up (``dmd_weight=0``, ``regression_weight=1``) trains only the student, on the teacher's
-ODE map; the DMD run's student starts from the warm-up's EMA params (its fake score from the
-teacher). One run without ``student_init`` (DMD + 0.25 regression from the teacher) also works.
+``prepare`` integrates the teacher's guided ODE once per training clip (512 T2AV pairs, 2.6 min on 2 cores for the
+default teacher); the warm-up (``dmd_weight=0``, ``regression_weight=1``, ``regression_pairs="records"``, 400
+iterations, 3.0 min) then trains only the student on them -- 2.8 iterations/s instead of 0.3 with the ODE integrated
+inside every step, so it sees 4x the iterations in half the time. The DMD run's student starts from the warm-up's
+EMA params (its fake score from the teacher). One run without ``student_init`` (DMD + regression from the teacher)
+also works.
 
 The student samples with ``sample.solver="renoise"``: at every step it predicts the clean chunk and
 re-noises it with fresh noise, the very rule its rollouts are trained with (Self-Forcing), instead of
@@ -34,13 +39,15 @@ its sync at 2 Euler steps (T2AV lag-0 r 0.78 vs 0.79 at 25), and the 2-step stud
 A2V (teacher 0.79; 0.69 / 0.82 before the distill losses weighed the key frame like training's
 ``flow.first_frame_weight``), 7.7x faster than the 25-step teacher at batch 1, 15x at batch 16. From the current
 default teacher (temporal-difference loss, sampled with its guidance interval; the real score and the ODE pairs
-gated by the same interval, ``distill.guidance_interval``; ``bench/results/distill_table_full_interval.json``), T2AV
-lag-0 r: teacher 0.86 at 25 steps, 0.88 at 4, 0.78 at 2 Euler steps; the warm-up student alone 0.78; DMD from it
-with ``regression_weight=0.25`` 0.65 (Fréchet distance 1.93 vs the warm-up's 2.23, floor 1.86; flicker 5.1e-5 vs
-9.6e-5); with ``regression_weight=1.0`` (``bench/results/distill_table_full_interval_reg1.json``) 0.78 (FD 2.37,
-flicker 3.7e-5), A2V 0.88 vs the teacher's 0.87: DMD buys image quality at the cost of T2AV sync, and the heavier
-regression keeps the sync, so ``full`` uses 1.0 (one run each). With every σ guided instead
-(``distill_table_full_tdiff.json``, the 0.25 student) T2AV was 0.65 as well: the interval moved nothing here. Other
+gated by the same interval, ``distill.guidance_interval``), T2AV lag-0 r on 16 clips (chance 0.03, ground truth
+0.89): teacher 0.86 at 25 steps, 0.88 at 4, 0.78 at 2 Euler steps. The prepared-pairs warm-up (400 iterations,
+``bench/results/distill_table_full_records.json``) alone brings the 2-step student to 0.82 (A2V 0.87, teacher 0.87),
+Fréchet distance 2.35 (teacher at 2 steps 3.89, floor 1.86), flicker 2.8e-5 (5.8e-5); 1,000 iterations change
+nothing measurable (0.82, FD 2.54, flicker 2.0e-5). Before it, a 100-iteration warm-up with the ODE inside every
+step (5.7 min) reached only 0.78, the teacher's own 2-step figure. DMD from the 400-iteration warm-up
+(``regression_weight=1.0`` on the pairs, 600 iterations, 6.1 min) keeps T2AV at 0.82 but costs frame quality (FD
+2.57, A2V FD 3.74): on this world the warm-up is the student, and DMD has not yet earned its place (from the
+older 100-iteration warm-up it traded sync for FD, ``distill_table_full_interval*.json``). Other
 chunk sizes: ``--set model.chunk_frames=N``; the small-chunk cells of Table 1 (``model.chunk_frames=1.0``: 40 ms
 chunks, 49 per clip; ``bench/results/distill_table.json``) reach T2AV lag-0 r 0.68 (2 steps) / 0.75 (4 steps)
 against the plain teacher's 0.51 at 25 steps (A2V 0.76 / 0.80 vs 0.39), but at batch 1 on a CPU a chunk this
@@ -84,12 +91,13 @@ def get_config(arg=None):
     c.train.log_every = 10
     c.train.checkpoint_every = 100
     c.train.sample_every = 300
-    if v.warmup:
+    if v.warmup:  # regression only, on the pairs `mmdit distill prepare` wrote (--data P; docstring)
         c.distill.dmd_weight = 0.0
         c.distill.regression_weight = 1.0
-        c.train.steps = 100
-        c.train.checkpoint_every = 50
-        c.train.sample_every = 100
+        c.distill.regression_pairs = "records"
+        c.train.steps = 400
+        c.train.checkpoint_every = 100
+        c.train.sample_every = 200
     if v.tiny:
         c.train.steps = 6
         c.train.warmup_steps = 1

@@ -552,9 +552,11 @@ WARMUP_OVERRIDES = ["train.steps=2", "train.async_checkpoint=False", "train.samp
 @pytest.fixture(scope="module")
 def warmup_run(tmp_path_factory):
     """A tiny regression-only warm-up (``demo_distill.py:tiny,warmup``, 2 iterations) from an untrained
-    teacher, with eval records beside its data (for the TensorBoard samples)."""
+    teacher, on the ODE pairs ``prepare`` wrote (the variant's ``regression_pairs="records"``) beside the
+    eval records (for the TensorBoard samples)."""
     from mmdit.data.synth_records import synth
     from mmdit.distill.loop import distill
+    from mmdit.distill.prepare import prepare_pairs
 
     root = tmp_path_factory.mktemp("warmup")
     teacher_cfg = untrained_teacher(root / "teacher")
@@ -562,8 +564,10 @@ def warmup_run(tmp_path_factory):
     cfg = config_lib.override(
         config_lib.load("configs/demo_distill.py:tiny,warmup"), [f"distill.teacher={root / 'teacher'}", *WARMUP_OVERRIDES]
     )
+    assert cfg.distill.regression_pairs == "records"
+    prepare_pairs(cfg, str(root / "data" / "train"), str(root / "data" / "pairs"), batch=4, progress=False)
     opts = {"xla_backend_optimization_level": 0}
-    last = distill(cfg, str(root / "warmup"), data_dir=str(root / "data" / "train"), progress=False, compiler_options=opts)
+    last = distill(cfg, str(root / "warmup"), data_dir=str(root / "data" / "pairs"), progress=False, compiler_options=opts)
     return root, cfg, last
 
 
@@ -611,7 +615,7 @@ def test_student_init_starts_the_student_from_the_warmup(warmup_run, tmp_path):
     distill(
         run_cfg,
         str(tmp_path / "run"),
-        data_dir=str(root / "data" / "train"),
+        data_dir=str(root / "data" / "pairs"),
         progress=False,
         stop_after=1,
         iteration_hook=hook,
@@ -644,6 +648,23 @@ def test_a_student_init_of_another_model_is_refused_and_the_workdir_untouched(tm
     with pytest.raises(ValueError, match="distill.student_init=.*does not hold the student's params") as e:
         distill(cfg, str(work), data_dir=str(tmp_path / "nowhere"), progress=False)
     assert "dit/params/" in str(e.value)  # names the differing params
+    assert tree_snapshot(work) == snapshot
+
+
+def test_the_records_warmup_on_records_without_pairs_is_refused_and_the_workdir_untouched(tmp_path):
+    from mmdit.data.synth_records import synth
+    from mmdit.distill.loop import distill
+
+    teacher_cfg = untrained_teacher(tmp_path / "teacher")
+    synth(teacher_cfg, str(tmp_path / "data"), num=2, num_eval=0, progress=False)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("keep me")
+    snapshot = tree_snapshot(work)
+    cfg = config_lib.override(config_lib.load("configs/demo_distill.py:tiny,warmup"), [f"distill.teacher={tmp_path / 'teacher'}"])
+    with pytest.raises(ValueError, match=r"holds no teacher ODE pairs \(ode_target_") as e:
+        distill(cfg, str(work), data_dir=str(tmp_path / "data" / "train"), progress=False)
+    assert "mmdit distill prepare" in str(e.value) and str(tmp_path / "data" / "train") in str(e.value)
     assert tree_snapshot(work) == snapshot
 
 

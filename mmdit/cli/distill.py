@@ -12,9 +12,10 @@ student is written as a normal training workdir ``W/student`` (``mmdit export --
 on ``W/data/eval`` or the eval records beside ``--data``). See ``mmdit/distill/loop.py`` and
 ``configs/demo_distill.py``.
 
-Two runs (CausVid's recipe): an ODE-regression warm-up (``--config configs/demo_distill.py:warmup``:
-``distill.dmd_weight=0``, the student alone learns the teacher's ODE map), then DMD from it with
-``--set distill.student_init=W_warmup/student`` (the student starts from the warm-up's EMA params).
+CausVid's recipe: an ODE-regression warm-up (``--config configs/demo_distill.py:warmup``:
+``distill.dmd_weight=0``, the student alone learns the teacher's ODE map from the pairs ``prepare`` wrote,
+``--data OUT``), then DMD from it with ``--set distill.student_init=W_warmup/student`` (the student starts
+from the warm-up's EMA params).
 
 ``mmdit-distill prepare --config C --teacher T --data IN --out OUT``: precomputes the regression
 loss's teacher ODE pairs into records (``mmdit/distill/prepare.py``); distil on them with

@@ -89,6 +89,7 @@ def distill(
     config_spec.build_run_spec(cfg)
     dspec, teacher_cfg = teacher_lib.check_teacher(cfg)
     init_source = _check_student_init(cfg, dspec)
+    _check_pair_records(cfg, dspec, data_dir or default_data_dir(cfg, os.path.abspath(workdir)))
     distributed.maybe_initialize(cfg)
     workdir = os.path.abspath(workdir)
     log = log or print_on_process_0
@@ -109,6 +110,22 @@ def distill(
             compiler_options,
             init_source,
             samples,
+        )
+
+
+def _check_pair_records(cfg, dspec, data_dir: str) -> None:
+    """With ``distill.regression_pairs="records"``, ``data_dir``'s manifest must list the ODE-pair fields
+    ``mmdit distill prepare`` writes (reads the manifest only); ValueError naming the directory and the fix."""
+    if dspec.regression_pairs != "records" or dspec.regression_weight <= 0:
+        return
+    want = pair_fields(DiffusionModel.from_config(cfg).spec.generated, dspec.num_steps)
+    have = set(records.read_manifest(data_dir).get("schema", {}))
+    missing = [k for k in want if k not in have]
+    if missing:
+        raise ValueError(
+            f"{data_dir} holds no teacher ODE pairs ({', '.join(missing)} missing) but distill.regression_pairs='records': "
+            f"run `mmdit distill prepare --config ... --teacher T --data {data_dir} --out PAIRS` and pass --data PAIRS, "
+            "or set distill.regression_pairs=on_the_fly"
         )
 
 
