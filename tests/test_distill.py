@@ -651,7 +651,7 @@ def test_a_student_init_of_another_model_is_refused_and_the_workdir_untouched(tm
     assert tree_snapshot(work) == snapshot
 
 
-def test_the_records_warmup_on_records_without_pairs_is_refused_and_the_workdir_untouched(tmp_path):
+def test_a_warmup_on_records_without_ode_pairs_is_refused_and_the_workdir_untouched(tmp_path):
     from mmdit.data.synth_records import synth
     from mmdit.distill.loop import distill
 

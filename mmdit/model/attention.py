@@ -23,7 +23,7 @@ import numpy as np
 
 from mmdit.attention import masks
 from mmdit.attention import registry as attention_registry
-from mmdit.model.layers import RMSNorm, _DenseParams, dense, stacked_dense
+from mmdit.model.layers import RMSNorm, DenseParams, dense, stacked_dense
 from mmdit.model.rope import apply_rope
 from mmdit.parallel import sequence_parallel_attention
 
@@ -44,7 +44,7 @@ class QKV(nn.Module):
         inner = self.heads * self.head_dim
         split = lambda t: t.reshape(t.shape[:2] + (self.heads, self.head_dim))
         norm = lambda n, t: RMSNorm(self.eps, param_dtype=self.param_dtype, name=n)(t)
-        params = lambda n, d: _DenseParams(d, inner, ("embed", "heads"), self.param_dtype, name=n)()
+        params = lambda n, d: DenseParams(d, inner, ("embed", "heads"), self.param_dtype, name=n)()
         if kv is not None:  # q alone
             q = stacked_dense(x, [params("to_q", x.shape[-1])], self.dtype)[..., 0, :]
             k, v = kv

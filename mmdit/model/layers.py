@@ -174,7 +174,7 @@ def sigma_palette(sigma, size: int = SIGMA_PALETTE):
     return jnp.concatenate(values, axis=1), onehot, ~jnp.any(remaining)
 
 
-class _DenseParams(nn.Module):
+class DenseParams(nn.Module):
     """The ``kernel [in, out]`` / ``bias [out]`` of an ``nn.Dense`` (same names, init and logical axes as
     :func:`dense`), returned as arrays so a pure function can apply them (inside ``lax.cond``/``jvp``)."""
 
@@ -241,9 +241,9 @@ class TimestepEmbedding(nn.Module):
     def __call__(self, sigma_tokens):
         pd = self.param_dtype
         weights = (
-            _DenseParams(self.freq_dim, self.dim, ("freq", "embed"), pd, name="linear_1")(),
-            _DenseParams(self.dim, self.dim, ("embed", "embed_out"), pd, name="linear_2")(),
-            _DenseParams(self.dim, self.num_mod * self.dim, ("embed", "mlp"), pd, name="time_proj")(),
+            DenseParams(self.freq_dim, self.dim, ("freq", "embed"), pd, name="linear_1")(),
+            DenseParams(self.dim, self.dim, ("embed", "embed_out"), pd, name="linear_2")(),
+            DenseParams(self.dim, self.num_mod * self.dim, ("embed", "mlp"), pd, name="time_proj")(),
         )
         sigma = jnp.asarray(sigma_tokens, jnp.float32)
         if sigma.ndim != 2 or sigma.shape[1] < PALETTE_MIN_TOKENS:  # per element
