@@ -132,6 +132,20 @@ def normalize_guidance(scales, conditions, generated) -> dict[str, Any]:
     return out
 
 
+def check_guidance_mode_interval(mode: str, conditions, interval: tuple[float, float]) -> None:
+    """``independent`` CFG over two or more conditions never evaluates the fully conditional velocity: with a
+    limited ``sample.guidance_interval`` its unguided steps would get ``v_∅ + Σ_k (v_k − v_∅)`` (the composed
+    experts at scale 1), not a conditional one. Refused (ValueError naming both fields)."""
+    lo, hi = interval
+    conditions = list(conditions)
+    if mode == "independent" and len(conditions) >= 2 and not (lo <= 0.0 and hi >= 1.0):
+        raise ValueError(
+            f"sample.guidance_mode='independent' with {len(conditions)} guided conditions {conditions} and "
+            f"sample.guidance_interval=({lo:g}, {hi:g}): independent CFG has no fully conditional evaluation for the "
+            "unguided steps; use guidance_mode='nested', guide one condition, or the full interval (0, 1)"
+        )
+
+
 def check_guidance_interval(interval) -> tuple[float, float]:
     """``sample.guidance_interval`` (or ``--guidance-interval``) as ``(lo, hi)`` floats: CFG applies at the steps
     whose σ lies in ``(lo, hi]``; ValueError naming the field unless ``0 <= lo < hi``."""
@@ -320,17 +334,20 @@ def sample_spec(cfg, model: ModelSpec, *, check_tasks: bool = True) -> SampleSpe
             tasks_lib.validate_tasks({t: 1.0 for t in task_names}, model, cfg.model)
     except ValueError as e:
         raise ValueError(f"sample.tasks={task_names}: {str(e).replace('config.tasks', 'task')}") from None
+    mode = _choice("sample", "guidance_mode", s.guidance_mode, GUIDANCE_MODES)
+    interval = check_guidance_interval(s.guidance_interval)
+    check_guidance_mode_interval(mode, guidance, interval)
     return SampleSpec(
         steps=_number("sample", "steps", s.steps, lo=1, integer=True),
         shift=_number("sample", "shift", s.shift, lo=0, lo_open=True),
         stream_shift=stream_shift,
         guidance=guidance,
-        guidance_mode=_choice("sample", "guidance_mode", s.guidance_mode, GUIDANCE_MODES),
+        guidance_mode=mode,
         guidance_schedule=_choice("sample", "guidance_schedule", s.guidance_schedule, GUIDANCE_SCHEDULES),
         tasks=task_names,
         num_per_task=_number("sample", "num_per_task", s.num_per_task, lo=1, integer=True),
         solver=check_solver(s.solver),
-        guidance_interval=check_guidance_interval(s.guidance_interval),
+        guidance_interval=interval,
     )
 
 

@@ -151,6 +151,30 @@ def test_guidance_interval_validation_and_structure():
     assert g.structure() != full.structure()  # the gate is compiled into the sampler's loop
 
 
+def test_independent_guidance_of_several_conditions_needs_the_full_interval():
+    """Outside a limited interval independent CFG would compose its single-condition velocities (it never
+    evaluates the fully conditional one): refused by name, at config validation and at resolve time."""
+    defaults = dataclasses.replace(_defaults(), guidance_mode="independent")
+    kw = dict(defaults=defaults, conditions=["text", "ref_audio"], generated=["video"])
+    two = {"text": 2.0, "ref_audio": 3.0}
+    with pytest.raises(ValueError, match=r"guidance_mode='independent' .*sample.guidance_interval=\(0.5, 1\)"):
+        guidance.resolve_guidance(two, interval=(0.5, 1.0), **kw)
+    assert guidance.resolve_guidance(two, interval=(0.0, 1.0), **kw).mode == "independent"  # full interval: fine
+    assert guidance.resolve_guidance({"text": 2.0}, interval=(0.5, 1.0), **kw).interval == (0.5, 1.0)  # one condition
+    assert guidance.resolve_guidance(two, "nested", interval=(0.5, 1.0), **kw).mode == "nested"
+    # absent from every sample: dropped first, leaving one guided condition
+    one = guidance.resolve_guidance(two, interval=(0.5, 1.0), present={"ref_audio": np.zeros(2, bool)}, **kw)
+    assert list(one.scales) == ["text"]
+    with pytest.raises(ValueError, match="sample.guidance_mode='independent'"):
+        config_spec.check_guidance_mode_interval("independent", ["text", "ref_audio"], (0.0, 0.8))
+    # a config: the demo guides text and joint inside (0.5, 1]
+    from mmdit import config_lib
+
+    cfg = config_lib.override(config_lib.load("configs/demo.py:tiny"), ["sample.guidance_mode=independent"])
+    with pytest.raises(ValueError, match=r"\['text', 'joint'\] and sample.guidance_interval=\(0.5, 1\)"):
+        config_spec.build_run_spec(cfg)
+
+
 def test_resolve_guidance_plain_arguments():
     """resolve_guidance needs no model: defaults from the sample section, validation by name."""
     defaults = dataclasses.replace(_defaults(), guidance_mode="independent")

@@ -26,7 +26,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmdit.config_spec import GUIDANCE_MODES, GUIDANCE_SCHEDULES, SampleSpec, check_guidance_interval, normalize_guidance
+from mmdit.config_spec import (
+    GUIDANCE_MODES,
+    GUIDANCE_SCHEDULES,
+    SampleSpec,
+    check_guidance_interval,
+    check_guidance_mode_interval,
+    normalize_guidance,
+)
 from mmdit.flow import Array, Streams, _f32
 
 __all__ = [
@@ -278,7 +285,8 @@ def resolve_guidance(
         ``defaults.guidance_interval``).
 
     Raises ValueError naming the field (``sample.guidance*``) on an unknown mode, schedule,
-    condition or stream, or an interval that is not ``0 <= lo < hi``.
+    condition or stream, an interval that is not ``0 <= lo < hi``, or ``independent`` CFG over two or
+    more conditions with a limited interval (:func:`mmdit.config_spec.check_guidance_mode_interval`).
     """
     scales = normalize_guidance(defaults.guidance if guidance is None else guidance, conditions, generated)
     mode = mode or defaults.guidance_mode
@@ -290,4 +298,5 @@ def resolve_guidance(
     interval = check_guidance_interval(defaults.guidance_interval if interval is None else interval)
     if present is not None:
         scales = {c: s for c, s in scales.items() if c not in present or np.any(np.asarray(present[c]))}
+    check_guidance_mode_interval(mode, scales, interval)
     return Guidance(scales, mode, schedule, interval)
