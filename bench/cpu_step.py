@@ -315,10 +315,8 @@ def ablations(params, peer_in, warmup, iters) -> dict:
 
         orig = attention.stacked_dense
 
-        def separate(x, params, dtype):
-            x, dims = x.astype(dtype), (((x.ndim - 1,), (0,)), ((), ()))
-            outs = [layers.dense_dot_general(x, k.astype(dtype), dims) + b.astype(dtype) for k, b in params]
-            return jnp.stack(outs, axis=-2)
+        def separate(x, params, dtype):  # one stacked_dense per projection
+            return jnp.concatenate([orig(x, [p], dtype) for p in params], axis=-2)
 
         attention.stacked_dense = separate
         try:

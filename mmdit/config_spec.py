@@ -132,13 +132,19 @@ def normalize_guidance(scales, conditions, generated) -> dict[str, Any]:
     return out
 
 
+def is_full_interval(interval) -> bool:
+    """True when ``interval = (lo, hi)`` admits every step's σ ∈ (0, 1]: guidance is not limited."""
+    lo, hi = (float(b) for b in interval)
+    return lo <= 0.0 and hi >= 1.0
+
+
 def check_guidance_mode_interval(mode: str, conditions, interval: tuple[float, float]) -> None:
     """``independent`` CFG over two or more conditions never evaluates the fully conditional velocity: with a
     limited ``sample.guidance_interval`` its unguided steps would get ``v_∅ + Σ_k (v_k − v_∅)`` (the composed
     experts at scale 1), not a conditional one. Refused (ValueError naming both fields)."""
     lo, hi = interval
     conditions = list(conditions)
-    if mode == "independent" and len(conditions) >= 2 and not (lo <= 0.0 and hi >= 1.0):
+    if mode == "independent" and len(conditions) >= 2 and not is_full_interval(interval):
         raise ValueError(
             f"sample.guidance_mode='independent' with {len(conditions)} guided conditions {conditions} and "
             f"sample.guidance_interval=({lo:g}, {hi:g}): independent CFG has no fully conditional evaluation for the "

@@ -662,7 +662,7 @@ def test_a_warmup_on_records_without_ode_pairs_is_refused_and_the_workdir_untouc
     (work / "notes.txt").write_text("keep me")
     snapshot = tree_snapshot(work)
     cfg = config_lib.override(config_lib.load("configs/demo_distill.py:tiny,warmup"), [f"distill.teacher={tmp_path / 'teacher'}"])
-    with pytest.raises(ValueError, match=r"holds no teacher ODE pairs \(ode_target_") as e:
+    with pytest.raises(ValueError, match=r"lacks record field\(s\) \['ode_target_") as e:
         distill(cfg, str(work), data_dir=str(tmp_path / "data" / "train"), progress=False)
     assert "mmdit distill prepare" in str(e.value) and str(tmp_path / "data" / "train") in str(e.value)
     assert tree_snapshot(work) == snapshot

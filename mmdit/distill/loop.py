@@ -89,7 +89,7 @@ def distill(
     config_spec.build_run_spec(cfg)
     dspec, teacher_cfg = teacher_lib.check_teacher(cfg)
     init_source = _check_student_init(cfg, dspec)
-    _check_pair_records(cfg, dspec, data_dir or default_data_dir(cfg, os.path.abspath(workdir)))
+    _check_record_fields(cfg, dspec, data_dir or default_data_dir(cfg, os.path.abspath(workdir)))
     distributed.maybe_initialize(cfg)
     workdir = os.path.abspath(workdir)
     log = log or print_on_process_0
@@ -113,20 +113,32 @@ def distill(
         )
 
 
-def _check_pair_records(cfg, dspec, data_dir: str) -> None:
-    """With ``distill.regression_pairs="records"``, ``data_dir``'s manifest must list the ODE-pair fields
-    ``mmdit distill prepare`` writes (reads the manifest only); ValueError naming the directory and the fix."""
-    if dspec.regression_pairs != "records" or dspec.regression_weight <= 0:
-        return
-    want = pair_fields(DiffusionModel.from_config(cfg).spec.generated, dspec.num_steps)
-    have = set(records.read_manifest(data_dir).get("schema", {}))
-    missing = [k for k in want if k not in have]
-    if missing:
-        raise ValueError(
-            f"{data_dir} holds no teacher ODE pairs ({', '.join(missing)} missing) but distill.regression_pairs='records': "
-            f"run `mmdit distill prepare --config ... --teacher T --data {data_dir} --out PAIRS` and pass --data PAIRS, "
-            "or set distill.regression_pairs=on_the_fly"
+def batch_fields(model, dspec) -> list[str]:
+    """The record fields one distillation batch holds: the student's inputs, plus the ODE pairs
+    ``mmdit distill prepare`` writes when the regression reads them from records."""
+    keys = sharding.input_keys(model)
+    if dspec.regression_pairs == "records" and dspec.regression_weight > 0:
+        keys += pair_fields(model.spec.generated, dspec.num_steps)
+    return keys
+
+
+def missing_field_error(missing, have, data_dir: str) -> ValueError:
+    """The error for record fields a batch needs and ``data_dir`` lacks, with the fix (``prepare`` for ``ode_*``)."""
+    hint = "re-create the data"
+    if any(k.startswith("ode_") for k in missing):
+        hint = (
+            f"run `mmdit distill prepare --config ... --teacher T --data {data_dir} --out PAIRS` and pass --data PAIRS "
+            "(or set distill.regression_pairs=on_the_fly)"
         )
+    return ValueError(f"{data_dir} lacks record field(s) {list(missing)} the distillation needs (have {sorted(have)}); {hint}")
+
+
+def _check_record_fields(cfg, dspec, data_dir: str) -> None:
+    """``data_dir``'s manifest lists every field of :func:`batch_fields` (reads the manifest only)."""
+    have = set(records.read_manifest(data_dir).get("schema", {}))
+    missing = [k for k in batch_fields(DiffusionModel.from_config(cfg), dspec) if k not in have]
+    if missing:
+        raise missing_field_error(missing, have, data_dir)
 
 
 def _check_student_init(cfg, dspec):
@@ -177,15 +189,13 @@ def _teacher_step(workdir: str, requested: int | None) -> int | None:
     return requested
 
 
-def _global_batch(batch_shardings: dict, batch_size: int, local: dict) -> dict:
+def _global_batch(batch_shardings: dict, batch_size: int, local: dict, data_dir: str) -> dict:
     """Per-host numpy batch -> global sharded arrays (as :meth:`ShardedTrain.global_batch`)."""
     out = {}
+    missing = [k for k in batch_shardings if k not in local]
+    if missing:  # the manifest was checked up front; a record can still disagree with it
+        raise missing_field_error(missing, local, data_dir)
     for k, sh in batch_shardings.items():
-        if k not in local:
-            raise ValueError(
-                f"training records lack field {k!r} the student needs (have {sorted(local)}); re-create the data"
-                + (" (ode_* fields: run mmdit distill prepare and pass its output as --data)" if k.startswith("ode_") else "")
-            )
         x = np.asarray(local[k])
         out[k] = jax.make_array_from_process_local_data(sh, x, (x.shape[0] * jax.process_count(),) + x.shape[1:])
     return out
@@ -218,9 +228,7 @@ def _distill_locked(
     state_sh = state_lib.state_shardings(boxed, mesh, rules)
     teacher_sh = state_sh.student.params  # the teacher is sharded exactly like the student
     axes = sharding.batch_axes(rules)
-    keys = sharding.input_keys(student_model)
-    if dspec.regression_pairs == "records" and dspec.regression_weight > 0:
-        keys += pair_fields(student_model.spec.generated, dspec.num_steps)  # written by mmdit distill prepare
+    keys = batch_fields(student_model, dspec)
     batch_sh = {k: NamedSharding(mesh, PartitionSpec(axes or None)) for k in keys}
     batch_size = spec.train.global_batch_size
     data_dir = data_dir or default_data_dir(cfg, workdir)
@@ -297,7 +305,7 @@ def _distill_locked(
     t_last, n_last = time.perf_counter(), start
     end = total if stop_after is None else min(total, start + stop_after)
     for it in range(start, end):
-        batch = _global_batch(batch_sh, batch_size, next(data_iter))
+        batch = _global_batch(batch_sh, batch_size, next(data_iter), data_dir)
         done, logged = it + 1, {}
         if dspec.runs_generator(it):
             state, gen_metrics = run("generator" if dspec.trains_critic else "warmup", state, batch)

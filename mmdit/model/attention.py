@@ -44,17 +44,17 @@ class QKV(nn.Module):
         inner = self.heads * self.head_dim
         split = lambda t: t.reshape(t.shape[:2] + (self.heads, self.head_dim))
         norm = lambda n, t: RMSNorm(self.eps, param_dtype=self.param_dtype, name=n)(t)
-        params = lambda n, d: DenseParams(d, inner, ("embed", "heads"), self.param_dtype, name=n)()
-        if kv is not None:  # q alone
-            q = stacked_dense(x, [params("to_q", x.shape[-1])], self.dtype)[..., 0, :]
-            k, v = kv
-        elif kv_input is None:  # self-attention: q, k, v of x in one product
-            qkv = stacked_dense(x, [params(n, x.shape[-1]) for n in ("to_q", "to_k", "to_v")], self.dtype)
-            q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
-        else:  # cross-attention: q of x; k, v of the condition in one product
-            q = stacked_dense(x, [params("to_q", x.shape[-1])], self.dtype)[..., 0, :]
-            kv_pair = stacked_dense(kv_input, [params(n, kv_input.shape[-1]) for n in ("to_k", "to_v")], self.dtype)
-            k, v = kv_pair[..., 0, :], kv_pair[..., 1, :]
+
+        def project(t, names):  # the named projections of t in one product: a list of [B, S, inner]
+            ps = [DenseParams(t.shape[-1], inner, ("embed", "heads"), self.param_dtype, name=n)() for n in names]
+            y = stacked_dense(t, ps, self.dtype)
+            return [y[..., i, :] for i in range(len(names))]
+
+        if kv is None and kv_input is None:  # self-attention: q, k, v of x in one product
+            q, k, v = project(x, ("to_q", "to_k", "to_v"))
+        else:  # q of x; a condition's k, v in one product, or given (a cache)
+            (q,) = project(x, ("to_q",))
+            k, v = project(kv_input, ("to_k", "to_v")) if kv is None else kv
         q = split(norm("norm_q", q))
         if kv is None:
             k, v = split(norm("norm_k", k)), split(v)

@@ -41,14 +41,14 @@ _kernel_grad.defvjp(_kernel_grad_fwd, _kernel_grad_bwd)
 
 
 def dense_dot_general(x, kernel, dimension_numbers, precision=None, preferred_element_type=None):
-    """``nn.Dense``'s product ``x [..., in] @ kernel [in, out]``, the same values and gradients, with the
-    kernel gradient computed as ``x^T g`` over the flattened leading axes (one ``[N, in]^T [N, out]``
+    """``nn.Dense``'s product ``x [..., in] @ kernel [in, out...]`` (more than one output axis: the stacked
+    kernels of :func:`stacked_dense`), the same values and gradients, with the kernel gradient computed as ``x^T g`` over the flattened leading axes (one ``[N, in]^T [N, out]``
     matmul) instead of autodiff's ``(g^T x)^T`` over them, for which XLA CPU transposes activations
     inside their producers (strided writes; ~15% of a CPU train step). The product itself stays a plain
     ``dot_general``, so remat policies that save dots still see it; the kernel gradient enters through
     :func:`_kernel_grad`, whose output is exactly 0 (XLA drops the ``+ 0``)."""
     (lc, rc), (lb, rb) = dimension_numbers
-    if tuple(lc) != (x.ndim - 1,) or tuple(rc) != (0,) or lb or rb or kernel.ndim != 2:
+    if tuple(lc) != (x.ndim - 1,) or tuple(rc) != (0,) or lb or rb:
         return jax.lax.dot_general(x, kernel, dimension_numbers, precision, preferred_element_type)
     y = jax.lax.dot_general(x, jax.lax.stop_gradient(kernel), dimension_numbers, precision, preferred_element_type)
     return y + _kernel_grad(x, kernel, y.shape).astype(y.dtype)
@@ -65,10 +65,7 @@ def stacked_dense(x, params, dtype):
     library's large-shape rate (``bench/cpu_step.py --dots``)."""
     kernel = jnp.stack([k for k, _ in params], axis=1).astype(dtype)  # [in, n, out]
     bias = jnp.stack([b for _, b in params]).astype(dtype)  # [n, out]
-    x = x.astype(dtype)
-    dims = (((x.ndim - 1,), (0,)), ((), ()))
-    y = jax.lax.dot_general(x, jax.lax.stop_gradient(kernel), dims)
-    return y + _kernel_grad(x, kernel, y.shape).astype(y.dtype) + bias
+    return dense_dot_general(x.astype(dtype), kernel, (((x.ndim - 1,), (0,)), ((), ()))) + bias
 
 
 def dense(features, names, dtype, param_dtype, use_bias=True, name=None, kernel_init=None):

@@ -32,6 +32,7 @@ from mmdit.config_spec import (
     SampleSpec,
     check_guidance_interval,
     check_guidance_mode_interval,
+    is_full_interval,
     normalize_guidance,
 )
 from mmdit.flow import Array, Streams, _f32
@@ -197,12 +198,6 @@ def guidance_scale(scale, progress, schedule: str = "constant", *, sigma=None, i
             raise ValueError(f"guidance {c!r} names streams {sorted(set(per) - set(on))} without a sigma (have {sorted(on)})")
         out[c] = {n: gate(v, n) for n, v in per.items()}
     return out
-
-
-def is_full_interval(interval) -> bool:
-    """True when ``interval = (lo, hi)`` admits every step's σ ∈ (0, 1]: guidance is not limited."""
-    lo, hi = (float(b) for b in interval)
-    return lo <= 0.0 and hi >= 1.0
 
 
 def step_progress(step_index, num_steps: int):
