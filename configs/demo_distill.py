@@ -15,10 +15,10 @@ computed once::
     mmdit distill --config configs/demo_distill.py --teacher T --workdir W --data T/data/train \\
         --set distill.student_init=W_warmup/student
 
-``prepare`` integrates the teacher's guided ODE once per training clip (512 T2AV pairs, 2.6 min on 2 cores for the
-default teacher); the warm-up (``dmd_weight=0``, ``regression_weight=1``, ``regression_pairs="records"``, 400
-iterations, 3.0 min) then trains only the student on them -- 2.8 iterations/s instead of 0.3 with the ODE integrated
-inside every step, so it sees 4x the iterations in half the time. The DMD run's student starts from the warm-up's
+``prepare`` integrates the teacher's guided ODE once per training clip and task of ``distill.tasks`` (512 T2AV and
+512 A2V pairs, 4.8 min on 2 cores for the default teacher); the warm-up (``dmd_weight=0``, ``regression_weight=1``, ``regression_pairs="records"``, 400
+iterations, 3.0-3.5 min) then trains only the student on them, each sample on the pair of the task it drew -- 2.7
+iterations/s instead of 0.3 with the ODE integrated inside every step, so it sees 4x the iterations in half the time. The DMD run's student starts from the warm-up's
 EMA params (its fake score from the teacher). One run without ``student_init`` (DMD + regression from the teacher)
 also works.
 
@@ -41,13 +41,15 @@ A2V (teacher 0.79; 0.69 / 0.82 before the distill losses weighed the key frame l
 default teacher (temporal-difference loss, sampled with its guidance interval; the real score and the ODE pairs
 gated by the same interval, ``distill.guidance_interval``), T2AV lag-0 r on 16 clips (chance 0.03, ground truth
 0.89): teacher 0.86 at 25 steps, 0.88 at 4, 0.78 at 2 Euler steps. The prepared-pairs warm-up (400 iterations,
-``bench/results/distill_table_full_records.json``) alone brings the 2-step student to 0.82 (A2V 0.87, teacher 0.87),
-Fréchet distance 2.35 (teacher at 2 steps 3.89, floor 1.86), flicker 2.8e-5 (5.8e-5); 1,000 iterations change
-nothing measurable (0.82, FD 2.54, flicker 2.0e-5). Before it, a 100-iteration warm-up with the ODE inside every
-step (5.7 min) reached only 0.78, the teacher's own 2-step figure. DMD from the 400-iteration warm-up
-(``regression_weight=1.0`` on the pairs, 600 iterations, 6.1 min) keeps T2AV at 0.82 but costs frame quality (FD
-2.57, A2V FD 3.74): on this world the warm-up is the student, and DMD has not yet earned its place (from the
-older 100-iteration warm-up it traded sync for FD, ``distill_table_full_interval*.json``). Other
+``bench/results/distill_table_full_both_pairs.json``) alone brings the 2-step student to 0.82 in T2AV and 0.89 in A2V
+(teacher 0.87), Fréchet distance 1.74 / 2.06 (teacher at 2 steps 3.89 / 2.58, floor 1.86), flicker 3.7e-5 (5.8e-5).
+With T2AV pairs only (what ``prepare`` wrote before it paired every task; ``distill_table_full_records.json``, same
+run in ``..._both_pairs.json``) A2V was 0.87, FD 2.36 / 2.23; 1,000 iterations of that changed nothing measurable.
+Before it, a 100-iteration warm-up with the ODE inside every step (5.7 min) reached only 0.78, the teacher's own
+2-step figure. DMD from the 400-iteration warm-up (``regression_weight=1.0`` on the pairs, 600 iterations, 6.7 min)
+moves T2AV sync to 0.84 but costs frame quality (FD 2.27, A2V FD 3.29; from the T2AV-pairs warm-up 0.82, FD 2.57 /
+3.74): on this world the warm-up is the student, and DMD has not yet earned its place (from the older 100-iteration
+warm-up it traded sync for FD, ``distill_table_full_interval*.json``). Other
 chunk sizes: ``--set model.chunk_frames=N``; the small-chunk cells of Table 1 (``model.chunk_frames=1.0``: 40 ms
 chunks, 49 per clip; ``bench/results/distill_table.json``) reach T2AV lag-0 r 0.68 (2 steps) / 0.75 (4 steps)
 against the plain teacher's 0.51 at 25 steps (A2V 0.76 / 0.80 vs 0.39), but at batch 1 on a CPU a chunk this

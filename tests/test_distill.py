@@ -430,11 +430,15 @@ def test_prepared_pairs_feed_the_regression_loss(tmp_path):
     manifest = prepare_pairs(cfg, str(tmp_path / "data" / "train"), str(tmp_path / "pairs"), batch=3, progress=False)
     assert manifest["num_examples"] == 4
     ds = records.open_dataset(str(tmp_path / "pairs"))
+    assert sorted(manifest["metadata"]["distill_pairs"]["tasks"]) == ["a2v", "t2av"]  # the tiny config's distill.tasks
     ex = ds[3]
-    for s in ("video", "audio"):
-        noise, state1, target = (np.asarray(ex[f"ode_{f}_{s}"]) for f in ("state0", "state1", "target"))
-        assert noise.shape == target.shape == state1.shape and np.all(np.isfinite(target))
-        assert 0.8 < noise.std() < 1.2 and not np.allclose(state1, noise) and not np.allclose(target, noise)
+    for task, streams in (("t2av", ("video", "audio")), ("a2v", ("video",))):
+        for s in streams:
+            noise, state1, target = (np.asarray(ex[f"ode_{task}_{f}_{s}"]) for f in ("state0", "state1", "target"))
+            assert noise.shape == target.shape == state1.shape and np.all(np.isfinite(target))
+            assert 0.8 < noise.std() < 1.2 and not np.allclose(state1, noise) and not np.allclose(target, noise)
+    assert not [k for k in ex if k.startswith("ode_a2v_") and k.endswith("_audio")]  # a2v's audio is given, not paired
+    assert not np.allclose(ex["ode_a2v_target_video"], ex["ode_t2av_target_video"])  # its own ODE, to the given audio
     last = distill(
         cfg,
         str(tmp_path / "run"),
@@ -443,6 +447,33 @@ def test_prepared_pairs_feed_the_regression_loss(tmp_path):
         compiler_options={"xla_backend_optimization_level": 0},
     )
     assert np.isfinite(last["gen/regression_loss"]) and last["gen/regression_loss"] > 0
+
+
+def test_prepared_pairs_are_read_per_sample_for_the_task_it_drew():
+    """Records mode: a sample reads the pair of its drawn task; a stream its task gives (a2v's audio) is its clean
+    tokens, as the ODE held it; the fields :func:`pair_fields` lists are exactly those read."""
+    from mmdit.distill import ode_pairs
+    from mmdit.model.diffusion import DiffusionModel
+
+    cfg = config_lib.load("configs/demo_distill.py:tiny")
+    spec = DiffusionModel.from_config(cfg).spec
+    assert ode_pairs.paired_streams(spec, "t2av", cfg.model) == ("audio", "video")
+    assert ode_pairs.paired_streams(spec, "a2v", cfg.model) == ("video",)
+    names, K, B = ["t2av", "a2v"], 2, 2
+    fields = ode_pairs.pair_fields(spec, names, K, cfg.model)
+    rng = np.random.default_rng(0)
+    shapes = {a.name: (B, a.geometry.num_tokens, a.geometry.token_dim) for a in spec.streams if a.name in spec.generated}
+    batch = {f: rng.normal(size=shapes[f.rsplit("_", 1)[1]]).astype(np.float32) for f in fields}
+    clean = {n: rng.normal(size=shp).astype(np.float32) for n, shp in shapes.items()}
+    states, endpoint = ode_pairs.pairs_of_batch(spec, batch, clean, np.array([0, 1]), names, K, cfg.model)
+    np.testing.assert_array_equal(endpoint["video"][0], batch["ode_t2av_target_video"][0])
+    np.testing.assert_array_equal(endpoint["audio"][0], batch["ode_t2av_target_audio"][0])
+    np.testing.assert_array_equal(endpoint["video"][1], batch["ode_a2v_target_video"][1])
+    np.testing.assert_array_equal(endpoint["audio"][1], clean["audio"][1])
+    for k in range(K):
+        np.testing.assert_array_equal(states[k]["video"][1], batch[f"ode_a2v_state{k}_video"][1])
+        np.testing.assert_array_equal(states[k]["audio"][0], batch[f"ode_t2av_state{k}_audio"][0])
+        np.testing.assert_array_equal(states[k]["audio"][1], clean["audio"][1])
 
 
 def reference_frame_student(teacher):
@@ -662,9 +693,10 @@ def test_a_warmup_on_records_without_ode_pairs_is_refused_and_the_workdir_untouc
     (work / "notes.txt").write_text("keep me")
     snapshot = tree_snapshot(work)
     cfg = config_lib.override(config_lib.load("configs/demo_distill.py:tiny,warmup"), [f"distill.teacher={tmp_path / 'teacher'}"])
-    with pytest.raises(ValueError, match=r"lacks record field\(s\) \['ode_target_") as e:
+    with pytest.raises(ValueError, match=r"lacks record field\(s\) \['ode_") as e:
         distill(cfg, str(work), data_dir=str(tmp_path / "data" / "train"), progress=False)
     assert "mmdit distill prepare" in str(e.value) and str(tmp_path / "data" / "train") in str(e.value)
+    assert "'ode_t2av_target_video'" in str(e.value) and "'ode_a2v_target_video'" in str(e.value)  # both drawn tasks
     assert tree_snapshot(work) == snapshot
 
 

@@ -18,7 +18,8 @@ CausVid's recipe: an ODE-regression warm-up (``--config configs/demo_distill.py:
 from the warm-up's EMA params).
 
 ``mmdit-distill prepare --config C --teacher T --data IN --out OUT``: precomputes the regression
-loss's teacher ODE pairs into records (``mmdit/distill/prepare.py``); distil on them with
+loss's teacher ODE pairs into records, for every task of ``distill.tasks`` (``mmdit/distill/prepare.py``;
+each sample regresses on its drawn task's pair); distil on them with
 ``--data OUT --set distill.regression_pairs=records`` (the default, ``on_the_fly``, integrates the
 teacher's ODE inside every generator step).
 """
@@ -56,8 +57,9 @@ def build_prepare_parser():
     p = argparse.ArgumentParser(
         prog="mmdit-distill prepare",
         description="precompute teacher ODE pairs (noise -> guided teacher sample, with the ODE's states at the student's "
-        "sigmas) into records: the input records plus ode_target_<stream> / ode_state<k>_<stream> fields; distil on "
-        "them with --data OUT --set distill.regression_pairs=records (mmdit/distill/prepare.py)",
+        "sigmas) into records, for every task of distill.tasks: the input records plus ode_<task>_target_<stream> / "
+        "ode_<task>_state<k>_<stream> fields per stream the task generates; distil on them with --data OUT --set "
+        "distill.regression_pairs=records (mmdit/distill/prepare.py)",
     )
     p.add_argument("--config", required=True, help="distill config (configs/demo_distill.py[:tiny])")
     p.add_argument(

@@ -43,10 +43,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 from mmdit import config_lib, config_spec, parallel
 from mmdit.data import codec_stamp, records
 from mmdit.data.sharded_iterator import data_iterator
+from mmdit.distill import ode_pairs
 from mmdit.distill import state as state_lib
 from mmdit.distill import student_init as student_init_lib
 from mmdit.distill import teacher as teacher_lib
-from mmdit.distill.spec import pair_fields
 from mmdit.distill.step import make_step
 from mmdit.model.diffusion import DiffusionModel
 from mmdit.parallel import distributed
@@ -113,12 +113,13 @@ def distill(
         )
 
 
-def batch_fields(model, dspec) -> list[str]:
+def batch_fields(model, dspec, model_cfg=None) -> list[str]:
     """The record fields one distillation batch holds: the student's inputs, plus the ODE pairs
-    ``mmdit distill prepare`` writes when the regression reads them from records."""
+    ``mmdit distill prepare`` writes, for every task the step draws, when the regression reads them from records."""
     keys = sharding.input_keys(model)
     if dspec.regression_pairs == "records" and dspec.regression_weight > 0:
-        keys += pair_fields(model.spec.generated, dspec.num_steps)
+        drawn = [t for t, w in dspec.tasks if w > 0]
+        keys += ode_pairs.pair_fields(model.spec, drawn, dspec.num_steps, model_cfg)
     return keys
 
 
@@ -127,8 +128,8 @@ def missing_field_error(missing, have, data_dir: str) -> ValueError:
     hint = "re-create the data"
     if any(k.startswith("ode_") for k in missing):
         hint = (
-            f"run `mmdit distill prepare --config ... --teacher T --data {data_dir} --out PAIRS` and pass --data PAIRS "
-            "(or set distill.regression_pairs=on_the_fly)"
+            f"run `mmdit distill prepare --config ... --teacher T --data {data_dir} --out PAIRS` with this config's "
+            "distill.tasks (it writes pairs for each) and pass --data PAIRS (or set distill.regression_pairs=on_the_fly)"
         )
     return ValueError(f"{data_dir} lacks record field(s) {list(missing)} the distillation needs (have {sorted(have)}); {hint}")
 
@@ -136,7 +137,7 @@ def missing_field_error(missing, have, data_dir: str) -> ValueError:
 def _check_record_fields(cfg, dspec, data_dir: str) -> None:
     """``data_dir``'s manifest lists every field of :func:`batch_fields` (reads the manifest only)."""
     have = set(records.read_manifest(data_dir).get("schema", {}))
-    missing = [k for k in batch_fields(DiffusionModel.from_config(cfg), dspec) if k not in have]
+    missing = [k for k in batch_fields(DiffusionModel.from_config(cfg), dspec, cfg.model) if k not in have]
     if missing:
         raise missing_field_error(missing, have, data_dir)
 
@@ -228,7 +229,7 @@ def _distill_locked(
     state_sh = state_lib.state_shardings(boxed, mesh, rules)
     teacher_sh = state_sh.student.params  # the teacher is sharded exactly like the student
     axes = sharding.batch_axes(rules)
-    keys = batch_fields(student_model, dspec)
+    keys = batch_fields(student_model, dspec, cfg.model)
     batch_sh = {k: NamedSharding(mesh, PartitionSpec(axes or None)) for k in keys}
     batch_size = spec.train.global_batch_size
     data_dir = data_dir or default_data_dir(cfg, workdir)

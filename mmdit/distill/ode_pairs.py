@@ -6,6 +6,11 @@ in (so the ODE passes through each of them exactly); :func:`ode_pair` returns th
 the endpoint. The student's regression target at σ_k is then: from the teacher's state at σ_k,
 predict the teacher's endpoint (CausVid's ODE regression) -- zero loss exactly when the student's
 clean prediction reproduces the teacher's ODE map.
+
+Prepared pairs (``distill.regression_pairs="records"``, ``mmdit distill prepare``) are written per task of
+``distill.tasks`` and per stream the task generates (:func:`paired_streams`: t2av both, a2v the video), as the
+record fields :func:`pair_fields` lists; :func:`pairs_of_batch` reads back each sample's pair for the task the
+distillation step drew for it, with the given streams at their clean latents (what the ODE held them at).
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmdit import flow
+from mmdit import tasks as tasks_lib
+from mmdit.distill.spec import PAIR_STATE, PAIR_TARGET
 
 
 def merged_schedule(ode_steps: int, shift: float, step_list: Sequence[float]) -> tuple[np.ndarray, list[int]]:
@@ -64,3 +71,46 @@ def ode_pair(velocity: Callable, noise: dict, clean: dict, known: dict, sigmas: 
 
     x, states = jax.lax.fori_loop(0, len(sigmas) - 1, body, (x, states))
     return [{n: states[n][k] for n in names} for k in range(len(positions))], x
+
+
+def paired_streams(spec, task: str, model_cfg=None) -> tuple[str, ...]:
+    """The generated streams ``task`` generates (not wholly given), sorted: the ones its prepared pairs hold."""
+    with jax.ensure_compile_time_eval():  # concrete inside a jitted step too
+        masks = tasks_lib.task_masks(task, jax.random.key(0), spec, 1, model_cfg)
+    return tuple(n for n in sorted(spec.generated) if not bool(np.all(np.asarray(masks.known[n]))))
+
+
+def pair_fields(spec, task_names: Sequence[str], num_steps: int, model_cfg=None) -> list[str]:
+    """Record fields prepared pairs add for ``task_names`` and a step list of ``num_steps`` σ's."""
+    out = []
+    for task in task_names:
+        for n in paired_streams(spec, task, model_cfg):
+            out.append(PAIR_TARGET.format(task=task, stream=n))
+            out += [PAIR_STATE.format(task=task, k=k, stream=n) for k in range(num_steps)]
+    return out
+
+
+def pairs_of_batch(spec, batch: dict, clean: dict, task_index, task_names: Sequence[str], num_steps: int, model_cfg=None):
+    """``(states, endpoint)`` as :func:`ode_pair` returns them, read from a batch of prepared records.
+
+    ``task_index``: int32 ``[B]``, each sample's task as an index into ``task_names`` (the order of
+    :func:`mmdit.tasks.sample_tasks`); a sample reads its task's fields, and the streams its task gives are
+    their ``clean`` tokens ``{s: [B, S, C]}`` (the ODE held them there). Tasks absent from the records must
+    not be drawn (:func:`pair_fields` of the drawn tasks is checked against the records up front)."""
+    have = {t: paired_streams(spec, t, model_cfg) for t in task_names}
+
+    def read(field_of):
+        out = {}
+        for n in sorted(spec.generated):
+            value = clean[n].astype(jnp.float32)
+            for i, task in enumerate(task_names):
+                field = field_of(task, n)
+                if n in have[task] and field in batch:
+                    pick = (task_index == i)[:, None, None]
+                    value = jnp.where(pick, batch[field].astype(jnp.float32), value)
+            out[n] = value
+        return out
+
+    endpoint = read(lambda task, n: PAIR_TARGET.format(task=task, stream=n))
+    states = [read(lambda task, n, k=k: PAIR_STATE.format(task=task, k=k, stream=n)) for k in range(num_steps)]
+    return states, endpoint

@@ -1,17 +1,21 @@
 """``mmdit distill prepare``: precomputes teacher ODE pairs into records (``distill.regression_pairs =
 "records"``), so the distillation step does not integrate the teacher's ODE itself.
 
-For every example of the input records (the student's training records), with noise drawn from
-``fold_in(key(seed), index of the first example of its batch)``, the teacher's guided Euler ODE (``distill.ode_steps``,
-``distill.ode_shift``, the step list merged in: :mod:`mmdit.distill.ode_pairs`) runs as the
-**t2av** task (both streams generated from the example's conditions). The output records are the
-input examples plus, per generated stream ``s`` (tokens ``float32 [S, C]``): ``ode_target_<s>``
-(the endpoint) and ``ode_state<k>_<s>`` (the state at ``denoising_step_list[k]``; ``k = 0`` is
-the noise). Train the distillation on them with ``--data OUT`` and
-``--set distill.regression_pairs=records``.
+For every example of the input records (the student's training records) and every task of
+``distill.tasks`` with a positive weight (``t2av``: both streams generated from the example's conditions;
+``a2v``: the video generated to the example's audio), the teacher's guided Euler ODE (``distill.ode_steps``,
+``distill.ode_shift``, the step list merged in: :mod:`mmdit.distill.ode_pairs`) runs from noise drawn from
+``fold_in(fold_in(key(seed), index of the first example of its batch), task index)``. The output records are
+the input examples plus, per task and stream the task generates (tokens ``float32 [S, C]``):
+``ode_<task>_target_<s>`` (the endpoint) and ``ode_<task>_state<k>_<s>`` (the state at
+``denoising_step_list[k]``; ``k = 0`` is the noise). The distillation step regresses each sample on the pair of
+the task it drew, so every task it trains is anchored to the teacher. Train on them with ``--data OUT`` and
+``distill.regression_pairs=records``.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -42,13 +46,15 @@ def prepare_pairs(cfg, data_dir: str, out_dir: str, *, batch: int = 4, overwrite
     velocity_of = guided_teacher(teacher_model, teacher_cfg, dspec.guidance, dspec.guidance_interval)
     schema = student.input_spec()
     gen = sorted(student.spec.generated)
+    task_names = [t for t, w in dspec.tasks if w > 0]
+    paired = {t: ode_pairs.paired_streams(student.spec, t, cfg.model) for t in task_names}
 
-    @jax.jit
-    def pairs(params, fields, key):
+    @functools.partial(jax.jit, static_argnums=3)
+    def pairs(params, fields, key, task):
         latents = schema.latents_of(fields)
         clean = student.tokens({k: v.astype(jnp.float32) for k, v in latents.items()})
         raw = schema.canonical_conditions(schema.conditions_of(fields), batch)
-        tm = tasks.task_masks("t2av", key, student.spec, batch, cfg.model)
+        tm = tasks.task_masks(task, key, student.spec, batch, cfg.model)
         noise = {n: jax.random.normal(jax.random.fold_in(key, i), clean[n].shape) for i, n in enumerate(gen)}
         known = {n: tm.known[n] for n in gen}
 
@@ -63,9 +69,10 @@ def prepare_pairs(cfg, data_dir: str, out_dir: str, *, batch: int = 4, overwrite
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=total, desc="teacher ODE pairs", unit="example")
+        bar = tqdm(total=total, desc=f"teacher ODE pairs ({', '.join(task_names)})", unit="example")
     metadata = dict(
-        source.manifest.get("metadata", {}), distill_pairs={"teacher": dspec.teacher, "steps": list(dspec.denoising_step_list)}
+        source.manifest.get("metadata", {}),
+        distill_pairs={"teacher": dspec.teacher, "steps": list(dspec.denoising_step_list), "tasks": task_names},
     )
     with records.ShardWriter(
         out_dir,
@@ -80,13 +87,15 @@ def prepare_pairs(cfg, data_dir: str, out_dir: str, *, batch: int = 4, overwrite
             padded = examples + [examples[-1]] * (batch - len(examples))  # one compiled batch size
             fields = {k: np.stack([np.asarray(e[k]) for e in padded]) for k in keys}
             key = jax.random.fold_in(jax.random.key(int(cfg.seed)), start)
-            states, endpoint = jax.device_get(pairs(params, fields, key))
-            for j, example in enumerate(examples):
-                out = dict(example)
-                for n in gen:
-                    out[PAIR_TARGET.format(stream=n)] = np.asarray(endpoint[n][j], np.float32)
-                    for k, state in enumerate(states):
-                        out[PAIR_STATE.format(k=k, stream=n)] = np.asarray(state[n][j], np.float32)
+            outs = [dict(example) for example in examples]
+            for t, task in enumerate(task_names):
+                states, endpoint = jax.device_get(pairs(params, fields, jax.random.fold_in(key, t), task))
+                for j, out in enumerate(outs):
+                    for n in paired[task]:
+                        out[PAIR_TARGET.format(task=task, stream=n)] = np.asarray(endpoint[n][j], np.float32)
+                        for k, state in enumerate(states):
+                            out[PAIR_STATE.format(task=task, k=k, stream=n)] = np.asarray(state[n][j], np.float32)
+            for out in outs:
                 writer.write(out)
             if bar is not None:
                 bar.update(len(examples))

@@ -30,7 +30,8 @@ dmd_weight                 weight of the DMD generator loss (0: the regression-o
                            every iteration updates the student, the fake score is never trained)
 regression_weight          weight of the regression loss on teacher ODE pairs (0: off)
 regression_pairs           ``on_the_fly`` (teacher ODE each generator step) or ``records`` (fields
-                           written by ``mmdit distill prepare`` into the training records)
+                           written by ``mmdit distill prepare`` into the training records, per task
+                           of ``tasks``: each sample regresses on the pair of the task it drew)
 ode_steps                  Euler steps of the teacher ODE for regression pairs (None: the teacher
                            config's ``sample.steps``)
 ode_shift                  σ shift of that ODE (None: the teacher config's ``sample.shift``)
@@ -53,18 +54,10 @@ REGRESSION_PAIRS = ("on_the_fly", "records")
 TEACHER_PARAMS = ("ema", "params")
 DISTILL_TASKS = ("t2av", "a2v")
 
-# Fields of the record a prepared regression pair adds per generated stream (``mmdit distill prepare``).
-PAIR_TARGET = "ode_target_{stream}"  # float32 [S, C]: the teacher's ODE endpoint (tokens)
-PAIR_STATE = "ode_state{k}_{stream}"  # float32 [S, C]: the ODE's state at denoising_step_list[k] (k = 0: the noise)
-
-
-def pair_fields(generated, num_steps: int) -> list[str]:
-    """Record fields prepared pairs add for the streams ``generated`` and a step list of ``num_steps``."""
-    out = []
-    for n in generated:
-        out.append(PAIR_TARGET.format(stream=n))
-        out += [PAIR_STATE.format(k=k, stream=n) for k in range(num_steps)]
-    return out
+# Fields of the record a prepared regression pair adds per task and stream the task generates (``mmdit distill
+# prepare``; :func:`mmdit.distill.ode_pairs.pair_fields`).
+PAIR_TARGET = "ode_{task}_target_{stream}"  # float32 [S, C]: the teacher's ODE endpoint (tokens)
+PAIR_STATE = "ode_{task}_state{k}_{stream}"  # float32 [S, C]: the ODE's state at denoising_step_list[k] (k = 0: the noise)
 
 
 @dataclasses.dataclass(frozen=True)

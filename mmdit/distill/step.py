@@ -35,7 +35,6 @@ from mmdit import config_spec, flow, tasks
 from mmdit.distill import losses, ode_pairs
 from mmdit.distill.cached_rollout import IMPLS, CachedRollout, serving_impl
 from mmdit.distill.rollout import predict_chunks, renoise, student_rollout
-from mmdit.distill.spec import PAIR_STATE, PAIR_TARGET
 from mmdit.sample.guidance import guidance_scale, is_full_interval
 from mmdit.sample.sampler import Sampler
 from mmdit.train.step import apply_gradients, first_frame_weights, split_batch
@@ -98,6 +97,7 @@ def make_step(
         sample_chunks = functools.partial(student_rollout, student_model)
         predict = functools.partial(predict_chunks, student_model)
     task_weights = dict(dspec.tasks)
+    task_names = list(task_weights)  # tasks.sample_tasks' order: TaskMasks.task indexes it
     from_records = dspec.regression_pairs == "records"
     if dspec.regression_weight > 0 and not from_records:
         ode_sigmas, ode_positions = ode_pairs.merged_schedule(
@@ -162,13 +162,8 @@ def make_step(
                 def velocity(x, sigma):
                     return teacher_velocity(teacher_params, {**clean, **x}, sigma, raw, tm)
 
-                masks = tm
-                if from_records:  # prepared t2av pairs (mmdit distill prepare)
-                    masks = tasks.task_masks("t2av", k_ode, spec, B, cfg.model)
-                    endpoint = {n: batch[PAIR_TARGET.format(stream=n)].astype(jnp.float32) for n in spec.generated}
-                    states = [
-                        {n: batch[PAIR_STATE.format(k=k, stream=n)].astype(jnp.float32) for n in spec.generated} for k in range(K)
-                    ]
+                if from_records:  # each sample's pair for its drawn task (mmdit distill prepare)
+                    states, endpoint = ode_pairs.pairs_of_batch(spec, batch, clean, tm.task, task_names, K, cfg.model)
                 else:
                     states, endpoint = ode_pairs.ode_pair(velocity, noise, clean, gen_known, ode_sigmas, ode_positions)
                 endpoint = jax.lax.stop_gradient(endpoint)
@@ -176,11 +171,8 @@ def make_step(
                 x_k = {n: jnp.stack([s[n] for s in states])[k] for n in spec.generated}
                 sigma_k = jnp.asarray(step_list, jnp.float32)[k]
                 context = {**clean, **endpoint}
-                keep_k = {c: jnp.asarray(masks.present.get(c, jnp.ones((B,), bool)), bool) for c in spec.keep_names}
-                pred = predict(params, jax.lax.stop_gradient(x_k), context, sigma_k, masks, raw, keep_k)
-                known_k = {n: masks.known[n] for n in spec.generated}
-                valid_k = {n: masks.valid[n] for n in spec.generated}
-                loss, _ = losses.regression_loss(pred, endpoint, known_k, valid_k, stream_weights, token_weights)
+                pred = predict(params, jax.lax.stop_gradient(x_k), context, sigma_k, tm, raw, keep)
+                loss, _ = losses.regression_loss(pred, endpoint, gen_known, gen_valid, stream_weights, token_weights)
                 return loss
 
             (g_loss, g_metrics), grads = jax.value_and_grad(generator_loss, has_aux=True)(student.params)
