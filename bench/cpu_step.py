@@ -88,6 +88,11 @@ def hf_config() -> dict:
 
 
 def _torch():
+    # A checkout's root on sys.path (PYTHONPATH=., python -m from it) puts its top-level kernels/ folder (installed as
+    # mmdit_kernels) where diffusers probes for the PyPI `kernels` package: import the peer without that entry.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    saved = list(sys.path)
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != root]
     try:
         import torch
         from diffusers import WanTransformer3DModel
@@ -96,6 +101,8 @@ def _torch():
             f"bench/cpu_step.py needs torch and diffusers for the peer model ({e}); install the parity extra: "
             "pip install -e .[parity]"
         )
+    finally:
+        sys.path[:] = saved
     return torch, WanTransformer3DModel
 
 
