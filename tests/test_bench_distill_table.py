@@ -135,3 +135,53 @@ def test_bad_flags_are_refused_by_name(args, words, capsys):
         load_bench().main(["--teacher", "/nonexistent/teacher", *args])
     assert e.value.code == 2
     assert words in capsys.readouterr().err
+
+
+def load_stream_chunk():
+    load_bench()  # stream_chunk imports distill_table by name
+    if "stream_chunk" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("stream_chunk", os.path.join(REPO, "bench", "stream_chunk.py"))
+        sys.modules["stream_chunk"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["stream_chunk"])
+    return sys.modules["stream_chunk"]
+
+
+@pytest.mark.slow
+def test_stream_chunk_bench_times_each_compile_option_and_checks_its_latents(tmp_path, capsys):
+    from mmdit.data.synth_records import synth
+
+    teacher_cfg = config_lib.load("configs/demo.py:tiny,plain")
+    synth(teacher_cfg, str(tmp_path / "teacher" / "data"), num=2, num_eval=1, progress=False)
+    init_checkpoint(teacher_cfg, tmp_path / "teacher")
+    dist = tiny_student(tmp_path, tmp_path / "teacher")
+    out = tmp_path / "chunk.json"
+    options = ["{}", '{"xla_cpu_experimental_ynn_fusion_type": ""}']
+    argv = ["--student", str(dist), "--teacher", str(tmp_path / "teacher"), "--rounds", "2", "--out", str(out)]
+    assert load_stream_chunk().main(argv + ["--options", *options]) == 0
+    res = json.loads(out.read_text())
+    assert [o["options"] for o in res["options"]] == [{}, {"xla_cpu_experimental_ynn_fusion_type": ""}]
+    for o in res["options"]:
+        assert 0 < o["min_s"] <= o["median_s"] and o["max_abs_diff"] < 1e-4  # another library, the same latents
+    assert res["options"][0]["max_abs_diff"] == 0.0 and res["machine"]["usable_cores"] >= 1
+    assert "(1.00x the first)" in capsys.readouterr().out
+
+
+def test_stream_chunk_sums_worker_thread_time_per_kernel_kind(tmp_path):
+    """The trace reader: worker-thread kernels summed per kind (numbers stripped), per chunk; the executor's own
+    events and other threads left out; the wait for completion is the wall time."""
+    import gzip
+
+    d = tmp_path / "plugins" / "profile" / "run"
+    d.mkdir(parents=True)
+    meta = lambda tid, name: {"ph": "M", "name": "thread_name", "pid": 1, "tid": tid, "args": {"name": name}}  # noqa: E731
+    ev = lambda tid, name, dur: {"ph": "X", "pid": 1, "tid": tid, "name": name, "ts": 0, "dur": dur}  # noqa: E731
+    events = [meta(1, "tf_XLAEigen/1"), meta(2, "tf_XLAEigen/2"), meta(3, "python3")]
+    events += [ev(1, "ynn_fusion.3", 30.0), ev(2, "ynn_fusion.17", 50.0), ev(1, "slice_bitcast_fusion.2", 20.0)]
+    events += [ev(1, "ThunkExecutor::Execute", 500.0), ev(1, "end: ynn_fusion.3", 1.0), ev(3, "ynn_fusion.9", 99.0)]
+    events += [ev(3, "ThunkExecutor::Execute (wait for completion)", 400.0)]
+    with gzip.open(d / "perfetto_trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    kinds = load_stream_chunk().thread_time_by_kind(str(tmp_path), chunks=2)
+    assert kinds["ynn_fusion"] == {"ms_per_chunk": pytest.approx(0.04), "calls_per_chunk": 1.0}
+    assert kinds["slice_bitcast_fusion"] == {"ms_per_chunk": pytest.approx(0.01), "calls_per_chunk": 0.5}
+    assert kinds["_wall_ms_per_chunk"] == pytest.approx(0.2) and len(kinds) == 3
