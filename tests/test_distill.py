@@ -470,6 +470,10 @@ def test_prepared_pairs_are_read_per_sample_for_the_task_it_drew():
     np.testing.assert_array_equal(endpoint["audio"][0], batch["ode_t2av_target_audio"][0])
     np.testing.assert_array_equal(endpoint["video"][1], batch["ode_a2v_target_video"][1])
     np.testing.assert_array_equal(endpoint["audio"][1], clean["audio"][1])
+    with pytest.raises(KeyError, match="ode_a2v_target_video"):  # a task that can be drawn needs its pairs
+        ode_pairs.pairs_of_batch(spec, {k: v for k, v in batch.items() if "a2v" not in k}, clean, np.array([0, 0]), names, K)
+    only_t2av = {k: v for k, v in batch.items() if "a2v" not in k}  # a2v at weight 0: never drawn, no fields needed
+    ode_pairs.pairs_of_batch(spec, only_t2av, clean, np.array([0, 0]), names, K, cfg.model, drawn=["t2av"])
     for k in range(K):
         np.testing.assert_array_equal(states[k]["video"][1], batch[f"ode_a2v_state{k}_video"][1])
         np.testing.assert_array_equal(states[k]["audio"][0], batch[f"ode_t2av_state{k}_audio"][0])

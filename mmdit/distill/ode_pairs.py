@@ -90,14 +90,21 @@ def pair_fields(spec, task_names: Sequence[str], num_steps: int, model_cfg=None)
     return out
 
 
-def pairs_of_batch(spec, batch: dict, clean: dict, task_index, task_names: Sequence[str], num_steps: int, model_cfg=None):
+def pairs_of_batch(
+    spec, batch: dict, clean: dict, task_index, task_names: Sequence[str], num_steps: int, model_cfg=None, drawn=None
+):
     """``(states, endpoint)`` as :func:`ode_pair` returns them, read from a batch of prepared records.
 
     ``task_index``: int32 ``[B]``, each sample's task as an index into ``task_names`` (the order of
     :func:`mmdit.tasks.sample_tasks`); a sample reads its task's fields, and the streams its task gives are
-    their ``clean`` tokens ``{s: [B, S, C]}`` (the ODE held them there). Tasks absent from the records must
-    not be drawn (:func:`pair_fields` of the drawn tasks is checked against the records up front)."""
+    their ``clean`` tokens ``{s: [B, S, C]}`` (the ODE held them there). ``drawn``: the tasks that can be drawn
+    (default all): KeyError naming the field when the batch lacks one of theirs; a task never drawn (weight 0)
+    needs no fields."""
     have = {t: paired_streams(spec, t, model_cfg) for t in task_names}
+    drawn = set(task_names if drawn is None else drawn)
+    missing = [f for f in pair_fields(spec, sorted(drawn), num_steps, model_cfg) if f not in batch]
+    if missing:
+        raise KeyError(f"the batch lacks the prepared pair field(s) {missing} (mmdit distill prepare writes them)")
 
     def read(field_of):
         out = {}

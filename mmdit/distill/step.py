@@ -98,6 +98,7 @@ def make_step(
         predict = functools.partial(predict_chunks, student_model)
     task_weights = dict(dspec.tasks)
     task_names = list(task_weights)  # tasks.sample_tasks' order: TaskMasks.task indexes it
+    drawn = [t for t, w in task_weights.items() if w > 0]
     from_records = dspec.regression_pairs == "records"
     if dspec.regression_weight > 0 and not from_records:
         ode_sigmas, ode_positions = ode_pairs.merged_schedule(
@@ -163,7 +164,7 @@ def make_step(
                     return teacher_velocity(teacher_params, {**clean, **x}, sigma, raw, tm)
 
                 if from_records:  # each sample's pair for its drawn task (mmdit distill prepare)
-                    states, endpoint = ode_pairs.pairs_of_batch(spec, batch, clean, tm.task, task_names, K, cfg.model)
+                    states, endpoint = ode_pairs.pairs_of_batch(spec, batch, clean, tm.task, task_names, K, cfg.model, drawn)
                 else:
                     states, endpoint = ode_pairs.ode_pair(velocity, noise, clean, gen_known, ode_sigmas, ode_positions)
                 endpoint = jax.lax.stop_gradient(endpoint)
