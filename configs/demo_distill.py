@@ -16,11 +16,12 @@ computed once::
         --set distill.student_init=W_warmup/student
 
 ``prepare`` integrates the teacher's guided ODE once per training clip and task of ``distill.tasks`` (512 T2AV and
-512 A2V pairs, 4.8 min on 2 cores for the default teacher); the warm-up (``dmd_weight=0``, ``regression_weight=1``, ``regression_pairs="records"``, 400
-iterations, 3.0-3.5 min) then trains only the student on them, each sample on the pair of the task it drew -- 2.7
-iterations/s instead of 0.3 with the ODE integrated inside every step, so it sees 4x the iterations in half the time. The DMD run's student starts from the warm-up's
-EMA params (its fake score from the teacher). One run without ``student_init`` (DMD + regression from the teacher)
-also works.
+512 A2V pairs, 4.8 min on 2 cores for the default teacher); the warm-up (``dmd_weight=0``,
+``regression_weight=1``, ``regression_pairs="records"``, 400 iterations, 3.0-3.5 min) then trains only the
+student on them, each sample on the pair of the task it drew -- 2.7 iterations/s instead of 0.3 with the ODE
+integrated inside every step, so it sees 4x the iterations in half the time. The DMD run's student starts from the
+warm-up's EMA params (its fake score from the teacher). One run without ``student_init`` (DMD + regression from
+the teacher) also works.
 
 The student samples with ``sample.solver="renoise"``: at every step it predicts the clean chunk and
 re-noises it with fresh noise, the very rule its rollouts are trained with (Self-Forcing), instead of
