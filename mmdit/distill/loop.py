@@ -118,8 +118,7 @@ def batch_fields(model, dspec, model_cfg=None) -> list[str]:
     ``mmdit distill prepare`` writes, for every task the step draws, when the regression reads them from records."""
     keys = sharding.input_keys(model)
     if dspec.regression_pairs == "records" and dspec.regression_weight > 0:
-        drawn = [t for t, w in dspec.tasks if w > 0]
-        keys += ode_pairs.pair_fields(model.spec, drawn, dspec.num_steps, model_cfg)
+        keys += ode_pairs.pair_fields(model.spec, dspec.drawn_tasks, dspec.num_steps, model_cfg)
     return keys
 
 

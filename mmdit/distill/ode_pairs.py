@@ -80,14 +80,18 @@ def paired_streams(spec, task: str, model_cfg=None) -> tuple[str, ...]:
     return tuple(n for n in sorted(spec.generated) if not bool(np.all(np.asarray(masks.known[n]))))
 
 
+def _fields(task: str, streams, num_steps: int) -> list[str]:
+    """The pair fields of ``task`` for its paired ``streams``: the target, then the states."""
+    out = []
+    for n in streams:
+        out.append(PAIR_TARGET.format(task=task, stream=n))
+        out += [PAIR_STATE.format(task=task, k=k, stream=n) for k in range(num_steps)]
+    return out
+
+
 def pair_fields(spec, task_names: Sequence[str], num_steps: int, model_cfg=None) -> list[str]:
     """Record fields prepared pairs add for ``task_names`` and a step list of ``num_steps`` σ's."""
-    out = []
-    for task in task_names:
-        for n in paired_streams(spec, task, model_cfg):
-            out.append(PAIR_TARGET.format(task=task, stream=n))
-            out += [PAIR_STATE.format(task=task, k=k, stream=n) for k in range(num_steps)]
-    return out
+    return [f for task in task_names for f in _fields(task, paired_streams(spec, task, model_cfg), num_steps)]
 
 
 def pairs_of_batch(
@@ -99,10 +103,10 @@ def pairs_of_batch(
     :func:`mmdit.tasks.sample_tasks`); a sample reads its task's fields, and the streams its task gives are
     their ``clean`` tokens ``{s: [B, S, C]}`` (the ODE held them there). ``drawn``: the tasks that can be drawn
     (default all): KeyError naming the field when the batch lacks one of theirs; a task never drawn (weight 0)
-    needs no fields."""
-    have = {t: paired_streams(spec, t, model_cfg) for t in task_names}
-    drawn = set(task_names if drawn is None else drawn)
-    missing = [f for f in pair_fields(spec, sorted(drawn), num_steps, model_cfg) if f not in batch]
+    is read from nothing."""
+    drawn = list(task_names if drawn is None else drawn)
+    have = {t: paired_streams(spec, t, model_cfg) for t in drawn}
+    missing = [f for t in drawn for f in _fields(t, have[t], num_steps) if f not in batch]
     if missing:
         raise KeyError(f"the batch lacks the prepared pair field(s) {missing} (mmdit distill prepare writes them)")
 
@@ -111,10 +115,8 @@ def pairs_of_batch(
         for n in sorted(spec.generated):
             value = clean[n].astype(jnp.float32)
             for i, task in enumerate(task_names):
-                field = field_of(task, n)
-                if n in have[task] and field in batch:
-                    pick = (task_index == i)[:, None, None]
-                    value = jnp.where(pick, batch[field].astype(jnp.float32), value)
+                if task in have and n in have[task]:
+                    value = jnp.where((task_index == i)[:, None, None], batch[field_of(task, n)].astype(jnp.float32), value)
             out[n] = value
         return out
 

@@ -46,7 +46,7 @@ def prepare_pairs(cfg, data_dir: str, out_dir: str, *, batch: int = 4, overwrite
     velocity_of = guided_teacher(teacher_model, teacher_cfg, dspec.guidance, dspec.guidance_interval)
     schema = student.input_spec()
     gen = sorted(student.spec.generated)
-    task_names = [t for t, w in dspec.tasks if w > 0]
+    task_names = list(dspec.drawn_tasks)
     paired = {t: ode_pairs.paired_streams(student.spec, t, cfg.model) for t in task_names}
 
     @functools.partial(jax.jit, static_argnums=3)

@@ -86,6 +86,11 @@ class DistillSpec:
         return len(self.denoising_step_list)
 
     @property
+    def drawn_tasks(self) -> tuple[str, ...]:
+        """The tasks a sample can get (positive weight), in ``tasks`` order: what prepared pairs must cover."""
+        return tuple(t for t, w in self.tasks if w > 0)
+
+    @property
     def trains_critic(self) -> bool:
         """False for the regression-only warm-up (``dmd_weight=0``): the fake score serves only DMD."""
         return self.dmd_weight > 0

@@ -35,7 +35,8 @@ from mmdit import config_spec, flow, tasks
 from mmdit.distill import losses, ode_pairs
 from mmdit.distill.cached_rollout import IMPLS, CachedRollout, serving_impl
 from mmdit.distill.rollout import predict_chunks, renoise, student_rollout
-from mmdit.sample.guidance import guidance_scale, is_full_interval
+from mmdit.config_spec import is_full_interval
+from mmdit.sample.guidance import guidance_scale
 from mmdit.sample.sampler import Sampler
 from mmdit.train.step import apply_gradients, first_frame_weights, split_batch
 
@@ -98,7 +99,6 @@ def make_step(
         predict = functools.partial(predict_chunks, student_model)
     task_weights = dict(dspec.tasks)
     task_names = list(task_weights)  # tasks.sample_tasks' order: TaskMasks.task indexes it
-    drawn = [t for t, w in task_weights.items() if w > 0]
     from_records = dspec.regression_pairs == "records"
     if dspec.regression_weight > 0 and not from_records:
         ode_sigmas, ode_positions = ode_pairs.merged_schedule(
@@ -164,7 +164,9 @@ def make_step(
                     return teacher_velocity(teacher_params, {**clean, **x}, sigma, raw, tm)
 
                 if from_records:  # each sample's pair for its drawn task (mmdit distill prepare)
-                    states, endpoint = ode_pairs.pairs_of_batch(spec, batch, clean, tm.task, task_names, K, cfg.model, drawn)
+                    states, endpoint = ode_pairs.pairs_of_batch(
+                        spec, batch, clean, tm.task, task_names, K, cfg.model, dspec.drawn_tasks
+                    )
                 else:
                     states, endpoint = ode_pairs.ode_pair(velocity, noise, clean, gen_known, ode_sigmas, ode_positions)
                 endpoint = jax.lax.stop_gradient(endpoint)

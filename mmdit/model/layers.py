@@ -42,8 +42,9 @@ _kernel_grad.defvjp(_kernel_grad_fwd, _kernel_grad_bwd)
 
 def dense_dot_general(x, kernel, dimension_numbers, precision=None, preferred_element_type=None):
     """``nn.Dense``'s product ``x [..., in] @ kernel [in, out...]`` (more than one output axis: the stacked
-    kernels of :func:`stacked_dense`), the same values and gradients, with the kernel gradient computed as ``x^T g`` over the flattened leading axes (one ``[N, in]^T [N, out]``
-    matmul) instead of autodiff's ``(g^T x)^T`` over them, for which XLA CPU transposes activations
+    kernels of :func:`stacked_dense`), the same values and gradients, with the kernel gradient computed as
+    ``x^T g`` over the flattened leading axes (one ``[N, in]^T [N, out]`` matmul) instead of autodiff's
+    ``(g^T x)^T`` over them, for which XLA CPU transposes activations
     inside their producers (strided writes; ~15% of a CPU train step). The product itself stays a plain
     ``dot_general``, so remat policies that save dots still see it; the kernel gradient enters through
     :func:`_kernel_grad`, whose output is exactly 0 (XLA drops the ``+ 0``)."""
