@@ -12,7 +12,10 @@ unless ``--data``, for every task of ``--tasks``):
   undistilled few-step baseline that distillation has to beat;
 * one row per ``--student NAME=WORKDIR`` (a distill workdir, whose ``student/`` is used, or the student
   workdir itself), sampled the way it is served: :class:`mmdit.sample.streaming.StreamingSampler`, chunk by
-  chunk with its KV cache, the student config's steps, cache mode and positions, no CFG;
+  chunk with its KV cache, the student config's steps, cache mode and positions, no CFG; with
+  ``--stream-batch`` also ``NAME+sb``: the same student streamed with ``sample.stream_batch``
+  (:mod:`mmdit.sample.stream_batch`: consecutive chunks' steps as row groups of one forward; same samples to
+  float rounding, more throughput, ``steps - 1`` chunk calls more latency);
 * ``untrained``: the teacher's config with freshly initialised params (seed ``cfg.seed``), teacher sampler.
 
 Columns (the figures of ``mmdit-eval``, from :mod:`mmdit.eval.figures` / :mod:`mmdit.eval.chance` /
@@ -32,12 +35,16 @@ Columns (the figures of ``mmdit-eval``, from :mod:`mmdit.eval.figures` / :mod:`m
   (thumbnail cosine and colour-histogram intersection, means over frames and clips), ground truth beside;
 * speed: seconds of sampling per generated second of media, one clip (batch 1), after a warm-up call that
   compiles, the median (and, in brackets, the minimum: the call least slowed by other processes on a shared
-  machine) of ``--repeats`` calls: ``DiT`` (the sampler until its latents are ready; a student's
+  machine) of ``--repeats`` calls, timed after all the sampling in round-robin (each round runs every row's
+  every timed call twice in turn and times the second, so load that comes and goes slows every row alike): ``DiT`` (the sampler until its latents are ready; a student's
   stream includes its start: conditions encoded, cache allocated) and ``+dec`` (plus the codecs' decode to
   frames and waveform: the teacher decodes the whole clip after sampling, a student decodes chunk by chunk
   inline with the codecs' streaming decoders; ``with_decode_overlapped`` in the JSON: the decode overlapped on
   a worker thread, as ``mmdit stream`` serves); ``--batch N`` (N > 1) adds ``DiT bN``: the same DiT timing with N
-  clips in one call, divided by N (serving throughput beside the batch-1 latency; JSON keys ``dit_bN_*``).
+  clips in one call, divided by N (serving throughput beside the batch-1 latency; JSON keys ``dit_bN_*``);
+  ``--stream-chunks N`` adds, for students, one batch-1 stream of N chunks (a long stream's steady state, the
+  given stream repeating the clip's; JSON ``streamN_*``; the teacher's cost per generated second does not
+  depend on the length, so the goals compare it with teacher@N's clip).
   Every row runs in this one process with the same XLA thread settings;
   the JSON records the machine, the cores this process may use, ``XLA_FLAGS`` and the load average around
   each row. The untrained row runs the teacher@25 program and is not timed.
@@ -110,24 +117,29 @@ def teacher_sampler(cfg, params, steps: int, compiler_options=None) -> SampleFn:
     return sample
 
 
-def streaming_sampler(cfg, params, compiler_options=None):
+def streaming_sampler(cfg, params, compiler_options=None, stream_batch=None):
     """``(sample, StreamingSampler)``: ``sample`` streams the whole clip chunk by chunk without CFG and
     returns the chunks concatenated along time (``sample(..., decode_codecs=...)`` instead decodes every
-    chunk as it arrives through :func:`mmdit.sample.stream_media.stream_media` and returns nothing)."""
+    chunk as it arrives through :func:`mmdit.sample.stream_media.stream_media` and returns nothing;
+    ``num_chunks=N`` streams N chunks instead of the clip's, a given stream repeating the clip's).
+    ``stream_batch``: override ``sample.stream_batch`` (:mod:`mmdit.sample.stream_batch`)."""
     from mmdit.model.diffusion import DiffusionModel
     from mmdit.sample.stream_media import stream_media
     from mmdit.sample.streaming import StreamingSampler, latent_chunks
 
-    ss = StreamingSampler(DiffusionModel.from_config(cfg), cfg, compiler_options=compiler_options)
+    ss = StreamingSampler(DiffusionModel.from_config(cfg), cfg, compiler_options=compiler_options, stream_batch=stream_batch)
     roles = tasks_lib.roles(ss.full_model.spec, cfg.model)
 
-    def sample(task, rng, batch, known, raw, decode_codecs=None, overlap=False):
+    def sample(task, rng, batch, known, raw, decode_codecs=None, overlap=False, num_chunks=None):
+        num_chunks = num_chunks or ss.layout.clip_chunks
         state = ss.start(params, rng, task=task, batch=batch, raw_conds=raw, guidance={})
         given = None
         if GIVEN[task] is not None:
             name = getattr(roles, GIVEN[task])
-            given = ({name: c} for c in latent_chunks(known[name], ss.layout.latents[name]))
-        chunks = ss.stream(params, state, given=given, num_chunks=ss.layout.clip_chunks)
+            lat = np.asarray(known[name])
+            lat = np.concatenate([lat] * -(-num_chunks // ss.layout.clip_chunks), axis=1)
+            given = ({name: c} for c in latent_chunks(lat, ss.layout.latents[name]))
+        chunks = ss.stream(params, state, given=given, num_chunks=num_chunks)
         if decode_codecs is not None:
             for _ in stream_media(chunks, decode_codecs, overlap=overlap):
                 pass
@@ -185,43 +197,70 @@ class Scorer:
 # timing
 
 
-def median_seconds(fn: Callable[[], object], repeats: int) -> dict:
-    """Calls ``fn`` once to compile/warm up, then ``repeats`` times; ``{median, min, runs}`` in seconds (on a
-    shared machine the minimum is the call least slowed by other processes)."""
-    fn()
-    runs = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        runs.append(time.perf_counter() - t0)
-    return {"median": statistics.median(runs), "min": min(runs), "runs": runs}
+@dataclasses.dataclass
+class Timer:
+    """One timed call of one row and task: ``key`` (a JSON key ending in ``_s``), ``fn`` (the call), ``clips``
+    (clips it samples: the figure is per clip) and ``media`` (seconds of media per clip)."""
+
+    row: str
+    task: str
+    key: str
+    fn: Callable[[], object]
+    clips: int
+    media: float
 
 
-def time_row(row: Row, scorer: Scorer, task: str, repeats: int, seed: int, batch: int = 1) -> dict:
-    """Seconds per generated second of one clip: DiT only and with decode (module docstring); with
-    ``batch`` > 1 also ``dit_b{batch}``: DiT on ``batch`` clips per call, per clip (seconds / batch)."""
+def timers(row: Row, scorer: Scorer, task: str, seed: int, batch: int = 1, stream_chunks: int = 0) -> list[Timer]:
+    """The timed calls of one row and task: seconds per generated second of one clip, DiT only and with decode
+    (module docstring); with ``batch`` > 1 also ``dit_b{batch}``: DiT on ``batch`` clips per call, per clip; with
+    ``stream_chunks`` a student also ``stream{N}``: one stream of N chunks at batch 1 (the steady state of a long
+    stream: its start and a stream batch's fill and drain spread over more chunks)."""
     known, raw = scorer.one(0)
     rng = jax.random.key(seed + 1000)
-    load_before = os.getloadavg()
-    dit = median_seconds(lambda: jax.block_until_ready(row.sample(task, rng, 1, known, raw)), repeats)
-    out = {"dit_s": dit}
+    clip = scorer.media_seconds
+    out = [Timer(row.name, task, "dit_s", lambda: jax.block_until_ready(row.sample(task, rng, 1, known, raw)), 1, clip)]
     if row.kind == "student":
         codecs = row.info["codecs"]
         for key, overlap in (("with_decode_s", False), ("with_decode_overlapped_s", True)):
-            out[key] = median_seconds(lambda o=overlap: row.sample(task, rng, 1, known, raw, codecs, o), repeats)
+            fn = lambda o=overlap: row.sample(task, rng, 1, known, raw, codecs, o)  # noqa: E731
+            out.append(Timer(row.name, task, key, fn, 1, clip))
+        if stream_chunks:
+            fn = lambda: row.sample(task, rng, 1, known, raw, num_chunks=stream_chunks)  # noqa: E731
+            out.append(Timer(row.name, task, f"stream{stream_chunks}_s", fn, 1, stream_chunks * row.info["seconds_per_chunk"]))
     else:
         decode = ClipDecoder(row.info["cfg"], row.info["spec"], known, raw)
-        out["with_decode_s"] = median_seconds(lambda: decode(row.sample(task, rng, 1, known, raw)), repeats)
-    clips = {key: 1 for key in out}
+        out.append(Timer(row.name, task, "with_decode_s", lambda: decode(row.sample(task, rng, 1, known, raw)), 1, clip))
     if batch > 1:
         known_b, raw_b = scorer.first(batch)
-        key = f"dit_b{batch}_s"
-        out[key] = median_seconds(lambda: jax.block_until_ready(row.sample(task, rng, batch, known_b, raw_b)), repeats)
-        clips[key] = batch
-    for key in [k for k in out if k.endswith("_s")]:
-        out[key[: -len("_s")] + "_per_media_s"] = out[key]["median"] / clips[key] / scorer.media_seconds
-        out[key[: -len("_s")] + "_per_media_min_s"] = out[key]["min"] / clips[key] / scorer.media_seconds
-    out["load_avg_before"], out["load_avg_after"] = load_before, os.getloadavg()
+        fn = lambda: jax.block_until_ready(row.sample(task, rng, batch, known_b, raw_b))  # noqa: E731
+        out.append(Timer(row.name, task, f"dit_b{batch}_s", fn, batch, clip))
+    return out
+
+
+def time_round_robin(all_timers: list[Timer], repeats: int) -> dict:
+    """Calls every timer once (compile, warm up), then ``repeats`` rounds that each call every timer twice in
+    turn and time the second call (the first re-warms caches after the previous timer's work), so a slow minute
+    of a shared machine slows every row alike and the ratios between rows hold.
+    Returns ``{(row, task): {key: {median, min, runs}, key_per_media_s, key_per_media_min_s, load_avg_before,
+    load_avg_after}}`` (seconds; per media second divides by the timer's clips and media seconds)."""
+    for t in all_timers:
+        t.fn()
+    load_before = os.getloadavg()
+    runs = [[] for _ in all_timers]
+    for _ in range(repeats):
+        for t, r in zip(all_timers, runs):
+            t.fn()  # untimed: re-warms caches and threads after the previous timer's (often much larger) work
+            t0 = time.perf_counter()
+            t.fn()
+            r.append(time.perf_counter() - t0)
+    load_after = os.getloadavg()
+    out: dict = {}
+    for t, r in zip(all_timers, runs):
+        entry = out.setdefault((t.row, t.task), {"load_avg_before": load_before, "load_avg_after": load_after})
+        entry[t.key] = {"median": statistics.median(r), "min": min(r), "runs": r}
+        stem = t.key[: -len("_s")]
+        entry[stem + "_per_media_s"] = statistics.median(r) / t.clips / t.media
+        entry[stem + "_per_media_min_s"] = min(r) / t.clips / t.media
     return out
 
 
@@ -266,10 +305,13 @@ def build_rows(args, teacher_cfg, teacher_params) -> list[Row]:
     steps = sorted({own if s == "config" else int(s) for s in args.teacher_steps.split(",")}, reverse=True)
     opts = {"xla_backend_optimization_level": 0} if args.fast_compile else None
     rows = [Row(f"teacher@{s}", "teacher", s, teacher_sampler(teacher_cfg, teacher_params, s, opts), True, info) for s in steps]
-    for name, path in map(parse_student, args.student):
+    students = [(name, path, None) for name, path in map(parse_student, args.student)]
+    if args.stream_batch:
+        students += [(name + "+sb", path, True) for name, path in map(parse_student, args.student)]
+    for name, path, stream_batch in students:
         wd = student_workdir(path)
         cfg, params, step = restore_inference(wd)
-        sample, ss = streaming_sampler(cfg, params, opts)
+        sample, ss = streaming_sampler(cfg, params, opts, stream_batch)
         roles = tasks_lib.roles(ss.full_model.spec, cfg.model)
         codecs = {roles.visual: make_video_codec(cfg.codecs.video)}
         if roles.audio is not None:
@@ -282,6 +324,8 @@ def build_rows(args, teacher_cfg, teacher_params) -> list[Row]:
             "mask": str(cfg.model.mask),
             "stream_cache": ss.cache_mode,
             "stream_positions": ss.positions,
+            "stream_batch": ss.stream_batch,
+            "seconds_per_chunk": ss.seconds_per_chunk,
             "shift": float(cfg.sample.shift),
             "guidance": {},
             "codecs": codecs,
@@ -317,12 +361,15 @@ def speed(timing: dict | None, what: str) -> str:
 def markdown(results: dict, tasks: tuple[str, ...]) -> str:
     gt = results["ground_truth"]
     batch = int(results.get("batch", 1))
+    long = int(results.get("stream_chunks", 0) or 0)
     head = (
         "| model | task | steps | frac@0 | r@0 (chance mis/shuf, ceil) | fracΔ | rΔ (chance mis/shuf, ceil) | best-lag (chance) "
         "| FD (floor) | FDtex (floor) | flicker (gt) | id thumb-cos (gt) | id hist (gt) | s/s DiT (min) | s/s +dec (min) |"
     )
     if batch > 1:
         head += f" s/s DiT b{batch} (min) |"
+    if long:
+        head += f" s/s stream {long} chunks (min) |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, row in results["rows"].items():
         for task in tasks:
@@ -340,7 +387,9 @@ def markdown(results: dict, tasks: tuple[str, ...]) -> str:
                 f"| {_e(r['flicker'])} ({_e(r['flicker_gt'])}) "
                 f"| {_f(r['identity_thumb_cos_mean'])} ({_f(gt['identity_thumb_cos_mean'])}) "
                 f"| {_f(r['identity_hist_sim_mean'])} ({_f(gt['identity_hist_sim_mean'])}) "
-                f"| {speed(t, 'dit')} | {speed(t, 'with_decode')} |" + (f" {speed(t, f'dit_b{batch}')} |" if batch > 1 else "")
+                f"| {speed(t, 'dit')} | {speed(t, 'with_decode')} |"
+                + (f" {speed(t, f'dit_b{batch}')} |" if batch > 1 else "")
+                + (f" {speed(t, f'stream{long}') if row['kind'] == 'student' else '-'} |" if long else "")
             )
     return "\n".join(lines)
 
@@ -367,6 +416,12 @@ def goals(results: dict) -> list[str]:
                 line += f"; DiT speed-up vs teacher@{ref['steps']}: {tt['dit_per_media_s'] / t['dit_per_media_s']:.1f}x (medians)"
                 if "dit_per_media_min_s" in t and "dit_per_media_min_s" in tt:
                     line += f", {tt['dit_per_media_min_s'] / t['dit_per_media_min_s']:.1f}x (minima)"
+                long = [k[: -len("_per_media_s")] for k in t if k.startswith("stream") and k.endswith("_per_media_s")]
+                for k in long:  # the teacher's cost per generated second does not depend on the stream's length
+                    line += (
+                        f"; {k[len('stream') :]}-chunk stream: {tt['dit_per_media_s'] / t[k + '_per_media_s']:.1f}x "
+                        f"(minima {tt['dit_per_media_min_s'] / t[k + '_per_media_min_s']:.1f}x)"
+                    )
             out.append(line)
     return out
 
@@ -427,6 +482,17 @@ def main(argv=None) -> int:
         default=1,
         help="also time the DiT at this batch size, per clip (serving throughput; default 1: batch-1 latency only)",
     )
+    p.add_argument(
+        "--stream-chunks",
+        type=int,
+        default=0,
+        help="also time each student on one stream of this many chunks at batch 1 (a long stream's steady state; default 0: off)",
+    )
+    p.add_argument(
+        "--stream-batch",
+        action="store_true",
+        help="add a NAME+sb row per student streaming with sample.stream_batch (mmdit/sample/stream_batch.py)",
+    )
     p.add_argument("--no-timing", action="store_true", help="skip the seconds-per-generated-second columns")
     p.add_argument("--no-untrained", action="store_true", help="leave out the untrained row")
     p.add_argument("--seed", type=int, default=0)
@@ -459,6 +525,8 @@ def main(argv=None) -> int:
         p.error(f"--repeats {args.repeats}: time at least one call")
     if args.batch < 1:
         p.error(f"--batch {args.batch}: use a batch size >= 1")
+    if args.stream_chunks < 0:
+        p.error(f"--stream-chunks {args.stream_chunks}: use a chunk count >= 1 (or 0: off)")
     try:
         for s in args.student:
             student_workdir(parse_student(s)[1])
@@ -479,6 +547,7 @@ def main(argv=None) -> int:
         "data": data,
         "num_clips": args.num,
         "batch": args.batch,
+        "stream_chunks": args.stream_chunks,
         "tasks": list(tasks),
         "media_seconds_per_clip": scorer.media_seconds,
         "machine": machine(),
@@ -487,12 +556,13 @@ def main(argv=None) -> int:
         "rows": {},
     }
     old = previous_rows(args.out, results, tasks) if args.reuse else {}
+    to_time = []
     for row in rows:
         if row.name in old:
             results["rows"][row.name] = entry = old[row.name]
             print(f"[distill_table] {row.name}: reused from {args.out}", file=sys.stderr, flush=True)
             if args.retime and row.timed and not args.no_timing:
-                entry["timing"] = {task: time_row(row, scorer, task, args.repeats, args.seed, args.batch) for task in tasks}
+                to_time.append(row)
                 entry["retimed"] = True
             continue
         t0 = time.perf_counter()
@@ -502,12 +572,21 @@ def main(argv=None) -> int:
             rng = jax.random.fold_in(jax.random.key(args.seed), i)  # as mmdit.eval.run.evaluate
             latents = row.sample(task, rng, args.num, scorer.known, scorer.raw)
             entry["tasks"][task] = scorer.score(task, latents)
-            if row.timed and not args.no_timing:
-                entry["timing"][task] = time_row(row, scorer, task, args.repeats, args.seed, args.batch)
+        if row.timed and not args.no_timing:
+            to_time.append(row)
         entry["wall_s"] = time.perf_counter() - t0
         entry["load_avg_after"] = os.getloadavg()
         results["rows"][row.name] = entry
         print(f"[distill_table] {row.name}: {entry['wall_s']:.0f} s", file=sys.stderr, flush=True)
+    if to_time:  # every timed row in one round-robin (time_round_robin), after all the sampling
+        t0 = time.perf_counter()
+        calls = [
+            t for row in to_time for task in tasks for t in timers(row, scorer, task, args.seed, args.batch, args.stream_chunks)
+        ]
+        for (name, task), timing in time_round_robin(calls, args.repeats).items():
+            results["rows"][name].setdefault("timing", {})[task] = timing
+        results["timing_wall_s"] = time.perf_counter() - t0
+        print(f"[distill_table] timing {len(to_time)} rows: {results['timing_wall_s']:.0f} s", file=sys.stderr, flush=True)
     results["load_avg_end"] = os.getloadavg()
     results["wall_s"] = time.perf_counter() - t_start
     results["goals"] = goals(results)
@@ -517,7 +596,7 @@ def main(argv=None) -> int:
     print(
         f"\n{args.num} eval clips of {data}, {scorer.media_seconds:.2f} s each; s/s = seconds of sampling per generated "
         f"second (batch 1{f'; DiT bN: batch {args.batch}, per clip' if args.batch > 1 else ''}, median (min) of "
-        f"{args.repeats} after a warm-up); chance mis/shuf = mismatched clips / time-shuffled "
+        f"{args.repeats} round-robin rounds after a warm-up); chance mis/shuf = mismatched clips / time-shuffled "
         "audio; frac = (score - mismatched chance) / (ceiling - chance); FD on mmdit.eval.image_quality.frame_features "
         f"(80 dims: 4x4 RGB thumbnail + gradient-orientation histograms; FDtex: the 32 gradient ones). "
         f"Machine: {results['machine']['processor']}, {results['machine']['usable_cores']} usable cores, "

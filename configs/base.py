@@ -92,6 +92,9 @@ def get_config(arg=None):
     c.sample.solver = "euler"  # euler (the ODE) | renoise (x0, then fresh noise: how a distilled student is trained)
     c.sample.stream_cache = "per_step"  # streaming KV cache: per_step (TalkingMachines) | clean (Self-Forcing)
     c.sample.stream_positions = "bounded"  # streaming RoPE positions: bounded (sink-relative window) | absolute
+    # stream(): steps of consecutive chunks as row groups of one forward (StreamDiffusion's Stream Batch; per_step +
+    # bounded only): up to steps x the throughput, steps - 1 chunk calls more latency (mmdit/sample/stream_batch.py)
+    c.sample.stream_batch = False
 
     c.clip = mlc.ConfigDict(dict(seconds=2.0))
     c.codecs = mlc.ConfigDict()  # video / audio codec settings (mmdit/codecs/registry.py); needed to make data

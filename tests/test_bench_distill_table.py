@@ -68,11 +68,12 @@ def test_distill_table_end_to_end(tmp_path, capsys):
     bench = load_bench()
     argv = ["--teacher", str(tmp_path / "teacher"), "--student", f"s1={dist}", "--num", "3"]
     argv += ["--teacher-steps", "2", "--repeats", "1", "--fast-compile", "--batch", "2", "--out", str(out)]
+    argv += ["--stream-batch", "--stream-chunks", "20"]
     assert bench.main(argv) == 0
     printed = capsys.readouterr().out
     res = json.loads(out.read_text())
 
-    assert list(res["rows"]) == ["teacher@2", "s1", "untrained"]
+    assert list(res["rows"]) == ["teacher@2", "s1", "s1+sb", "untrained"]
     assert res["num_clips"] == 3 and res["machine"]["usable_cores"] >= 1 and len(res["load_avg_start"]) == 3
     student = res["rows"]["s1"]
     assert student["kind"] == "student" and student["steps"] == 2 and student["guidance"] == {}
@@ -101,6 +102,17 @@ def test_distill_table_end_to_end(tmp_path, capsys):
                 assert timing["dit_b2_per_media_min_s"] == pytest.approx(want)
             assert f"| {name} | {task} |" in printed
     assert "with_decode_overlapped_s" in student["timing"]["t2av"]
+    # --stream-chunks 20: the students also timed on a 20-chunk stream, per second of its media
+    t = student["timing"]["a2v"]
+    assert t["stream20_per_media_min_s"] == pytest.approx(t["stream20_s"]["min"] / (20 * student["seconds_per_chunk"]))
+    assert not any(k.startswith("stream") for k in res["rows"]["teacher@2"]["timing"]["t2av"])  # students only
+    assert "s/s stream 20 chunks (min) |" in printed and "20-chunk stream:" in res["goals"][0]
+    # --stream-batch: the same student streamed with sample.stream_batch samples the same clips
+    sb = res["rows"]["s1+sb"]
+    assert sb["stream_batch"] and not student["stream_batch"] and "stream20_s" in sb["timing"]["t2av"]
+    for task in ("t2av", "a2v"):
+        for key in ("fraction_at_0", "fd", "flicker"):
+            assert sb["tasks"][task][key] == pytest.approx(student["tasks"][task][key], rel=1e-3, abs=1e-6), key
     assert res["batch"] == 2 and "s/s DiT b2 (min) |" in printed
     assert res["goals"] and res["goals"][0].startswith("s1 t2av: r@0")
 
@@ -128,6 +140,7 @@ def test_distill_table_end_to_end(tmp_path, capsys):
         (["--tasks", "tv2a"], "subset of t2av,a2v"),
         (["--num", "1"], "at least 2"),
         (["--batch", "0"], "--batch 0"),
+        (["--stream-chunks", "-1"], "--stream-chunks -1"),
     ],
 )
 def test_bad_flags_are_refused_by_name(args, words, capsys):

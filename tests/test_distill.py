@@ -417,11 +417,11 @@ def untrained_teacher(workdir, cfg_path="configs/demo.py:tiny,plain"):
 def test_prepared_pairs_feed_the_regression_loss(tmp_path):
     from mmdit.data import records
     from mmdit.data.synth_records import synth
-    from mmdit.distill.loop import distill
+    from mmdit.distill.loop import distill, eval_dir_for
     from mmdit.distill.prepare import prepare_pairs
 
     teacher_cfg = untrained_teacher(tmp_path / "teacher")
-    synth(teacher_cfg, str(tmp_path / "data"), num=4, num_eval=0, progress=False)
+    synth(teacher_cfg, str(tmp_path / "data"), num=4, num_eval=1, progress=False)
     cfg = config_lib.override(
         config_lib.load("configs/demo_distill.py:tiny"),
         [f"distill.teacher={tmp_path / 'teacher'}", "distill.regression_pairs=records", "train.steps=2"]
@@ -429,6 +429,9 @@ def test_prepared_pairs_feed_the_regression_loss(tmp_path):
     )
     manifest = prepare_pairs(cfg, str(tmp_path / "data" / "train"), str(tmp_path / "pairs"), batch=3, progress=False)
     assert manifest["num_examples"] == 4
+    # the loop's TensorBoard samples find the eval records beside the records the pairs came from
+    assert manifest["metadata"]["distill_pairs"]["source"] == str(tmp_path / "data" / "train")
+    assert eval_dir_for(str(tmp_path / "w"), str(tmp_path / "pairs")) == str(tmp_path / "data" / "eval")
     ds = records.open_dataset(str(tmp_path / "pairs"))
     assert sorted(manifest["metadata"]["distill_pairs"]["tasks"]) == ["a2v", "t2av"]  # the tiny config's distill.tasks
     ex = ds[3]

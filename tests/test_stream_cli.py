@@ -63,6 +63,20 @@ def test_t2av_stream_writes_fragmented_mp4_and_raw_chunks(tmp_path, stub_restore
     assert abs(man["samples"] - samples) <= 1024  # AAC frames pad the MP4's audio to 1024-sample frames
 
 
+def test_stream_batch_flag_streams_the_same_chunks(tmp_path, stub_restore):
+    """``--stream-batch`` (consecutive chunks' steps in one forward): the same frames as the sequential stream."""
+    frames = {}
+    for flag in ([], ["--stream-batch"]):
+        raw = str(tmp_path / f"raw{len(flag)}")
+        argv = ["--workdir", "w", "--text", "hi", "--chunks", "5", "--out", raw + ".mp4", "--raw", raw, "--no-progress"]
+        assert stream_cli.main(argv + flag) == 0
+        frames[len(flag)] = np.stack([np.load(os.path.join(raw, f"chunk_{i:06d}.npz"))["frames"] for i in range(5)])
+    assert frames[1].shape == (5, 6, 32, 32, 3)
+    # uint8 frames: batched matmuls may round a value across a grey level, rarely
+    diff = np.abs(frames[1].astype(int) - frames[0].astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+
+
 def test_a2v_stream_ends_with_its_audio(tmp_path, stub_restore):
     wav = str(tmp_path / "speech.wav")
     t = np.arange(int(16000 * 0.24 * 2.5)) / 16000  # 2.5 chunks of audio

@@ -60,6 +60,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--positions", choices=("bounded", "absolute"), default=None, help="RoPE positions (default: sample.stream_positions)"
     )
+    p.add_argument(
+        "--stream-batch",
+        action="store_true",
+        default=None,
+        help="run consecutive chunks' denoising steps as row groups of one forward (more chunks per second, "
+        "steps - 1 chunks more latency; per_step cache and bounded positions; default: sample.stream_batch)",
+    )
     p.add_argument("--no-overlap", action="store_true", help="decode each chunk in line instead of on a worker thread")
     p.add_argument("--source-timeout", type=float, default=None, help="end the stream if the driving media stalls this long (s)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (sampling fields)")
@@ -130,7 +137,7 @@ def run(args) -> dict:
     cfg, params = _load(args)
     cfg = with_overrides(cfg, args.set, fixed_model=True)
     model = DiffusionModel.from_config(cfg)
-    ss = StreamingSampler(model, cfg, cache_mode=args.cache, positions=args.positions)
+    ss = StreamingSampler(model, cfg, cache_mode=args.cache, positions=args.positions, stream_batch=args.stream_batch)
     roles = tasks_lib.roles(model.spec, cfg.model)
     media = MediaEncoder.from_config(cfg, model.spec, roles)
     codecs = {roles.visual: media.video_codec}

@@ -4,7 +4,7 @@
 re-run as clean context, later ones invalid): ``chunks × steps`` full-sequence passes. Here the
 student runs as :class:`mmdit.sample.streaming.StreamingSampler` runs it: the one-chunk model
 (:func:`~mmdit.sample.streaming.chunk_model`) attends a KV cache of the sink chunk and the previous
-chunk (:func:`~mmdit.sample.streaming.cache_context` / :func:`~mmdit.sample.streaming.write_cache`),
+chunk (:func:`~mmdit.sample.stream_cache.cache_context` / :func:`~mmdit.sample.stream_cache.write_cache`),
 in the cache geometry the student config serves with: ``sample.stream_cache`` and
 ``sample.stream_positions`` (:func:`~mmdit.sample.streaming.stream_geometry`). With ``bounded``
 positions (the default) every chunk from 2 on sees the window chunk 2 sees, exactly as at sample

@@ -154,8 +154,18 @@ def _check_student_init(cfg, dspec):
 
 def eval_dir_for(workdir: str, data_dir: str) -> str | None:
     """Eval records to condition TensorBoard samples on: ``WORKDIR/data/eval``, else the ``eval``
-    records beside the training ones (``DATA/../eval``: a teacher workdir's ``data/``); None if neither."""
-    for d in (os.path.join(workdir, "data", "eval"), os.path.join(os.path.dirname(os.path.abspath(data_dir)), "eval")):
+    records beside the training ones (``DATA/../eval``: a teacher workdir's ``data/``), else, for pairs
+    written by ``mmdit distill prepare``, beside the records they were prepared from (the manifest's
+    ``distill_pairs.source``); None if none of them exists."""
+    candidates = [os.path.join(workdir, "data", "eval"), os.path.join(os.path.dirname(os.path.abspath(data_dir)), "eval")]
+    try:
+        with open(os.path.join(data_dir, "manifest.json")) as f:
+            source = json.load(f).get("metadata", {}).get("distill_pairs", {}).get("source")
+    except (OSError, ValueError):
+        source = None
+    if source:
+        candidates.append(os.path.join(os.path.dirname(source), "eval"))
+    for d in candidates:
         if os.path.isfile(os.path.join(d, "manifest.json")):
             return d
     return None

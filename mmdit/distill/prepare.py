@@ -16,6 +16,7 @@ the task it drew, so every task it trains is anchored to the teacher. Train on t
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -72,7 +73,12 @@ def prepare_pairs(cfg, data_dir: str, out_dir: str, *, batch: int = 4, overwrite
         bar = tqdm(total=total, desc=f"teacher ODE pairs ({', '.join(task_names)})", unit="example")
     metadata = dict(
         source.manifest.get("metadata", {}),
-        distill_pairs={"teacher": dspec.teacher, "steps": list(dspec.denoising_step_list), "tasks": task_names},
+        distill_pairs={
+            "teacher": dspec.teacher,
+            "steps": list(dspec.denoising_step_list),
+            "tasks": task_names,
+            "source": os.path.abspath(data_dir),  # the distill loop finds the eval records beside it
+        },
     )
     with records.ShardWriter(
         out_dir,

@@ -60,17 +60,16 @@ import numpy as np
 
 from mmdit import config_spec
 from mmdit import tasks as tasks_lib
-from mmdit.attention import masks as masks_lib
 from mmdit.model import chunks as chunks_lib
 from mmdit.model.derived_conditions import derived_conditions
 from mmdit.model.diffusion import DiffusionModel
 from mmdit.sample import guidance as guidance_lib
-from mmdit.sample import ode
+from mmdit.sample import ode, stream_batch
+from mmdit.sample.stream_cache import cache_context, cache_shapes, window_offsets, write_cache
 from mmdit.sample.sampler import Sampler, canonical_raw_conds
 
 CACHE_MODES = ("per_step", "clean")
 POSITIONS = ("bounded", "absolute")
-WINDOW_CHUNKS = 3  # sink + previous + current
 
 __all__ = [
     "ChunkLayout",
@@ -155,79 +154,6 @@ def stream_geometry(cfg, cache_mode: str | None = None, positions: str | None = 
     return cache_mode, positions
 
 
-def window_offsets(chunk, chunk_frames: float, positions: str) -> tuple:
-    """Aligned-time offsets ``(current, sink, previous)`` of chunk ``chunk``'s window (module
-    docstring); Python floats for an int ``chunk``, float32 scalars for a traced one."""
-    if isinstance(chunk, (int, np.integer)):
-        w = chunk if positions == "absolute" else min(chunk, WINDOW_CHUNKS - 1)
-    else:
-        c = jnp.asarray(chunk, jnp.float32)
-        w = c if positions == "absolute" else jnp.minimum(c, WINDOW_CHUNKS - 1)
-    return w * chunk_frames, 0.0, (w - 1) * chunk_frames
-
-
-def cache_shapes(spec, layout: ChunkLayout, rows: int, steps: int, cache_mode: str) -> dict:
-    """``{"k"|"v": {s: shape}, "known": {s: shape}}`` of a cache of ``rows`` rows (module docstring:
-    ``[*D, L, rows, 2·T_s, H, Dh]``, ``D = (steps,)`` in ``per_step`` mode) for the one-chunk ``spec``."""
-    lead = (steps,) if cache_mode == "per_step" else ()
-    kv = {s: lead + (spec.num_layers, rows, 2 * layout.tokens[s], spec.heads, spec.head_dim) for s in spec.generated}
-    return {"k": kv, "v": dict(kv), "known": {s: (rows, 2 * layout.tokens[s]) for s in spec.generated}}
-
-
-def cache_context(spec, layout: ChunkLayout, cache, c, offsets, step_index, cache_mode: str) -> dict:
-    """``kv_context`` for the one-chunk ``MMDiT`` (``spec``: :func:`chunk_model`'s) reading chunk
-    ``c``'s window from ``cache`` (module docstring; at ``step_index`` in ``per_step`` mode): the
-    cached keys/values, their metadata (sink slot valid from chunk 1 on, previous slot from chunk 2
-    on) and aligned times (``offsets = (current, sink, previous)``, :func:`window_offsets`). ``c``,
-    ``offsets`` and ``step_index`` may be traced. Shared by :class:`StreamingSampler` and the
-    distillation rollout (:mod:`mmdit.distill.rollout`)."""
-    sp, lay = spec, layout
-    pick = (lambda a: a[step_index]) if cache_mode == "per_step" else (lambda a: a)
-    metas, times = [], {}
-    for i, a in enumerate(sp.streams):
-        n, T = a.name, lay.tokens[a.name]
-        t = jnp.asarray(sp.times[n], jnp.float32)
-        times[n] = jnp.concatenate([t + offsets[1], t + offsets[2]])
-        rows = cache["known"][n].shape[0]
-        metas.append(
-            masks_lib.TokenMeta(
-                stream=jnp.full((1, 2 * T), i, jnp.int32),
-                time=times[n][None],
-                chunk=jnp.concatenate([jnp.zeros((1, T), jnp.int32), jnp.full((1, T), c - 1, jnp.int32)], 1),
-                known=cache["known"][n],
-                valid=jnp.broadcast_to(jnp.concatenate([jnp.full((1, T), c >= 1), jnp.full((1, T), c >= 2)], 1), (rows, 2 * T)),
-                group=jnp.zeros((1, 2 * T), jnp.int32),
-            )
-        )
-    return {
-        "k": {n: pick(cache["k"][n]) for n in spec.generated},
-        "v": {n: pick(cache["v"][n]) for n in spec.generated},
-        "cross": cache.get("cross"),
-        "meta": masks_lib.TokenMeta.concat(metas),
-        "time": times,
-    }
-
-
-def write_cache(spec, layout: ChunkLayout, cache, c, kv, known) -> dict:
-    """Writes a finished chunk's ``kv`` (``{"k"|"v": {s: [*D, L, N, T, H, Dh]}}``) into the previous
-    slot, and into the sink slot when ``c == 0`` (traced ``c`` allowed); ``known``: ``{s: bool [N, T]}``
-    the chunk's known flags as its keys will be read."""
-    out = {"k": {}, "v": {}, "known": {}, "cross": cache.get("cross")}
-    for n in spec.generated:
-        T = layout.tokens[n]
-        for f in ("k", "v"):
-            buf = cache[f][n]
-            new = kv[f][n].astype(buf.dtype)
-            axis = buf.ndim - 3
-            buf = jax.lax.dynamic_update_slice_in_dim(buf, new, T, axis)
-            sink = jax.lax.dynamic_slice_in_dim(buf, 0, T, axis)
-            buf = jax.lax.dynamic_update_slice_in_dim(buf, jnp.where(c == 0, new, sink), 0, axis)
-            out[f][n] = buf
-        kb = jax.lax.dynamic_update_slice_in_dim(cache["known"][n], known[n], T, 1)
-        out["known"][n] = jax.lax.dynamic_update_slice_in_dim(kb, jnp.where(c == 0, known[n], kb[:, :T]), 0, 1)
-    return out
-
-
 # ----------------------------------------------------------------------------------------------
 # State
 # ----------------------------------------------------------------------------------------------
@@ -246,7 +172,9 @@ class StreamState:
     of chunk 0 and of later chunks (``held``/``known``/``present``/``scales`` device arrays), made once
     by :meth:`StreamingSampler.start` so a chunk converts nothing; ``signature``: what selects the chunk's
     executable besides the params (batch, steps, guidance structure, solver, the conditions' shapes), so a
-    chunk does not describe its hundreds of argument leaves to find it."""
+    chunk does not describe its hundreds of argument leaves to find it; ``unfinished``: a stream-batch stream
+    (:mod:`mmdit.sample.stream_batch`) was closed with chunks in flight, so its cache is ahead of its output
+    and :meth:`StreamingSampler.step` refuses it."""
 
     cache: dict
     chunk: int
@@ -264,6 +192,12 @@ class StreamState:
     needs: tuple = ()
     chunk_inputs: tuple = ()
     signature: tuple = ()
+    unfinished: bool = False
+
+    def follow(self, new_state: StreamState) -> None:
+        """Copies ``new_state`` into this object (the caller's state object follows the stream)."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(new_state, f.name))
 
 
 def _timed(source: Iterator, timeout: float | None) -> Iterator:
@@ -308,6 +242,9 @@ class StreamingSampler:
       cfg: the experiment config (``sample.*`` defaults: steps, shift, guidance, ``stream_cache``,
         ``stream_positions``).
       cache_mode, positions: override ``sample.stream_cache`` / ``sample.stream_positions``.
+      stream_batch: override ``sample.stream_batch``: :meth:`stream` runs the denoising steps of consecutive
+        chunks as row groups of one forward (:mod:`mmdit.sample.stream_batch`; ``per_step`` cache and
+        ``bounded`` positions only). Throughput up to ``steps``x, latency ``steps - 1`` chunk calls more.
       compiler_options: XLA options for the chunk executable (as :class:`Sampler`).
 
     Attributes: ``layout`` (:class:`ChunkLayout`), ``model`` (the one-chunk model), ``compilations``
@@ -315,7 +252,14 @@ class StreamingSampler:
     """
 
     def __init__(
-        self, model: DiffusionModel, cfg, *, cache_mode: str | None = None, positions: str | None = None, compiler_options=None
+        self,
+        model: DiffusionModel,
+        cfg,
+        *,
+        cache_mode: str | None = None,
+        positions: str | None = None,
+        stream_batch: bool | None = None,
+        compiler_options=None,
     ):
         self.full_model, self.cfg = model, cfg
         self.layout = chunk_layout(model.spec)
@@ -324,6 +268,13 @@ class StreamingSampler:
         self.sampler = Sampler(self.model, cfg, compiler_options=compiler_options)
         self.defaults = self.sampler.defaults
         self.cache_mode, self.positions = stream_geometry(cfg, cache_mode, positions)
+        self.stream_batch = bool(cfg.sample.get("stream_batch", False) if stream_batch is None else stream_batch)
+        if self.stream_batch and (self.cache_mode, self.positions) != ("per_step", "bounded"):
+            raise ValueError(
+                f"sample.stream_batch needs sample.stream_cache='per_step' and sample.stream_positions='bounded' "
+                f"(got {self.cache_mode!r}, {self.positions!r}): a chunk's step i may then run beside the previous "
+                "chunk's step i + 1 (mmdit.sample.stream_batch)"
+            )
         self.compiler_options = dict(compiler_options) if compiler_options else None
         self.generated = list(self.spec.generated)
         self.compilations = 0
@@ -510,15 +461,11 @@ class StreamingSampler:
 
     # -- one chunk -----------------------------------------------------------------------------
 
-    def step(self, params, state: StreamState, given: Mapping | None = None, noise: Mapping | None = None):
-        """Generates the next chunk. Returns ``({generated s: float32 [B, *chunk_latent_shape]}, state)``.
-
-        ``given``: ``{stream: latents [B, *chunk_latent_shape]}`` of the task's given stream for this
-        chunk (a2v: audio, tv2a: video; no other stream). ``noise``: override the chunk's initial noise
-        tokens ``{s: [B, T_s, C]}`` (tests compare with the bidirectional sampler on the same noise); by
-        default the jitted chunk draws :meth:`noise` itself. The ``renoise`` solver's fresh noise of step
-        ``k`` is ``ode.chunk_noise(state.rng, chunk, 1 + k, stream index)``, the distill rollouts' draw."""
-        c = state.chunk
+    def given_inputs(self, state: StreamState, given: Mapping | None, c: int) -> tuple[dict, dict]:
+        """``(given, given_flags)`` for chunk ``c``'s call: ``given`` checked (ValueError naming the stream, the
+        expected shape and the config field) and completed with zeros for every generated stream the task does
+        not give, ``given_flags`` ``{s: numpy bool}``: every generated stream has a slot, so one executable serves
+        every task."""
         given = dict(given or {})
         for n, lat in given.items():
             if n not in self.generated:
@@ -536,10 +483,26 @@ class StreamingSampler:
         missing = [n for n in state.needs if n not in given]
         if missing:
             raise ValueError(f"task {state.task!r}: chunk {c} needs the given stream(s) {missing} (given=...)")
-        # every generated stream has a slot (zeros when not given): one executable serves every task
         zeros = self._zero_inputs(state.batch)
         given_flags = {n: np.bool_(n in given) for n in self.generated}
-        given = {n: given.get(n, zeros["latents"][n]) for n in self.generated}
+        return {n: given.get(n, zeros["latents"][n]) for n in self.generated}, given_flags
+
+    def step(self, params, state: StreamState, given: Mapping | None = None, noise: Mapping | None = None):
+        """Generates the next chunk. Returns ``({generated s: float32 [B, *chunk_latent_shape]}, state)``.
+
+        ``given``: ``{stream: latents [B, *chunk_latent_shape]}`` of the task's given stream for this
+        chunk (a2v: audio, tv2a: video; no other stream). ``noise``: override the chunk's initial noise
+        tokens ``{s: [B, T_s, C]}`` (tests compare with the bidirectional sampler on the same noise); by
+        default the jitted chunk draws :meth:`noise` itself. The ``renoise`` solver's fresh noise of step
+        ``k`` is ``ode.chunk_noise(state.rng, chunk, 1 + k, stream index)``, the distill rollouts' draw."""
+        c = state.chunk
+        if state.unfinished:
+            raise ValueError(
+                "this stream was closed with chunks still in flight (sample.stream_batch): its cache is ahead of its "
+                "output; start a new stream"
+            )
+        given, given_flags = self.given_inputs(state, given, c)
+        zeros = self._zero_inputs(state.batch)
         if noise is None:
             noise_given, noise = np.bool_(False), zeros["tokens"]
         else:
@@ -580,8 +543,13 @@ class StreamingSampler:
         ``given``: an iterator of per-chunk given latents (a2v/tv2a), e.g. from
         :func:`latent_chunks`; the stream ends cleanly when it ends, or when an item takes longer
         than ``source_timeout`` seconds (a stalled source). ``num_chunks``: stop after that many
-        (None: forever, or until ``given`` ends)."""
+        (None: forever, or until ``given`` ends). With ``stream_batch`` the chunks come out in the same order
+        and agree with the sequential ones to float rounding; each leaves ``steps - 1`` calls after it entered,
+        and the last ones when the source ends or ``num_chunks`` have entered."""
         source = _timed(iter(given), source_timeout) if given is not None else None
+        if self.stream_batch and state.steps > 1:
+            yield from stream_batch.stream(self, params, state, source, num_chunks)
+            return
         produced = 0
         while num_chunks is None or produced < num_chunks:
             chunk_given = None
@@ -590,8 +558,7 @@ class StreamingSampler:
                 if chunk_given is None:
                     return
             out, new_state = self.step(params, state, chunk_given)
-            for f in dataclasses.fields(state):  # the caller's state object follows the stream
-                setattr(state, f.name, getattr(new_state, f.name))
+            state.follow(new_state)
             produced += 1
             yield out
 
