@@ -349,10 +349,11 @@ def _e(x) -> str:
     return "-" if x is None else f"{x:.1e}"
 
 
-def speed(timing: dict | None, what: str) -> str:
-    """``median (min)`` seconds per generated second of ``timing[what]``; untimed rows ran teacher@N's program."""
+def speed(timing: dict | None, what: str, kind: str = "untrained") -> str:
+    """``median (min)`` seconds per generated second of ``timing[what]``; the untimed untrained row ran
+    teacher@N's program, other untimed rows (``--no-timing``) show ``-``."""
     if not timing:
-        return "=teacher"
+        return "=teacher" if kind == "untrained" else "-"
     if what + "_per_media_s" not in timing:  # a reused row timed without this batch size
         return "-"
     return f"{timing[what + '_per_media_s']:.3f} ({timing.get(what + '_per_media_min_s', float('nan')):.3f})"
@@ -387,9 +388,9 @@ def markdown(results: dict, tasks: tuple[str, ...]) -> str:
                 f"| {_e(r['flicker'])} ({_e(r['flicker_gt'])}) "
                 f"| {_f(r['identity_thumb_cos_mean'])} ({_f(gt['identity_thumb_cos_mean'])}) "
                 f"| {_f(r['identity_hist_sim_mean'])} ({_f(gt['identity_hist_sim_mean'])}) "
-                f"| {speed(t, 'dit')} | {speed(t, 'with_decode')} |"
-                + (f" {speed(t, f'dit_b{batch}')} |" if batch > 1 else "")
-                + (f" {speed(t, f'stream{long}') if row['kind'] == 'student' else '-'} |" if long else "")
+                f"| {speed(t, 'dit', row['kind'])} | {speed(t, 'with_decode', row['kind'])} |"
+                + (f" {speed(t, f'dit_b{batch}', row['kind'])} |" if batch > 1 else "")
+                + (f" {speed(t, f'stream{long}', row['kind']) if row['kind'] == 'student' else '-'} |" if long else "")
             )
     return "\n".join(lines)
 

@@ -116,6 +116,7 @@ def test_distill_table_end_to_end(tmp_path, capsys):
     assert res["batch"] == 2 and "s/s DiT b2 (min) |" in printed
     assert res["goals"] and res["goals"][0].startswith("s1 t2av: r@0")
 
+    assert "| untrained | t2av |" in printed and "=teacher" in printed.split("| untrained | t2av |")[1].split("\n")[0]
     # --reuse keeps every row of the same teacher/data/clips/tasks instead of sampling again
     assert bench.main(argv + ["--reuse"]) == 0
     assert "s1: reused" in capsys.readouterr().err
