@@ -79,6 +79,20 @@ def test_stream_batch_equals_sequential_stream(setup, task, solver, guided):
     assert samplers[True].compilations - compiled <= 2
 
 
+def test_a_stream_continued_in_a_second_call_counts_its_chunks_from_there(setup):
+    """``num_chunks`` counts the chunks of this call, whatever chunk the state is at (3 + 4 = 7 chunks)."""
+    cfg, model, params, raw, samplers = setup
+    outs = {}
+    for sb, ss in samplers.items():
+        state = ss.start(params, jax.random.key(5), task="t2av", batch=1, raw_conds=raw, guidance={}, solver="renoise")
+        outs[sb] = [jax.tree.map(np.asarray, c) for n in (3, 4) for c in ss.stream(params, state, num_chunks=n)]
+        assert state.chunk == 7 and not state.unfinished
+    assert len(outs[True]) == len(outs[False]) == 7
+    for a, b in zip(outs[False], outs[True]):
+        for s in a:
+            np.testing.assert_allclose(b[s], a[s], atol=2e-5, rtol=1e-5)
+
+
 def test_stream_batch_drains_when_the_source_ends_and_refuses_a_closed_stream(setup):
     cfg, model, params, raw, samplers = setup
     ss = samplers[True]

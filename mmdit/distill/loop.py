@@ -159,9 +159,8 @@ def eval_dir_for(workdir: str, data_dir: str) -> str | None:
     ``distill_pairs.source``); None if none of them exists."""
     candidates = [os.path.join(workdir, "data", "eval"), os.path.join(os.path.dirname(os.path.abspath(data_dir)), "eval")]
     try:
-        with open(os.path.join(data_dir, "manifest.json")) as f:
-            source = json.load(f).get("metadata", {}).get("distill_pairs", {}).get("source")
-    except (OSError, ValueError):
+        source = records.read_manifest(data_dir).get("metadata", {}).get("distill_pairs", {}).get("source")
+    except ValueError:  # not a records directory: the checks of the data say so elsewhere
         source = None
     if source:
         candidates.append(os.path.join(os.path.dirname(source), "eval"))

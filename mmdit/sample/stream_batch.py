@@ -14,7 +14,8 @@ an accelerator: launch-bound) the stream's throughput rises towards ``S``x. The 
 ``S - 1`` calls after it entered (an a2v chunk comes out once the audio ``S - 1`` chunks later has arrived).
 
 **Exact.** Group j reads step j's cache (the per-step cache ``[S, L, P·B, 2T, H, Dh]`` folded into rows,
-:func:`fold_steps`), which holds what the sequential sampler's chunk c - j reads at its step j; it draws the same
+:func:`fold_cache`: once when the batched calls begin, and back by :func:`unfold_cache` when the stream ends or
+is closed, so no call copies the cache), which holds what the sequential sampler's chunk c - j reads at its step j; it draws the same
 noise (``fold_in(rng, c)``; the ``renoise`` solver's ``ode.chunk_noise(rng, c - j, 1 + j, ·)``) and writes its
 keys/values into step j's previous-chunk slot after the forward. Outputs agree with the sequential
 :meth:`StreamingSampler.step` to the float rounding of batched matmuls (``tests/test_stream_batch.py``).
@@ -65,11 +66,35 @@ def spread_groups(a, axis: int, patterns: int, batch: int, groups: int):
     return a.reshape(shape[:axis] + (patterns * groups * batch,) + shape[axis + 1 :])
 
 
+def fold_cache(cache: dict, patterns: int, batch: int, groups: int) -> dict:
+    """The streaming cache (``per_step``) in the batched calls' row layout: ``k``/``v`` ``[L, P·S·B, 2T, H, Dh]``
+    (:func:`fold_steps`), ``known`` ``[P·S·B, 2T]`` and the conditions' ``cross`` keys/values ``[L, P·S·B, ...]``
+    the same for every group (:func:`spread_groups`)."""
+    return {
+        "k": {n: fold_steps(a, patterns, batch, groups) for n, a in cache["k"].items()},
+        "v": {n: fold_steps(a, patterns, batch, groups) for n, a in cache["v"].items()},
+        "known": {n: spread_groups(a, 0, patterns, batch, groups) for n, a in cache["known"].items()},
+        "cross": jax.tree.map(lambda a: spread_groups(a, 1, patterns, batch, groups), cache.get("cross")),
+    }
+
+
+def unfold_cache(folded: dict, cross, patterns: int, batch: int, groups: int) -> dict:
+    """The inverse of :func:`fold_cache` (``cross``: the unfolded conditions' keys/values, unchanged by the calls;
+    ``known`` from group 0's rows: every group writes the same flags)."""
+    first = lambda a: a.reshape((patterns, groups, batch) + a.shape[1:])[:, 0].reshape((patterns * batch,) + a.shape[1:])  # noqa: E731
+    return {
+        "k": {n: unfold_steps(a, patterns, batch, groups) for n, a in folded["k"].items()},
+        "v": {n: unfold_steps(a, patterns, batch, groups) for n, a in folded["v"].items()},
+        "known": {n: first(a) for n, a in folded["known"].items()},
+        "cross": cross,
+    }
+
+
 def batched_chunk_fn(ss, batch: int, steps: int, g: guidance_lib.Guidance, solver: str):
     """The stream-batch call as one function of arrays; ``ss``: the :class:`StreamingSampler`.
 
     ``run(dit_params, cache, c, active, rng, x_groups, held_groups, given, given_flags, inputs, conds, cmasks,
-    sigmas) -> (latents, cache, x_groups, held_groups)``: ``c`` int32, the chunk entering at step 0 (group j holds
+    sigmas) -> (latents, cache, x_groups, held_groups)``: ``cache`` in :func:`fold_cache`'s layout; ``c`` int32, the chunk entering at step 0 (group j holds
     chunk c - j); ``active`` bool ``[S]``; ``x_groups`` / ``held_groups`` ``{s: [S, B, T_s, C_s]}``: group j's
     tokens before its step and its held (given) tokens (slot 0 is filled here from the drawn noise and
     ``given``); returns the finished chunk's latents ``{s: [B, *chunk_latent_shape]}`` (group S - 1's; valid when
@@ -95,13 +120,7 @@ def batched_chunk_fn(ss, batch: int, steps: int, g: guidance_lib.Guidance, solve
         keep = {}
         for name in spec.keep_names:
             keep[name] = rep(tile(present[name])) & flags[name] if name in flags else rep(tile(present[name]))
-        folded = {
-            "k": {n: fold_steps(cache["k"][n], P, batch, S) for n in gen},
-            "v": {n: fold_steps(cache["v"][n], P, batch, S) for n in gen},
-            "known": {n: spread_groups(cache["known"][n], 0, P, batch, S) for n in gen},
-            "cross": jax.tree.map(lambda a: spread_groups(a, 1, P, batch, S), cache.get("cross")),
-        }
-        kvc = cache_context(spec, layout, folded, FIRST_BATCHED_CHUNK, offsets, None, "clean")
+        kvc = cache_context(spec, layout, cache, FIRST_BATCHED_CHUNK, offsets, None, "clean")
         known_rows = {n: tile(known[n]) for n in gen}
         v_rows, kv = model.dit.apply(
             dit_params,
@@ -133,59 +152,49 @@ def batched_chunk_fn(ss, batch: int, steps: int, g: guidance_lib.Guidance, solve
         x_out = {n: shift(x_next[n], x[n][0]) for n in gen}
         held_out = {n: shift([held[n][j] for j in range(S)], held[n][0]) for n in gen}
         out = {"k": {}, "v": {}, "known": {}, "cross": cache.get("cross")}
-        write = active.reshape((S,) + (1,) * 5)
+        # row (p, j, b) is written where group j is active
+        write = jnp.broadcast_to(active[None, :, None], (P, S, batch)).reshape((1, P * S * batch, 1, 1, 1))
         for n in gen:
             T = layout.tokens[n]
             for f in ("k", "v"):
                 buf = cache[f][n]
-                new = unfold_steps(kv[f][n], P, batch, S).astype(buf.dtype)  # [S, L, P·B, T, H, Dh]
-                out[f][n] = buf.at[:, :, :, T:].set(jnp.where(write, new, buf[:, :, :, T:]))
-            out["known"][n] = cache["known"][n].at[:, T:].set(rep(known[n]))
+                out[f][n] = buf.at[:, :, T:].set(jnp.where(write, kv[f][n].astype(buf.dtype), buf[:, :, T:]))
+            out["known"][n] = cache["known"][n].at[:, T:].set(rep(known_rows[n]))
         return finished, out, x_out, held_out
 
     return run
 
 
 def stream(ss, params, state, source: Iterator | None, num_chunks: int | None) -> Iterator[dict]:
-    """:meth:`StreamingSampler.stream` with ``stream_batch`` (module docstring): chunks 0 and 1 sequentially, then
-    one batched call per chunk; ``source``: the (timed) iterator of per-chunk given latents or None. The caller's
-    ``state`` follows the stream; closed with chunks in flight it is marked ``unfinished``."""
-
-    def next_given():
-        if source is None:
-            return True, None
-        item = next(source, None)
-        return item is not None, item
-
-    produced = 0
-    while state.chunk < FIRST_BATCHED_CHUNK and (num_chunks is None or produced < num_chunks):
-        ok, given = next_given()
-        if not ok:
-            return
-        out, new_state = ss.step(params, state, given)
-        state.follow(new_state)
-        produced += 1
-        yield out
+    """The batched part of :meth:`StreamingSampler.stream` (module docstring): from ``state.chunk >= 2`` on, one
+    batched call per chunk until ``num_chunks`` more chunks came out (None: until ``source`` ends); ``source``: the
+    (timed) iterator of per-chunk given latents or None. The caller's ``state`` follows the stream (its ``cache`` is
+    written back from the folded one when the stream ends or is closed; closed with chunks in flight it is marked
+    ``unfinished``)."""
+    if state.chunk < FIRST_BATCHED_CHUNK:
+        raise ValueError(f"stream batch starts at chunk {FIRST_BATCHED_CHUNK}; chunk {state.chunk} is streamed one by one")
     S, B = state.steps, state.batch
     zeros = ss._zero_inputs(B)["tokens"]
     x_groups = {n: jnp.zeros((S,) + a.shape, a.dtype) for n, a in zeros.items()}
     held_groups = {n: jnp.zeros((S,) + a.shape, a.dtype) for n, a in zeros.items()}
     # the chunk at step 0 of the next call, the chunks entered so far and the next to come out (exclusive ends)
-    front = entered = next_out = state.chunk
+    front = entered = next_out = start = state.chunk
     ended = False
     dit_params, dit_signature = ss._unboxed_dit(params)
+    P, cross = len(state.guidance.plan()), state.cache.get("cross")
+    folded = _fold(state.cache, P, B, S)
     try:
         while True:
             given = None
-            if not ended and (num_chunks is None or entered < num_chunks):
-                ok, given = next_given()
-                if ok:
+            if not ended and (num_chunks is None or entered - start < num_chunks):
+                given = None if source is None else next(source, None)
+                if source is None or given is not None:
                     entered += 1
                 else:
                     ended = True
             else:
                 ended = True
-            active = np.array([FIRST_BATCHED_CHUNK <= front - j < entered for j in range(S)])
+            active = np.array([start <= front - j < entered for j in range(S)])  # chunks of this call in flight
             if not active.any():
                 return
             if front < entered:
@@ -194,7 +203,7 @@ def stream(ss, params, state, source: Iterator | None, num_chunks: int | None) -
                 given, flags = ss._zero_inputs(B)["latents"], {n: np.bool_(False) for n in ss.generated}
             args = (
                 dit_params,
-                state.cache,
+                folded,
                 np.int32(front),
                 active,
                 state.rng,
@@ -207,22 +216,18 @@ def stream(ss, params, state, source: Iterator | None, num_chunks: int | None) -
                 state.cond_masks,
                 state.sigmas,
             )
-            latents, state.cache, x_groups, held_groups = _executable(ss, state, dit_signature, args)(*args)
+            key = ("stream_batch", state.signature, dit_signature)
+            make = lambda: batched_chunk_fn(ss, B, S, state.guidance, state.solver)  # noqa: E731
+            latents, folded, x_groups, held_groups = ss.compiled(key, make, args, donate_argnums=(1, 5, 6))(*args)
             state.chunk = entered
             front += 1
             if active[S - 1]:
                 next_out += 1
                 yield latents
     finally:
+        state.cache = _unfold(folded, cross, P, B, S)
         state.unfinished = next_out < entered  # closed with chunks in flight
 
 
-def _executable(ss, state, dit_signature, args):
-    """The compiled stream-batch call, cached on the sampler beside its sequential chunks (one per batch, steps,
-    guidance structure, solver and parameter tree: fill, steady state and drain share it)."""
-    key = ("stream_batch", state.signature, dit_signature)
-    if key not in ss._compiled:
-        fn = jax.jit(batched_chunk_fn(ss, state.batch, state.steps, state.guidance, state.solver), donate_argnums=(1, 5, 6))
-        ss._compiled[key] = fn.lower(*args).compile(compiler_options=ss.compiler_options)
-        ss.compilations += 1
-    return ss._compiled[key]
+_fold = jax.jit(fold_cache, static_argnums=(1, 2, 3))
+_unfold = jax.jit(unfold_cache, static_argnums=(2, 3, 4))

@@ -547,11 +547,12 @@ class StreamingSampler:
         and agree with the sequential ones to float rounding; each leaves ``steps - 1`` calls after it entered,
         and the last ones when the source ends or ``num_chunks`` have entered."""
         source = _timed(iter(given), source_timeout) if given is not None else None
-        if self.stream_batch and state.steps > 1:
-            yield from stream_batch.stream(self, params, state, source, num_chunks)
-            return
+        batched = self.stream_batch and state.steps > 1
         produced = 0
         while num_chunks is None or produced < num_chunks:
+            if batched and state.chunk >= stream_batch.FIRST_BATCHED_CHUNK:  # the rest in batched calls
+                yield from stream_batch.stream(self, params, state, source, None if num_chunks is None else num_chunks - produced)
+                return
             chunk_given = None
             if source is not None:
                 chunk_given = next(source, None)
@@ -610,8 +611,14 @@ class StreamingSampler:
             leaves, treedef = jax.tree.flatten(args[1:])
             avals = tuple((tuple(np.shape(a)), str(getattr(a, "dtype", type(a)))) for a in leaves)
             key = (state.batch, state.steps, state.guidance.structure(), state.solver, dit_signature, treedef, avals)
+        return self.compiled(key, lambda: self._chunk_fn(state.batch, state.steps, state.guidance, state.solver), args)
+
+    def compiled(self, key, make: Callable[[], Callable], args, donate_argnums=(1,)):
+        """The executable cached under ``key``, else ``make()`` jitted (``donate_argnums``: the cache and whatever
+        else the call replaces), compiled for ``args`` with the sampler's ``compiler_options`` and counted in
+        ``compilations``; shared by the sequential chunk and :mod:`mmdit.sample.stream_batch`."""
         if key not in self._compiled:
-            fn = jax.jit(self._chunk_fn(state.batch, state.steps, state.guidance, state.solver), donate_argnums=(1,))
+            fn = jax.jit(make(), donate_argnums=donate_argnums)
             self._compiled[key] = fn.lower(*args).compile(compiler_options=self.compiler_options)
             self.compilations += 1
         return self._compiled[key]
