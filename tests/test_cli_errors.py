@@ -21,6 +21,9 @@ import time
 
 import pytest
 
+# most tests here read the run_dir fixture: one worker builds it once (pytest.ini's --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("cli_errors_run_dir")
+
 CONFIG = "configs/demo.py:tiny"
 TRAIN_SETS = [
     "train.checkpoint_every=2",

@@ -332,13 +332,7 @@ def test_tiny_distill_end_to_end_resume_export_sample(tmp_path):
 
     env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0")
     teacher = tmp_path / "teacher"
-    synth(config_lib.load("configs/demo.py:tiny,plain"), str(teacher / "data"), num_eval=2, progress=False)
-    out = run(
-        ["-m", "mmdit.cli.main", "train", "--config", "configs/demo.py:tiny,plain", "--workdir", str(teacher), "--no-progress"]
-        + ["--set", "train.steps=2", "--set", "train.sample_every=0"],
-        env=env,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
+    synth(untrained_teacher(teacher), str(teacher / "data"), num_eval=2, progress=False)
     data = str(teacher / "data" / "train")
     sets = sum([["--set", o] for o in DISTILL_OVERRIDES], [])
     cli = ["-m", "mmdit.cli.main", "distill", "--config", "configs/demo_distill.py:tiny", "--teacher", str(teacher)]
@@ -609,6 +603,7 @@ def warmup_run(tmp_path_factory):
     return root, cfg, last
 
 
+@pytest.mark.xdist_group("warmup_run")  # shares the module fixture warmup_run (pytest.ini)
 @pytest.mark.slow
 def test_the_warmup_trains_only_the_student_and_logs_samples(warmup_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -627,6 +622,7 @@ def test_the_warmup_trains_only_the_student_and_logs_samples(warmup_run):
     assert (root / "warmup" / "student" / "checkpoints" / "2").is_dir()
 
 
+@pytest.mark.xdist_group("warmup_run")  # shares the module fixture warmup_run (pytest.ini)
 @pytest.mark.slow
 def test_student_init_starts_the_student_from_the_warmup(warmup_run, tmp_path):
     from mmdit.distill import student_init
@@ -751,6 +747,7 @@ def chunk_slices(model, out, chunks):
     return {n: out[n][:, chunks[0] * T[n] : chunks[1] * T[n]] for n in out}
 
 
+@pytest.mark.xdist_group("four_chunks")  # shares the module fixture four_chunks (pytest.ini)
 @pytest.mark.slow
 @pytest.mark.parametrize("teacher_forced", [False, True])
 def test_cached_rollout_equals_the_full_sequence_rollout(four_chunks, teacher_forced):
@@ -819,6 +816,7 @@ def shared_sigma_rollout(model, params, rng, clean, masks, raw, keep, exit_step)
     return x0
 
 
+@pytest.mark.xdist_group("four_chunks")  # shares the module fixture four_chunks (pytest.ini)
 @pytest.mark.slow
 def test_cached_per_step_rollout_equals_shared_sigma_full_passes(four_chunks):
     """Per-step cache (TalkingMachines; chunk c at step i reads chunk c−1 at step i) + absolute
@@ -837,6 +835,7 @@ def test_cached_per_step_rollout_equals_shared_sigma_full_passes(four_chunks):
         assert max_diff(want, got) < 1e-5, (exit_step, max_diff(want, got))
 
 
+@pytest.mark.xdist_group("four_chunks")  # shares the module fixture four_chunks (pytest.ini)
 @pytest.mark.slow
 def test_bounded_positions_match_the_full_rollout_up_to_chunk_2(four_chunks):
     """Bounded positions (the default ``sample.stream_positions``): chunks 0-2 sit where the full
@@ -855,6 +854,7 @@ def test_bounded_positions_match_the_full_rollout_up_to_chunk_2(four_chunks):
     assert max_diff(chunk_slices(model, a, (3, 4)), chunk_slices(model, b, (3, 4))) > 1e-3
 
 
+@pytest.mark.xdist_group("four_chunks")  # shares the module fixture four_chunks (pytest.ini)
 @pytest.mark.slow
 def test_cached_teacher_forced_predictions_equal_full_passes(four_chunks):
     """The regression loss's predictions (every chunk from its noisy state, clean context) on the cache."""

@@ -22,6 +22,9 @@ import pytest
 from mmdit.parallel import mesh as mesh_lib
 from mmdit.parallel import rules as rules_lib
 
+# every test here reads one of this module's fixtures: one worker builds them once (pytest.ini's --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("parallel")
+
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-5
 

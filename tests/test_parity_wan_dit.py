@@ -116,7 +116,8 @@ def test_sampler_euler_step_matches_diffusers(tmp_path, case, task):
     )
     k_noise, _ = jax.random.split(jax.random.key(7))
     noise = model.latents(sampler.noise(k_noise, 1))["video"]
-    np.testing.assert_array_equal(np.asarray(noise), r["noise"])  # the fixture saw the same noise
+    # the fixture saw the same noise: the same draw, up to the last bit XLA's codegen level may move
+    np.testing.assert_allclose(np.asarray(noise), r["noise"], rtol=0, atol=1e-6)
     err = float(np.abs(np.asarray(out["video"]) - r["latents"]).max())
     assert err <= TOL, f"{case}: one Euler step: max |ours - diffusers| = {err:.2e}"
 

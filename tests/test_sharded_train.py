@@ -22,6 +22,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# every test here reads one of this module's fixtures: one worker builds them once (pytest.ini's --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("sharded_train")
+
 TOL = 2e-5
 
 COMMON = r"""

@@ -112,6 +112,17 @@ class DiffusionModel:
         return tokens, sigma, self.input_spec().zero_conditions(batch)
 
     def init(self, rng, batch: int = 1) -> dict:
+        """Fresh params ``{"dit": ..., "text_encoder": ... (with a text encoder)}``, boxed (``nn.Partitioned``).
+        Jitted: the init forward compiles once instead of dispatching op by op (the tiny demo model: 22 s ->
+        7 s on 2 CPU cores); under an outer jit or ``jax.eval_shape`` (the train and export paths) it traces
+        as before, and their params are bit-identical."""
+        return self._jitted_init(rng, batch=batch)
+
+    @functools.cached_property
+    def _jitted_init(self):
+        return jax.jit(self._init, static_argnames="batch")
+
+    def _init(self, rng, batch: int) -> dict:
         tokens, sigma, raw = self.dummy_inputs(batch)
         k_dit, k_txt = jax.random.split(rng)
         params = {}
