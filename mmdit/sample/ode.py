@@ -80,6 +80,18 @@ def solver_update(solver: str, x: Array, v: Array, sigma, sigma_next, noise: Arr
     raise ValueError(f"sample.solver={solver!r}: choose one of {list(SAMPLE_SOLVERS)}")
 
 
+def streams_update(solver: str, x: dict, v: dict, sigma: dict, sigma_next: dict, rng, chunk, step, names) -> dict:
+    """:func:`solver_update` of every stream of ``x`` (``{s: [B, T_s, C]}``, velocities ``v`` cast to its dtype,
+    σ's ``{s: scalar}``), where ``renoise`` draws step ``step``'s fresh noise of causal chunk ``chunk`` as
+    ``chunk_noise(rng, chunk, 1 + step, names.index(s), ·)``: the one rule of the whole-clip sampler (chunk 0),
+    the streaming chunk and the stream batch's row groups (``chunk``, ``step`` may be traced)."""
+    out = {}
+    for n in x:
+        eps = chunk_noise(rng, chunk, 1 + step, names.index(n), x[n].shape).astype(x[n].dtype) if solver == "renoise" else None
+        out[n] = solver_update(solver, x[n], v[n].astype(x[n].dtype), sigma[n], sigma_next[n], eps)
+    return out
+
+
 def _stream_schedules(sigmas, names) -> dict[str, Array]:
     """``[N + 1]`` (shared) or ``{stream: [N + 1]}`` (per stream, same N) -> ``{stream: [N + 1]}``."""
     if isinstance(sigmas, Mapping):
@@ -126,8 +138,7 @@ def _ode_sample(velocity_fn, noise, sigmas, known, known_values, callback, metho
         s_next = {n: sigmas[n][i + 1] for n in names}
         v = velocity(x, s, i)
         if method == "renoise":
-            fresh = {n: chunk_noise(rng, 0, 1 + i, names.index(n), x[n].shape).astype(x[n].dtype) for n in names}
-            x_next = {n: solver_update("renoise", x[n], v[n], s[n], s_next[n], fresh[n]) for n in names}
+            x_next = streams_update("renoise", x, v, s, s_next, rng, 0, i, names)
         else:
             x_next = x_euler = {n: solver_update("euler", x[n], v[n], s[n], s_next[n]) for n in names}
         if method == "heun":

@@ -143,10 +143,9 @@ def batched_chunk_fn(ss, batch: int, steps: int, g: guidance_lib.Guidance, solve
                 for n in gen
             }
             v = guidance_lib.combine_cfg(rows_j, plan, g.scale_at(scales, j, steps, s_at[j]))
+            stepped = ode.streams_update(solver, {n: x[n][j] for n in gen}, v, s_at[j], s_at[j + 1], rng, c - j, j, order)
             for n in gen:
-                eps = ode.chunk_noise(rng, c - j, 1 + j, order.index(n), x[n][j].shape) if solver == "renoise" else None
-                step = ode.solver_update(solver, x[n][j], v[n].astype(x[n].dtype), s_at[j][n], s_at[j + 1][n], eps)
-                x_next[n].append(jnp.where(known[n][..., None], held[n][j], step))
+                x_next[n].append(jnp.where(known[n][..., None], held[n][j], stepped[n]))
         finished = model.latents({n: x_next[n][S - 1] for n in gen})
         shift = lambda parts, like: jnp.stack([jnp.zeros_like(like)] + list(parts[: S - 1]))  # noqa: E731
         x_out = {n: shift(x_next[n], x[n][0]) for n in gen}

@@ -681,10 +681,7 @@ class StreamingSampler:
                 v_rows, kv = forward(dit_params, x, sig, known, conds, cmasks, keep, kvc, c, offsets[0])
                 sc = g.scale_at(scales, i, steps, s)
                 v = guidance_lib.combine_cfg(v_rows, plan, sc)
-                eps = {n: None for n in gen}
-                if solver == "renoise":  # fresh noise of step i (σ_{i+1} = 0 at the last step: unused)
-                    eps = {n: ode.chunk_noise(rng, c, 1 + i, order.index(n), x[n].shape) for n in gen}
-                x_next = hold({n: ode.solver_update(solver, x[n], v[n].astype(x[n].dtype), s[n], s_next[n], eps[n]) for n in gen})
+                x_next = hold(ode.streams_update(solver, x, v, s, s_next, rng, c, i, order))
                 if self.cache_mode == "per_step":
                     fresh = {f: {n: fresh[f][n].at[i].set(kv[f][n].astype(fresh[f][n].dtype)) for n in gen} for f in ("k", "v")}
                 return x_next, fresh
