@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny model configs that exercise every structural feature in milliseconds."""
+"""Shared fixtures (tiny model configs that exercise every structural feature in milliseconds) and the test
+environment: the compilation cache and XLA flags below, read by every test process and CLI subprocess."""
 
 import os
 import tempfile
